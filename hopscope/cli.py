@@ -1,0 +1,49 @@
+"""The ``hopscope`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from hopscope import __version__
+from hopscope.errors import HopscopeError
+
+
+class _Group(click.Group):
+    """A click group that turns HopscopeError into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HopscopeError as exc:
+            click.echo(f"hopscope: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("hopscope: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(0)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="hopscope")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Per-request hop latency for k3s: NIC, UFW, Traefik, kube-proxy, Flannel VXLAN, pod."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from hopscope.replay_cli import replay
+    from hopscope.testbed.cli import demo, testbed
+
+    main.add_command(replay)
+    main.add_command(testbed)
+    main.add_command(demo)
+
+
+_register()

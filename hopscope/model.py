@@ -1,0 +1,162 @@
+"""The observation model: one record type for every source.
+
+An :class:`Observation` is one packet seen at one interface of one node (from
+a capture, an AF_PACKET socket or a tc program), or one socket event seen by
+eBPF. Every source builds the same tuple and hands it to the same stitcher.
+
+Version: :data:`OBS_VERSION`. Fields (all times are integer nanoseconds, in
+fields named for their clock):
+
+==============  ===========================================================
+``ts_real_ns``  wall clock (Unix epoch) of the node that saw it
+``ts_mono_ns``  CLOCK_MONOTONIC of that node, or -1 when unknown (captures)
+``node``        node name
+``ifname``      interface name, or ``if<index>`` when only the index is known
+``point``       observation point (:data:`POINTS`) or ``""`` to infer
+``direction``   ``"in"``, ``"out"`` or ``""`` when the source does not say
+``kind``        :data:`KIND_PACKET` or a socket event kind
+``proto``       IP protocol of the (inner) L4 header: 6 for TCP
+``src``/``dst`` (inner) addresses, packed: 4 bytes IPv4, 16 bytes IPv6
+``sport``/``dport``  (inner) ports
+``seq``/``ack`` TCP sequence and acknowledgement numbers
+``flags``       TCP flags byte (:data:`FIN`, :data:`SYN`, ...)
+``plen``        TCP payload length (from the IP header, not the snap length)
+``ip_id``       (inner) IPv4 identification, -1 for IPv6
+``payload``     payload bytes as captured (possibly fewer than ``plen``)
+``vni``         VXLAN network identifier, -1 when not encapsulated
+``outer_src``/``outer_dst``  outer addresses of a VXLAN packet, else ``b""``
+==============  ===========================================================
+
+Observations are plain tuples (a :class:`typing.NamedTuple`); build them
+with :func:`make_packet` or, on hot paths, with ``tuple.__new__(Observation,
+(...))`` in field order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
+
+OBS_VERSION = 1
+
+#: Observation points of the hop model.
+NIC = "nic"
+KERNEL = "kernel"
+PROXY = "proxy"
+OVERLAY = "overlay"
+UNDERLAY = "underlay"
+POD = "pod"
+POINTS = (NIC, KERNEL, PROXY, OVERLAY, UNDERLAY, POD)
+
+IN = "in"
+OUT = "out"
+
+KIND_PACKET = "pkt"
+
+# TCP flag bits
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+TCP = 6
+UDP = 17
+
+
+class Observation(NamedTuple):
+    ts_real_ns: int
+    ts_mono_ns: int
+    node: str
+    ifname: str
+    point: str
+    direction: str
+    kind: str
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    plen: int
+    ip_id: int
+    payload: bytes
+    vni: int
+    outer_src: bytes
+    outer_dst: bytes
+
+
+def make_packet(
+    ts_real_ns: int,
+    node: str,
+    ifname: str,
+    src: str | bytes,
+    sport: int,
+    dst: str | bytes,
+    dport: int,
+    *,
+    seq: int = 0,
+    ack: int = 0,
+    flags: int = ACK,
+    payload: bytes = b"",
+    plen: int | None = None,
+    point: str = "",
+    direction: str = "",
+    ip_id: int = 0,
+    vni: int = -1,
+    outer_src: str | bytes = b"",
+    outer_dst: str | bytes = b"",
+    ts_mono_ns: int = -1,
+) -> Observation:
+    """Build a TCP packet observation (convenient, not fast: for tests and tools)."""
+    return Observation(
+        ts_real_ns,
+        ts_mono_ns,
+        node,
+        ifname,
+        point,
+        direction,
+        KIND_PACKET,
+        TCP,
+        _packed(src),
+        _packed(dst),
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        len(payload) if plen is None else plen,
+        ip_id,
+        payload,
+        vni,
+        _packed(outer_src),
+        _packed(outer_dst),
+    )
+
+
+def _packed(addr: str | bytes) -> bytes:
+    if isinstance(addr, bytes):
+        return addr
+    return ipaddress.ip_address(addr).packed if addr else b""
+
+
+def addr_str(packed: bytes) -> str:
+    """Render a packed address (4 or 16 bytes) as text."""
+    if len(packed) == 4:
+        return "%d.%d.%d.%d" % (packed[0], packed[1], packed[2], packed[3])
+    if len(packed) == 16:
+        v6 = ipaddress.IPv6Address(packed)
+        return str(v6.ipv4_mapped or v6)
+    return ""
+
+
+def flow_str(src: bytes, sport: int, dst: bytes, dport: int) -> str:
+    """``"1.2.3.4:5 -> 6.7.8.9:80"`` (IPv6 addresses in brackets)."""
+
+    def ep(a: bytes, p: int) -> str:
+        s = addr_str(a)
+        return f"[{s}]:{p}" if ":" in s else f"{s}:{p}"
+
+    return f"{ep(src, sport)} -> {ep(dst, dport)}"
