@@ -1,0 +1,3 @@
+from hopscope.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""``hopscope replay``: stitch captures offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hopscope.render import render_envelope
+from hopscope.replay import node_files, parse_cidrs, replay, summary_line
+
+
+def _warn(msg: str) -> None:
+    click.echo(f"hopscope: warning: {msg}", err=True)
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--node", "named", multiple=True, metavar="NAME=FILE",
+              help="A capture and its node's name (default: the file's stem names the node).")
+@click.option("--json", "as_json", is_flag=True, help="Print the hop-model JSON envelope.")
+@click.option("--reference", metavar="NODE", help="Node whose clock the others are set against "
+              "(default: the first node given).")
+@click.option("--pod-cidr", default="10.42.0.0/16", show_default=True, help="Cluster pod network.")
+@click.option("--service-cidr", default="10.43.0.0/16", show_default=True,
+              help="Cluster service (ClusterIP) network.")
+@click.option("--entry-port", "entry_ports", multiple=True, type=int, default=(80,),
+              show_default=True, help="Port Traefik listens on for Cloudflare (repeatable).")
+@click.option("--all", "show_all", is_flag=True, help="Show a waterfall for every request.")
+@click.option("--limit", default=20, show_default=True, help="Waterfalls to show (slowest and flagged).")
+def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, reference: str | None,
+           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], show_all: bool,
+           limit: int) -> None:
+    """Stitch per-node captures into per-request hop timings.
+
+    One capture per node (pcap or pcapng; tcpdump -i any, dumpcap with
+    named interfaces); the file's stem names the node:
+
+        hopscope replay node1.pcapng node2.pcapng
+    """
+    pairs = node_files(files, named)
+    res = replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
+                 entry_ports=entry_ports, warn=_warn)
+    if as_json:
+        json.dump(res.envelope, sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return
+    click.echo(render_envelope(res.envelope, max_requests=None if show_all else limit))
+    click.echo("\n" + summary_line(res))

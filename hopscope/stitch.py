@@ -1,0 +1,565 @@
+"""The stitcher: per-node sightings -> per-request hop timings.
+
+One :class:`Stitcher` takes every node's observations (each node's in time
+order), runs a :class:`~hopscope.tcpflow.NodeTracker` per node, then joins
+the sightings across Traefik (by request id), across DNAT and VXLAN (the
+upstream connection's inner 4-tuple and sequence space), and across nodes
+(with clock offsets estimated from the traffic itself). It produces the JSON
+envelope of the hop model (``docs/hop-model.md``). Replay, the agent and
+the collector all use this class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation, flow_str
+from hopscope.tcpflow import PODNET, Cidrs, NodeTracker, Sighting, SynRecord
+
+log = logging.getLogger(__name__)
+
+#: A request whose response had not started this long before the capture
+#: ended is "in flight", not unanswered.
+GRACE_NS = 1_000_000_000
+#: An upstream request without an id is matched to a client request that
+#: completed at most this long before it.
+MATCH_WINDOW_NS = 30_000_000_000
+
+_POINT_ORDER = {NIC: 0, OVERLAY: 1, UNDERLAY: 2, POD: 3}
+
+Hop = dict[str, Any]
+Envelope = dict[str, Any]
+
+
+@dataclass
+class Offset:
+    """A node's clock minus the reference node's clock."""
+
+    offset_ns: int
+    error_ns: int
+    samples: int = 0
+
+
+@dataclass
+class _Bounds:
+    lo: int | None = None  # offset(B) - offset(A) >= lo
+    hi: int | None = None  # offset(B) - offset(A) <= hi
+    samples: int = 0
+
+    def upper(self, v: int) -> None:
+        self.hi = v if self.hi is None or v < self.hi else self.hi
+        self.samples += 1
+
+    def lower(self, v: int) -> None:
+        self.lo = v if self.lo is None or v > self.lo else self.lo
+        self.samples += 1
+
+
+class _Group:
+    """One upstream request message, every place it was seen."""
+
+    __slots__ = ("a", "b", "by", "claimed", "rid", "sightings")
+
+    def __init__(self) -> None:
+        self.sightings: list[Sighting] = []
+        self.rid = ""
+        self.claimed = False
+        self.by: dict[tuple[str, str], list[int]] = {}
+        self.a = ""  # the sending node (Traefik's)
+        self.b = ""  # the pod's node
+
+    def agg(self) -> None:
+        """Per (node, point): earliest first, complete and response-first over interfaces."""
+        by: dict[tuple[str, str], list[int]] = {}
+        for s in self.sightings:
+            v = by.get((s.node, s.point))
+            if v is None:
+                by[(s.node, s.point)] = [s.first, s.complete, s.resp_first, s.status]
+                continue
+            for i, t in ((0, s.first), (1, s.complete), (2, s.resp_first)):
+                if t >= 0 and (v[i] < 0 or t < v[i]):
+                    v[i] = t
+            if not v[3]:
+                v[3] = s.status
+        self.by = by
+        pods = sorted({n for (n, p) in by if p == POD})
+        self.b = pods[0] if pods else ""
+        if len(pods) > 1:
+            log.debug("upstream request %s seen at the pod point of several nodes: %s", self.rid, pods)
+
+    def t(self, node: str, point: str, i: int) -> int:
+        v = self.by.get((node, point))
+        return v[i] if v is not None else -1
+
+
+@dataclass
+class StitchStats:
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)
+    requests: int = 0
+    passed_over_requests: int = 0
+
+
+class Stitcher:
+    """Stitch observations of several nodes into requests.
+
+    ``nodes`` names the nodes in order; the first is the clock reference
+    unless ``reference`` says otherwise.
+    """
+
+    def __init__(self, nodes: Iterable[str] = (), *, reference: str | None = None,
+                 cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
+                 grace_ns: int = GRACE_NS) -> None:
+        self.cidrs = cidrs or Cidrs()
+        self.trackers: dict[str, NodeTracker] = {}
+        for n in nodes:
+            self.tracker(n)
+        self.reference = reference
+        self.entry_ports = frozenset(entry_ports)
+        self.grace_ns = grace_ns
+        self.warnings: list[str] = []
+        self.stats = StitchStats()
+
+    def tracker(self, node: str) -> NodeTracker:
+        t = self.trackers.get(node)
+        if t is None:
+            t = self.trackers[node] = NodeTracker(node, self.cidrs)
+        return t
+
+    def feed(self, node: str, batch: Iterable[Observation]) -> None:
+        self.tracker(node).feed(batch)
+
+    # -- the join ------------------------------------------------------------
+    def result(self) -> Envelope:
+        for t in self.trackers.values():
+            t.flush()
+        ref = self.reference or (next(iter(self.trackers)) if self.trackers else "")
+        self._resolve_podnet()
+        clients, groups = self._split()
+        self._link(clients, groups)
+        offsets = self._offsets(clients, groups, ref)
+        requests = [self._request(c, g, offsets) for c, g in clients]
+        for g in groups:
+            if not g.claimed and g.rid:
+                requests.append(self._orphan(g, offsets))
+        requests.sort(key=lambda r: (r["start_ns"], r["request_id"]))
+        drops = self._drops(clients, groups, offsets)
+        self.stats.requests = len(requests)
+        for n, t in self.trackers.items():
+            self.stats.nodes[n] = {"packets": t.packets, "passed_over": t.passed_over,
+                                   "sightings": len(t.sightings)}
+        return {
+            "requests": requests,
+            "drops": drops,
+            "clock_offsets": {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
+                              for n, o in offsets.items() if n != ref},
+            "reference": ref,
+        }
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        log.warning("%s", msg)
+
+    def _resolve_podnet(self) -> None:
+        """Decide overlay vs pod for unnamed pod-network interfaces.
+
+        The overlay (flannel.1) is the interface whose copy of an upstream
+        request is nearest in time to the request's VXLAN copy on that node.
+        """
+        for t in self.trackers.values():
+            if not t.podnet_ifaces:
+                continue
+            by_key: dict[tuple[object, ...], list[Sighting]] = defaultdict(list)
+            for s in t.sightings:
+                if s.point in (PODNET, UNDERLAY):
+                    by_key[(s.flow, s.seq0)].append(s)
+            votes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # overlay, pod
+            for ss in by_key.values():
+                ul = [s.first for s in ss if s.point == UNDERLAY]
+                pn = [s for s in ss if s.point == PODNET]
+                if not pn:
+                    continue
+                if ul:
+                    best = min(pn, key=lambda s: abs(s.first - ul[0]))
+                    votes[best.ifname][0] += 1
+                    for s in pn:
+                        if s is not best:
+                            votes[s.ifname][1] += 1
+                else:
+                    for s in pn:
+                        votes[s.ifname][1] += 1
+            point = {i: OVERLAY if v[0] > v[1] else POD for i, v in votes.items()}
+            for s in t.sightings:
+                if s.point == PODNET:
+                    s.point = point.get(s.ifname, POD)
+            for r in t.syns:
+                if r.point == PODNET:
+                    r.point = point.get(r.ifname, POD)
+            for lst in t.handshakes.values():
+                lst[:] = [(point.get(i, POD) if p == PODNET else p, i, ts) for p, i, ts in lst]
+
+    def _split(self) -> tuple[list[tuple[Sighting, _Group | None]], list[_Group]]:
+        clients: list[tuple[Sighting, _Group | None]] = []
+        by_msg: dict[tuple[object, ...], _Group] = {}
+        for t in self.trackers.values():
+            for s in t.sightings:
+                if s.complete < 0:
+                    self.stats.passed_over_requests += 1
+                    continue
+                if s.point == NIC:
+                    if s.flow[3] in self.entry_ports:
+                        clients.append((s, None))
+                    else:
+                        self.stats.passed_over_requests += 1
+                    continue
+                g = by_msg.get((s.flow, s.seq0))
+                if g is None:
+                    g = by_msg[(s.flow, s.seq0)] = _Group()
+                g.sightings.append(s)
+                if not g.rid and s.rid:
+                    g.rid = s.rid
+        groups = list(by_msg.values())
+        for g in groups:
+            g.agg()
+        return clients, groups
+
+    def _link(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group]) -> None:
+        """Link each client request to its upstream request (across Traefik)."""
+        by_rid: dict[str, list[_Group]] = defaultdict(list)
+        no_id: dict[tuple[str, str, str], list[tuple[int, _Group]]] = defaultdict(list)
+        for g in groups:
+            if g.rid:
+                by_rid[g.rid].append(g)
+            else:
+                s0 = g.sightings[0]
+                for (node, _p), v in g.by.items():
+                    if v[0] >= 0:
+                        no_id[(node, s0.method, s0.path)].append((v[0], g))
+        for lst in no_id.values():
+            lst.sort(key=lambda x: x[0])
+        order = sorted(range(len(clients)), key=lambda i: clients[i][0].complete)
+        for i in order:
+            c, _ = clients[i]
+            g: _Group | None = None
+            if c.rid:
+                cands = [x for x in by_rid.get(c.rid, ()) if not x.claimed]
+                if cands:
+                    g = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
+            else:
+                for t0, x in no_id.get((c.node, c.method, c.path), ()):
+                    if not x.claimed and c.complete <= t0 <= c.complete + MATCH_WINDOW_NS:
+                        g = x
+                        break
+            if g is not None:
+                g.claimed = True
+                g.a = c.node
+                clients[i] = (c, g)
+
+    def _offsets(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
+                 ref: str) -> dict[str, Offset]:
+        """Per node-pair bounds from messages that crossed between nodes, chained from ``ref``."""
+        pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
+        ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
+
+        def crossing(a: str, b: str, times: dict[tuple[str, str], int], forward: bool) -> None:
+            """One segment that went a -> b (forward) or b -> a, with its times per (node, point)."""
+            src, dst = (a, b) if forward else (b, a)
+            ts = _last(times, src)
+            tr = _first(times, dst)
+            if ts >= 0 and tr >= 0:
+                if forward:
+                    pairs[(a, b)].upper(tr - ts)
+                else:
+                    pairs[(a, b)].lower(ts - tr)
+
+        for g in groups:
+            a = g.a or self._sender(g)
+            b = g.b
+            if not a or not b or a == b:
+                continue
+            ends[g.sightings[0].flow] = (a, b)
+            req = {k: v[0] for k, v in g.by.items() if v[0] >= 0}
+            resp = {k: v[2] for k, v in g.by.items() if v[2] >= 0}
+            crossing(a, b, req, True)
+            crossing(a, b, resp, False)
+        # the upstream connections' handshakes: SYN a -> b, SYN-ACK b -> a
+        hs: dict[tuple[object, ...], dict[tuple[str, str], int]] = defaultdict(dict)
+        for t in self.trackers.values():
+            for key, lst in t.handshakes.items():
+                d = hs[key]
+                for point, _ifname, ts in lst:
+                    k = (t.node, point)
+                    if k not in d or ts < d[k]:
+                        d[k] = ts
+        for (flow, kind), d in hs.items():
+            ab = ends.get(flow)
+            if ab is not None:
+                crossing(ab[0], ab[1], d, kind == "syn")
+        edges: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
+        for (a, b), bd in pairs.items():
+            if bd.lo is None and bd.hi is None:
+                continue
+            if bd.lo is not None and bd.hi is not None:
+                mid = (bd.lo + bd.hi) // 2
+                err = (abs(bd.hi - bd.lo) + 1) // 2
+                if bd.lo > bd.hi:
+                    self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree by "
+                               f"{bd.lo - bd.hi} ns (clock drift during the capture?); using the midpoint")
+            else:
+                # one direction only: the bound itself, error unknown beyond it
+                mid = bd.hi if bd.hi is not None else bd.lo  # type: ignore[assignment]
+                err = 0
+                self._warn(f"clock offset {a}->{b}: traffic in one direction only; offset is a bound")
+            assert mid is not None
+            edges[a].append((b, mid, err, bd.samples))
+            edges[b].append((a, -mid, err, bd.samples))
+        out: dict[str, Offset] = {ref: Offset(0, 0)}
+        todo = [ref]
+        while todo:
+            a = todo.pop(0)
+            for b, off, err, n in sorted(edges.get(a, ()), key=lambda e: e[2]):
+                if b not in out:
+                    out[b] = Offset(out[a].offset_ns + off, out[a].error_ns + err, n)
+                    todo.append(b)
+        for n in self.trackers:
+            if n not in out:
+                out[n] = Offset(0, -1)
+                if len(self.trackers) > 1 and self.trackers[n].sightings:
+                    self._warn(f"no traffic links node {n} to {ref}: its clock is taken as is")
+        return out
+
+    def _sender(self, g: _Group) -> str:
+        """The node that sent an upstream request: a node seeing it, other than the pod's."""
+        nodes = {n for (n, _p) in g.by if n != g.b}
+        return next(iter(nodes)) if len(nodes) == 1 else ""
+
+    # -- one request ---------------------------------------------------------
+    def _request(self, c: Sighting, g: _Group | None, offs: dict[str, Offset]) -> dict[str, Any]:
+        a = c.node
+        flags: set[str] = set(c.flags or ())
+        if g is None:
+            chain: list[tuple[str, str, str, int]] = [
+                ("", "", a, c.complete), ("ingress+egress", "request+response", a, c.resp_first)]
+            flags.add("no_upstream")
+            b = ""
+        else:
+            for s in g.sightings:
+                if s.flags:
+                    flags |= s.flags
+            b = g.b
+            chain = self._chain(a, b, g, c)
+        hops, complete = _tile(chain, offs)
+        if not complete:
+            flags.add("incomplete")
+        rid = c.rid
+        if not rid:
+            rid = _derived_id(c)
+            flags.add("derived_id")
+        end = self.trackers[a].last_ts
+        if c.resp_first < 0:
+            if end - c.complete < self.grace_ns:
+                flags.add("in_flight")
+            else:
+                flags.add("no_response")
+        if c.reset_ts >= 0 and c.resp_first < 0:
+            flags.add("reset")
+        if b and b != a and offs.get(b, Offset(0, 0)).offset_ns != offs.get(a, Offset(0, 0)).offset_ns:
+            flags.add("clock_skew_corrected")
+        if c.edge_synack >= 0 and c.edge_ack >= 0:
+            hops.append(_hop("edge_rtt", "request", a, c.edge_synack - offs[a].offset_ns,
+                             c.edge_ack - c.edge_synack))
+        status = c.status or (g.by.get((b, POD), [0, 0, 0, 0])[3] if g is not None and b else 0)
+        start = c.complete - offs[a].offset_ns
+        total = c.resp_first - c.complete if c.resp_first >= 0 else None
+        return {
+            "request_id": rid,
+            "method": c.method,
+            "path": c.path,
+            "host": c.host,
+            "status": status or None,
+            "ingress_node": a,
+            "pod_node": b or None,
+            "start_ns": start,
+            "total_ns": total,
+            "hops": hops,
+            "flags": sorted(flags),
+        }
+
+    def _chain(self, a: str, b: str, g: _Group, c: Sighting) -> list[tuple[str, str, str, int]]:
+        """The boundaries of a request's path: (hop ending here, dir, node, local time)."""
+        t = g.t
+        if b == a:
+            first = t(a, POD, 0)
+            complete = t(a, POD, 1)
+            chain = [("", "", a, c.complete), ("ingress", "request", a, first)]
+            if complete != first or first < 0:
+                chain.append(("deliver", "request", a, complete))
+            chain += [("app", "server", a, t(a, POD, 2)),
+                      ("egress", "response", a, c.resp_first)]
+            return chain
+        bb = b or "?"
+        return [
+            ("", "", a, c.complete),
+            ("ingress", "request", a, t(a, OVERLAY, 0)),
+            ("encap", "request", a, t(a, UNDERLAY, 0)),
+            ("wire", "request", bb, t(b, UNDERLAY, 0)),
+            ("decap", "request", bb, t(b, OVERLAY, 0)),
+            ("deliver", "request", bb, t(b, POD, 1)),
+            ("app", "server", bb, t(b, POD, 2)),
+            ("route", "response", bb, t(b, OVERLAY, 2)),
+            ("encap", "response", bb, t(b, UNDERLAY, 2)),
+            ("wire", "response", a, t(a, UNDERLAY, 2)),
+            ("decap", "response", a, t(a, OVERLAY, 2)),
+            ("egress", "response", a, c.resp_first),
+        ]
+
+    def _orphan(self, g: _Group, offs: dict[str, Offset]) -> dict[str, Any]:
+        """An upstream request with an id whose client side no capture saw."""
+        s0 = min(g.sightings, key=lambda s: (s.first - offs.get(s.node, Offset(0, 0)).offset_ns))
+        b = g.b
+        a = g.a or self._sender(g)
+        if not a:
+            # no sender seen: the same node if the request never crossed the overlay
+            crossed = any(p in (OVERLAY, UNDERLAY) for (_n, p) in g.by)
+            a = "?" if crossed else b or s0.node
+        fake = Sighting(a, "", NIC, s0.flow, s0.seq0, -1)
+        chain = self._chain(a, b, g, fake) if b else []
+        # drop the missing nic ends: the path starts and ends where it was seen
+        chain = [x for x in chain if x[3] >= 0]
+        if chain:
+            chain[0] = ("", "", chain[0][2], chain[0][3])
+        hops, _ = _tile(chain, offs) if len(chain) > 1 else ([], True)
+        flags: set[str] = {"incomplete"}
+        for s in g.sightings:
+            if s.flags:
+                flags |= s.flags
+        start = chain[0][3] - offs.get(chain[0][2], Offset(0, 0)).offset_ns if chain else (
+            s0.first - offs.get(s0.node, Offset(0, 0)).offset_ns)
+        status = g.by.get((b, POD), [0, 0, 0, 0])[3] if b else 0
+        return {
+            "request_id": g.rid, "method": s0.method, "path": s0.path, "host": s0.host,
+            "status": status or None, "ingress_node": None, "pod_node": b or None,
+            "start_ns": start, "total_ns": None, "hops": hops, "flags": sorted(flags),
+        }
+
+    # -- drops ---------------------------------------------------------------
+    def _drops(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
+               offs: dict[str, Offset]) -> list[dict[str, Any]]:
+        drops: list[dict[str, Any]] = []
+
+        def ref_t(node: str, t: int) -> int:
+            return t - offs.get(node, Offset(0, 0)).offset_ns
+
+        syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
+        for tr in self.trackers.values():
+            for r in tr.syns:
+                if r.packets < 2 and tr.last_ts - r.first < self.grace_ns and not r.refused:
+                    continue  # the capture ended right after it
+                syns[(r.flow, r.isn)].append(r)
+        for rs in syns.values():
+            last = max(rs, key=lambda r: (ref_t(r.node, r.first), _POINT_ORDER.get(r.point, 0)))
+            drops.append({
+                "node": last.node, "point": last.point,
+                "kind": "refused" if any(r.refused for r in rs) else "syn_unanswered",
+                "flow": flow_str(*last.flow), "packets": last.packets,
+                "first_ns": ref_t(last.node, last.first),
+            })
+        for c, g in clients:
+            if c.resp_first >= 0:
+                continue
+            if self.trackers[c.node].last_ts - c.complete < self.grace_ns:
+                continue
+            seen: list[Sighting] = [c] + (g.sightings if g is not None else [])
+            last_s = max(seen, key=lambda s: (ref_t(s.node, s.first), _POINT_ORDER.get(s.point, 0)))
+            reset = any(s.reset_ts >= 0 for s in seen)
+            drops.append({
+                "node": last_s.node, "point": last_s.point,
+                "kind": "reset" if reset else "request_unanswered",
+                "flow": flow_str(*last_s.flow), "packets": 1,
+                "first_ns": ref_t(c.node, c.complete),
+                "request_id": c.rid or _derived_id(c),
+            })
+        drops.sort(key=lambda d: (d["first_ns"], d["flow"]))
+        return drops
+
+
+# -- helpers ----------------------------------------------------------------
+
+def _last(times: dict[tuple[str, str], int], node: str) -> int:
+    """When a segment left ``node``: its underlay copy, else its overlay copy, else the pod's."""
+    for p in (UNDERLAY, OVERLAY, POD):
+        v = times.get((node, p), -1)
+        if v >= 0:
+            return v
+    return -1
+
+
+_first = _last  # arriving: the underlay copy is also the earliest
+
+
+def _first_on(g: _Group, node: str, after: int) -> int:
+    """Sort key: the group's earliest time on ``node`` at or after ``after`` (else far)."""
+    ts = [v[0] for (n, _p), v in g.by.items() if n == node and v[0] >= after]
+    return min(ts) if ts else 1 << 62
+
+
+def _hop(name: str, dir_: str, node: str, start: int, dur: int) -> Hop:
+    return {"name": name, "dir": dir_, "node": node, "start_ns": start, "duration_ns": dur,
+            "children": []}
+
+
+def _tile(chain: list[tuple[str, str, str, int]], offs: dict[str, Offset]) -> tuple[list[Hop], bool]:
+    """Hops between consecutive known boundaries; unknown ones merge their neighbours.
+
+    Returns the hops and whether every boundary was known.
+    """
+    hops: list[Hop] = []
+    if not chain or chain[0][3] < 0:
+        return hops, False
+    prev_node = chain[0][2]
+    prev_t = chain[0][3] - offs.get(prev_node, Offset(0, 0)).offset_ns
+    names: list[str] = []
+    dirs: list[str] = []
+    nodes: list[str] = []
+    complete = True
+    for name, dir_, node, t in chain[1:]:
+        names.append(name)
+        if dir_ not in dirs:
+            dirs.append(dir_)
+        nodes.append(node)
+        if t < 0:
+            complete = False
+            continue
+        tr = t - offs.get(node, Offset(0, 0)).offset_ns
+        if node != prev_node:
+            hop_node = f"{prev_node}->{node}"
+        else:
+            hop_node = node
+        hops.append(_hop("+".join(names), "+".join(dirs), hop_node, prev_t, tr - prev_t))
+        prev_t, prev_node = tr, node
+        names, dirs, nodes = [], [], []
+    if names:
+        complete = False
+    return hops, complete
+
+
+def _derived_id(c: Sighting) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{c.node}|{flow_str(*c.flow)}|{c.seq0}".encode())
+    return "h-" + h.hexdigest()
+
+
+def replay_batches(sources: Iterable[tuple[str, Iterable[list[Observation]]]],
+                   stitcher: Stitcher, progress: Callable[[], None] | None = None) -> Envelope:
+    """Feed each node's batches to ``stitcher`` and return the envelope."""
+    for node, batches in sources:
+        tr = stitcher.tracker(node)
+        for batch in batches:
+            tr.feed(batch)
+            if progress is not None:
+                progress()
+    return stitcher.result()

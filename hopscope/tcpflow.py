@@ -1,0 +1,696 @@
+"""Per-node TCP reassembly and HTTP/1.1 message boundaries.
+
+A :class:`NodeTracker` takes one node's observations in time order and
+turns them into :class:`Sighting` records: one per HTTP request seen on one
+TCP connection at one interface, with the moments the stitcher needs (the
+first copy of the request's first segment, the segment that completed its
+headers, the first byte of its response) and the handshake times. It also
+records connections that died (:class:`SynRecord`).
+
+Per packet the work is a dictionary look-up and a few integer operations;
+bytes are looked at only while a message's headers are being read (or a
+chunked body is being framed). Memory grows with open connections: closed
+ones are dropped at once, idle ones after :data:`IDLE_NS`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation
+
+log = logging.getLogger(__name__)
+
+M32 = 0xFFFFFFFF
+HALF32 = 0x80000000
+IDLE_NS = 300 * 1_000_000_000
+MAX_HEAD = 64 * 1024
+MAX_PENDING = 512
+SYNC_TRIES = 8
+
+#: A point to be resolved by the stitcher: pod-network traffic on an
+#: interface whose name does not say whether it is flannel.1 or cni0/veth.
+PODNET = "podnet"
+SKIP = "skip"
+
+# Half-connection states
+IDLE, HEAD, BODY, CHUNKED, UNTIL_CLOSE, SYNC, DEAD = range(7)
+
+_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ",
+            b"CONNECT ", b"TRACE ")
+_WANTED = frozenset((b"host", b"cf-ray", b"x-request-id", b"content-length",
+                     b"transfer-encoding"))
+
+_NIC_PREFIXES = ("eth", "en", "eno", "ens", "enp", "bond", "wl", "wan")
+_OVERLAY_PREFIXES = ("flannel", "vxlan", "fl-")
+_POD_PREFIXES = ("cni", "veth", "cbr", "cali", "lxc", "tap")
+
+
+def is_request_start(p: bytes) -> bool:
+    return p.startswith(_METHODS)
+
+
+def point_for_ifname(ifname: str) -> str:
+    """The observation point an interface name implies, or "" when it does not say."""
+    if ifname == "lo":
+        return SKIP
+    if ifname.startswith(_OVERLAY_PREFIXES):
+        return OVERLAY
+    if ifname.startswith(_POD_PREFIXES):
+        return POD
+    if ifname.startswith(_NIC_PREFIXES) and not ifname.startswith("if"):
+        return NIC
+    return ""
+
+
+@dataclass
+class Cidrs:
+    """The cluster's pod and service networks (k3s defaults)."""
+
+    pod: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("10.42.0.0/16"))
+    service: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("10.43.0.0/16"))
+
+    def in_pod(self, a: bytes) -> bool:
+        return len(a) == 4 and (int.from_bytes(a, "big") & int(self.pod.netmask)) == int(
+            self.pod.network_address)
+
+    def in_service(self, a: bytes) -> bool:
+        return len(a) == 4 and (int.from_bytes(a, "big") & int(self.service.netmask)) == int(
+            self.service.network_address)
+
+
+class Sighting:
+    """One HTTP request on one connection at one interface of one node."""
+
+    __slots__ = (
+        "body_trunc", "complete", "edge_ack", "edge_synack", "first", "flags", "flow", "host",
+        "ifname", "method", "node", "path", "point", "resp_first", "reset_ts", "rid", "seq0",
+        "status",
+    )
+
+    def __init__(self, node: str, ifname: str, point: str, flow: tuple[bytes, int, bytes, int],
+                 seq0: int, first: int) -> None:
+        self.node = node
+        self.ifname = ifname
+        self.point = point
+        self.flow = flow  # client -> server at this point
+        self.seq0 = seq0  # sequence number of the request's first byte
+        self.first = first  # first copy of the first segment
+        self.complete = -1  # segment that completed the headers
+        self.resp_first = -1  # first byte of the response
+        self.status = 0
+        self.method = ""
+        self.path = ""
+        self.host = ""
+        self.rid = ""  # CF-Ray, else X-Request-Id, else ""
+        self.flags: set[str] | None = None
+        self.edge_synack = -1  # handshake, on the first request of a connection
+        self.edge_ack = -1
+        self.reset_ts = -1
+        self.body_trunc = False
+
+    def flag(self, f: str) -> None:
+        if self.flags is None:
+            self.flags = {f}
+        else:
+            self.flags.add(f)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return (f"Sighting({self.node}/{self.ifname}/{self.point} {self.method} {self.path} "
+                f"rid={self.rid} first={self.first} complete={self.complete} "
+                f"resp={self.resp_first} status={self.status})")
+
+
+@dataclass
+class SynRecord:
+    """A connection attempt that was never answered (or answered with a reset)."""
+
+    node: str
+    ifname: str
+    point: str
+    flow: tuple[bytes, int, bytes, int]
+    isn: int
+    first: int
+    packets: int
+    refused: bool
+
+
+class _Half:
+    """One direction of a connection at one interface."""
+
+    __slots__ = ("body_left", "buf", "chunk", "client", "dup", "fin", "msg", "nxt", "pending",
+                 "state", "tries")
+
+    def __init__(self) -> None:
+        self.nxt = -1  # next expected sequence number, -1 until known
+        self.state = IDLE
+        self.buf = b""
+        self.body_left = 0
+        self.chunk: _Chunked | None = None
+        self.msg: Sighting | None = None  # the message being read (requests) or answered
+        self.pending: dict[int, tuple[int, int, bytes, int]] | None = None
+        self.client = -1  # 1 client side, 0 server side, -1 unknown
+        self.dup: deque[tuple[int, int]] = deque(maxlen=32)  # (seq, ip id) recently seen
+        self.fin = False
+        self.tries = 0
+
+
+class _Chunked:
+    """An incremental parser of the chunked transfer coding (framing only)."""
+
+    __slots__ = ("left", "line", "trailer")
+
+    def __init__(self) -> None:
+        self.left = 0  # data bytes (plus CRLF) left in the current chunk
+        self.line = b""
+        self.trailer = False
+
+    def feed(self, data: bytes) -> int:
+        """Consume bytes; return -1 while the body goes on, else the bytes used when it ends."""
+        i = 0
+        n = len(data)
+        while i < n:
+            if self.left:
+                take = min(self.left, n - i)
+                self.left -= take
+                i += take
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self.line += data[i:]
+                if len(self.line) > 4096:
+                    raise ValueError("chunk size line too long")
+                return -1
+            line = (self.line + data[i:j]).strip()
+            self.line = b""
+            i = j + 1
+            if self.trailer:
+                if not line:
+                    return i
+                continue
+            size = int(line.split(b";", 1)[0] or b"0", 16)
+            if size == 0:
+                self.trailer = True
+            else:
+                self.left = size + 2
+        return -1
+
+
+class _Stream:
+    """A TCP connection at one interface of one node."""
+
+    __slots__ = ("flow", "halves", "hs_ack", "ifname", "isn", "keys", "last", "nreq", "point",
+                 "refused", "syn_count", "syn_first", "synack", "unanswered")
+
+    def __init__(self, ifname: str, point: str) -> None:
+        self.ifname = ifname
+        self.point = point
+        self.halves = (_Half(), _Half())
+        self.keys: tuple[tuple[object, ...], tuple[object, ...]] | None = None
+        self.flow: tuple[bytes, int, bytes, int] | None = None  # client -> server
+        self.syn_first = -1
+        self.syn_count = 0
+        self.isn = 0
+        self.synack = -1
+        self.hs_ack = -1
+        self.refused = False
+        self.unanswered: deque[Sighting] = deque()
+        self.nreq = 0
+        self.last = 0
+
+
+class NodeTracker:
+    """Turn one node's observations (in time order) into request sightings."""
+
+    def __init__(self, node: str, cidrs: Cidrs | None = None) -> None:
+        self.node = node
+        self.cidrs = cidrs or Cidrs()
+        self.sightings: list[Sighting] = []
+        self.syns: list[SynRecord] = []
+        self._streams: dict[tuple[object, ...], tuple[_Stream, int]] = {}
+        self._ifpoint: dict[str, str] = {}
+        self.packets = 0
+        self.passed_over = 0
+        self.last_ts = 0
+        self._next_sweep = 0
+        #: pod-network interface votes for overlay/pod, filled by the stitcher
+        self.podnet_ifaces: set[str] = set()
+        #: handshake packets of pod-network connections, for clock offsets:
+        #: (client->server flow, "syn" | "synack") -> [(point, ifname, first ts), ...]
+        self.handshakes: dict[tuple[object, ...], list[tuple[str, str, int]]] = {}
+
+    # -- the hot path --------------------------------------------------------
+    def feed(self, batch: Iterable[Observation]) -> None:
+        streams = self._streams
+        get = streams.get
+        npk = 0
+        ts = self.last_ts
+        for ob in batch:
+            npk += 1
+            (ts, _m, _n, ifname, point, _d, _k, _p, src, dst, sport, dport, seq, _a, flags, plen,
+             ipid, payload, vni, _os, _od) = ob
+            e = get((ifname, vni, src, sport, dst, dport))
+            if e is None:
+                if not (plen or flags & 0x02) or flags & 0x04:
+                    self.passed_over += 1
+                    continue
+                e = self._new_stream(ob)
+                if e is None:
+                    self.passed_over += 1
+                    continue
+            st, d = e
+            st.last = ts
+            if flags & 0x07:  # SYN, FIN or RST
+                if self._control(st, d, ts, seq, flags):
+                    continue
+            if not plen:
+                if st.synack >= 0 and st.hs_ack < 0 and st.halves[d].client == 1:
+                    st.hs_ack = ts
+                continue
+            h = st.halves[d]
+            if h.state == BODY and seq == h.nxt and plen < h.body_left:
+                # the fast path: in-order body bytes of a Content-Length message
+                h.body_left -= plen
+                h.nxt = (seq + plen) & M32
+                h.dup.append((seq, ipid))
+                continue
+            if h.state != DEAD:
+                self._data(st, d, h, ts, seq, plen, ipid, payload)
+        self.packets += npk
+        self.last_ts = ts
+        if ts >= self._next_sweep:
+            self._sweep(ts)
+
+    # -- streams ---------------------------------------------------------------
+    def _new_stream(self, ob: Observation) -> tuple[_Stream, int] | None:
+        point = ob.point
+        if not point:
+            if ob.vni >= 0:
+                point = UNDERLAY
+            else:
+                point = self._ifpoint.get(ob.ifname, "?")
+                if point == "?":
+                    point = self._ifpoint[ob.ifname] = point_for_ifname(ob.ifname)
+                if not point:  # unnamed interface: decide by content
+                    c = self.cidrs
+                    if c.in_service(ob.dst) or c.in_service(ob.src):
+                        point = SKIP  # pre-DNAT copies (lo): not a point of the model
+                    elif c.in_pod(ob.src) or c.in_pod(ob.dst):
+                        point = PODNET
+                        self.podnet_ifaces.add(ob.ifname)
+                    else:
+                        point = NIC
+        if point == SKIP:
+            return None
+        st = _Stream(ob.ifname, point)
+        k1 = (ob.ifname, ob.vni, ob.src, ob.sport, ob.dst, ob.dport)
+        k2 = (ob.ifname, ob.vni, ob.dst, ob.dport, ob.src, ob.sport)
+        st.keys = (k1, k2)
+        e = (st, 0)
+        self._streams[k1] = e
+        self._streams[k2] = (st, 1)
+        return e
+
+    def _close(self, st: _Stream) -> None:
+        if st.keys is not None:
+            for k in st.keys:
+                self._streams.pop(k, None)
+            st.keys = None
+        if st.syn_count and st.synack < 0 and st.flow is not None:
+            self.syns.append(SynRecord(self.node, st.ifname, st.point, st.flow, st.isn,
+                                       st.syn_first, st.syn_count, st.refused))
+
+    def _sweep(self, now: int) -> None:
+        """Forget connections idle for IDLE_NS (their sightings stay)."""
+        self._next_sweep = now + IDLE_NS // 4
+        stale = {id(st): st for st, _ in self._streams.values() if now - st.last > IDLE_NS}
+        for st in stale.values():
+            self._close(st)
+
+    def flush(self) -> None:
+        """End of input: close every connection (records unanswered SYNs)."""
+        for st in list({id(st): st for st, _ in self._streams.values()}.values()):
+            self._close(st)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams) // 2
+
+    # -- SYN / FIN / RST -------------------------------------------------------
+    def _control(self, st: _Stream, d: int, ts: int, seq: int, flags: int) -> bool:
+        """Handle the control flags; True when the packet needs no further work."""
+        h = st.halves[d]
+        if flags & 0x02:  # SYN
+            if flags & 0x10:  # SYN-ACK: this side is the server
+                h.client = 0
+                st.halves[1 - d].client = 1
+                if st.flow is None:
+                    st.flow = _flow_of(st, 1 - d)
+                if st.synack < 0:
+                    st.synack = ts
+                    if st.point != NIC:
+                        self._handshake(st, "synack", ts)
+                h.nxt = (seq + 1) & M32
+            else:
+                h.client = 1
+                st.halves[1 - d].client = 0
+                if st.syn_count == 0 or seq != st.isn:
+                    if st.syn_count and seq != st.isn:  # a new connection on a reused 4-tuple
+                        st.syn_count = 0
+                        st.synack = -1
+                        st.hs_ack = -1
+                        st.nreq = 0
+                        for hh in st.halves:
+                            hh.nxt = -1
+                            hh.state = IDLE
+                            hh.buf = b""
+                    st.syn_first = ts
+                    st.isn = seq
+                    st.flow = _flow_of(st, d)
+                    if st.point != NIC:
+                        self._handshake(st, "syn", ts)
+                st.syn_count += 1
+                h.nxt = (seq + 1) & M32
+            return True
+        if flags & 0x04:  # RST
+            if st.synack < 0 and st.syn_count and h.client == 0:
+                st.refused = True
+            for s in st.unanswered:
+                if s.reset_ts < 0:
+                    s.reset_ts = ts
+            self._close(st)
+            return True
+        # FIN: the data it may carry is handled by the caller; the FIN ends the
+        # message of a response delimited by the connection's close.
+        h.fin = True
+        if h.state == UNTIL_CLOSE:
+            h.state = IDLE
+        if st.halves[1 - d].fin:
+            self._close(st)
+        return False
+
+    def _handshake(self, st: _Stream, kind: str, ts: int) -> None:
+        lst = self.handshakes.get((st.flow, kind))
+        if lst is None:
+            lst = self.handshakes[(st.flow, kind)] = []
+        lst.append((st.point, st.ifname, ts))
+
+    # -- payload -------------------------------------------------------------
+    def _data(self, st: _Stream, d: int, h: _Half, ts: int, seq: int, plen: int, ipid: int,
+              payload: bytes) -> None:
+        if h.nxt < 0 or h.state == SYNC:
+            # No handshake seen (capture started mid-connection) or lost sync:
+            # wait for a segment that starts a message.
+            if payload.startswith(_METHODS):
+                if h.client < 0:
+                    h.client = 1
+                    st.halves[1 - d].client = 0
+            elif payload.startswith(b"HTTP/1."):
+                if h.client < 0:
+                    h.client = 0
+                    st.halves[1 - d].client = 1
+            else:
+                h.tries += 1
+                if h.tries > SYNC_TRIES and st.nreq == 0:
+                    h.state = DEAD
+                return
+            if st.flow is None:
+                st.flow = _flow_of(st, d if h.client == 1 else 1 - d)
+            h.nxt = seq
+            h.state = IDLE
+            h.buf = b""
+        diff = (seq - h.nxt) & M32
+        if diff == 0:
+            h.dup.append((seq, ipid))
+            self._consume(st, d, h, ts, seq, payload, plen)
+            h.nxt = (seq + plen) & M32
+            if h.pending:
+                # this segment fills a hole: later bytes had arrived first
+                if st.unanswered:
+                    st.unanswered[-1 if h.client == 1 else 0].flag("out_of_order")
+                self._drain(st, d, h, ts)
+            return
+        if diff >= HALF32:  # behind: a retransmission or a second copy
+            back = (h.nxt - seq) & M32
+            if (seq, ipid) in h.dup and ipid >= 0:
+                return  # the same packet again (another copy): not a retransmission
+            self._flag_retransmit(st, d, h)
+            if back >= plen:
+                return
+            # partly new: keep the new tail
+            payload = payload[back:]
+            seq = h.nxt
+            plen -= back
+            h.dup.append((seq, ipid))
+            self._consume(st, d, h, ts, seq, payload, plen)
+            h.nxt = (seq + plen) & M32
+            if h.pending:
+                self._drain(st, d, h, ts)
+            return
+        # ahead: out of order (or a segment this capture missed)
+        if h.pending is None:
+            h.pending = {}
+        if seq not in h.pending:
+            h.pending[seq] = (ts, plen, payload, ipid)
+        if len(h.pending) > MAX_PENDING:
+            self._skip_gap(st, d, h)
+
+    def _drain(self, st: _Stream, d: int, h: _Half, fill_ts: int) -> None:
+        pend = h.pending
+        assert pend is not None
+        while pend:
+            item = pend.pop(h.nxt, None)
+            if item is None:
+                # drop what is now entirely old
+                for s in [s for s in pend if (s - h.nxt) & M32 >= HALF32]:
+                    ts, plen, payload, ipid = pend.pop(s)
+                    back = (h.nxt - s) & M32
+                    if back < plen:
+                        pend[h.nxt] = (ts, plen - back, payload[back:], ipid)
+                if h.nxt not in pend:
+                    return
+                continue
+            ts, plen, payload, ipid = item
+            seq = h.nxt
+            h.dup.append((seq, ipid))
+            self._consume(st, d, h, ts, seq, payload, plen, fill_ts)
+            h.nxt = (seq + plen) & M32
+
+    def _skip_gap(self, st: _Stream, d: int, h: _Half) -> None:
+        """The capture lost a segment for good: skip to the earliest held one."""
+        pend = h.pending
+        assert pend is not None
+        nxt = min(pend, key=lambda s: (s - h.nxt) & M32)
+        gap = (nxt - h.nxt) & M32
+        log.debug("%s/%s: skipping a %d-byte gap", self.node, st.ifname, gap)
+        if h.state == BODY and gap < h.body_left:
+            h.body_left -= gap
+        else:
+            h.state = SYNC
+        m = h.msg if h.client == 1 else (st.unanswered[0] if st.unanswered else None)
+        if m is not None:
+            m.flag("capture_gap")
+        h.nxt = nxt
+        ts = pend[nxt][0]
+        if h.state == SYNC:
+            ts, plen, payload, ipid = pend.pop(nxt)
+            self._data(st, d, h, ts, nxt, plen, ipid, payload)
+        self._drain(st, d, h, ts)
+
+    def _flag_retransmit(self, st: _Stream, d: int, h: _Half) -> None:
+        if h.client == 1:
+            m = h.msg if h.msg is not None else (st.unanswered[-1] if st.unanswered else None)
+        else:
+            m = h.msg
+        if m is not None:
+            m.flag("retransmit")
+
+    def _consume(self, st: _Stream, d: int, h: _Half, ts: int, seq: int, data: bytes,
+                 plen: int, done_ts: int = -1) -> None:
+        """Advance the message state machine over ``plen`` in-order bytes.
+
+        ``ts`` is when this segment was seen (a message starting in it starts
+        then); ``done_ts`` is when its bytes became contiguous (a segment
+        held out of order completes headers only when the hole is filled).
+        """
+        if done_ts < ts:
+            done_ts = ts
+        pos = 0
+        short = plen - len(data)  # bytes the capture did not keep (snap length)
+        while pos < plen:
+            state = h.state
+            if state == IDLE:
+                self._start(st, d, h, ts, (seq + pos) & M32, data[pos:])
+                state = h.state
+                if state == DEAD or state == SYNC:
+                    return
+            if state == HEAD:
+                old = len(h.buf)
+                h.buf += data[pos:]
+                i = h.buf.find(b"\r\n\r\n", max(0, old - 3))
+                if i < 0:
+                    if short > 0:  # the snap length cut the headers
+                        if h.msg is not None:
+                            h.msg.flag("truncated")
+                        h.state = SYNC
+                    elif len(h.buf) > MAX_HEAD:
+                        h.state = DEAD
+                    return
+                used = i + 4 - old
+                self._headers(st, d, h, done_ts, h.buf[: i + 4])
+                h.buf = b""
+                pos += used
+                continue
+            if state == BODY:
+                take = min(h.body_left, plen - pos)
+                h.body_left -= take
+                pos += take
+                if h.body_left == 0:
+                    h.state = IDLE
+                continue
+            if state == CHUNKED:
+                ch = h.chunk
+                assert ch is not None
+                if pos >= len(data):
+                    # bytes the capture did not keep: count them blindly
+                    if ch.left:
+                        ch.left = max(0, ch.left - (plen - pos))
+                        return
+                    h.state = SYNC
+                    return
+                try:
+                    used = ch.feed(data[pos:])
+                except ValueError:
+                    h.state = SYNC
+                    return
+                if used < 0:
+                    return
+                pos += used
+                h.chunk = None
+                h.state = IDLE
+                continue
+            if state == UNTIL_CLOSE:
+                return
+            return
+
+    def _start(self, st: _Stream, d: int, h: _Half, ts: int, seq: int, data: bytes) -> None:
+        """A message starts with this segment."""
+        if h.client < 0:
+            if data.startswith(_METHODS):
+                h.client = 1
+                st.halves[1 - d].client = 0
+            elif data.startswith(b"HTTP/1."):
+                h.client = 0
+                st.halves[1 - d].client = 1
+            else:
+                h.state = DEAD
+                return
+        if st.flow is None:
+            st.flow = _flow_of(st, d if h.client == 1 else 1 - d)
+        if h.client == 1:
+            if data and not data.startswith(_METHODS):
+                if st.nreq:
+                    h.state = SYNC
+                else:  # not HTTP: pass the whole connection over
+                    h.state = st.halves[1 - d].state = DEAD
+                return
+            s = Sighting(self.node, st.ifname, st.point, st.flow, seq, ts)
+            if st.synack >= 0 and st.hs_ack < 0:
+                st.hs_ack = ts  # the handshake's ACK carried the request
+            if st.nreq == 0 and st.synack >= 0:
+                s.edge_synack = st.synack
+                s.edge_ack = st.hs_ack
+            st.nreq += 1
+            h.msg = s
+            st.unanswered.append(s)
+            self.sightings.append(s)
+        else:
+            if data and not data.startswith(b"HTTP/"):
+                h.state = SYNC
+                return
+            # the response answers the oldest unanswered request
+            h.msg = st.unanswered[0] if st.unanswered else None
+            if h.msg is not None and h.msg.resp_first < 0:
+                h.msg.resp_first = ts
+        h.state = HEAD
+        h.buf = b""
+
+    def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes) -> None:
+        """The message's headers are complete (in the segment seen at ``ts``)."""
+        lines = head.split(b"\r\n")
+        first = lines[0]
+        hdr: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                n = name.strip().lower()
+                if n in _WANTED and n not in hdr:
+                    hdr[n] = value.strip()
+        chunked = b"chunked" in hdr.get(b"transfer-encoding", b"").lower()
+        try:
+            clen = int(hdr.get(b"content-length", b"0") or b"0")
+        except ValueError:
+            clen = 0
+        m = h.msg
+        if h.client == 1:
+            parts = first.split(b" ")
+            if m is not None:
+                m.complete = ts
+                m.method = parts[0].decode("ascii", "replace")
+                m.path = parts[1].decode("utf-8", "replace") if len(parts) > 1 else ""
+                m.host = hdr.get(b"host", b"").decode("utf-8", "replace")
+                rid = hdr.get(b"cf-ray") or hdr.get(b"x-request-id") or b""
+                m.rid = rid.decode("utf-8", "replace")
+            h.msg = None
+            self._body(h, chunked, clen)
+            return
+        # a response
+        parts = first.split(b" ", 2)
+        try:
+            status = int(parts[1])
+        except (IndexError, ValueError):
+            status = 0
+        if 100 <= status < 200 and status != 101:
+            # interim (100 Continue): the real response is still to come
+            if m is not None:
+                m.resp_first = -1
+            h.state = IDLE
+            return
+        req_method = ""
+        if st.unanswered:
+            done = st.unanswered.popleft()
+            done.status = status
+            req_method = done.method
+        h.msg = None
+        if req_method == "HEAD" or status in (204, 304) or status == 101:
+            h.state = IDLE if status != 101 else DEAD
+            return
+        if not chunked and b"content-length" not in hdr:
+            h.state = UNTIL_CLOSE
+            return
+        self._body(h, chunked, clen)
+
+    @staticmethod
+    def _body(h: _Half, chunked: bool, clen: int) -> None:
+        if chunked:
+            h.chunk = _Chunked()
+            h.state = CHUNKED
+        elif clen > 0:
+            h.body_left = clen
+            h.state = BODY
+        else:
+            h.state = IDLE
+
+
+def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:
+    assert st.keys is not None
+    k = st.keys[client_dir]
+    return (k[2], k[3], k[4], k[5])  # type: ignore[return-value]
+
+
+__all__ = ["PODNET", "Cidrs", "NodeTracker", "Sighting", "SynRecord", "point_for_ifname"]
+_ = (POD,)

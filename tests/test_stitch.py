@@ -1,0 +1,360 @@
+"""The stitcher on observation streams with exactly known timings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flows import (
+    CLIENT,
+    FLANNEL,
+    NODE_IP,
+    POD_IP,
+    T0,
+    Timeline,
+    cross_node_request,
+    http_request,
+    http_response,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st_
+
+from hopscope.model import ACK, FIN, PSH, RST, SYN
+from hopscope.stitch import Stitcher
+
+TILING = ("ingress", "encap", "wire", "decap", "deliver", "app", "route", "encap", "wire", "decap",
+          "egress")
+
+
+def stitch(tl: Timeline, nodes: tuple[str, ...] = ("node1", "node2"), **kw: Any) -> dict[str, Any]:
+    s = Stitcher(nodes, **kw)
+    for n in nodes:
+        s.feed(n, tl.sorted(n))
+    return s.result()
+
+
+def hops(req: dict[str, Any]) -> list[tuple[str, str, int]]:
+    return [(h["name"], h["node"], h["duration_ns"]) for h in req["hops"]]
+
+
+def expected_cross(truth: dict[str, int], a: str = "node1", b: str = "node2") -> list[tuple[str, str, int]]:
+    return [
+        ("ingress", a, truth["ingress"]), ("encap", a, truth["encap_req"]),
+        ("wire", f"{a}->{b}", truth["wire_req"]), ("decap", b, truth["decap_req"]),
+        ("deliver", b, truth["deliver"]), ("app", b, truth["app"]), ("route", b, truth["route"]),
+        ("encap", b, truth["encap_resp"]), ("wire", f"{b}->{a}", truth["wire_resp"]),
+        ("decap", a, truth["decap_resp"]), ("egress", a, truth["egress"]),
+        ("edge_rtt", a, truth["edge_rtt"]),
+    ]
+
+
+def test_cross_node_hops_exact_and_tile_total() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert r["request_id"] == "8c1f2e3d4b5a6978-DFW"
+    assert (r["method"], r["path"], r["host"], r["status"]) == ("POST", "/api/tasks/",
+                                                                "api.myhoneydue.com", 201)
+    assert (r["ingress_node"], r["pod_node"]) == ("node1", "node2")
+    assert hops(r) == expected_cross(truth)
+    assert r["total_ns"] == truth["total"]
+    assert sum(h["duration_ns"] for h in r["hops"] if h["name"] != "edge_rtt") == r["total_ns"]
+    assert r["start_ns"] == truth["start"]
+    assert r["flags"] == []
+    assert env["drops"] == []
+    # hops are contiguous: each starts where the previous ended
+    tiling = [h for h in r["hops"] if h["name"] != "edge_rtt"]
+    for h1, h2 in zip(tiling, tiling[1:], strict=False):
+        assert h1["start_ns"] + h1["duration_ns"] == h2["start_ns"]
+
+
+def test_clock_skew_is_estimated_and_corrected() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, skew_b=3_700_000)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert hops(r) == expected_cross(truth)
+    off = env["clock_offsets"]["node2"]
+    assert abs(off["offset_ns"] - 3_700_000) <= off["error_ns"]
+    assert off["error_ns"] <= 15_000
+    assert "clock_skew_corrected" in r["flags"]
+    assert env["reference"] == "node1"
+
+
+def test_negative_skew_and_reference_choice() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, skew_b=-2_500_000)
+    env = stitch(tl, reference="node2")
+    [r] = env["requests"]
+    assert hops(r) == expected_cross(truth)
+    off = env["clock_offsets"]["node1"]
+    assert abs(off["offset_ns"] - 2_500_000) <= off["error_ns"]
+    # absolute times are on node2's clock now
+    assert r["start_ns"] == truth["start"] - 2_500_000
+
+
+def test_retransmitted_vxlan_segment_lands_in_wire() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, skew_b=1_000_000, lose_upstream_first=True)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert hops(r) == expected_cross(truth)
+    assert dict((n, d) for n, _, d in hops(r)[2:3])["wire"] == 204_015_000
+    assert "retransmit" in r["flags"]
+    # the handshake keeps the clock estimate tight despite the loss
+    off = env["clock_offsets"]["node2"]
+    assert abs(off["offset_ns"] - 1_000_000) <= off["error_ns"] <= 15_000
+
+
+def test_missing_node_capture_merges_hops() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl)
+    s = Stitcher(["node1"])
+    s.feed("node1", tl.sorted("node1"))
+    env = s.result()
+    [r] = env["requests"]
+    names = [h["name"] for h in r["hops"]]
+    assert names == ["ingress", "encap", "wire+decap+deliver+app+route+encap+wire", "decap",
+                     "egress", "edge_rtt"]
+    assert "incomplete" in r["flags"]
+    assert r["total_ns"] == truth["total"]
+    assert sum(h["duration_ns"] for h in r["hops"][:-1]) == truth["total"]
+    assert r["pod_node"] is None
+
+
+def test_pod_node_alone_reports_orphan_upstream_request() -> None:
+    tl = Timeline()
+    cross_node_request(tl)
+    s = Stitcher(["node2"])
+    s.feed("node2", tl.sorted("node2"))
+    env = s.result()
+    [r] = env["requests"]
+    assert r["request_id"] == "8c1f2e3d4b5a6978-DFW"
+    assert r["total_ns"] is None and r["ingress_node"] is None and r["pod_node"] == "node2"
+    assert "incomplete" in r["flags"]
+    assert [h["name"] for h in r["hops"]] == ["decap", "deliver", "app", "route", "encap"]
+
+
+def same_node(tl: Timeline, *, split_headers: bool = False, chunked: bool = False,
+              pipelined: int = 1, t: int = 0, ray_prefix: str = "aa") -> list[dict[str, int]]:
+    """Keep-alive client connection on node1 served by node1's own pod."""
+    a = "node1"
+    nic = NODE_IP[a]
+    c, s_, u, p = 10, 20000, 30000, 40000
+    tl.add(a, "eth0", t, CLIENT, 41000, nic, 80, c, 0, SYN)
+    tl.add(a, "eth0", t + 10_000, nic, 80, CLIENT, 41000, s_, c + 1, SYN | ACK)
+    tl.add(a, "eth0", t + 90_000, CLIENT, 41000, nic, 80, c + 1, s_ + 1, ACK)
+    src, dst = "10.42.0.1", POD_IP[a]  # masqueraded to cni0's address
+    tl.add(a, "cni0", t + 95_000, src, 52000, dst, 8000, u, 0, SYN)
+    tl.add(a, "vethab12cd34", t + 96_000, src, 52000, dst, 8000, u, 0, SYN, ip_id=tl.ipid)
+    tl.add(a, "vethab12cd34", t + 97_000, dst, 8000, src, 52000, p, u + 1, SYN | ACK)
+    tl.add(a, "cni0", t + 98_000, dst, 8000, src, 52000, p, u + 1, SYN | ACK, ip_id=tl.ipid)
+    cseq, sseq, useq, pseq = c + 1, s_ + 1, u + 1, p + 1
+    truths = []
+    tt = t + 200_000
+    for i in range(pipelined):
+        ray = f"{ray_prefix}{i:014x}-DFW"
+        req = http_request("GET", f"/api/tasks/?page={i}", ray)
+        if split_headers:
+            cut = len(req) // 2
+            tl.add(a, "eth0", tt, CLIENT, 41000, nic, 80, cseq, sseq, ACK, req[:cut])
+            tl.add(a, "eth0", tt + 30_000, CLIENT, 41000, nic, 80, cseq + cut, sseq, ACK | PSH, req[cut:])
+            complete = tt + 30_000
+        else:
+            tl.add(a, "eth0", tt, CLIENT, 41000, nic, 80, cseq, sseq, ACK | PSH, req)
+            complete = tt
+        cseq += len(req)
+        ureq = http_request("GET", f"/api/tasks/?page={i}", ray, extra="X-Real-Ip: 198.51.100.77")
+        uf = complete + 300_000
+        # upstream request in two segments: first at uf, the rest 20 us later
+        cut = 40
+        tl.add(a, "cni0", uf, src, 52000, dst, 8000, useq, pseq, ACK, ureq[:cut])
+        tl.add(a, "vethab12cd34", uf + 2_000, src, 52000, dst, 8000, useq, pseq, ACK, ureq[:cut],
+               ip_id=tl.ipid)
+        tl.add(a, "cni0", uf + 20_000, src, 52000, dst, 8000, useq + cut, pseq, ACK | PSH, ureq[cut:])
+        tl.add(a, "vethab12cd34", uf + 22_000, src, 52000, dst, 8000, useq + cut, pseq, ACK | PSH,
+               ureq[cut:], ip_id=tl.ipid)
+        useq += len(ureq)
+        body = b"[" + b'{"id": 1, "title": "x"},' * 150 + b"{}]"
+        resp = http_response(200, body, chunked=chunked)
+        rp = uf + 20_000 + 1_500_000
+        # the response in 1448-byte segments, seen at the veth then at cni0
+        off = 0
+        k = 0
+        while off < len(resp):
+            seg = resp[off:off + 1448]
+            tl.add(a, "vethab12cd34", rp + k * 3_000, dst, 8000, src, 52000, pseq + off, useq, ACK, seg)
+            tl.add(a, "cni0", rp + k * 3_000 + 1_000, dst, 8000, src, 52000, pseq + off, useq, ACK, seg,
+                   ip_id=tl.ipid)
+            off += len(seg)
+            k += 1
+        pseq += len(resp)
+        cresp = http_response(200, body, chunked=chunked)
+        out = rp + 250_000
+        off = 0
+        k = 0
+        while off < len(cresp):
+            seg = cresp[off:off + 1448]
+            tl.add(a, "eth0", out + k * 2_000, nic, 80, CLIENT, 41000, sseq + off, cseq, ACK, seg)
+            off += len(seg)
+            k += 1
+        sseq += len(cresp)
+        tl.add(a, "eth0", out + 60_000, CLIENT, 41000, nic, 80, cseq, sseq, ACK)
+        truths.append({"ray": ray, "ingress": uf - complete, "deliver": 20_000, "app": 1_500_000,
+                       "egress": 250_000, "total": out - complete, "start": T0 + complete})
+        tt = out + 1_000_000
+    return truths
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_same_node_keepalive_split_headers_multisegment(split: bool, chunked: bool) -> None:
+    tl = Timeline()
+    truths = same_node(tl, split_headers=split, chunked=chunked, pipelined=3)
+    env = stitch(tl, nodes=("node1",))
+    reqs = env["requests"]
+    assert [r["request_id"] for r in reqs] == [t["ray"] for t in truths]
+    for r, t in zip(reqs, truths, strict=True):
+        assert r["pod_node"] == r["ingress_node"] == "node1"
+        assert r["status"] == 200
+        assert r["start_ns"] == t["start"]
+        assert [(h["name"], h["duration_ns"]) for h in r["hops"] if h["name"] != "edge_rtt"] == [
+            ("ingress", t["ingress"]), ("deliver", t["deliver"]), ("app", t["app"]),
+            ("egress", t["egress"])]
+        assert r["total_ns"] == t["total"]
+        assert "retransmit" not in r["flags"]  # veth/cni0 copies are not retransmissions
+    assert [h["name"] for h in reqs[0]["hops"]][-1] == "edge_rtt"
+    assert all(h["name"] != "edge_rtt" for r in reqs[1:] for h in r["hops"])
+
+
+def test_out_of_order_segments_are_reassembled() -> None:
+    tl = Timeline()
+    truths = same_node(tl, split_headers=True, pipelined=1)
+    # swap the two halves of the client request in time: the second half arrives first
+    obs = tl.obs["node1"]
+    data = [o for o in obs if o.ifname == "eth0" and o.dport == 80 and o.plen]
+    first, second = data[0], data[1]
+    obs[obs.index(first)] = first._replace(ts_real_ns=second.ts_real_ns)
+    obs[obs.index(second)] = second._replace(ts_real_ns=first.ts_real_ns)
+    env = stitch(tl, nodes=("node1",))
+    [r] = env["requests"]
+    assert r["request_id"] == truths[0]["ray"]
+    assert "out_of_order" in r["flags"]
+    # complete = when the missing first half arrived (the later of the two)
+    assert r["start_ns"] == truths[0]["start"]
+
+
+def test_unanswered_syns_are_a_drop_at_the_nic() -> None:
+    tl = Timeline()
+    for k, dt in enumerate((0, 1_000_000_000, 3_000_000_000)):
+        tl.add("node1", "eth0", dt, CLIENT, 40999, NODE_IP["node1"], 80, 777, 0, SYN)
+        assert k < 3
+    tl.add("node1", "eth0", 4_000_000_000, "10.0.0.9", 22, "10.0.0.8", 50000, 1, 1, ACK, b"SSH-2.0-x\r\n")
+    env = stitch(tl, nodes=("node1",))
+    assert env["requests"] == []
+    assert env["drops"] == [{"node": "node1", "point": "nic", "kind": "syn_unanswered",
+                             "flow": f"{CLIENT}:40999 -> {NODE_IP['node1']}:80", "packets": 3,
+                             "first_ns": T0}]
+
+
+def test_upstream_syn_lost_after_underlay_and_504() -> None:
+    tl = Timeline()
+    a, b, nic = "node1", "node2", NODE_IP["node1"]
+    tl.add(a, "eth0", 0, CLIENT, 42000, nic, 80, 1, 0, SYN)
+    tl.add(a, "eth0", 10_000, nic, 80, CLIENT, 42000, 100, 2, SYN | ACK)
+    tl.add(a, "eth0", 50_000, CLIENT, 42000, nic, 80, 2, 101, ACK)
+    req = http_request("POST", "/api/tasks/", "0123456789abcdef-DFW")
+    tl.add(a, "eth0", 60_000, CLIENT, 42000, nic, 80, 2, 101, ACK | PSH, req)
+    src, dst = FLANNEL[a], POD_IP[b]
+    outer_ = (NODE_IP[a], NODE_IP[b])
+    for k in range(3):
+        t = 400_000 + k * 1_000_000_000
+        ipid = tl.add(a, "flannel.1", t, src, 53000, dst, 8000, 555, 0, SYN)
+        tl.add(a, "eth0", t + 30_000, src, 53000, dst, 8000, 555, 0, SYN, vxlan=outer_, ip_id=ipid)
+        tl.add(b, "eth0", t + 45_000, src, 53000, dst, 8000, 555, 0, SYN, vxlan=outer_, ip_id=ipid)
+    resp = http_response(504, b"Gateway Timeout")
+    tl.add(a, "eth0", 30_060_000_000, nic, 80, CLIENT, 42000, 101, 2 + len(req), ACK | PSH, resp)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert r["status"] == 504
+    assert [(h["name"], h["duration_ns"]) for h in r["hops"]] == [
+        ("ingress+egress", 30_060_000_000 - 60_000), ("edge_rtt", 40_000)]
+    assert "no_upstream" in r["flags"]
+    [d] = env["drops"]
+    assert (d["kind"], d["node"], d["point"], d["packets"]) == ("syn_unanswered", "node2", "underlay", 3)
+    assert d["flow"] == f"{src}:53000 -> {dst}:8000"
+
+
+def test_refused_upstream_and_unanswered_request() -> None:
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    req = http_request("GET", "/api/tasks/", "feedfacecafebeef-DFW")
+    tl.add(a, "eth0", 0, CLIENT, 43000, nic, 80, 1, 1, ACK | PSH, req)  # no handshake seen
+    tl.add(a, "cni0", 100_000, "10.42.0.1", 54000, POD_IP[a], 8000, 9, 0, SYN)
+    tl.add(a, "cni0", 120_000, POD_IP[a], 8000, "10.42.0.1", 54000, 0, 10, RST | ACK)
+    req2 = http_request("GET", "/api/tasks/", "0000000000000002-DFW")
+    tl.add(a, "eth0", 5_000_000, CLIENT, 43001, nic, 80, 1, 1, ACK | PSH, req2)
+    tl.add(a, "eth0", 3_000_000_000, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)  # time passes
+    env = stitch(tl, nodes=("node1",))
+    kinds = sorted((d["kind"], d["point"]) for d in env["drops"])
+    assert kinds == [("refused", "pod"), ("request_unanswered", "nic"), ("request_unanswered", "nic")]
+    assert all("no_response" in r["flags"] for r in env["requests"])
+
+
+def test_probes_and_other_traffic_are_passed_over() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, t=10_000_000)
+    # kubelet probe to the pod on node2, no CF-Ray: not a request of the path
+    probe = b"GET /healthz HTTP/1.1\r\nHost: 10.42.1.5:8080\r\nUser-Agent: kube-probe/1.30\r\n\r\n"
+    tl.add("node2", "cni0", 1_000, "10.42.1.1", 39000, POD_IP["node2"], 8080, 1, 1, ACK | PSH, probe)
+    tl.add("node2", "cni0", 2_000, POD_IP["node2"], 8080, "10.42.1.1", 39000, 1, 1 + len(probe), ACK | PSH,
+           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    # binary junk on port 80 and a FIN-only stray packet
+    tl.add("node1", "eth0", 3_000, CLIENT, 44000, NODE_IP["node1"], 80, 5, 5, ACK | PSH, b"\x16\x03\x01\x02\x00")
+    tl.add("node1", "eth0", 4_000, CLIENT, 44001, NODE_IP["node1"], 80, 5, 5, FIN | ACK)
+    env = stitch(tl)
+    assert [r["request_id"] for r in env["requests"]] == ["8c1f2e3d4b5a6978-DFW"]
+    assert hops(env["requests"][0]) == expected_cross(truth)
+
+
+def test_derived_id_links_by_method_path_and_time() -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, ray=None)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert r["request_id"].startswith("h-") and len(r["request_id"]) == 18
+    assert "derived_id" in r["flags"]
+    assert hops(r) == expected_cross(truth)
+
+
+def test_100_continue_is_not_the_response() -> None:
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    body = b'{"title": "x"}'
+    head = http_request("POST", "/api/tasks/", "1111111111111111-DFW", extra="Expect: 100-continue",
+                        body=body)[: -len(body)]
+    tl.add(a, "eth0", 0, CLIENT, 45000, nic, 80, 1, 1, ACK | PSH, head)
+    tl.add(a, "eth0", 50_000, nic, 80, CLIENT, 45000, 1, 1 + len(head), ACK | PSH,
+           b"HTTP/1.1 100 Continue\r\n\r\n")
+    tl.add(a, "eth0", 90_000, CLIENT, 45000, nic, 80, 1 + len(head), 26, ACK | PSH, body)
+    final = http_response(201)
+    tl.add(a, "eth0", 700_000, nic, 80, CLIENT, 45000, 26, 1 + len(head) + len(body), ACK | PSH, final)
+    env = stitch(tl, nodes=("node1",))
+    [r] = env["requests"]
+    assert r["status"] == 201
+    assert r["total_ns"] == 700_000
+
+
+@settings(max_examples=40, deadline=None)
+@given(skew=st_.integers(-50_000_000, 50_000_000), start=st_.integers(0, 10**12),
+       lose=st_.booleans())
+def test_cross_node_hops_never_negative_and_tile(skew: int, start: int, lose: bool) -> None:
+    tl = Timeline()
+    truth = cross_node_request(tl, t=start, skew_b=skew, lose_upstream_first=lose)
+    env = stitch(tl)
+    [r] = env["requests"]
+    assert all(h["duration_ns"] >= 0 for h in r["hops"])
+    assert sum(h["duration_ns"] for h in r["hops"] if h["name"] != "edge_rtt") == truth["total"]
+    assert hops(r) == expected_cross(truth)
+    _ = TILING
