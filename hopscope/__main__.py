@@ -1,3 +1,3 @@
-from hopscope.cli import main
+from hopscope.cli import run
 
-main()
+run()

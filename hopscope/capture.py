@@ -62,6 +62,8 @@ _PCAP_MAGICS = {
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
 
 _IP4 = struct.Struct(">BBHHHBBH4s4s")
+# IPv4 (no options) + TCP: total length, id, fragment, protocol, addresses, ports, seq, ack, offset, flags
+_IP4TCP = struct.Struct(">2xHHH1xB2x4s4sHHIIBB")
 _IP6 = struct.Struct(">IHBB16s16s")
 _TCP = struct.Struct(">HHIIBB")
 _U16 = struct.Struct(">H")
@@ -71,6 +73,9 @@ _U16x3 = struct.Struct(">HHH")
 _IP6_EXT = frozenset((0, 43, 60, 51))
 
 _new = tuple.__new__
+
+#: decode (data, start, end, ts_ns, node, direction) -> Observation | None
+_Decoder = Callable[[bytes, int, int, int, str, str], "Observation | None"]
 
 
 @dataclass
@@ -102,6 +107,22 @@ def _decode_ip(
     odst: bytes = b"",
 ) -> Observation | None:
     """Decode an IPv4/IPv6 packet at ``data[l3:end]`` into an Observation (TCP only)."""
+    if etype == 0x0800 and data[l3] == 0x45 and l3 + 40 <= end:
+        # the common case, IPv4 without options carrying TCP: one unpack
+        tot, ip_id, frag, proto, src, dst, sport, dport, seq, ack, doff, flags = _IP4TCP.unpack_from(
+            data, l3)
+        if proto == 6 and not frag & 0x1FFF:
+            ps = l3 + 20 + (doff >> 4) * 4
+            l4end = l3 + tot if tot else end
+            plen = l4end - ps
+            if plen > 0:
+                return _new(Observation, (
+                    ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq,
+                    ack, flags, plen, ip_id, data[ps : l4end if l4end < end else end], vni, osrc,
+                    odst))
+            return _new(Observation, (
+                ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq, ack,
+                flags, 0, ip_id, b"", vni, osrc, odst))
     if etype == 0x0800:
         if end - l3 < 20:
             return None
@@ -192,6 +213,7 @@ class CaptureReader:
         self._warn_cb = warn
         self._progress = progress
         self._warned: set[str] = set()
+        self._snaplen0 = 0
 
     # -- helpers -----------------------------------------------------------
     def _warn(self, key: str, msg: str) -> None:
@@ -210,7 +232,7 @@ class CaptureReader:
 
     def _open(self) -> BinaryIO:
         try:
-            return open(self.path, "rb")  # noqa: SIM115 - closed by the caller
+            return open(self.path, "rb")
         except IsADirectoryError:
             raise CaptureError(f"{self.path}: is a directory; give capture files") from None
         except OSError as exc:
@@ -259,6 +281,7 @@ class CaptureReader:
             batch: list[Observation] = []
             append = batch.append
             n = len(data)
+            npk = 0
             while pos + 16 <= n:
                 sec, frac, incl, _orig = rec.unpack_from(data, pos)
                 end = pos + 16 + incl
@@ -266,16 +289,16 @@ class CaptureReader:
                     if incl > MAX_RECORD:
                         self._warn("corrupt", f"{self.path}: corrupt packet record at byte {done + pos} "
                                    f"(length {incl}); stopping there")
-                        yield batch
-                        return
+                        eof = True
+                        pos = n
                     break
-                ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node)
-                if ob is None:
-                    stats.skipped += 1
-                else:
+                ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node, "")
+                if ob is not None:
                     append(ob)
-                stats.packets += 1
+                npk += 1
                 pos = end
+            stats.packets += npk
+            stats.skipped += npk - len(batch)
             stats.observations += len(batch)
             if batch:
                 yield batch
@@ -300,8 +323,8 @@ class CaptureReader:
                    f"{link.linktype}, which hopscope does not read; its packets are passed over")
         return False
 
-    def _decoder(self, link: _Link) -> Callable[[bytes, int, int, int, str], Observation | None]:
-        """A function (data, start, end, ts_ns, node) -> Observation | None for this link type."""
+    def _decoder(self, link: _Link) -> _Decoder:
+        """A function (data, start, end, ts_ns, node, direction) -> Observation | None."""
         lt = link.linktype
         ifname = link.ifname
         dip = _decode_ip
@@ -309,7 +332,7 @@ class CaptureReader:
         names = link.names
 
         if lt == LT_ETHERNET:
-            def eth(data: bytes, s: int, e: int, ts: int, node: str) -> Observation | None:
+            def eth(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
                 if e - s < 14:
                     return None
                 et = u16(data, s + 12)[0]
@@ -317,10 +340,10 @@ class CaptureReader:
                 while et == 0x8100 or et == 0x88A8:
                     et = u16(data, s + 2)[0]
                     s += 4
-                return dip(data, s, e, et, ts, node, ifname, "")
+                return dip(data, s, e, et, ts, node, ifname, dr)
             return eth
         if lt == LT_SLL:
-            def sll(data: bytes, s: int, e: int, ts: int, node: str) -> Observation | None:
+            def sll(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
                 if e - s < 16:
                     return None
                 pt = data[s + 1]
@@ -328,7 +351,7 @@ class CaptureReader:
                            OUT if pt == 4 else IN)
             return sll
         if lt == LT_SLL2:
-            def sll2(data: bytes, s: int, e: int, ts: int, node: str) -> Observation | None:
+            def sll2(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
                 if e - s < 20:
                     return None
                 idx = int.from_bytes(data[s + 4 : s + 8], "big")
@@ -340,19 +363,19 @@ class CaptureReader:
                            OUT if pt == 4 else IN)
             return sll2
         if lt in (LT_RAW, LT_IPV4, LT_IPV6):
-            def raw(data: bytes, s: int, e: int, ts: int, node: str) -> Observation | None:
+            def raw(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
                 if e <= s:
                     return None
                 v = data[s] >> 4
                 return dip(data, s, e, 0x0800 if v == 4 else 0x86DD if v == 6 else 0, ts, node,
-                           ifname, "")
+                           ifname, dr)
             return raw
 
-        def null(data: bytes, s: int, e: int, ts: int, node: str) -> Observation | None:
+        def null(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
             if e - s < 4:
                 return None
             fam = max(int.from_bytes(data[s : s + 4], "little"), int.from_bytes(data[s : s + 4], "big"))
-            return dip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, ifname, "")
+            return dip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, ifname, dr)
         return null
 
     # -- pcapng --------------------------------------------------------------
@@ -367,120 +390,118 @@ class CaptureReader:
         endian = "<"
         hdr = struct.Struct("<II")
         epb = struct.Struct("<IIIII")
-        links: list[_Link | None] = []
-        decoders: list[Callable[[bytes, int, int, int, str], Observation | None] | None] = []
+        opt = struct.Struct("<HHI")
+        # per interface: (decoder, multiplier, divisor, offset, name if Ethernet else "")
+        ifs: list[tuple[_Decoder, int, int, int, str] | None] = []
+        dip = _decode_ip
         last_ts = 0
         done = 0
         first = True
+        dirs = ("", IN, OUT, "")
         while True:
             batch: list[Observation] = []
             append = batch.append
             n = len(data)
+            npk = 0
             while pos + 12 <= n:
-                btype = data[pos : pos + 4]
-                if btype == _PCAPNG_SHB:
-                    if pos + 12 > n:
-                        break
+                btype, blen = hdr.unpack_from(data, pos)
+                end = pos + blen
+                if btype == 6 and end <= n and blen >= 32:
+                    # Enhanced Packet Block: the hot path
+                    first = False
+                    ifid, hi, lo, cap, _orig = epb.unpack_from(data, pos + 8)
+                    npk += 1
+                    info = ifs[ifid] if ifid < len(ifs) else None
+                    if info is not None:
+                        dec, mul, div, tsoff, ifname = info
+                        last_ts = ((hi << 32) | lo) * mul // div + tsoff if mul != 1 or div != 1 or \
+                            tsoff else (hi << 32) | lo
+                        s = pos + 28
+                        oo = s + ((cap + 3) & ~3)
+                        if oo > end - 4:
+                            oo = end - 4
+                        dr = ""
+                        if oo + 8 <= end - 4:  # options: epb_flags carries the direction
+                            code, olen, val = opt.unpack_from(data, oo)
+                            if code == 2 and olen == 4:
+                                dr = dirs[val & 3]
+                            elif code != 0:
+                                dr = self._epb_direction(data, oo, end - 4, endian)
+                        pe = s + cap if s + cap < oo else oo
+                        if ifname and data[s + 12 : s + 14] == b"\x08\x00":  # Ethernet, IPv4
+                            ob = dip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
+                        else:
+                            ob = dec(data, s, pe, last_ts, node, dr)
+                        if ob is not None:
+                            append(ob)
+                    pos = end
+                    continue
+                if btype == 0x0A0D0D0A:  # Section Header Block (palindromic type)
                     bom = data[pos + 8 : pos + 12]
+                    if len(bom) < 4:
+                        break
                     if bom == b"\x4d\x3c\x2b\x1a":
                         endian = "<"
                     elif bom == b"\x1a\x2b\x3c\x4d":
                         endian = ">"
+                    elif first:
+                        raise NotACaptureError(f"{self.path}: starts like pcapng but the byte-order "
+                                               "magic is wrong; not a capture")
                     else:
-                        if first:
-                            raise NotACaptureError(f"{self.path}: starts like pcapng but the byte-order "
-                                                   "magic is wrong; not a capture")
-                        self._warn("corrupt", f"{self.path}: corrupt section header at byte {done + pos}; "
-                                   "stopping there")
-                        yield batch
-                        return
+                        self._corrupt(done + pos, btype, blen)
+                        eof, pos = True, n
+                        break
                     hdr = struct.Struct(endian + "II")
                     epb = struct.Struct(endian + "IIIII")
-                    links = []
-                    decoders = []
-                btype_i, blen = hdr.unpack_from(data, pos)
+                    opt = struct.Struct(endian + "HHI")
+                    ifs = []
+                    btype, blen = hdr.unpack_from(data, pos)
+                    end = pos + blen
                 if blen < 12 or blen & 3 or blen > MAX_BLOCK:
                     if first:
                         raise NotACaptureError(f"{self.path}: starts like pcapng but its first block is "
                                                "malformed; not a capture")
-                    self._warn("corrupt", f"{self.path}: corrupt block (type {btype_i:#x}, length {blen}) "
-                               f"at byte {done + pos}; stopping there")
-                    stats.observations += len(batch)
-                    yield batch
-                    return
-                end = pos + blen
+                    self._corrupt(done + pos, btype, blen)
+                    eof, pos = True, n
+                    break
                 if end > n:
                     break
                 first = False
-                if btype_i == 6:  # Enhanced Packet Block
-                    ifid, hi, lo, cap, _orig = epb.unpack_from(data, pos + 8)
-                    stats.packets += 1
-                    dec = decoders[ifid] if ifid < len(decoders) else None
-                    if dec is None:
-                        stats.skipped += 1
+                if btype == 1:  # Interface Description Block
+                    lk = self._idb(data, pos, end, endian, len(ifs))
+                    if lk is not None and self._link_ok(lk):
+                        ifs.append((self._decoder(lk), lk.scale[0], lk.scale[1], lk.tsoffset,
+                                    lk.ifname if lk.linktype == LT_ETHERNET else ""))
+                        stats.interfaces[lk.ifname] = SUPPORTED_LINKTYPES[lk.linktype]
+                        self._snaplen0 = lk.snaplen if len(ifs) == 1 else self._snaplen0
                     else:
-                        lk = links[ifid]
-                        assert lk is not None
-                        mul, div = lk.scale
-                        last_ts = ((hi << 32) | lo) * mul // div + lk.tsoffset
-                        s = pos + 28
-                        pe = s + cap
-                        if pe > end - 4:
-                            pe = end - 4
-                        ob = dec(data, s, pe, last_ts, node)
-                        if ob is None:
-                            stats.skipped += 1
-                        else:
-                            # epb_flags (option 2) carries the direction, when written.
-                            oo = s + ((cap + 3) & ~3)
-                            if oo + 8 <= end - 4 and not ob.direction:
-                                d = self._epb_direction(data, oo, end - 4, endian)
-                                if d:
-                                    ob = ob._replace(direction=d)
-                            append(ob)
-                elif btype_i == 3:  # Simple Packet Block: interface 0, no timestamp
-                    stats.packets += 1
-                    dec = decoders[0] if decoders else None
+                        ifs.append(None)
+                elif btype == 3:  # Simple Packet Block: interface 0, no timestamp
+                    npk += 1
                     self._warn("spb", f"{self.path}: simple packet blocks carry no timestamp; they get "
                                "the previous packet's time")
-                    if dec is None:
-                        stats.skipped += 1
-                    else:
-                        lk = links[0]
-                        assert lk is not None
+                    info = ifs[0] if ifs else None
+                    if info is not None:
                         orig = hdr.unpack_from(data, pos + 8)[0]
-                        cap = min(orig, lk.snaplen or orig, blen - 16)
-                        ob = dec(data, pos + 12, pos + 12 + cap, last_ts, node)
-                        if ob is None:
-                            stats.skipped += 1
-                        else:
+                        cap = min(orig, self._snaplen0 or orig, blen - 16)
+                        ob = info[0](data, pos + 12, pos + 12 + cap, last_ts, node, "")
+                        if ob is not None:
                             append(ob)
-                elif btype_i == 1:  # Interface Description Block
-                    lk = self._idb(data, pos, end, endian, len(links))
-                    links.append(lk if lk is not None and self._link_ok(lk) else None)
-                    lk2 = links[-1]
-                    decoders.append(self._decoder(lk2) if lk2 is not None else None)
-                    if lk is not None:
-                        stats.interfaces[lk.ifname] = SUPPORTED_LINKTYPES.get(lk.linktype,
-                                                                              str(lk.linktype))
-                elif btype_i == 2:  # obsolete Packet Block
-                    ifid = _endian_u16(data, pos + 8, endian)
+                elif btype == 2:  # obsolete Packet Block
+                    npk += 1
+                    ifid = struct.unpack_from(endian + "H", data, pos + 8)[0]
                     hi, lo, cap, _orig = struct.unpack_from(endian + "IIII", data, pos + 12)
-                    stats.packets += 1
-                    dec = decoders[ifid] if ifid < len(decoders) else None
-                    lk = links[ifid] if ifid < len(links) else None
-                    if dec is None or lk is None:
-                        stats.skipped += 1
-                    else:
-                        mul, div = lk.scale
-                        last_ts = ((hi << 32) | lo) * mul // div + lk.tsoffset
-                        ob = dec(data, pos + 28, min(pos + 28 + cap, end - 4), last_ts, node)
-                        if ob is None:
-                            stats.skipped += 1
-                        else:
+                    info = ifs[ifid] if ifid < len(ifs) else None
+                    if info is not None:
+                        dec, mul, div, tsoff, _e = info
+                        last_ts = ((hi << 32) | lo) * mul // div + tsoff
+                        ob = dec(data, pos + 28, min(pos + 28 + cap, end - 4), last_ts, node, "")
+                        if ob is not None:
                             append(ob)
                 # other blocks (NRB, ISB, DSB, custom) carry nothing we need
                 pos = end
+            stats.packets += npk
+            stats.skipped += npk - len(batch)
             stats.observations += len(batch)
             if batch:
                 yield batch
@@ -497,6 +518,10 @@ class CaptureReader:
                 eof = True
             data = data[pos:] + chunk
             pos = 0
+
+    def _corrupt(self, at: int, btype: int, blen: int) -> None:
+        self._warn("corrupt", f"{self.path}: corrupt block (type {btype:#x}, length {blen}) at byte "
+                   f"{at}; stopping there")
 
     def _idb(self, data: bytes, pos: int, end: int, endian: str, index: int) -> _Link | None:
         linktype, _res, snaplen = struct.unpack_from(endian + "HHI", data, pos + 8)

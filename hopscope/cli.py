@@ -37,6 +37,26 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The console entry point: every error is one line on stderr and an exit code."""
+    try:
+        rv = main.main(args=argv, prog_name="hopscope", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("hopscope: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        hint = "; see --help" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"hopscope: {exc.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except HopscopeError as exc:
+        click.echo(f"hopscope: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("hopscope: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def _register() -> None:
     from hopscope.replay_cli import replay
 

@@ -82,9 +82,9 @@ def hop_table(requests: Iterable[dict[str, Any]]) -> str:
                      fmt_ns(percentile(v, 0.99)), fmt_ns(v[-1])))
     widths = [max(len(r[i]) for r in rows) for i in range(7)]
     out = []
-    for j, r in enumerate(rows):
+    for j, row in enumerate(rows):
         out.append("  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
-                             for i, c in enumerate(r)).rstrip())
+                             for i, c in enumerate(row)).rstrip())
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -8,7 +8,8 @@ import sys
 import click
 
 from hopscope.render import render_envelope
-from hopscope.replay import node_files, parse_cidrs, replay, summary_line
+from hopscope.replay import node_files, parse_cidrs, summary_line
+from hopscope.replay import replay as run_replay
 
 
 def _warn(msg: str) -> None:
@@ -40,7 +41,7 @@ def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, refere
         hopscope replay node1.pcapng node2.pcapng
     """
     pairs = node_files(files, named)
-    res = replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
+    res = run_replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
                  entry_ports=entry_ports, warn=_warn)
     if as_json:
         json.dump(res.envelope, sys.stdout, separators=(",", ":"))

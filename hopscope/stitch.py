@@ -142,12 +142,13 @@ class Stitcher:
         clients, groups = self._split()
         self._link(clients, groups)
         offsets = self._offsets(clients, groups, ref)
-        requests = [self._request(c, g, offsets) for c, g in clients]
+        sh = {n: o.offset_ns for n, o in offsets.items()}
+        requests = [self._request(c, g, sh) for c, g in clients]
         for g in groups:
             if not g.claimed and g.rid:
-                requests.append(self._orphan(g, offsets))
+                requests.append(self._orphan(g, sh))
         requests.sort(key=lambda r: (r["start_ns"], r["request_id"]))
-        drops = self._drops(clients, groups, offsets)
+        drops = self._drops(clients, groups, sh)
         self.stats.requests = len(requests)
         for n, t in self.trackers.items():
             self.stats.nodes[n] = {"packets": t.packets, "passed_over": t.passed_over,
@@ -244,20 +245,20 @@ class Stitcher:
         order = sorted(range(len(clients)), key=lambda i: clients[i][0].complete)
         for i in order:
             c, _ = clients[i]
-            g: _Group | None = None
+            found: _Group | None = None
             if c.rid:
                 cands = [x for x in by_rid.get(c.rid, ()) if not x.claimed]
                 if cands:
-                    g = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
+                    found = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
             else:
                 for t0, x in no_id.get((c.node, c.method, c.path), ()):
                     if not x.claimed and c.complete <= t0 <= c.complete + MATCH_WINDOW_NS:
-                        g = x
+                        found = x
                         break
-            if g is not None:
-                g.claimed = True
-                g.a = c.node
-                clients[i] = (c, g)
+            if found is not None:
+                found.claimed = True
+                found.a = c.node
+                clients[i] = (c, found)
 
     def _offsets(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
                  ref: str) -> dict[str, Offset]:
@@ -321,9 +322,9 @@ class Stitcher:
         todo = [ref]
         while todo:
             a = todo.pop(0)
-            for b, off, err, n in sorted(edges.get(a, ()), key=lambda e: e[2]):
+            for b, off, err, samples in sorted(edges.get(a, ()), key=lambda e: e[2]):
                 if b not in out:
-                    out[b] = Offset(out[a].offset_ns + off, out[a].error_ns + err, n)
+                    out[b] = Offset(out[a].offset_ns + off, out[a].error_ns + err, samples)
                     todo.append(b)
         for n in self.trackers:
             if n not in out:
@@ -338,7 +339,7 @@ class Stitcher:
         return next(iter(nodes)) if len(nodes) == 1 else ""
 
     # -- one request ---------------------------------------------------------
-    def _request(self, c: Sighting, g: _Group | None, offs: dict[str, Offset]) -> dict[str, Any]:
+    def _request(self, c: Sighting, g: _Group | None, sh: dict[str, int]) -> dict[str, Any]:
         a = c.node
         flags: set[str] = set(c.flags or ())
         if g is None:
@@ -352,7 +353,7 @@ class Stitcher:
                     flags |= s.flags
             b = g.b
             chain = self._chain(a, b, g, c)
-        hops, complete = _tile(chain, offs)
+        hops, complete = _tile(chain, sh)
         if not complete:
             flags.add("incomplete")
         rid = c.rid
@@ -367,13 +368,13 @@ class Stitcher:
                 flags.add("no_response")
         if c.reset_ts >= 0 and c.resp_first < 0:
             flags.add("reset")
-        if b and b != a and offs.get(b, Offset(0, 0)).offset_ns != offs.get(a, Offset(0, 0)).offset_ns:
+        if b and b != a and sh.get(b, 0) != sh.get(a, 0):
             flags.add("clock_skew_corrected")
         if c.edge_synack >= 0 and c.edge_ack >= 0:
-            hops.append(_hop("edge_rtt", "request", a, c.edge_synack - offs[a].offset_ns,
+            hops.append(_hop("edge_rtt", "request", a, c.edge_synack - sh.get(a, 0),
                              c.edge_ack - c.edge_synack))
         status = c.status or (g.by.get((b, POD), [0, 0, 0, 0])[3] if g is not None and b else 0)
-        start = c.complete - offs[a].offset_ns
+        start = c.complete - sh.get(a, 0)
         total = c.resp_first - c.complete if c.resp_first >= 0 else None
         return {
             "request_id": rid,
@@ -417,9 +418,9 @@ class Stitcher:
             ("egress", "response", a, c.resp_first),
         ]
 
-    def _orphan(self, g: _Group, offs: dict[str, Offset]) -> dict[str, Any]:
+    def _orphan(self, g: _Group, sh: dict[str, int]) -> dict[str, Any]:
         """An upstream request with an id whose client side no capture saw."""
-        s0 = min(g.sightings, key=lambda s: (s.first - offs.get(s.node, Offset(0, 0)).offset_ns))
+        s0 = min(g.sightings, key=lambda s: (s.first - sh.get(s.node, 0)))
         b = g.b
         a = g.a or self._sender(g)
         if not a:
@@ -432,13 +433,13 @@ class Stitcher:
         chain = [x for x in chain if x[3] >= 0]
         if chain:
             chain[0] = ("", "", chain[0][2], chain[0][3])
-        hops, _ = _tile(chain, offs) if len(chain) > 1 else ([], True)
+        hops, _ = _tile(chain, sh) if len(chain) > 1 else ([], True)
         flags: set[str] = {"incomplete"}
         for s in g.sightings:
             if s.flags:
                 flags |= s.flags
-        start = chain[0][3] - offs.get(chain[0][2], Offset(0, 0)).offset_ns if chain else (
-            s0.first - offs.get(s0.node, Offset(0, 0)).offset_ns)
+        start = chain[0][3] - sh.get(chain[0][2], 0) if chain else (
+            s0.first - sh.get(s0.node, 0))
         status = g.by.get((b, POD), [0, 0, 0, 0])[3] if b else 0
         return {
             "request_id": g.rid, "method": s0.method, "path": s0.path, "host": s0.host,
@@ -448,11 +449,11 @@ class Stitcher:
 
     # -- drops ---------------------------------------------------------------
     def _drops(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
-               offs: dict[str, Offset]) -> list[dict[str, Any]]:
+               sh: dict[str, int]) -> list[dict[str, Any]]:
         drops: list[dict[str, Any]] = []
 
         def ref_t(node: str, t: int) -> int:
-            return t - offs.get(node, Offset(0, 0)).offset_ns
+            return t - sh.get(node, 0)
 
         syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
         for tr in self.trackers.values():
@@ -512,7 +513,7 @@ def _hop(name: str, dir_: str, node: str, start: int, dur: int) -> Hop:
             "children": []}
 
 
-def _tile(chain: list[tuple[str, str, str, int]], offs: dict[str, Offset]) -> tuple[list[Hop], bool]:
+def _tile(chain: list[tuple[str, str, str, int]], sh: dict[str, int]) -> tuple[list[Hop], bool]:
     """Hops between consecutive known boundaries; unknown ones merge their neighbours.
 
     Returns the hops and whether every boundary was known.
@@ -521,7 +522,7 @@ def _tile(chain: list[tuple[str, str, str, int]], offs: dict[str, Offset]) -> tu
     if not chain or chain[0][3] < 0:
         return hops, False
     prev_node = chain[0][2]
-    prev_t = chain[0][3] - offs.get(prev_node, Offset(0, 0)).offset_ns
+    prev_t = chain[0][3] - sh.get(prev_node, 0)
     names: list[str] = []
     dirs: list[str] = []
     nodes: list[str] = []
@@ -534,7 +535,7 @@ def _tile(chain: list[tuple[str, str, str, int]], offs: dict[str, Offset]) -> tu
         if t < 0:
             complete = False
             continue
-        tr = t - offs.get(node, Offset(0, 0)).offset_ns
+        tr = t - sh.get(node, 0)
         if node != prev_node:
             hop_node = f"{prev_node}->{node}"
         else:

@@ -20,6 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation
 
@@ -42,8 +43,6 @@ IDLE, HEAD, BODY, CHUNKED, UNTIL_CLOSE, SYNC, DEAD = range(7)
 
 _METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ",
             b"CONNECT ", b"TRACE ")
-_WANTED = frozenset((b"host", b"cf-ray", b"x-request-id", b"content-length",
-                     b"transfer-encoding"))
 
 _NIC_PREFIXES = ("eth", "en", "eno", "ens", "enp", "bond", "wl", "wan")
 _OVERLAY_PREFIXES = ("flannel", "vxlan", "fl-")
@@ -87,8 +86,23 @@ class Sighting:
     """One HTTP request on one connection at one interface of one node."""
 
     __slots__ = (
-        "body_trunc", "complete", "edge_ack", "edge_synack", "first", "flags", "flow", "host",
-        "ifname", "method", "node", "path", "point", "resp_first", "reset_ts", "rid", "seq0",
+        "body_trunc",
+        "complete",
+        "edge_ack",
+        "edge_synack",
+        "first",
+        "flags",
+        "flow",
+        "host",
+        "ifname",
+        "method",
+        "node",
+        "path",
+        "point",
+        "reset_ts",
+        "resp_first",
+        "rid",
+        "seq0",
         "status",
     )
 
@@ -251,7 +265,7 @@ class NodeTracker:
         ts = self.last_ts
         for ob in batch:
             npk += 1
-            (ts, _m, _n, ifname, point, _d, _k, _p, src, dst, sport, dport, seq, _a, flags, plen,
+            (ts, _m, _n, ifname, _point, _d, _k, _p, src, dst, sport, dport, seq, _a, flags, plen,
              ipid, payload, vni, _os, _od) = ob
             e = get((ifname, vni, src, sport, dst, dport))
             if e is None:
@@ -272,12 +286,20 @@ class NodeTracker:
                     st.hs_ack = ts
                 continue
             h = st.halves[d]
-            if h.state == BODY and seq == h.nxt and plen < h.body_left:
-                # the fast path: in-order body bytes of a Content-Length message
-                h.body_left -= plen
-                h.nxt = (seq + plen) & M32
-                h.dup.append((seq, ipid))
-                continue
+            if seq == h.nxt and not h.pending:
+                state = h.state
+                if state == BODY and plen < h.body_left:
+                    # the fast path: in-order body bytes of a Content-Length message
+                    h.body_left -= plen
+                    h.nxt = (seq + plen) & M32
+                    h.dup.append((seq, ipid))
+                    continue
+                if state == IDLE or state == HEAD:
+                    # in order: straight to the message state machine
+                    h.dup.append((seq, ipid))
+                    self._consume(st, d, h, ts, seq, payload, plen)
+                    h.nxt = (seq + plen) & M32
+                    continue
             if h.state != DEAD:
                 self._data(st, d, h, ts, seq, plen, ipid, payload)
         self.packets += npk
@@ -529,6 +551,13 @@ class NodeTracker:
                 if state == DEAD or state == SYNC:
                     return
             if state == HEAD:
+                if not h.buf:
+                    # the headers start in this segment: look for their end in place
+                    i = data.find(b"\r\n\r\n", pos)
+                    if i >= 0:
+                        self._headers(st, d, h, done_ts, data[pos : i + 4])
+                        pos = i + 4
+                        continue
                 old = len(h.buf)
                 h.buf += data[pos:]
                 i = h.buf.find(b"\r\n\r\n", max(0, old - 3))
@@ -621,39 +650,19 @@ class NodeTracker:
 
     def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes) -> None:
         """The message's headers are complete (in the segment seen at ``ts``)."""
-        lines = head.split(b"\r\n")
-        first = lines[0]
-        hdr: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                n = name.strip().lower()
-                if n in _WANTED and n not in hdr:
-                    hdr[n] = value.strip()
-        chunked = b"chunked" in hdr.get(b"transfer-encoding", b"").lower()
-        try:
-            clen = int(hdr.get(b"content-length", b"0") or b"0")
-        except ValueError:
-            clen = 0
+        _is_req, chunked, clen, status, method, path, host, rid = _parse_head(head)
         m = h.msg
         if h.client == 1:
-            parts = first.split(b" ")
             if m is not None:
                 m.complete = ts
-                m.method = parts[0].decode("ascii", "replace")
-                m.path = parts[1].decode("utf-8", "replace") if len(parts) > 1 else ""
-                m.host = hdr.get(b"host", b"").decode("utf-8", "replace")
-                rid = hdr.get(b"cf-ray") or hdr.get(b"x-request-id") or b""
-                m.rid = rid.decode("utf-8", "replace")
+                m.method = method
+                m.path = path
+                m.host = host
+                m.rid = rid
             h.msg = None
             self._body(h, chunked, clen)
             return
         # a response
-        parts = first.split(b" ", 2)
-        try:
-            status = int(parts[1])
-        except (IndexError, ValueError):
-            status = 0
         if 100 <= status < 200 and status != 101:
             # interim (100 Continue): the real response is still to come
             if m is not None:
@@ -669,7 +678,7 @@ class NodeTracker:
         if req_method == "HEAD" or status in (204, 304) or status == 101:
             h.state = IDLE if status != 101 else DEAD
             return
-        if not chunked and b"content-length" not in hdr:
+        if not chunked and clen < 0:
             h.state = UNTIL_CLOSE
             return
         self._body(h, chunked, clen)
@@ -684,6 +693,50 @@ class NodeTracker:
             h.state = BODY
         else:
             h.state = IDLE
+
+
+@lru_cache(maxsize=8192)
+def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
+    """Parse a header block once (the same bytes cross several points).
+
+    Returns (is_request, chunked, content_length (-1 when absent), status, method,
+    path, host, request id).
+    """
+    low = head.lower()
+    first = head[: head.find(b"\r\n")]
+    cl = _header(head, low, b"\r\ncontent-length:")
+    chunked = False
+    clen = -1
+    if cl is not None:
+        try:
+            clen = int(cl)
+        except ValueError:
+            clen = 0
+    else:
+        te = _header(low, low, b"\r\ntransfer-encoding:")
+        chunked = te is not None and b"chunked" in te
+    if first.startswith(b"HTTP/"):
+        parts = first.split(b" ", 2)
+        try:
+            status = int(parts[1])
+        except (IndexError, ValueError):
+            status = 0
+        return False, chunked, clen, status, "", "", "", ""
+    parts = first.split(b" ")
+    host = (_header(head, low, b"\r\nhost:") or b"").decode("utf-8", "replace")
+    rid = _header(head, low, b"\r\ncf-ray:") or _header(head, low, b"\r\nx-request-id:") or b""
+    return (True, chunked, max(clen, 0), 0, parts[0].decode("ascii", "replace"),
+            parts[1].decode("utf-8", "replace") if len(parts) > 1 else "", host,
+            rid.decode("utf-8", "replace"))
+
+
+def _header(head: bytes, low: bytes, key: bytes) -> bytes | None:
+    """The value of the first header ``key`` (``b"\\r\\nname:"``, lower case), or None."""
+    i = low.find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    return head[i : low.find(b"\r\n", i)].strip()
 
 
 def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -65,7 +66,7 @@ def test_cross_node_hops_exact_and_tile_total() -> None:
     assert env["drops"] == []
     # hops are contiguous: each starts where the previous ended
     tiling = [h for h in r["hops"] if h["name"] != "edge_rtt"]
-    for h1, h2 in zip(tiling, tiling[1:], strict=False):
+    for h1, h2 in itertools.pairwise(tiling):
         assert h1["start_ns"] + h1["duration_ns"] == h2["start_ns"]
 
 

@@ -1,0 +1,221 @@
+"""The capture reader, on small captures crafted with scapy and written with struct."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.packet import Raw
+
+import hopscope.capture as capmod
+from hopscope.capture import CaptureReader, read_all
+from hopscope.errors import NotACaptureError
+from hopscope.model import ACK, IN, OUT, PSH, SYN, addr_str
+
+TS = 1_795_766_400_123_456_789  # ns
+PAYLOAD = b"POST /api/tasks/ HTTP/1.1\r\nHost: api.myhoneydue.com\r\n\r\n"
+
+
+def tcp_pkt(src: str = "162.158.90.17", dst: str = "178.104.247.152", sport: int = 40123,
+            dport: int = 80, seq: int = 1000, ack: int = 2000, flags: str = "PA",
+            payload: bytes = PAYLOAD, ip_id: int = 4242) -> bytes:
+    return bytes(IP(src=src, dst=dst, id=ip_id, flags="DF") /
+                 TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags) / payload)
+
+
+def eth(l3: bytes, etype: int = 0x0800) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=etype)) + l3
+
+
+def pcap(path: Path, linktype: int, records: list[tuple[int, bytes]], nano: bool = True,
+         endian: str = "<", snaplen: int = 262144) -> Path:
+    magic = 0xA1B23C4D if nano else 0xA1B2C3D4
+    out = [struct.pack(endian + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)]
+    for ts, data in records:
+        sec, frac = divmod(ts, 1_000_000_000)
+        if not nano:
+            frac //= 1000
+        out.append(struct.pack(endian + "IIII", sec, frac, len(data), len(data)) + data)
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def _opt(endian: str, code: int, val: bytes) -> bytes:
+    return struct.pack(endian + "HH", code, len(val)) + val + b"\0" * (-len(val) % 4)
+
+
+def _block(endian: str, btype: int, body: bytes) -> bytes:
+    n = 12 + len(body)
+    return struct.pack(endian + "II", btype, n) + body + struct.pack(endian + "I", n)
+
+
+def pcapng(path: Path, ifaces: list[tuple[str, int, int]], packets: list[tuple[int, int, bytes, int | None]],
+           endian: str = "<", spb: list[bytes] | None = None, sections: int = 1) -> Path:
+    """ifaces: (name, linktype, tsresol byte); packets: (ifid, ts_in_units, data, epb_flags)."""
+    out = []
+    for _ in range(sections):
+        shb = struct.pack(endian + "IHHq", 0x1A2B3C4D, 1, 0, -1) + _opt(endian, 0, b"")
+        out.append(_block(endian, 0x0A0D0D0A, shb))
+        for name, lt, res in ifaces:
+            opts = _opt(endian, 2, name.encode()) + _opt(endian, 9, bytes([res])) + _opt(endian, 0, b"")
+            out.append(_block(endian, 1, struct.pack(endian + "HHI", lt, 0, 0) + opts))
+        for ifid, ts, data, fl in packets:
+            body = struct.pack(endian + "IIIII", ifid, ts >> 32, ts & 0xFFFFFFFF, len(data), len(data))
+            body += data + b"\0" * (-len(data) % 4)
+            if fl is not None:
+                body += _opt(endian, 2, struct.pack(endian + "I", fl)) + _opt(endian, 0, b"")
+            out.append(_block(endian, 6, body))
+        for data in spb or []:
+            out.append(_block(endian, 3, struct.pack(endian + "I", len(data)) + data + b"\0" * (-len(data) % 4)))
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def check_tcp(ob: object, ts: int = TS) -> None:
+    assert ob.ts_real_ns == ts  # type: ignore[attr-defined]
+    assert addr_str(ob.src) == "162.158.90.17" and addr_str(ob.dst) == "178.104.247.152"  # type: ignore[attr-defined]
+    assert (ob.sport, ob.dport, ob.seq, ob.ack) == (40123, 80, 1000, 2000)  # type: ignore[attr-defined]
+    assert ob.flags == ACK | PSH and ob.plen == len(PAYLOAD) and ob.payload == PAYLOAD  # type: ignore[attr-defined]
+    assert ob.ip_id == 4242 and ob.vni == -1 and ob.node == "node1"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("nano", [True, False])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_pcap_ethernet_both_resolutions_and_byte_orders(tmp_path: Path, nano: bool, endian: str) -> None:
+    ts = TS if nano else TS // 1000 * 1000
+    p = pcap(tmp_path / "a.pcap", 1, [(ts, eth(tcp_pkt()))], nano=nano, endian=endian)
+    obs, stats = read_all(p, "node1")
+    assert len(obs) == 1 and stats.packets == 1 and not stats.truncated
+    check_tcp(obs[0], ts)
+    assert stats.format == ("pcap-ns" if nano else "pcap-us")
+
+
+def test_vlan_raw_ip_and_ipv6(tmp_path: Path) -> None:
+    vlan = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1Q(vlan=4000, type=0x0800)) + tcp_pkt()
+    obs, _ = read_all(pcap(tmp_path / "v.pcap", 1, [(TS, vlan)]), "node1")
+    check_tcp(obs[0])
+    obs, _ = read_all(pcap(tmp_path / "r.pcap", 101, [(TS, tcp_pkt())]), "node1")
+    check_tcp(obs[0])
+    v6 = bytes(IPv6(src="2a01:4f8::1", dst="2a01:4f8::2") / TCP(sport=1, dport=80, seq=5, flags="S"))
+    obs, _ = read_all(pcap(tmp_path / "6.pcap", 101, [(TS, v6)]), "node1")
+    assert addr_str(obs[0].dst) == "2a01:4f8::2" and obs[0].flags == SYN and obs[0].ip_id == -1
+
+
+def test_vxlan_inner_packet_with_outer_addresses(tmp_path: Path) -> None:
+    inner = bytes(Ether(src="6a:1b:2c:3d:4e:5f", dst="6a:aa:bb:cc:dd:ee", type=0x0800)) + tcp_pkt()
+    for port in (8472, 4789):
+        outer = bytes(IP(src="178.104.247.152", dst="178.105.32.198") / UDP(sport=51234, dport=port) /
+                      VXLAN(vni=1, flags=0x08) / Raw(inner))
+        obs, _ = read_all(pcap(tmp_path / f"x{port}.pcap", 1, [(TS, eth(outer))]), "node1")
+        check_tcp(obs[0]._replace(vni=-1))
+        assert obs[0].vni == 1
+        assert addr_str(obs[0].outer_src) == "178.104.247.152"
+        assert addr_str(obs[0].outer_dst) == "178.105.32.198"
+
+
+def test_non_tcp_and_fragments_are_passed_over(tmp_path: Path) -> None:
+    recs = [
+        (TS, bytes(Ether(type=0x0806) / ARP())),
+        (TS + 1, eth(bytes(IP(src="10.42.0.5", dst="10.43.0.10") / UDP(sport=5353, dport=53) / (b"\x00" * 12)))),
+        (TS + 2, eth(bytes(IP(src="1.1.1.1", dst="2.2.2.2") / ICMP()))),
+        (TS + 3, eth(bytes(IP(src="1.1.1.1", dst="2.2.2.2", frag=100, proto=6) / (b"x" * 40)))),
+        (TS + 4, eth(tcp_pkt())),
+    ]
+    obs, st = read_all(pcap(tmp_path / "n.pcap", 1, recs), "node1")
+    assert len(obs) == 1 and st.packets == 5 and st.skipped == 4
+    check_tcp(obs[0], TS + 4)
+
+
+def test_linux_cooked_v1_and_v2_directions_and_ifindex(tmp_path: Path) -> None:
+    def sll(pkttype: int) -> bytes:
+        return struct.pack(">HHH8sH", pkttype, 1, 6, b"\x02" * 6 + b"\0\0", 0x0800) + tcp_pkt()
+
+    obs, _ = read_all(pcap(tmp_path / "s1.pcap", 113, [(TS, sll(0)), (TS + 1, sll(4))]), "node1")
+    assert [o.direction for o in obs] == [IN, OUT] and obs[0].ifname == "any"
+    check_tcp(obs[0])
+
+    def sll2(ifindex: int, pkttype: int) -> bytes:
+        return struct.pack(">HHIHBB8s", 0x0800, 0, ifindex, 1, pkttype, 6, b"\x02" * 8) + tcp_pkt()
+
+    obs, _ = read_all(pcap(tmp_path / "s2.pcap", 276, [(TS, sll2(2, 0)), (TS + 1, sll2(7, 4))]), "node1")
+    assert [(o.ifname, o.direction) for o in obs] == [("if2", IN), ("if7", OUT)]
+    check_tcp(obs[0])
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_pcapng_interfaces_resolutions_flags_spb_sections(tmp_path: Path, endian: str) -> None:
+    ifaces = [("eth0", 1, 9), ("flannel.1", 1, 6), ("any", 276, 0x80 | 30)]
+    sll2 = struct.pack(">HHIHBB8s", 0x0800, 0, 5, 1, 0, 6, b"\x02" * 8) + tcp_pkt()
+    pk = [
+        (0, TS, eth(tcp_pkt()), 2),  # outbound per epb_flags
+        (1, TS // 1000, eth(tcp_pkt()), None),
+        (2, (TS * (1 << 30)) // 1_000_000_000, sll2, None),
+    ]
+    p = pcapng(tmp_path / "n.pcapng", ifaces, pk, endian=endian, spb=[eth(tcp_pkt())], sections=2)
+    obs, st = read_all(p, "node1")
+    assert st.format == "pcapng" and st.packets == 8
+    assert [o.ifname for o in obs] == ["eth0", "flannel.1", "if5", "eth0"] * 2
+    check_tcp(obs[0])
+    assert obs[0].direction == OUT and obs[1].direction == ""
+    assert obs[1].ts_real_ns == TS // 1000 * 1000
+    assert abs(obs[2].ts_real_ns - TS) <= 1  # 2^-30 s resolution
+    assert obs[3].ts_real_ns == obs[2].ts_real_ns  # SPB: previous packet's time
+    assert any("simple packet" in w for w in st.warnings)
+    assert set(st.interfaces) == {"eth0", "flannel.1", "any"}
+
+
+def test_records_across_read_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = [(TS + i, eth(tcp_pkt(seq=i, payload=b"x" * (i % 700)))) for i in range(300)]
+    p1 = pcap(tmp_path / "b.pcap", 1, recs)
+    p2 = pcapng(tmp_path / "b.pcapng", [("eth0", 1, 9)], [(0, t, d, None) for t, d in recs])
+    big = [read_all(p, "node1")[0] for p in (p1, p2)]
+    monkeypatch.setattr(capmod, "BLOCK", 97)
+    small = [read_all(p, "node1")[0] for p in (p1, p2)]
+    assert big == small and len(big[0]) == 300
+    assert big[0] == [o._replace(ifname="") for o in big[1]]
+    assert [o.seq for o in big[0]] == list(range(300))
+
+
+@pytest.mark.parametrize("kind", ["pcap", "pcapng"])
+def test_truncated_file_yields_what_it_holds_and_one_warning(tmp_path: Path, kind: str) -> None:
+    recs = [(TS + i, eth(tcp_pkt(seq=i))) for i in range(10)]
+    p = pcap(tmp_path / "t.pcap", 1, recs) if kind == "pcap" else pcapng(
+        tmp_path / "t.pcapng", [("eth0", 1, 9)], [(0, t, d, None) for t, d in recs])
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 30])
+    warnings: list[str] = []
+    r = CaptureReader(p, "node1", warn=warnings.append)
+    obs = [o for b in r for o in b]
+    assert len(obs) == 9 and r.stats.truncated
+    assert len(warnings) == 1 and "truncated" in warnings[0]
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a capture at all" * 10,
+                                     b"\x1f\x8b\x08\x00gzip", b"\x0a\x0d\x0d\x0a" + b"\xff" * 40])
+def test_not_a_capture_is_one_clear_error(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "node1.pcap"
+    p.write_bytes(content)
+    with pytest.raises(NotACaptureError) as ei:
+        read_all(p, "node1")
+    assert str(p) in str(ei.value)
+    r = subprocess.run([sys.executable, "-m", "hopscope", "replay", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hopscope: ")
+
+
+def test_cli_missing_file_and_bad_arguments(tmp_path: Path) -> None:
+    for args in (["replay", str(tmp_path / "nope.pcap")], ["replay"], ["replay", "--node", "x"],
+                 ["replay", str(tmp_path)]):
+        r = subprocess.run([sys.executable, "-m", "hopscope", *args], capture_output=True, text=True)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
