@@ -58,15 +58,13 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _register() -> None:
+    from hopscope.demo import demo
     from hopscope.replay_cli import replay
+    from hopscope.testbed.cli import testbed
 
     main.add_command(replay)
-    try:
-        from hopscope.testbed.cli import demo, testbed
-    except ImportError:  # pragma: no cover - TEMP while the testbed is written
-        return
-    main.add_command(testbed)
     main.add_command(demo)
+    main.add_command(testbed)
 
 
 _register()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,8 +28,8 @@ def percentile(sorted_vals: Sequence[int], q: float) -> int:
     """Nearest-rank percentile of an already sorted list (integers stay integers)."""
     if not sorted_vals:
         return 0
-    k = max(0, min(len(sorted_vals) - 1, -(-int(q * len(sorted_vals) * 1000) // 100000) - 1))
-    return sorted_vals[k]
+    k = math.ceil(q * len(sorted_vals)) - 1
+    return sorted_vals[max(0, min(len(sorted_vals) - 1, k))]
 
 
 def waterfall(req: dict[str, Any], width: int = BAR) -> str:

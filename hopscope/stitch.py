@@ -123,6 +123,7 @@ class Stitcher:
         self.grace_ns = grace_ns
         self.warnings: list[str] = []
         self.stats = StitchStats()
+        self._offs: dict[str, Offset] = {}
 
     def tracker(self, node: str) -> NodeTracker:
         t = self.trackers.get(node)
@@ -143,6 +144,7 @@ class Stitcher:
         self._link(clients, groups)
         offsets = self._offsets(clients, groups, ref)
         sh = {n: o.offset_ns for n, o in offsets.items()}
+        self._offs = offsets
         requests = [self._request(c, g, sh) for c, g in clients]
         for g in groups:
             if not g.claimed and g.rid:
@@ -333,6 +335,14 @@ class Stitcher:
                     self._warn(f"no traffic links node {n} to {ref}: its clock is taken as is")
         return out
 
+    @staticmethod
+    def _skewed(a: str, b: str, offs: dict[str, Offset]) -> bool:
+        """Whether the clocks of a and b demonstrably differ (0 is outside the estimate's bound)."""
+        oa, ob = offs.get(a), offs.get(b)
+        if oa is None or ob is None or oa.error_ns < 0 or ob.error_ns < 0:
+            return False
+        return abs(ob.offset_ns - oa.offset_ns) > oa.error_ns + ob.error_ns
+
     def _sender(self, g: _Group) -> str:
         """The node that sent an upstream request: a node seeing it, other than the pod's."""
         nodes = {n for (n, _p) in g.by if n != g.b}
@@ -340,6 +350,7 @@ class Stitcher:
 
     # -- one request ---------------------------------------------------------
     def _request(self, c: Sighting, g: _Group | None, sh: dict[str, int]) -> dict[str, Any]:
+        offs = self._offs
         a = c.node
         flags: set[str] = set(c.flags or ())
         if g is None:
@@ -368,7 +379,7 @@ class Stitcher:
                 flags.add("no_response")
         if c.reset_ts >= 0 and c.resp_first < 0:
             flags.add("reset")
-        if b and b != a and sh.get(b, 0) != sh.get(a, 0):
+        if b and b != a and self._skewed(a, b, offs):
             flags.add("clock_skew_corrected")
         if c.edge_synack >= 0 and c.edge_ack >= 0:
             hops.append(_hop("edge_rtt", "request", a, c.edge_synack - sh.get(a, 0),
