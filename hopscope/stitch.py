@@ -168,10 +168,12 @@ class Stitcher:
         log.warning("%s", msg)
 
     def _resolve_podnet(self) -> None:
-        """Decide overlay vs pod for unnamed pod-network interfaces.
+        """Decide overlay vs pod for pod-network traffic on unnamed interfaces.
 
-        The overlay (flannel.1) is the interface whose copy of an upstream
-        request is nearest in time to the request's VXLAN copy on that node.
+        Per message: of its copies on one node, the one nearest in time to
+        the message's VXLAN copy there is the overlay (flannel.1); the others
+        are pod copies (cni0, veth); with no VXLAN copy all are pod copies.
+        Connection attempts and handshakes follow their interface's majority.
         """
         for t in self.trackers.values():
             if not t.podnet_ifaces:
@@ -182,19 +184,14 @@ class Stitcher:
                     by_key[(s.flow, s.seq0)].append(s)
             votes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # overlay, pod
             for ss in by_key.values():
-                ul = [s.first for s in ss if s.point == UNDERLAY]
                 pn = [s for s in ss if s.point == PODNET]
                 if not pn:
                     continue
-                if ul:
-                    best = min(pn, key=lambda s: abs(s.first - ul[0]))
-                    votes[best.ifname][0] += 1
-                    for s in pn:
-                        if s is not best:
-                            votes[s.ifname][1] += 1
-                else:
-                    for s in pn:
-                        votes[s.ifname][1] += 1
+                ul = [s.first for s in ss if s.point == UNDERLAY]
+                best = min(pn, key=lambda s: abs(s.first - ul[0])) if ul else None
+                for s in pn:
+                    s.point = OVERLAY if s is best else POD
+                    votes[s.ifname][0 if s is best else 1] += 1
             point = {i: OVERLAY if v[0] > v[1] else POD for i, v in votes.items()}
             for s in t.sightings:
                 if s.point == PODNET:

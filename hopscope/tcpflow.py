@@ -33,6 +33,9 @@ MAX_HEAD = 64 * 1024
 MAX_PENDING = 512
 SYNC_TRIES = 8
 
+#: Interface names that several interfaces share in a capture (SLL v1, merged Ethernet).
+SHARED_IFNAMES = frozenset(("", "any"))
+
 #: A point to be resolved by the stitcher: pod-network traffic on an
 #: interface whose name does not say whether it is flannel.1 or cni0/veth.
 PODNET = "podnet"
@@ -247,6 +250,9 @@ class NodeTracker:
         self.syns: list[SynRecord] = []
         self._streams: dict[tuple[object, ...], tuple[_Stream, int]] = {}
         self._ifpoint: dict[str, str] = {}
+        self._copies: dict[tuple[object, ...], int] = {}
+        self._copies_old: dict[tuple[object, ...], int] = {}
+        self._dmx_flows: dict[tuple[object, ...], list[int]] = {}
         self.packets = 0
         self.passed_over = 0
         self.last_ts = 0
@@ -267,12 +273,14 @@ class NodeTracker:
             npk += 1
             (ts, _m, _n, ifname, _point, _d, _k, _p, src, dst, sport, dport, seq, _a, flags, plen,
              ipid, payload, vni, _os, _od) = ob
+            if ifname in SHARED_IFNAMES and vni < 0:
+                ifname = self._demux(ob)
             e = get((ifname, vni, src, sport, dst, dport))
             if e is None:
                 if not (plen or flags & 0x02) or flags & 0x04:
                     self.passed_over += 1
                     continue
-                e = self._new_stream(ob)
+                e = self._new_stream(ob, ifname)
                 if e is None:
                     self.passed_over += 1
                     continue
@@ -307,30 +315,69 @@ class NodeTracker:
         if ts >= self._next_sweep:
             self._sweep(ts)
 
+    def _demux(self, ob: Observation) -> str:
+        """Tell apart the copies of one packet on interfaces a capture does not name.
+
+        Linux cooked v1 (``tcpdump -i any``) and Ethernet captures merged
+        from several interfaces give every copy the same (empty) name. The
+        n-th copy of a pod-network packet (same addresses, ports, sequence
+        number and IP id) was seen at the n-th interface on its way, so it
+        goes to a virtual interface ``<name>#<n>``.
+        """
+        c = self.cidrs
+        if not (c.in_pod(ob.src) or c.in_pod(ob.dst)):
+            return ob.ifname
+        # Number copies in path order: the first direction seen of a flow (its
+        # SYN, towards the pod) meets the interfaces in one order, the other
+        # direction in the reverse order.
+        fwd_key = (ob.src, ob.sport, ob.dst, ob.dport)
+        ncopies = self._dmx_flows.get(fwd_key)
+        forward = True
+        if ncopies is None:
+            ncopies = self._dmx_flows.get((ob.dst, ob.dport, ob.src, ob.sport))
+            if ncopies is None:
+                if len(self._dmx_flows) > 65536:
+                    self._dmx_flows.clear()
+                ncopies = self._dmx_flows[fwd_key] = [0]
+            else:
+                forward = False
+        k = (fwd_key, ob.seq, ob.ip_id, ob.flags, ob.plen)
+        n = (self._copies.get(k) or self._copies_old.get(k, 0)) + 1
+        self._copies[k] = n
+        if len(self._copies) > 65536:  # keep two generations: copies are close in time
+            self._copies_old = self._copies
+            self._copies = {}
+        if forward:
+            if n > ncopies[0]:
+                ncopies[0] = n
+        elif n <= ncopies[0]:
+            n = ncopies[0] + 1 - n
+        return f"{ob.ifname}#{n}"
+
     # -- streams ---------------------------------------------------------------
-    def _new_stream(self, ob: Observation) -> tuple[_Stream, int] | None:
+    def _new_stream(self, ob: Observation, ifname: str) -> tuple[_Stream, int] | None:
         point = ob.point
         if not point:
             if ob.vni >= 0:
                 point = UNDERLAY
             else:
-                point = self._ifpoint.get(ob.ifname, "?")
+                point = self._ifpoint.get(ifname, "?")
                 if point == "?":
-                    point = self._ifpoint[ob.ifname] = point_for_ifname(ob.ifname)
+                    point = self._ifpoint[ifname] = point_for_ifname(ifname)
                 if not point:  # unnamed interface: decide by content
                     c = self.cidrs
                     if c.in_service(ob.dst) or c.in_service(ob.src):
                         point = SKIP  # pre-DNAT copies (lo): not a point of the model
                     elif c.in_pod(ob.src) or c.in_pod(ob.dst):
                         point = PODNET
-                        self.podnet_ifaces.add(ob.ifname)
+                        self.podnet_ifaces.add(ifname)
                     else:
                         point = NIC
         if point == SKIP:
             return None
-        st = _Stream(ob.ifname, point)
-        k1 = (ob.ifname, ob.vni, ob.src, ob.sport, ob.dst, ob.dport)
-        k2 = (ob.ifname, ob.vni, ob.dst, ob.dport, ob.src, ob.sport)
+        st = _Stream(ifname, point)
+        k1 = (ifname, ob.vni, ob.src, ob.sport, ob.dst, ob.dport)
+        k2 = (ifname, ob.vni, ob.dst, ob.dport, ob.src, ob.sport)
         st.keys = (k1, k2)
         e = (st, 0)
         self._streams[k1] = e
