@@ -182,6 +182,50 @@ def _decode_ip(
     return None
 
 
+def flow_hash(ob: Observation) -> int:
+    """A byte that is the same for both directions of a TCP flow (its inner flow for VXLAN)."""
+    return ob.src[-1] ^ ob.dst[-1] ^ (ob.sport & 0xFF) ^ (ob.dport & 0xFF)
+
+
+def _ip_hash(data: bytes, l3: int, end: int) -> int:
+    """:func:`flow_hash` from raw IPv4 bytes (VXLAN looked into); 0 for non-TCP, -1 when unsure."""
+    if l3 + 24 > end or data[l3] != 0x45:
+        return -1
+    proto = data[l3 + 9]
+    if proto == 6:
+        return data[l3 + 15] ^ data[l3 + 19] ^ data[l3 + 21] ^ data[l3 + 23]
+    if proto == 17 and data[l3 + 22 : l3 + 24] in (b"\x21\x18", b"\x12\xb5"):  # 8472, 4789
+        i = l3 + 50  # UDP 8, VXLAN 8, inner Ethernet 14
+        if i + 24 <= end and data[i - 2 : i] == b"\x08\x00" and data[i] == 0x45:
+            if data[i + 9] != 6:
+                return 0
+            return data[i + 15] ^ data[i + 19] ^ data[i + 21] ^ data[i + 23]
+        return -1
+    return 0
+
+
+def _raw_hasher(linktype: int) -> Callable[[bytes, int, int], int]:
+    """:func:`_ip_hash` behind this link type's header (-1 where it cannot look)."""
+    lt = _RAW_ALIASES.get(linktype, linktype)
+
+    def eth(data: bytes, s: int, e: int) -> int:
+        return _ip_hash(data, s + 14, e) if data[s + 12 : s + 14] == b"\x08\x00" else -1
+
+    def sll(data: bytes, s: int, e: int) -> int:
+        return _ip_hash(data, s + 16, e) if data[s + 14 : s + 16] == b"\x08\x00" else -1
+
+    def sll2(data: bytes, s: int, e: int) -> int:
+        return _ip_hash(data, s + 20, e) if data[s : s + 2] == b"\x08\x00" else -1
+
+    def raw(data: bytes, s: int, e: int) -> int:
+        return _ip_hash(data, s, e)
+
+    def unknown(data: bytes, s: int, e: int) -> int:
+        return -1
+
+    return {LT_ETHERNET: eth, LT_SLL: sll, LT_SLL2: sll2, LT_RAW: raw, LT_IPV4: raw}.get(lt, unknown)
+
+
 class _Link:
     """Per-interface link-layer state: how to find the L3 header."""
 
@@ -200,15 +244,21 @@ class _Link:
 class CaptureReader:
     """Read one capture file of one node as batches of observations.
 
-    ``warn`` is called with one line per warning (truncation, corruption,
+    ``shard=(k, n)`` keeps only the flows of shard k of n (see
+    :func:`flow_hash`); the default keeps everything. ``warn`` is called with one line per warning (truncation, corruption,
     unsupported link types); the same lines are kept in :attr:`stats`.
     """
 
     def __init__(self, path: str | os.PathLike[str], node: str,
                  warn: Callable[[str], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.path = os.fspath(path)
         self.node = node
+        #: (k, n): keep only the TCP flows whose :func:`flow_hash` is k modulo n,
+        #: so that n processes can share one file (every copy of a flow's
+        #: packets, VXLAN-encapsulated or not, lands in the same shard)
+        self.shard = shard
         self.stats = ReadStats(self.path)
         self._warn_cb = warn
         self._progress = progress
@@ -272,6 +322,10 @@ class CaptureReader:
         rec = struct.Struct(endian + "IIII")
         node = self.node
         decode = self._decoder(link)
+        ksh, nsh = self.shard
+        raw_hash = _raw_hasher(link.linktype)
+        obs_hash = flow_hash
+        h = 0
         data = b""
         pos = 0
         done = 0
@@ -292,13 +346,18 @@ class CaptureReader:
                         eof = True
                         pos = n
                     break
-                ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node, "")
-                if ob is not None:
-                    append(ob)
                 npk += 1
+                if nsh > 1:
+                    h = raw_hash(data, pos + 16, end)
+                    if h >= 0 and h % nsh != ksh:
+                        pos = end
+                        continue
+                ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node, "")
+                if ob is not None and (nsh == 1 or h >= 0 or obs_hash(ob) % nsh == ksh):
+                    append(ob)
                 pos = end
             stats.packets += npk
-            stats.skipped += npk - len(batch)
+            stats.skipped += npk - len(batch)  # (other shards' packets included)
             stats.observations += len(batch)
             if batch:
                 yield batch
@@ -394,6 +453,8 @@ class CaptureReader:
         # per interface: (decoder, multiplier, divisor, offset, name if Ethernet else "")
         ifs: list[tuple[_Decoder, int, int, int, str] | None] = []
         dip = _decode_ip
+        ksh, nsh = self.shard
+        h = 0
         last_ts = 0
         done = 0
         first = True
@@ -429,10 +490,16 @@ class CaptureReader:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
                         if ifname and data[s + 12 : s + 14] == b"\x08\x00":  # Ethernet, IPv4
+                            if nsh > 1:
+                                h = _ip_hash(data, s + 14, pe)
+                                if h >= 0 and h % nsh != ksh:
+                                    pos = end
+                                    continue
                             ob = dip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
                         else:
+                            h = -1
                             ob = dec(data, s, pe, last_ts, node, dr)
-                        if ob is not None:
+                        if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                             append(ob)
                     pos = end
                     continue
@@ -485,7 +552,7 @@ class CaptureReader:
                         orig = hdr.unpack_from(data, pos + 8)[0]
                         cap = min(orig, self._snaplen0 or orig, blen - 16)
                         ob = info[0](data, pos + 12, pos + 12 + cap, last_ts, node, "")
-                        if ob is not None:
+                        if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
                             append(ob)
                 elif btype == 2:  # obsolete Packet Block
                     npk += 1
@@ -496,7 +563,7 @@ class CaptureReader:
                         dec, mul, div, tsoff, _e = info
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff
                         ob = dec(data, pos + 28, min(pos + 28 + cap, end - 4), last_ts, node, "")
-                        if ob is not None:
+                        if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
                             append(ob)
                 # other blocks (NRB, ISB, DSB, custom) carry nothing we need
                 pos = end

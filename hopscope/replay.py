@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import ipaddress
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from hopscope.capture import CaptureReader, ReadStats
 from hopscope.errors import UsageError
 from hopscope.stitch import Envelope, Stitcher
-from hopscope.tcpflow import Cidrs
+from hopscope.tcpflow import Cidrs, NodeTracker, TrackerState
 
 
 @dataclass
@@ -95,21 +96,80 @@ class _Progress:
             sys.stderr.flush()
 
 
+#: Files smaller than this are read in this process: forking costs more than it saves.
+PARALLEL_MIN_BYTES = 4 << 20
+
+
+def plan_shards(sizes: list[int], jobs: int) -> list[int]:
+    """How many processes share each file: spread ``jobs`` over the files, big ones first."""
+    shards = [1] * len(sizes)
+    if jobs <= 1:
+        return shards
+    spare = jobs - len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if spare <= 0:
+            break
+        if sizes[i] >= PARALLEL_MIN_BYTES:
+            extra = min(spare, jobs - 1)
+            shards[i] += extra
+            spare -= extra
+    return shards
+
+
+# Set in a forked worker by the pool initializer: the shared byte counter.
+_progress_counter: Any = None
+
+
+def _init_worker(counter: Any) -> None:
+    global _progress_counter
+    _progress_counter = counter
+    gc.disable()
+
+
+def _track(task: tuple[str, Path, int, int, Cidrs]) -> tuple[str, int, TrackerState, ReadStats]:
+    """In a worker: read shard k of n of one node's capture into a NodeTracker."""
+    node, path, k, n, cidrs = task
+    counter = _progress_counter
+
+    def progress(nbytes: int) -> None:
+        if counter is not None and k == 0:
+            with counter.get_lock():
+                counter.value += nbytes
+
+    reader = CaptureReader(path, node, shard=(k, n), progress=progress)
+    tracker = NodeTracker(node, cidrs)
+    for batch in reader:
+        tracker.feed(batch)
+    tracker.flush()
+    return node, k, tracker.export(), reader.stats
+
+
 def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
            cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
-           warn: Callable[[str], None] | None = None, progress: bool | None = None) -> ReplayResult:
-    """Read each node's capture through one :class:`Stitcher`; return the envelope and stats."""
+           warn: Callable[[str], None] | None = None, progress: bool | None = None,
+           jobs: int | None = None) -> ReplayResult:
+    """Read each node's capture through one :class:`Stitcher`; return the envelope and stats.
+
+    ``jobs`` processes share the work (default: the CPUs): each node's
+    capture is read by its own process, and a large capture by several, each
+    taking a share of the TCP flows (:func:`hopscope.capture.flow_hash`);
+    the per-node trackers' sightings are merged before the join, so the
+    result is the same as in one process.
+    """
     pairs = list(pairs)
     if reference is not None and reference not in {n for n, _ in pairs}:
         raise UsageError(f"--reference {reference!r} is not one of the nodes given "
                          f"({', '.join(n for n, _ in pairs)})")
-    total = 0
+    sizes = []
     for _n, p in pairs:
-        with contextlib.suppress(OSError):
-            total += os.stat(p).st_size
+        try:
+            sizes.append(os.stat(p).st_size)
+        except OSError:
+            sizes.append(0)
     if progress is None:
         progress = sys.stderr.isatty()
-    prog = _Progress(total, progress)
+    prog = _Progress(sum(sizes), progress)
+    cidrs = cidrs or Cidrs()
     st = Stitcher([n for n, _ in pairs], reference=reference, cidrs=cidrs, entry_ports=entry_ports)
     res = ReplayResult({})
     t0 = time.perf_counter()
@@ -119,18 +179,23 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
         if warn is not None:
             warn(msg)
 
-    # The stitcher keeps many small long-lived objects and makes no reference
+    jobs = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
+    shards = plan_shards(sizes, jobs)
+    # The trackers keep many small long-lived objects and make no reference
     # cycles: the cyclic garbage collector would only rescan them, over and
     # over (a quarter of the run time). Reference counting still frees memory.
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for node, path in pairs:
-            reader = CaptureReader(path, node, warn=_warn, progress=prog)
-            tracker = st.tracker(node)
-            for batch in reader:
-                tracker.feed(batch)
-            res.files.append(reader.stats)
+        if jobs == 1 or sum(shards) == 1 or all(sz < PARALLEL_MIN_BYTES for sz in sizes):
+            for node, path in pairs:
+                reader = CaptureReader(path, node, warn=_warn, progress=prog)
+                tracker = st.tracker(node)
+                for batch in reader:
+                    tracker.feed(batch)
+                res.files.append(reader.stats)
+        else:
+            _run_pool(pairs, shards, cidrs, st, res, _warn, prog, jobs)
         res.envelope = st.result()
     finally:
         prog.close()
@@ -140,6 +205,36 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
         _warn(w)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st: Stitcher,
+              res: ReplayResult, warn: Callable[[str], None], prog: _Progress, jobs: int) -> None:
+    ctx = mp.get_context("fork")
+    counter = ctx.Value("q", 0)
+    tasks = [(node, path, k, n, cidrs) for (node, path), n in zip(pairs, shards, strict=True)
+             for k in range(n)]
+    done: dict[tuple[str, int], tuple[TrackerState, ReadStats]] = {}
+    with ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
+        pending = pool.imap_unordered(_track, tasks)
+        while True:
+            try:
+                node, k, state, rstats = pending.next(timeout=0.2)
+            except mp.TimeoutError:
+                prog(counter.value - prog.done)
+                continue
+            except StopIteration:
+                break
+            done[(node, k)] = (state, rstats)
+    prog(counter.value - prog.done)
+    # merge in a fixed order, so that the result does not depend on which worker ended first
+    for (node, _path), n in zip(pairs, shards, strict=True):
+        for k in range(n):
+            state, rstats = done[(node, k)]
+            st.tracker(node).absorb(state)
+            if k == 0:
+                res.files.append(rstats)
+                for w in rstats.warnings:
+                    warn(w)
 
 
 def summary_line(res: ReplayResult) -> str:

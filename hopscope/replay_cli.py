@@ -28,11 +28,13 @@ def _warn(msg: str) -> None:
               help="Cluster service (ClusterIP) network.")
 @click.option("--entry-port", "entry_ports", multiple=True, type=int, default=(80,),
               show_default=True, help="Port Traefik listens on for Cloudflare (repeatable).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None,
+              help="Processes to use (default: the CPUs; large captures are split by flow).")
 @click.option("--all", "show_all", is_flag=True, help="Show a waterfall for every request.")
 @click.option("--limit", default=20, show_default=True, help="Waterfalls to show (slowest and flagged).")
 def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, reference: str | None,
-           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], show_all: bool,
-           limit: int) -> None:
+           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], jobs: int | None,
+           show_all: bool, limit: int) -> None:
     """Stitch per-node captures into per-request hop timings.
 
     One capture per node (pcap or pcapng; tcpdump -i any, dumpcap with
@@ -42,7 +44,7 @@ def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, refere
     """
     pairs = node_files(files, named)
     res = run_replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
-                 entry_ports=entry_ports, warn=_warn)
+                 entry_ports=entry_ports, warn=_warn, jobs=jobs)
     if as_json:
         json.dump(res.envelope, sys.stdout, separators=(",", ":"))
         sys.stdout.write("\n")

@@ -130,6 +130,13 @@ class Sighting:
         self.reset_ts = -1
         self.body_trunc = False
 
+    def __getstate__(self) -> tuple[object, ...]:  # pickled compactly between processes
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        for k, v in zip(self.__slots__, state, strict=True):
+            setattr(self, k, v)
+
     def flag(self, f: str) -> None:
         if self.flags is None:
             self.flags = {f}
@@ -154,6 +161,19 @@ class SynRecord:
     first: int
     packets: int
     refused: bool
+
+
+@dataclass
+class TrackerState:
+    """What a :class:`NodeTracker` found, to be merged into another (see :meth:`NodeTracker.absorb`)."""
+
+    sightings: list[Sighting]
+    syns: list[SynRecord]
+    handshakes: dict[tuple[object, ...], list[tuple[str, str, int]]]
+    podnet_ifaces: set[str]
+    packets: int
+    passed_over: int
+    last_ts: int
 
 
 class _Half:
@@ -404,6 +424,22 @@ class NodeTracker:
         """End of input: close every connection (records unanswered SYNs)."""
         for st in list({id(st): st for st, _ in self._streams.values()}.values()):
             self._close(st)
+
+    def export(self) -> TrackerState:
+        """What this tracker found (after :meth:`flush`), to ship to another process."""
+        return TrackerState(self.sightings, self.syns, self.handshakes, self.podnet_ifaces,
+                            self.packets, self.passed_over, self.last_ts)
+
+    def absorb(self, st: TrackerState) -> None:
+        """Merge what another tracker of the same node found (a disjoint set of flows)."""
+        self.sightings.extend(st.sightings)
+        self.syns.extend(st.syns)
+        for k, v in st.handshakes.items():
+            self.handshakes.setdefault(k, []).extend(v)
+        self.podnet_ifaces |= st.podnet_ifaces
+        self.packets += st.packets
+        self.passed_over += st.passed_over
+        self.last_ts = max(self.last_ts, st.last_ts)
 
     @property
     def open_streams(self) -> int:
