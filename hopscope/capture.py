@@ -475,9 +475,16 @@ class CaptureReader:
                     info = ifs[ifid] if ifid < len(ifs) else None
                     if info is not None:
                         dec, mul, div, tsoff, ifname = info
+                        s = pos + 28
+                        h = -1
+                        if nsh > 1 and ifname and data[s + 12 : s + 14] == b"\x08\x00":
+                            # another process's flow? (Ethernet, IPv4: decided from raw bytes)
+                            h = _ip_hash(data, s + 14, s + cap)
+                            if h >= 0 and h % nsh != ksh:
+                                pos = end
+                                continue
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff if mul != 1 or div != 1 or \
                             tsoff else (hi << 32) | lo
-                        s = pos + 28
                         oo = s + ((cap + 3) & ~3)
                         if oo > end - 4:
                             oo = end - 4
@@ -490,14 +497,8 @@ class CaptureReader:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
                         if ifname and data[s + 12 : s + 14] == b"\x08\x00":  # Ethernet, IPv4
-                            if nsh > 1:
-                                h = _ip_hash(data, s + 14, pe)
-                                if h >= 0 and h % nsh != ksh:
-                                    pos = end
-                                    continue
                             ob = dip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
                         else:
-                            h = -1
                             ob = dec(data, s, pe, last_ts, node, dr)
                         if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                             append(ob)

@@ -219,3 +219,28 @@ def test_cli_missing_file_and_bad_arguments(tmp_path: Path) -> None:
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["pcap", "pcapng"])
+def test_shards_partition_flows_exactly(tmp_path: Path, kind: str) -> None:
+    """n readers with shard=(k, n) see every TCP packet once, every copy of a flow in one shard."""
+    recs = []
+    for i in range(64):
+        fwd = tcp_pkt(src=f"10.42.1.{i % 7}", dst="10.42.2.5", sport=40000 + i, dport=8000, seq=i)
+        back = tcp_pkt(src="10.42.2.5", dst=f"10.42.1.{i % 7}", sport=8000, dport=40000 + i, seq=i)
+        inner = bytes(Ether(type=0x0800)) + fwd
+        vx = bytes(IP(src="203.0.113.11", dst="203.0.113.12") / UDP(sport=50000 + i, dport=8472) /
+                   VXLAN(vni=1, flags=0x08) / Raw(inner))
+        recs += [(TS + 3 * i, eth(fwd)), (TS + 3 * i + 1, eth(vx)), (TS + 3 * i + 2, eth(back))]
+    recs.append((TS + 999, bytes(Ether(type=0x0806) / ARP())))
+    p = pcap(tmp_path / "s.pcap", 1, recs) if kind == "pcap" else pcapng(
+        tmp_path / "s.pcapng", [("eth0", 1, 9)], [(0, t, d, None) for t, d in recs])
+    full, _ = read_all(p, "node1")
+    for n in (2, 3):
+        parts = [[o for b in CaptureReader(p, "node1", shard=(k, n)) for o in b] for k in range(n)]
+        assert sorted(o for part in parts for o in part) == sorted(full)
+        for k, part in enumerate(parts):
+            assert part and all(capmod.flow_hash(o) % n == k for o in part)
+        for i in range(64):  # both directions and the VXLAN copy of flow i: one shard
+            owners = {k for k, part in enumerate(parts) for o in part if 40000 + i in (o.sport, o.dport)}
+            assert len(owners) == 1

@@ -200,6 +200,49 @@ def iter_pcap(path: Path, if_id: int, flags: int) -> Iterator[tuple[int, int, in
             yield sec * 1_000_000_000 + frac * mult, if_id, flags, data, orig
 
 
+#: How far back in time (ns) a packet of one capture part may be written
+#: after a later one. tcpdump writes packets in the order they reached the
+#: ring buffer; with several CPUs that is not quite timestamp order (a few
+#: microseconds to milliseconds). Parts are re-sorted within this window.
+REORDER_WINDOW_NS = 20_000_000
+
+Record = tuple[int, int, int, bytes, int]
+
+
+class _Reorder:
+    """Sort a nearly sorted record stream within :data:`REORDER_WINDOW_NS`, streaming."""
+
+    def __init__(self, stream: Iterator[Record], window_ns: int = REORDER_WINDOW_NS) -> None:
+        self.stream = stream
+        self.window_ns = window_ns
+        self.max_disorder_ns = 0  # the largest step back seen in the input
+        self.late = 0  # records that came later than the window allows
+
+    def __iter__(self) -> Iterator[Record]:
+        heap: list[tuple[int, int, Record]] = []
+        newest = -1
+        last_out = -1
+        for seq, rec in enumerate(self.stream):
+            ts = rec[0]
+            if ts < newest:
+                self.max_disorder_ns = max(self.max_disorder_ns, newest - ts)
+            else:
+                newest = ts
+            heapq.heappush(heap, (ts, seq, rec))
+            while heap and heap[0][0] <= newest - self.window_ns:
+                out = heapq.heappop(heap)[2]
+                if out[0] < last_out:
+                    self.late += 1
+                last_out = max(last_out, out[0])
+                yield out
+        while heap:
+            out = heapq.heappop(heap)[2]
+            if out[0] < last_out:
+                self.late += 1
+            last_out = max(last_out, out[0])
+            yield out
+
+
 @dataclass
 class MergeInput:
     """One part file and where its packets go in the merged file."""
@@ -242,7 +285,8 @@ def merge_parts(
     counts = {i.name: 0 for i in ifaces}
     per_if = [0] * len(ifaces)
     tmp = out.with_name(out.name + ".tmp")
-    streams = [iter_pcap(p.path, p.if_id, _DIR_FLAGS.get(p.direction, 0)) for p in parts]
+    streams = [_Reorder(iter_pcap(p.path, p.if_id, _DIR_FLAGS.get(p.direction, 0)))
+               for p in parts]
     with tmp.open("wb", buffering=1 << 20) as w:
         w.write(shb_block(comment))
         for i, iface in enumerate(ifaces):
@@ -255,6 +299,13 @@ def merge_parts(
     tmp.replace(out)
     for i, iface in enumerate(ifaces):
         counts[iface.name] = per_if[i]
+    for p, st in zip(parts, streams, strict=True):
+        if st.max_disorder_ns:
+            log.debug("%s: re-sorted packets up to %.1f us out of order", p.path,
+                      st.max_disorder_ns / 1e3)
+        if st.late:
+            log.warning("%s: %d packet(s) more than %.0f ms out of order; %s is not strictly "
+                        "time ordered", p.path, st.late, REORDER_WINDOW_NS / 1e6, out)
     return counts
 
 
