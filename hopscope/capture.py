@@ -271,9 +271,11 @@ class CaptureReader:
             return
         self._warned.add(key)
         self.stats.warnings.append(msg)
-        log.warning("%s", msg)
         if self._warn_cb is not None:
+            log.debug("%s", msg)  # the caller shows it
             self._warn_cb(msg)
+        else:
+            log.warning("%s", msg)
 
     def _truncated(self, what: str) -> None:
         self.stats.truncated = True

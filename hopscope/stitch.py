@@ -164,8 +164,9 @@ class Stitcher:
         }
 
     def _warn(self, msg: str) -> None:
+        """Kept in :attr:`warnings` for the caller to show."""
         self.warnings.append(msg)
-        log.warning("%s", msg)
+        log.info("%s", msg)
 
     def _resolve_podnet(self) -> None:
         """Decide overlay vs pod for pod-network traffic on unnamed interfaces.

@@ -629,7 +629,7 @@ class NodeTracker:
         while pos < plen:
             state = h.state
             if state == IDLE:
-                self._start(st, d, h, ts, (seq + pos) & M32, data[pos:])
+                self._start(st, d, h, ts, (seq + pos) & M32, data, pos)
                 state = h.state
                 if state == DEAD or state == SYNC:
                     return
@@ -689,13 +689,15 @@ class NodeTracker:
                 return
             return
 
-    def _start(self, st: _Stream, d: int, h: _Half, ts: int, seq: int, data: bytes) -> None:
-        """A message starts with this segment."""
+    def _start(self, st: _Stream, d: int, h: _Half, ts: int, seq: int, data: bytes,
+               pos: int) -> None:
+        """A message starts with this segment, at ``data[pos:]``."""
+        kept = pos < len(data)  # False when the snap length cut it
         if h.client < 0:
-            if data.startswith(_METHODS):
+            if data.startswith(_METHODS, pos):
                 h.client = 1
                 st.halves[1 - d].client = 0
-            elif data.startswith(b"HTTP/1."):
+            elif data.startswith(b"HTTP/1.", pos):
                 h.client = 0
                 st.halves[1 - d].client = 1
             else:
@@ -704,30 +706,31 @@ class NodeTracker:
         if st.flow is None:
             st.flow = _flow_of(st, d if h.client == 1 else 1 - d)
         if h.client == 1:
-            if data and not data.startswith(_METHODS):
+            if kept and not data.startswith(_METHODS, pos):
                 if st.nreq:
                     h.state = SYNC
                 else:  # not HTTP: pass the whole connection over
                     h.state = st.halves[1 - d].state = DEAD
                 return
             s = Sighting(self.node, st.ifname, st.point, st.flow, seq, ts)
-            if st.synack >= 0 and st.hs_ack < 0:
-                st.hs_ack = ts  # the handshake's ACK carried the request
-            if st.nreq == 0 and st.synack >= 0:
-                s.edge_synack = st.synack
-                s.edge_ack = st.hs_ack
+            if st.synack >= 0:
+                if st.hs_ack < 0:
+                    st.hs_ack = ts  # the handshake's ACK carried the request
+                if st.nreq == 0:
+                    s.edge_synack = st.synack
+                    s.edge_ack = st.hs_ack
             st.nreq += 1
             h.msg = s
             st.unanswered.append(s)
             self.sightings.append(s)
         else:
-            if data and not data.startswith(b"HTTP/"):
+            if kept and not data.startswith(b"HTTP/", pos):
                 h.state = SYNC
                 return
             # the response answers the oldest unanswered request
-            h.msg = st.unanswered[0] if st.unanswered else None
-            if h.msg is not None and h.msg.resp_first < 0:
-                h.msg.resp_first = ts
+            m = h.msg = st.unanswered[0] if st.unanswered else None
+            if m is not None and m.resp_first < 0:
+                m.resp_first = ts
         h.state = HEAD
         h.buf = b""
 

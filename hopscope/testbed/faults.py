@@ -759,4 +759,7 @@ def list_cmd(ctx: click.Context, as_json: bool, prefix: str | None) -> None:
     if not faults:
         click.echo("no active fault")
     for f in faults:
-        click.echo(f"{f.id:28} {f.describe()}")
+        note = ""
+        if f.kind == "delay" and not _pid_is(int(f.undo.get("pid", 0)), str(f.undo.get("tag"))):
+            note = "  (holder NOT running: packets pass unheld; `fault clear` removes the rule)"
+        click.echo(f"{f.id:28} {f.describe()}{note}")
