@@ -252,9 +252,11 @@ class CaptureReader:
     def __init__(self, path: str | os.PathLike[str], node: str,
                  warn: Callable[[str], None] | None = None,
                  progress: Callable[[int], None] | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), directions: bool = True) -> None:
         self.path = os.fspath(path)
         self.node = node
+        #: read each packet's direction from pcapng's epb_flags (False: leave it "")
+        self.directions = directions
         #: (k, n): keep only the TCP flows whose :func:`flow_hash` is k modulo n,
         #: so that n processes can share one file (every copy of a flow's
         #: packets, VXLAN-encapsulated or not, lands in the same shard)
@@ -450,8 +452,10 @@ class CaptureReader:
         eof = False
         endian = "<"
         hdr = struct.Struct("<II")
-        epb = struct.Struct("<IIIII")
+        epb = struct.Struct("<IIIIII")  # type, length, interface, ts high, ts low, captured
         opt = struct.Struct("<HHI")
+        want_dir = self.directions
+        nifs = 0
         # per interface: (decoder, multiplier, divisor, offset, name if Ethernet else "")
         ifs: list[tuple[_Decoder, int, int, int, str] | None] = []
         dip = _decode_ip
@@ -467,20 +471,24 @@ class CaptureReader:
             n = len(data)
             npk = 0
             while pos + 12 <= n:
-                btype, blen = hdr.unpack_from(data, pos)
+                if pos + 28 <= n:
+                    btype, blen, ifid, hi, lo, cap = epb.unpack_from(data, pos)
+                else:
+                    btype, blen = hdr.unpack_from(data, pos)
                 end = pos + blen
                 if btype == 6 and end <= n and blen >= 32:
                     # Enhanced Packet Block: the hot path
                     first = False
-                    ifid, hi, lo, cap, _orig = epb.unpack_from(data, pos + 8)
                     npk += 1
-                    info = ifs[ifid] if ifid < len(ifs) else None
+                    info = ifs[ifid] if ifid < nifs else None
                     if info is not None:
                         dec, mul, div, tsoff, ifname = info
                         s = pos + 28
+                        # Ethernet carrying IPv4 (the common case) is decoded without a detour
+                        fast = ifname and cap >= 34 and data[s + 12] == 8 and data[s + 13] == 0
                         h = -1
-                        if nsh > 1 and ifname and data[s + 12 : s + 14] == b"\x08\x00":
-                            # another process's flow? (Ethernet, IPv4: decided from raw bytes)
+                        if nsh > 1 and fast:
+                            # another process's flow? (decided from the raw bytes)
                             h = _ip_hash(data, s + 14, s + cap)
                             if h >= 0 and h % nsh != ksh:
                                 pos = end
@@ -491,14 +499,14 @@ class CaptureReader:
                         if oo > end - 4:
                             oo = end - 4
                         dr = ""
-                        if oo + 8 <= end - 4:  # options: epb_flags carries the direction
+                        if want_dir and oo + 8 <= end - 4:  # epb_flags carries the direction
                             code, olen, val = opt.unpack_from(data, oo)
                             if code == 2 and olen == 4:
                                 dr = dirs[val & 3]
                             elif code != 0:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
-                        if ifname and data[s + 12 : s + 14] == b"\x08\x00":  # Ethernet, IPv4
+                        if fast:
                             ob = dip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
                         else:
                             ob = dec(data, s, pe, last_ts, node, dr)
@@ -522,9 +530,10 @@ class CaptureReader:
                         eof, pos = True, n
                         break
                     hdr = struct.Struct(endian + "II")
-                    epb = struct.Struct(endian + "IIIII")
+                    epb = struct.Struct(endian + "IIIIII")
                     opt = struct.Struct(endian + "HHI")
                     ifs = []
+                    nifs = 0
                     btype, blen = hdr.unpack_from(data, pos)
                     end = pos + blen
                 if blen < 12 or blen & 3 or blen > MAX_BLOCK:
@@ -542,10 +551,12 @@ class CaptureReader:
                     if lk is not None and self._link_ok(lk):
                         ifs.append((self._decoder(lk), lk.scale[0], lk.scale[1], lk.tsoffset,
                                     lk.ifname if lk.linktype == LT_ETHERNET else ""))
+                        nifs = len(ifs)
                         stats.interfaces[lk.ifname] = SUPPORTED_LINKTYPES[lk.linktype]
                         self._snaplen0 = lk.snaplen if len(ifs) == 1 else self._snaplen0
                     else:
                         ifs.append(None)
+                        nifs = len(ifs)
                 elif btype == 3:  # Simple Packet Block: interface 0, no timestamp
                     npk += 1
                     self._warn("spb", f"{self.path}: simple packet blocks carry no timestamp; they get "

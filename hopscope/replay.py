@@ -135,7 +135,8 @@ def _track(task: tuple[str, Path, int, int, Cidrs]) -> tuple[str, int, TrackerSt
             with counter.get_lock():
                 counter.value += nbytes
 
-    reader = CaptureReader(path, node, shard=(k, n), progress=progress)
+    # the stitcher infers direction from each node's role: skip reading epb_flags
+    reader = CaptureReader(path, node, shard=(k, n), progress=progress, directions=False)
     tracker = NodeTracker(node, cidrs)
     for batch in reader:
         tracker.feed(batch)
@@ -188,7 +189,7 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
     try:
         if jobs == 1 or sum(shards) == 1 or all(sz < PARALLEL_MIN_BYTES for sz in sizes):
             for node, path in pairs:
-                reader = CaptureReader(path, node, warn=_warn, progress=prog)
+                reader = CaptureReader(path, node, warn=_warn, progress=prog, directions=False)
                 tracker = st.tracker(node)
                 for batch in reader:
                     tracker.feed(batch)

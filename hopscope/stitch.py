@@ -532,28 +532,23 @@ def _tile(chain: list[tuple[str, str, str, int]], sh: dict[str, int]) -> tuple[l
         return hops, False
     prev_node = chain[0][2]
     prev_t = chain[0][3] - sh.get(prev_node, 0)
-    names: list[str] = []
-    dirs: list[str] = []
-    nodes: list[str] = []
-    complete = True
+    merged: list[tuple[str, str]] = []  # (name, dir) of hops whose end was not seen
     for name, dir_, node, t in chain[1:]:
-        names.append(name)
-        if dir_ not in dirs:
-            dirs.append(dir_)
-        nodes.append(node)
         if t < 0:
-            complete = False
+            merged.append((name, dir_))
             continue
+        if merged:
+            merged.append((name, dir_))
+            name = "+".join(n for n, _ in merged)
+            dir_ = "+".join(dict.fromkeys(d for _, d in merged))
+            merged = []
         tr = t - sh.get(node, 0)
-        if node != prev_node:
-            hop_node = f"{prev_node}->{node}"
-        else:
-            hop_node = node
-        hops.append(_hop("+".join(names), "+".join(dirs), hop_node, prev_t, tr - prev_t))
-        prev_t, prev_node = tr, node
-        names, dirs, nodes = [], [], []
-    if names:
-        complete = False
+        hops.append({"name": name, "dir": dir_,
+                     "node": node if node == prev_node else f"{prev_node}->{node}",
+                     "start_ns": prev_t, "duration_ns": tr - prev_t, "children": []})
+        prev_t = tr
+        prev_node = node
+    complete = len(hops) == len(chain) - 1
     return hops, complete
 
 
