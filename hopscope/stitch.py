@@ -251,8 +251,11 @@ class Stitcher:
                 if cands:
                     found = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
             else:
+                # the upstream request starts after the client's request is complete, and
+                # before Traefik answers it
+                end = c.resp_first if c.resp_first >= 0 else c.complete + MATCH_WINDOW_NS
                 for t0, x in no_id.get((c.node, c.method, c.path), ()):
-                    if not x.claimed and c.complete <= t0 <= c.complete + MATCH_WINDOW_NS:
+                    if not x.claimed and c.complete <= t0 <= end:
                         found = x
                         break
             if found is not None:
@@ -464,9 +467,15 @@ class Stitcher:
         def ref_t(node: str, t: int) -> int:
             return t - sh.get(node, 0)
 
+        # A connection answered at one interface was not dropped at another: on a node
+        # with br_netfilter, the SYN-ACK crosses cni0 already un-NATed (another 4-tuple).
+        answered = {flow for tr in self.trackers.values() for (flow, kind) in tr.handshakes
+                    if kind == "synack"}
         syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
         for tr in self.trackers.values():
             for r in tr.syns:
+                if r.flow in answered:
+                    continue
                 if r.packets < 2 and tr.last_ts - r.first < self.grace_ns and not r.refused:
                     continue  # the capture ended right after it
                 syns[(r.flow, r.isn)].append(r)

@@ -359,3 +359,40 @@ def test_cross_node_hops_never_negative_and_tile(skew: int, start: int, lose: bo
     assert sum(h["duration_ns"] for h in r["hops"] if h["name"] != "edge_rtt") == truth["total"]
     assert hops(r) == expected_cross(truth)
     _ = TILING
+
+
+def test_br_netfilter_unnated_synack_on_cni0_is_not_a_drop() -> None:
+    """With br_netfilter the pod's SYN-ACK crosses cni0 already un-NATed (another 4-tuple)."""
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    src, dst = "10.42.0.1", POD_IP[a]
+    for ifname, t in (("cni0", 0), ("vethab12cd34", 1_000)):
+        tl.add(a, ifname, t, src, 52000, dst, 8000, 10, 0, SYN, ip_id=7)
+    tl.add(a, "vethab12cd34", 2_000, dst, 8000, src, 52000, 50, 11, SYN | ACK, ip_id=8)
+    # on cni0: ClusterIP -> the node's address and Traefik's own port (pre-NAT)
+    tl.add(a, "cni0", 3_000, "10.43.167.83", 8000, nic, 39999, 50, 11, SYN | ACK, ip_id=8)
+    tl.add(a, "eth0", 3_000_000_000, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)
+    env = stitch(tl, nodes=("node1",))
+    assert env["drops"] == []
+
+
+def test_a_502_without_id_does_not_borrow_a_later_upstream_request() -> None:
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    req = http_request("GET", "/api/tasks/", None)
+    tl.add(a, "eth0", 0, CLIENT, 46000, nic, 80, 1, 1, ACK | PSH, req)
+    bad = http_response(502, b"Bad Gateway")
+    tl.add(a, "eth0", 400_000, nic, 80, CLIENT, 46000, 1, 1 + len(req), ACK | PSH, bad)
+    # a later request of the same method and path, and its upstream request
+    tl.add(a, "eth0", 1_000_000, CLIENT, 46001, nic, 80, 1, 1, ACK | PSH, req)
+    ureq = http_request("GET", "/api/tasks/", None, extra="X-Forwarded-Server: node1")
+    tl.add(a, "cni0", 1_300_000, "10.42.0.1", 52001, POD_IP[a], 8000, 5, 5, ACK | PSH, ureq)
+    resp = http_response(200)
+    tl.add(a, "cni0", 1_900_000, POD_IP[a], 8000, "10.42.0.1", 52001, 5, 5 + len(ureq), ACK | PSH, resp)
+    tl.add(a, "eth0", 2_100_000, nic, 80, CLIENT, 46001, 1, 1 + len(req), ACK | PSH, resp)
+    env = stitch(tl, nodes=("node1",))
+    first, second = env["requests"]
+    assert first["status"] == 502 and "no_upstream" in first["flags"]
+    assert second["status"] == 200 and second["pod_node"] == "node1"
+    assert [h["name"] for h in second["hops"]] == ["ingress", "app", "egress"]
+    assert second["hops"][0]["duration_ns"] == 300_000

@@ -711,6 +711,11 @@ def down(prefix: str = DEFAULT_PREFIX, progress: Progress | None = None) -> dict
     if inst is not None:
         names.update(ns for ns in inst.topology.namespaces().values() if netns.exists(ns))
     namespaces = sorted(names)
+    if inst is not None:
+        # faults first: delay holders remove their rules, fault and lock files go
+        from hopscope.testbed.faults import clear_all
+
+        clear_all(inst)
     pids = _our_pids(inst, namespaces, rdir)
     if pids:
         say(f"stopping {len(pids)} processes")

@@ -443,7 +443,6 @@ class CaptureSession:
                 if "UP" not in flags:
                     log.warning("%s: interface %s is down; not capturing it", node, iface.name)
                     continue
-                if_id = len(outs)
                 outs.append(IfaceOut(iface.name, _description(self.inst, node, iface.name,
                                                               iface.roles, iface.peer)))
                 for d in _DIRECTIONS:
@@ -456,7 +455,6 @@ class CaptureSession:
                         "-w", str(path), self.bpf,
                     ]
                     self.capturers.append(_Capturer(node, iface.name, d, path, cmd))
-                del if_id
             if not outs:
                 raise TestbedError(f"no interface to capture on {node} (namespace {ns}); "
                                    "is the replica up? (`hopscope testbed status`)")
