@@ -83,13 +83,6 @@ def test_up_without_root_is_a_privilege_error(monkeypatch: pytest.MonkeyPatch) -
         build.up("tnoroot")
 
 
-def test_demo_placeholder() -> None:
-    from hopscope.testbed.cli import demo
-
-    res = CliRunner().invoke(demo, [])
-    assert res.exit_code == 1
-
-
 # -- privileged: the shared replica -----------------------------------------------------------
 
 def _served_rays(inst: Instance) -> dict[str, list[dict[str, Any]]]:
