@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hopscope.capture import CaptureReader, ReadStats
 from hopscope.errors import UsageError
@@ -147,14 +148,15 @@ def _track(task: tuple[str, Path, int, int, Cidrs]) -> tuple[str, int, TrackerSt
 def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
            cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
            warn: Callable[[str], None] | None = None, progress: bool | None = None,
-           jobs: int | None = None) -> ReplayResult:
+           jobs: int | None = None, stream: bool = False) -> ReplayResult:
     """Read each node's capture through one :class:`Stitcher`; return the envelope and stats.
 
     ``jobs`` processes share the work (default: the CPUs): each node's
     capture is read by its own process, and a large capture by several, each
     taking a share of the TCP flows (:func:`hopscope.capture.flow_hash`);
     the per-node trackers' sightings are merged before the join, so the
-    result is the same as in one process.
+    result is the same as in one process. With ``stream`` the envelope's
+    ``requests`` is an iterator (see :meth:`Stitcher.result_stream`).
     """
     pairs = list(pairs)
     if reference is not None and reference not in {n for n, _ in pairs}:
@@ -196,7 +198,7 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
                 res.files.append(reader.stats)
         else:
             _run_pool(pairs, shards, cidrs, st, res, _warn, prog, jobs)
-        res.envelope = st.result()
+        res.envelope = st.result_stream() if stream else st.result()
     finally:
         prog.close()
         if gc_was:
@@ -235,6 +237,21 @@ def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st
                 res.files.append(rstats)
                 for w in rstats.warnings:
                     warn(w)
+
+
+def write_json(env: Envelope, out: IO[str]) -> None:
+    """Write the envelope as one JSON document, a request at a time (``requests`` may be lazy)."""
+    sep = (",", ":")
+    out.write('{"requests":[')
+    for i, r in enumerate(env["requests"]):
+        if i:
+            out.write(",")
+        out.write(json.dumps(r, separators=sep))
+    out.write("]")
+    for k, v in env.items():
+        if k != "requests":
+            out.write(f",{json.dumps(k)}:{json.dumps(v, separators=sep)}")
+    out.write("}\n")
 
 
 def summary_line(res: ReplayResult) -> str:

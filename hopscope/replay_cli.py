@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from hopscope.render import render_envelope
-from hopscope.replay import node_files, parse_cidrs, summary_line
+from hopscope.replay import node_files, parse_cidrs, summary_line, write_json
 from hopscope.replay import replay as run_replay
 
 
@@ -44,10 +43,9 @@ def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, refere
     """
     pairs = node_files(files, named)
     res = run_replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
-                 entry_ports=entry_ports, warn=_warn, jobs=jobs)
+                     entry_ports=entry_ports, warn=_warn, jobs=jobs, stream=as_json)
     if as_json:
-        json.dump(res.envelope, sys.stdout, separators=(",", ":"))
-        sys.stdout.write("\n")
+        write_json(res.envelope, sys.stdout)
         return
     click.echo(render_envelope(res.envelope, max_requests=None if show_all else limit))
     click.echo("\n" + summary_line(res))

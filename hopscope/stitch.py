@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,17 @@ class Stitcher:
 
     # -- the join ------------------------------------------------------------
     def result(self) -> Envelope:
+        """Stitch everything fed so far into the envelope (requests as a list)."""
+        env = self.result_stream()
+        env["requests"] = list(env["requests"])
+        return env
+
+    def result_stream(self) -> Envelope:
+        """The envelope with ``requests`` as an iterator in ``start_ns`` order.
+
+        Each request's dict is built only when the iterator reaches it, so a
+        caller that writes them out one by one never holds them all.
+        """
         for t in self.trackers.values():
             t.flush()
         ref = self.reference or (next(iter(self.trackers)) if self.trackers else "")
@@ -145,18 +156,28 @@ class Stitcher:
         offsets = self._offsets(clients, groups, ref)
         sh = {n: o.offset_ns for n, o in offsets.items()}
         self._offs = offsets
-        requests = [self._request(c, g, sh) for c, g in clients]
-        for g in groups:
-            if not g.claimed and g.rid:
-                requests.append(self._orphan(g, sh))
-        requests.sort(key=lambda r: (r["start_ns"], r["request_id"]))
+        # order first (cheap keys), build the dicts lazily
+        order: list[tuple[int, int, Sighting, _Group | None]] = [
+            (c.complete - sh.get(c.node, 0), 0, c, g) for c, g in clients]
+        order += [(self._orphan_start(g, sh), 1, g.sightings[0], g) for g in groups
+                  if not g.claimed and g.rid]
+        order.sort(key=lambda x: (x[0], x[1], x[2].rid))
+        self.stats.requests = len(order)
         drops = self._drops(clients, groups, sh)
-        self.stats.requests = len(requests)
         for n, t in self.trackers.items():
             self.stats.nodes[n] = {"packets": t.packets, "passed_over": t.passed_over,
                                    "sightings": len(t.sightings)}
+
+        def requests() -> Iterator[dict[str, Any]]:
+            for _start, orphan, c, g in order:
+                if orphan:
+                    assert g is not None
+                    yield self._orphan(g, sh)
+                else:
+                    yield self._request(c, g, sh)
+
         return {
-            "requests": requests,
+            "requests": requests(),
             "drops": drops,
             "clock_offsets": {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
                               for n, o in offsets.items() if n != ref},
@@ -429,6 +450,9 @@ class Stitcher:
             ("decap", "response", a, t(a, OVERLAY, 2)),
             ("egress", "response", a, c.resp_first),
         ]
+
+    def _orphan_start(self, g: _Group, sh: dict[str, int]) -> int:
+        return int(self._orphan(g, sh)["start_ns"])
 
     def _orphan(self, g: _Group, sh: dict[str, int]) -> dict[str, Any]:
         """An upstream request with an id whose client side no capture saw."""
