@@ -33,6 +33,7 @@ MATCH_WINDOW_NS = 30_000_000_000
 _POINT_ORDER = {NIC: 0, OVERLAY: 1, UNDERLAY: 2, POD: 3}
 
 Hop = dict[str, Any]
+_NONE = [-1, -1, -1, 0]  # a point that did not see the message
 Envelope = dict[str, Any]
 
 
@@ -436,18 +437,22 @@ class Stitcher:
                       ("egress", "response", a, c.resp_first)]
             return chain
         bb = b or "?"
+        get = g.by.get
+        none = _NONE
+        a_ov, a_ul = get((a, OVERLAY), none), get((a, UNDERLAY), none)
+        b_ul, b_ov, b_pod = get((b, UNDERLAY), none), get((b, OVERLAY), none), get((b, POD), none)
         return [
             ("", "", a, c.complete),
-            ("ingress", "request", a, t(a, OVERLAY, 0)),
-            ("encap", "request", a, t(a, UNDERLAY, 0)),
-            ("wire", "request", bb, t(b, UNDERLAY, 0)),
-            ("decap", "request", bb, t(b, OVERLAY, 0)),
-            ("deliver", "request", bb, t(b, POD, 1)),
-            ("app", "server", bb, t(b, POD, 2)),
-            ("route", "response", bb, t(b, OVERLAY, 2)),
-            ("encap", "response", bb, t(b, UNDERLAY, 2)),
-            ("wire", "response", a, t(a, UNDERLAY, 2)),
-            ("decap", "response", a, t(a, OVERLAY, 2)),
+            ("ingress", "request", a, a_ov[0]),
+            ("encap", "request", a, a_ul[0]),
+            ("wire", "request", bb, b_ul[0]),
+            ("decap", "request", bb, b_ov[0]),
+            ("deliver", "request", bb, b_pod[1]),
+            ("app", "server", bb, b_pod[2]),
+            ("route", "response", bb, b_ov[2]),
+            ("encap", "response", bb, b_ul[2]),
+            ("wire", "response", a, a_ul[2]),
+            ("decap", "response", a, a_ov[2]),
             ("egress", "response", a, c.resp_first),
         ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -781,6 +782,11 @@ class NodeTracker:
             h.state = IDLE
 
 
+# The headers the stitcher reads, found in one pass over the lower-cased block.
+_HEADERS_RE = re.compile(
+    rb"\r\n(content-length|transfer-encoding|host|cf-ray|x-request-id)[ \t]*:[ \t]*([^\r\n]*)")
+
+
 @lru_cache(maxsize=8192)
 def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
     """Parse a header block once (the same bytes cross several points).
@@ -788,9 +794,12 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
     Returns (is_request, chunked, content_length (-1 when absent), status, method,
     path, host, request id).
     """
-    low = head.lower()
+    found: dict[bytes, bytes] = {}
+    for m in _HEADERS_RE.finditer(head.lower()):
+        if m.group(1) not in found:  # the first of repeated headers counts
+            found[m.group(1)] = head[m.start(2) : m.end(2)].rstrip()
     first = head[: head.find(b"\r\n")]
-    cl = _header(head, low, b"\r\ncontent-length:")
+    cl = found.get(b"content-length")
     chunked = False
     clen = -1
     if cl is not None:
@@ -799,8 +808,7 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
         except ValueError:
             clen = 0
     else:
-        te = _header(low, low, b"\r\ntransfer-encoding:")
-        chunked = te is not None and b"chunked" in te
+        chunked = b"chunked" in found.get(b"transfer-encoding", b"").lower()
     if first.startswith(b"HTTP/"):
         parts = first.split(b" ", 2)
         try:
@@ -809,20 +817,10 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
             status = 0
         return False, chunked, clen, status, "", "", "", ""
     parts = first.split(b" ")
-    host = (_header(head, low, b"\r\nhost:") or b"").decode("utf-8", "replace")
-    rid = _header(head, low, b"\r\ncf-ray:") or _header(head, low, b"\r\nx-request-id:") or b""
+    rid = found.get(b"cf-ray") or found.get(b"x-request-id") or b""
     return (True, chunked, max(clen, 0), 0, parts[0].decode("ascii", "replace"),
-            parts[1].decode("utf-8", "replace") if len(parts) > 1 else "", host,
-            rid.decode("utf-8", "replace"))
-
-
-def _header(head: bytes, low: bytes, key: bytes) -> bytes | None:
-    """The value of the first header ``key`` (``b"\\r\\nname:"``, lower case), or None."""
-    i = low.find(key)
-    if i < 0:
-        return None
-    i += len(key)
-    return head[i : low.find(b"\r\n", i)].strip()
+            parts[1].decode("utf-8", "replace") if len(parts) > 1 else "",
+            found.get(b"host", b"").decode("utf-8", "replace"), rid.decode("utf-8", "replace"))
 
 
 def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:
