@@ -496,25 +496,34 @@ class Stitcher:
         def ref_t(node: str, t: int) -> int:
             return t - sh.get(node, 0)
 
-        # A connection answered at one interface was not dropped at another: on a node
-        # with br_netfilter, the SYN-ACK crosses cni0 already un-NATed (another 4-tuple).
-        answered = {flow for tr in self.trackers.values() for (flow, kind) in tr.handshakes
-                    if kind == "synack"}
         syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
         for tr in self.trackers.values():
             for r in tr.syns:
-                if r.flow in answered:
-                    continue
                 if r.packets < 2 and tr.last_ts - r.first < self.grace_ns and not r.refused:
                     continue  # the capture ended right after it
                 syns[(r.flow, r.isn)].append(r)
-        for rs in syns.values():
-            last = max(rs, key=lambda r: (ref_t(r.node, r.first), _POINT_ORDER.get(r.point, 0)))
+        for (flow, _isn), rs in syns.items():
+            client = min(rs, key=lambda r: ref_t(r.node, r.first)).node
+            answered_at = {p for p, _i, _t in
+                           self.trackers[client].handshakes.get((flow, "synack"), ())}
+            if answered_at - {UNDERLAY}:
+                # the SYN-ACK reached the client's node past the underlay, at another
+                # interface (with br_netfilter it crosses cni0 un-NATed): not a drop
+                continue
+            if answered_at:
+                # answered, but the SYN-ACK died on the way in (VXLAN never decapsulated)
+                last = next(r for r in rs if r.node == client)
+                node, point = client, UNDERLAY
+                first = min(ref_t(r.node, r.first) for r in rs)
+            else:
+                last = max(rs, key=lambda r: (ref_t(r.node, r.first),
+                                              _POINT_ORDER.get(r.point, 0)))
+                node, point, first = last.node, last.point, ref_t(last.node, last.first)
             drops.append({
-                "node": last.node, "point": last.point,
+                "node": node, "point": point,
                 "kind": "refused" if any(r.refused for r in rs) else "syn_unanswered",
                 "flow": flow_str(*last.flow), "packets": last.packets,
-                "first_ns": ref_t(last.node, last.first),
+                "first_ns": first,
             })
         for c, g in clients:
             if c.resp_first >= 0:

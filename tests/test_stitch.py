@@ -396,3 +396,27 @@ def test_a_502_without_id_does_not_borrow_a_later_upstream_request() -> None:
     assert second["status"] == 200 and second["pod_node"] == "node1"
     assert [h["name"] for h in second["hops"]] == ["ingress", "app", "egress"]
     assert second["hops"][0]["duration_ns"] == 300_000
+
+
+def test_synack_dropped_at_the_client_nodes_underlay() -> None:
+    """UFW on node1 drops the VXLAN that carries the pod's SYN-ACK back (ufw-block-vxlan)."""
+    tl = Timeline()
+    a, b = "node1", "node2"
+    src, dst = FLANNEL[a], POD_IP[b]
+    out_, back = (NODE_IP[a], NODE_IP[b]), (NODE_IP[b], NODE_IP[a])
+    for k in range(3):
+        t = k * 1_000_000_000
+        ipid = tl.add(a, "flannel.1", t, src, 53100, dst, 8000, 900, 0, SYN)
+        tl.add(a, "eth0", t + 30_000, src, 53100, dst, 8000, 900, 0, SYN, vxlan=out_, ip_id=ipid)
+        tl.add(b, "eth0", t + 45_000, src, 53100, dst, 8000, 900, 0, SYN, vxlan=out_, ip_id=ipid)
+        tl.add(b, "flannel.1", t + 60_000, src, 53100, dst, 8000, 900, 0, SYN, ip_id=ipid)
+        tl.add(b, "cni0", t + 70_000, src, 53100, dst, 8000, 900, 0, SYN, ip_id=ipid)
+        sa = tl.add(b, "cni0", t + 90_000, dst, 8000, src, 53100, 77, 901, SYN | ACK)
+        tl.add(b, "flannel.1", t + 100_000, dst, 8000, src, 53100, 77, 901, SYN | ACK, ip_id=sa)
+        tl.add(b, "eth0", t + 120_000, dst, 8000, src, 53100, 77, 901, SYN | ACK, vxlan=back, ip_id=sa)
+        tl.add(a, "eth0", t + 135_000, dst, 8000, src, 53100, 77, 901, SYN | ACK, vxlan=back, ip_id=sa)
+    tl.add(a, "eth0", 5_000_000_000, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)
+    env = stitch(tl)
+    [d] = env["drops"]
+    assert (d["kind"], d["node"], d["point"], d["packets"]) == ("syn_unanswered", "node1", "underlay", 3)
+    assert d["flow"] == f"{src}:53100 -> {dst}:8000"

@@ -39,10 +39,14 @@ def testbed() -> None:
               help="Service time of the api pods (changeable at run time).")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Traefik access logs (JSON, with CF-Ray) in the run directory.")
-def up(prefix: str, as_json: bool, service_ms: float, access_log: bool) -> None:
+@click.option("--dial-timeout", type=click.FloatRange(0.1, 300), default=build.DIAL_TIMEOUT_S,
+              show_default=True, help="Traefik's upstream dial timeout, seconds (Traefik's own "
+              "default, as on the cluster, is 30).")
+def up(prefix: str, as_json: bool, service_ms: float, access_log: bool,
+       dial_timeout: float) -> None:
     """Build the replica (root). Refuses when one with this prefix is already up."""
     inst = build.up(prefix, service_ms=service_ms, access_log=access_log,
-                    progress=build._stderr_progress)
+                    progress=build._stderr_progress, dial_timeout_s=dial_timeout)
     if as_json:
         click.echo(json.dumps(inst.to_dict(), indent=2))
     else:
