@@ -12,6 +12,13 @@ with the error's ``exit_code``.
     +-- UsageError                bad arguments or configuration         (exit 2)
     +-- PrivilegeError            needs root / a capability               (exit 77)
     +-- TestbedError              the network replica failed              (exit 1)
+    +-- WireError                 a peer broke the collector wire protocol (exit 1)
+    |   +-- FrameTooLarge         a length prefix over the frame cap
+    |   +-- BadFrame              not a valid frame (garbage, truncated, bad field)
+    |   +-- BadVersion            a schema version this side does not speak
+    |   +-- AuthFailed            wrong or missing token
+    |   +-- PeerClosed            the connection ended between two frames
+    +-- SpoolError                the agent's on-disk spool is unusable    (exit 1)
 
 Messages say what failed, on what, and what to do.
 """
@@ -51,3 +58,34 @@ class TestbedError(HopscopeError):
     """The network replica could not be built, changed or removed."""
 
     __test__ = False  # not a pytest test class
+
+
+class WireError(HopscopeError):
+    """A peer sent something the collector wire protocol does not allow.
+
+    After any of these the connection is closed (see ``docs/wire.md``).
+    """
+
+
+class FrameTooLarge(WireError):
+    """A frame's length prefix is over the cap (checked before any allocation)."""
+
+
+class BadFrame(WireError):
+    """Not a valid frame: garbage, truncated, not msgpack, a missing or mistyped field."""
+
+
+class BadVersion(WireError):
+    """The frame's schema version is not one this side speaks."""
+
+
+class AuthFailed(WireError):
+    """The hello's token is wrong (or the collector refused ours)."""
+
+
+class PeerClosed(WireError):
+    """The connection ended cleanly between two frames (no frame was cut)."""
+
+
+class SpoolError(HopscopeError):
+    """The on-disk spool cannot be used (directory, lock, sequence order)."""

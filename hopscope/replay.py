@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import heapq
 import ipaddress
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,9 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from hopscope.capture import CaptureReader, ReadStats
-from hopscope.errors import UsageError
+from hopscope.errors import HopscopeError, UsageError
 from hopscope.stitch import Envelope, Stitcher
-from hopscope.tcpflow import Cidrs, NodeTracker, TrackerState
+from hopscope.tcpflow import Cidrs, NodeTracker
 
 
 @dataclass
@@ -116,47 +118,51 @@ def plan_shards(sizes: list[int], jobs: int) -> list[int]:
     return shards
 
 
-# Set in a forked worker by the pool initializer: the shared byte counter.
-_progress_counter: Any = None
+#: A worker hands over what it settled every this many packets.
+TAKE_EVERY = 1 << 15
 
 
-def _init_worker(counter: Any) -> None:
-    global _progress_counter
-    _progress_counter = counter
+def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any) -> None:
+    """In a worker process: read shard k of n of one node's capture, handing over as it goes."""
+    node, path, k, n, cidrs = task
     gc.disable()
 
-
-def _track(task: tuple[str, Path, int, int, Cidrs]) -> tuple[str, int, TrackerState, ReadStats]:
-    """In a worker: read shard k of n of one node's capture into a NodeTracker."""
-    node, path, k, n, cidrs = task
-    counter = _progress_counter
-
     def progress(nbytes: int) -> None:
-        if counter is not None and k == 0:
+        if k == 0:
             with counter.get_lock():
                 counter.value += nbytes
 
-    # the stitcher infers direction from each node's role: skip reading epb_flags
-    reader = CaptureReader(path, node, shard=(k, n), progress=progress, directions=False)
-    tracker = NodeTracker(node, cidrs)
-    for batch in reader:
-        tracker.feed(batch)
-    tracker.flush()
-    return node, k, tracker.export(), reader.stats
+    try:
+        # the stitcher infers direction from each node's role: skip reading epb_flags
+        reader = CaptureReader(path, node, shard=(k, n), progress=progress, directions=False)
+        tracker = NodeTracker(node, cidrs)
+        since = 0
+        for batch in reader:
+            tracker.feed(batch)
+            since += len(batch)
+            if since >= TAKE_EVERY:
+                since = 0
+                out.put(("take", node, k, tracker.take(), None))
+        out.put(("done", node, k, tracker.take(final=True), reader.stats))
+    except BaseException as exc:
+        out.put(("error", node, k, None, exc if isinstance(exc, HopscopeError) else
+                 HopscopeError(f"{path}: {type(exc).__name__}: {exc}")))
 
 
 def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
            cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
            warn: Callable[[str], None] | None = None, progress: bool | None = None,
-           jobs: int | None = None, stream: bool = False) -> ReplayResult:
+           jobs: int | None = None, stream: bool = False,
+           emit: Callable[[dict[str, Any]], None] | None = None) -> ReplayResult:
     """Read each node's capture through one :class:`Stitcher`; return the envelope and stats.
 
     ``jobs`` processes share the work (default: the CPUs): each node's
     capture is read by its own process, and a large capture by several, each
-    taking a share of the TCP flows (:func:`hopscope.capture.flow_hash`);
-    the per-node trackers' sightings are merged before the join, so the
-    result is the same as in one process. With ``stream`` the envelope's
-    ``requests`` is an iterator (see :meth:`Stitcher.result_stream`).
+    taking a share of the TCP flows (:func:`hopscope.capture.flow_hash`).
+    The stitcher joins what they hand over as they go, so with ``emit`` the
+    requests come out (to ``emit``, one by one) while the captures are still
+    being read, and memory stays bounded; the result is the same as in one
+    process. With ``stream`` the envelope's ``requests`` is an iterator.
     """
     pairs = list(pairs)
     if reference is not None and reference not in {n for n, _ in pairs}:
@@ -189,16 +195,17 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        if jobs == 1 or sum(shards) == 1 or all(sz < PARALLEL_MIN_BYTES for sz in sizes):
-            for node, path in pairs:
-                reader = CaptureReader(path, node, warn=_warn, progress=prog, directions=False)
-                tracker = st.tracker(node)
-                for batch in reader:
-                    tracker.feed(batch)
-                res.files.append(reader.stats)
+        if jobs == 1 or all(sz < PARALLEL_MIN_BYTES for sz in sizes) or sum(shards) == 1:
+            stats = _run_serial(pairs, st, _warn, prog, emit)
         else:
-            _run_pool(pairs, shards, cidrs, st, res, _warn, prog, jobs)
-        res.envelope = st.result_stream() if stream else st.result()
+            stats = _run_pool(pairs, shards, cidrs, st, _warn, prog, jobs, emit)
+        res.files.extend(stats)
+        reqs, drops = st.finish()
+        if emit is not None:
+            for r in reqs:
+                emit(r)
+            reqs = iter(())
+        res.envelope = st.envelope(reqs if stream else list(reqs), drops)
     finally:
         prog.close()
         if gc_was:
@@ -209,49 +216,130 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
     return res
 
 
+def _drain(st: Stitcher, emit: Callable[[dict[str, Any]], None] | None) -> None:
+    if emit is not None:
+        for r in st.drain():
+            emit(r)
+
+
+def _run_serial(pairs: list[tuple[str, Path]], st: Stitcher, warn: Callable[[str], None],
+                prog: _Progress, emit: Callable[[dict[str, Any]], None] | None) -> list[ReadStats]:
+    """All captures in this process, read side by side in time order (so the join can drain)."""
+    readers = [CaptureReader(path, node, warn=warn, progress=prog, directions=False)
+               for node, path in pairs]
+    its = [iter(r) for r in readers]
+    trackers = [NodeTracker(node, st.cidrs) for node, _ in pairs]
+    # the next batch comes from the capture that is furthest behind
+    heap: list[tuple[int, int]] = [(-(1 << 62), i) for i in range(len(pairs))]
+    since = 0
+    while heap:
+        _t, i = heapq.heappop(heap)
+        batch = next(its[i], None)
+        if batch is None:
+            st.add(pairs[i][0], trackers[i].take(final=True), watermark=1 << 62)
+            continue
+        trackers[i].feed(batch)
+        heapq.heappush(heap, (batch[-1].ts_real_ns, i))
+        since += len(batch)
+        if since >= TAKE_EVERY and emit is not None:
+            since = 0
+            for (node, _p), tr in zip(pairs, trackers, strict=True):
+                st.add(node, tr.take())
+            _drain(st, emit)
+    return [r.stats for r in readers]
+
+
 def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st: Stitcher,
-              res: ReplayResult, warn: Callable[[str], None], prog: _Progress, jobs: int) -> None:
+              warn: Callable[[str], None], prog: _Progress, jobs: int,
+              emit: Callable[[dict[str, Any]], None] | None) -> list[ReadStats]:
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
+    out = ctx.Queue(maxsize=64)
     tasks = [(node, path, k, n, cidrs) for (node, path), n in zip(pairs, shards, strict=True)
              for k in range(n)]
-    done: dict[tuple[str, int], tuple[TrackerState, ReadStats]] = {}
-    with ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
-        pending = pool.imap_unordered(_track, tasks)
-        while True:
+    todo = list(tasks)
+    running: list[Any] = []
+    wm: dict[tuple[str, int], int] = {(t[0], t[2]): -(1 << 62) for t in tasks}
+    stats: dict[str, ReadStats] = {}
+    error: BaseException | None = None
+
+    def start_next() -> None:
+        task = todo.pop(0)
+        p = ctx.Process(target=_worker, args=(task, out, counter), daemon=True)
+        p.start()
+        running.append(p)
+
+    try:
+        while todo and len(running) < jobs:
+            start_next()
+        left = len(tasks)
+        while left:
             try:
-                node, k, state, rstats = pending.next(timeout=0.2)
-            except mp.TimeoutError:
+                kind, node, k, state, extra = out.get(timeout=0.2)
+            except queue.Empty:
                 prog(counter.value - prog.done)
+                if not any(p.is_alive() for p in running) and out.empty():
+                    raise HopscopeError("a replay worker died without a word (out of memory?); "
+                                        "try --jobs 1") from None
                 continue
-            except StopIteration:
+            if kind == "error":
+                error = extra
                 break
-            done[(node, k)] = (state, rstats)
-    prog(counter.value - prog.done)
-    # merge in a fixed order, so that the result does not depend on which worker ended first
-    for (node, _path), n in zip(pairs, shards, strict=True):
-        for k in range(n):
-            state, rstats = done[(node, k)]
-            st.tracker(node).absorb(state)
-            if k == 0:
-                res.files.append(rstats)
-                for w in rstats.warnings:
-                    warn(w)
+            if kind == "done":
+                left -= 1
+                wm[(node, k)] = 1 << 62
+                if k == 0 and extra is not None:
+                    stats[node] = extra
+                if todo:
+                    start_next()
+            else:
+                wm[(node, k)] = state.last_ts
+            node_wm = min(v for (n, _k), v in wm.items() if n == node)
+            st.add(node, state, watermark=node_wm)
+            _drain(st, emit)
+            prog(counter.value - prog.done)
+    finally:
+        for p in running:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5)
+    if error is not None:
+        raise error
+    for s in (stats[n] for n, _ in pairs if n in stats):
+        for w in s.warnings:
+            warn(w)
+    return [stats[n] for n, _ in pairs if n in stats]
+
+
+class JsonWriter:
+    """Write the envelope as one JSON document, a request at a time.
+
+    Pass :meth:`request` as ``emit`` to :func:`replay`; then :meth:`close`
+    with the envelope (whose ``requests`` may hold the rest).
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.n = 0
+        out.write('{"requests":[')
+
+    def request(self, r: dict[str, Any]) -> None:
+        self.out.write(("," if self.n else "") + json.dumps(r, separators=(",", ":")))
+        self.n += 1
+
+    def close(self, env: Envelope) -> None:
+        for r in env["requests"]:
+            self.request(r)
+        self.out.write("]")
+        for k, v in env.items():
+            if k != "requests":
+                self.out.write(f",{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}")
+        self.out.write("}\n")
 
 
 def write_json(env: Envelope, out: IO[str]) -> None:
-    """Write the envelope as one JSON document, a request at a time (``requests`` may be lazy)."""
-    sep = (",", ":")
-    out.write('{"requests":[')
-    for i, r in enumerate(env["requests"]):
-        if i:
-            out.write(",")
-        out.write(json.dumps(r, separators=sep))
-    out.write("]")
-    for k, v in env.items():
-        if k != "requests":
-            out.write(f",{json.dumps(k)}:{json.dumps(v, separators=sep)}")
-    out.write("}\n")
+    """Write a whole envelope as one JSON document."""
+    JsonWriter(out).close(env)
 
 
 def summary_line(res: ReplayResult) -> str:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from hopscope.render import render_envelope
-from hopscope.replay import node_files, parse_cidrs, summary_line, write_json
+from hopscope.replay import JsonWriter, node_files, parse_cidrs, summary_line
 from hopscope.replay import replay as run_replay
 
 
@@ -42,10 +42,15 @@ def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, refere
         hopscope replay node1.pcapng node2.pcapng
     """
     pairs = node_files(files, named)
-    res = run_replay(pairs, reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
-                     entry_ports=entry_ports, warn=_warn, jobs=jobs, stream=as_json)
+    cidrs = parse_cidrs(pod_cidr, service_cidr)
     if as_json:
-        write_json(res.envelope, sys.stdout)
+        # requests are written as they are stitched: memory stays flat on big captures
+        writer = JsonWriter(sys.stdout)
+        res = run_replay(pairs, reference=reference, cidrs=cidrs, entry_ports=entry_ports,
+                         warn=_warn, jobs=jobs, stream=True, emit=writer.request)
+        writer.close(res.envelope)
         return
+    res = run_replay(pairs, reference=reference, cidrs=cidrs, entry_ports=entry_ports,
+                     warn=_warn, jobs=jobs)
     click.echo(render_envelope(res.envelope, max_requests=None if show_all else limit))
     click.echo("\n" + summary_line(res))

@@ -11,6 +11,7 @@ the collector all use this class.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import defaultdict
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation, flow_str
-from hopscope.tcpflow import PODNET, Cidrs, NodeTracker, Sighting, SynRecord
+from hopscope.tcpflow import PODNET, Cidrs, NodeTracker, Sighting, SynRecord, TrackerState
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ class _Bounds:
 class _Group:
     """One upstream request message, every place it was seen."""
 
-    __slots__ = ("a", "b", "by", "claimed", "rid", "sightings")
+    __slots__ = ("a", "b", "by", "claimed", "key", "n_agg", "rid", "sightings")
 
     def __init__(self) -> None:
+        self.key: tuple[object, ...] = ()
+        self.n_agg = -1  # how many sightings the last agg() saw
         self.sightings: list[Sighting] = []
         self.rid = ""
         self.claimed = False
@@ -74,8 +77,13 @@ class _Group:
         self.a = ""  # the sending node (Traefik's)
         self.b = ""  # the pod's node
 
+    def agg_if_needed(self) -> None:
+        if self.n_agg != len(self.sightings):
+            self.agg()
+
     def agg(self) -> None:
         """Per (node, point): earliest first, complete and response-first over interfaces."""
+        self.n_agg = len(self.sightings)
         by: dict[tuple[str, str], list[int]] = {}
         for s in self.sightings:
             v = by.get((s.node, s.point))
@@ -106,36 +114,136 @@ class StitchStats:
 
 
 class Stitcher:
-    """Stitch observations of several nodes into requests.
+    """Stitch observations of several nodes into requests, incrementally.
 
     ``nodes`` names the nodes in order; the first is the clock reference
     unless ``reference`` says otherwise.
+
+    Two ways in: :meth:`feed` observations to the stitcher's own per-node
+    trackers, or :meth:`add` what trackers elsewhere (other processes, the
+    agents) handed over with :meth:`NodeTracker.take`. Two ways out:
+    :meth:`drain` returns the requests that are settled on every node (each
+    node's watermark has passed them), freeing their state, so memory stays
+    bounded on a long stream; :meth:`result` drains everything at the end.
     """
+
+    #: A request is finished this long (node time) after its response started on
+    #: every node: late copies from other nodes have arrived by then.
+    LINGER_NS = 1_000_000_000
+    #: An upstream request nobody claimed is given up (or reported without its
+    #: client side) this long after it was seen; connection attempts likewise.
+    HORIZON_NS = 60_000_000_000
 
     def __init__(self, nodes: Iterable[str] = (), *, reference: str | None = None,
                  cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
                  grace_ns: int = GRACE_NS) -> None:
         self.cidrs = cidrs or Cidrs()
         self.trackers: dict[str, NodeTracker] = {}
-        for n in nodes:
-            self.tracker(n)
+        self.nodes: list[str] = []
         self.reference = reference
         self.entry_ports = frozenset(entry_ports)
         self.grace_ns = grace_ns
         self.warnings: list[str] = []
+        self._warned: set[str] = set()
         self.stats = StitchStats()
         self._offs: dict[str, Offset] = {}
+        self._sh: dict[str, int] = {}
+        # pending state
+        self._wm: dict[str, int] = {}  # per node: everything up to here has been handed over
+        self._last: dict[str, int] = {}  # per node: the latest time seen
+        self._clients: list[Sighting] = []
+        self._groups: dict[tuple[object, ...], _Group] = {}
+        self._by_rid: dict[str, list[_Group]] = defaultdict(list)
+        self._no_id: dict[tuple[str, str], list[_Group]] = defaultdict(list)
+        self._syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
+        self._hs: dict[tuple[object, ...], dict[tuple[str, str], int]] = defaultdict(dict)
+        self._synacks: dict[tuple[str, object], set[str]] = defaultdict(set)
+        self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
+        self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self._pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
+        self._podnet: set[tuple[str, str]] = set()
+        self.drops = []
+        for n in nodes:
+            self._node(n)
+
+    def _node(self, node: str) -> None:
+        if node not in self._wm:
+            self.nodes.append(node)
+            self._wm[node] = -(1 << 62)
+            self._last[node] = 0
+            self.stats.nodes[node] = {"packets": 0, "passed_over": 0, "sightings": 0}
+
+    @property
+    def ref(self) -> str:
+        return self.reference or (self.nodes[0] if self.nodes else "")
 
     def tracker(self, node: str) -> NodeTracker:
         t = self.trackers.get(node)
         if t is None:
             t = self.trackers[node] = NodeTracker(node, self.cidrs)
+            self._node(node)
         return t
 
     def feed(self, node: str, batch: Iterable[Observation]) -> None:
         self.tracker(node).feed(batch)
 
-    # -- the join ------------------------------------------------------------
+    def poll(self) -> list[dict[str, Any]]:
+        """Take what the own trackers settled, and drain the requests that are done."""
+        for node, t in self.trackers.items():
+            self.add(node, t.take())
+        return self.drain()
+
+    # -- input ---------------------------------------------------------------
+    def add(self, node: str, st: TrackerState, watermark: int | None = None) -> None:
+        """What a tracker of ``node`` handed over (see :meth:`NodeTracker.take`)."""
+        self._node(node)
+        ns = self.stats.nodes[node]
+        ns["packets"] += st.packets
+        ns["passed_over"] += st.passed_over
+        ns["sightings"] += len(st.sightings)
+        wm = st.last_ts if watermark is None else watermark
+        self._wm[node] = max(self._wm[node], wm)
+        self._last[node] = max(self._last[node], st.last_ts)
+        for i in st.podnet_ifaces:
+            self._podnet.add((node, i))
+        for s in st.sightings:
+            if s.complete < 0:
+                self.stats.passed_over_requests += 1
+            elif s.point == NIC:
+                if s.flow[3] in self.entry_ports:
+                    self._clients.append(s)
+                else:
+                    self.stats.passed_over_requests += 1
+            else:
+                key = (s.flow, s.seq0)
+                g = self._groups.get(key)
+                if g is None:
+                    g = self._groups[key] = _Group()
+                    g.key = key
+                g.sightings.append(s)
+                if not g.rid and s.rid:
+                    g.rid = s.rid
+                    self._by_rid[s.rid].append(g)
+                elif not g.rid and len(g.sightings) == 1:
+                    self._no_id[(s.method, s.path)].append(g)
+        for r in st.syns:
+            self._syns[(r.flow, r.isn)].append(r)
+        for (flow, kind), lst in st.handshakes.items():
+            d = self._hs[(flow, kind)]
+            for point, ifname, ts in lst:
+                if point == PODNET:
+                    v = self._votes[(node, ifname)]
+                    point = OVERLAY if v[0] > v[1] else POD
+                k = (node, point)
+                if k not in d or ts < d[k]:
+                    d[k] = ts
+                if kind == "synack":
+                    self._synacks[(node, flow)].add(point)
+            ab = self._ends.get(flow)
+            if ab is not None:
+                self._crossing(ab[0], ab[1], d, kind == "syn")
+
+    # -- output --------------------------------------------------------------
     def result(self) -> Envelope:
         """Stitch everything fed so far into the envelope (requests as a list)."""
         env = self.result_stream()
@@ -143,31 +251,90 @@ class Stitcher:
         return env
 
     def result_stream(self) -> Envelope:
-        """The envelope with ``requests`` as an iterator in ``start_ns`` order.
+        """Everything, at the end of input: the envelope, ``requests`` as an iterator."""
+        for node, t in self.trackers.items():
+            self.add(node, t.take(final=True))
+        reqs, drops = self._drain(final=True, lazy=True)
+        return self.envelope(reqs, drops)
 
-        Each request's dict is built only when the iterator reaches it, so a
-        caller that writes them out one by one never holds them all.
-        """
-        for t in self.trackers.values():
-            t.flush()
-        ref = self.reference or (next(iter(self.trackers)) if self.trackers else "")
-        self._resolve_podnet()
-        clients, groups = self._split()
-        self._link(clients, groups)
-        offsets = self._offsets(clients, groups, ref)
-        sh = {n: o.offset_ns for n, o in offsets.items()}
-        self._offs = offsets
-        # order first (cheap keys), build the dicts lazily
+    def envelope(self, requests: Iterable[dict[str, Any]], drops: list[dict[str, Any]]) -> Envelope:
+        return {
+            "requests": requests,
+            "drops": drops,
+            "clock_offsets": {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
+                              for n, o in self._offs.items() if n != self.ref},
+            "reference": self.ref,
+        }
+
+    def drain(self, final: bool = False) -> list[dict[str, Any]]:
+        """Requests settled on every node (their state is freed); drops go to :attr:`drops`."""
+        reqs, drops = self._drain(final=final, lazy=False)
+        self.drops.extend(drops)
+        return list(reqs)
+
+    drops: list[dict[str, Any]]
+
+    def finish(self) -> tuple[Iterator[dict[str, Any]], list[dict[str, Any]]]:
+        """End of input for :meth:`add` users: the rest of the requests, and all drops."""
+        reqs, drops = self._drain(final=True, lazy=True)
+        self.drops.extend(drops)
+        all_drops = sorted(self.drops, key=lambda d: (d["first_ns"], d["flow"]))
+        self.drops = []
+        return reqs, all_drops
+
+    def _horizon(self) -> int:
+        """In reference time: every node has handed over everything before this."""
+        if not self._wm:
+            return -(1 << 62)
+        return min(wm - self._sh.get(n, 0) for n, wm in self._wm.items())
+
+    def _drain(self, final: bool, lazy: bool) -> tuple[Iterator[dict[str, Any]], list[dict[str, Any]]]:
+        sh = self._sh
+        horizon = (1 << 62) if final else self._horizon()
+        linger, far = self.LINGER_NS, self.HORIZON_NS
+        ready: list[Sighting] = []
+        keep: list[Sighting] = []
+        for c in self._clients:
+            if final:
+                ready.append(c)
+                continue
+            t = c.resp_first if c.resp_first >= 0 else c.complete
+            # settled: a response started, or the client connection ended without one
+            if (c.settled and (c.resp_first >= 0 or c.reset_ts >= 0 or c.status) and \
+                    t - sh.get(c.node, 0) + linger <= horizon) or c.complete - sh.get(c.node, 0) + far <= horizon:
+                ready.append(c)
+            else:
+                keep.append(c)
+        self._clients = keep
+        ready.sort(key=lambda c: c.complete)
+        linked: list[tuple[Sighting, _Group | None]] = [(c, self._link(c)) for c in ready]
+        # orphans: upstream requests with an id that no client request claimed
+        orphans: list[_Group] = []
+        for key, g in list(self._groups.items()):
+            if g.claimed:
+                continue
+            if final or min(s.first - sh.get(s.node, 0) for s in g.sightings) + far <= horizon:
+                self._settle_group(g)
+                del self._groups[key]
+                self._unindex(g)
+                if g.rid:
+                    orphans.append(g)
+        # samples of the messages that crossed between nodes, then the clocks
+        for _c, lg in linked:
+            if lg is not None:
+                self._samples(lg)
+        for og in orphans:
+            self._samples(og)
+        self._offs = self._offsets()
+        self._sh = sh = {n: o.offset_ns for n, o in self._offs.items()}
+        drops = self._drops_syn(final, horizon)
+        drops += [d for c, g in linked if (d := self._drop_unanswered(c, g, sh)) is not None]
+        drops.sort(key=lambda d: (d["first_ns"], d["flow"]))
         order: list[tuple[int, int, Sighting, _Group | None]] = [
-            (c.complete - sh.get(c.node, 0), 0, c, g) for c, g in clients]
-        order += [(self._orphan_start(g, sh), 1, g.sightings[0], g) for g in groups
-                  if not g.claimed and g.rid]
+            (c.complete - sh.get(c.node, 0), 0, c, g) for c, g in linked]
+        order += [(self._orphan_start(g, sh), 1, g.sightings[0], g) for g in orphans]
         order.sort(key=lambda x: (x[0], x[1], x[2].rid))
-        self.stats.requests = len(order)
-        drops = self._drops(clients, groups, sh)
-        for n, t in self.trackers.items():
-            self.stats.nodes[n] = {"packets": t.packets, "passed_over": t.passed_over,
-                                   "sightings": len(t.sightings)}
+        self.stats.requests += len(order)
 
         def requests() -> Iterator[dict[str, Any]]:
             for _start, orphan, c, g in order:
@@ -177,164 +344,135 @@ class Stitcher:
                 else:
                     yield self._request(c, g, sh)
 
-        return {
-            "requests": requests(),
-            "drops": drops,
-            "clock_offsets": {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
-                              for n, o in offsets.items() if n != ref},
-            "reference": ref,
-        }
+        if lazy:
+            return requests(), drops
+        return iter(list(requests())), drops
 
     def _warn(self, msg: str) -> None:
-        """Kept in :attr:`warnings` for the caller to show."""
+        """Kept in :attr:`warnings` for the caller to show (once each)."""
+        if msg in self._warned:
+            return
+        self._warned.add(msg)
         self.warnings.append(msg)
         log.info("%s", msg)
 
-    def _resolve_podnet(self) -> None:
-        """Decide overlay vs pod for pod-network traffic on unnamed interfaces.
+    # -- linking -------------------------------------------------------------
+    def _link(self, c: Sighting) -> _Group | None:
+        """The upstream request of client request ``c`` (across Traefik), claimed."""
+        found: _Group | None = None
+        if c.rid:
+            cands = [x for x in self._by_rid.get(c.rid, ()) if not x.claimed]
+            if cands:
+                for x in cands:
+                    x.agg_if_needed()
+                found = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
+        else:
+            # the upstream request starts after the client's request is complete, and
+            # before Traefik answers it
+            end = c.resp_first if c.resp_first >= 0 else c.complete + MATCH_WINDOW_NS
+            best = -1
+            for x in self._no_id.get((c.method, c.path), ()):
+                if x.claimed:
+                    continue
+                t0 = min((s.first for s in x.sightings if s.node == c.node), default=-1)
+                if c.complete <= t0 <= end and (found is None or t0 < best):
+                    found, best = x, t0
+        if found is None:
+            return None
+        found.claimed = True
+        found.a = c.node
+        self._settle_group(found)
+        self._groups.pop(found.key, None)
+        self._unindex(found)
+        return found
 
-        Per message: of its copies on one node, the one nearest in time to
-        the message's VXLAN copy there is the overlay (flannel.1); the others
-        are pod copies (cni0, veth); with no VXLAN copy all are pod copies.
-        Connection attempts and handshakes follow their interface's majority.
+    def _unindex(self, g: _Group) -> None:
+        if g.rid:
+            lst = self._by_rid.get(g.rid)
+            if lst is not None:
+                with contextlib.suppress(ValueError):
+                    lst.remove(g)
+                if not lst:
+                    del self._by_rid[g.rid]
+        else:
+            s0 = g.sightings[0]
+            lst2 = self._no_id.get((s0.method, s0.path))
+            if lst2 is not None:
+                with contextlib.suppress(ValueError):
+                    lst2.remove(g)
+                if not lst2:
+                    del self._no_id[(s0.method, s0.path)]
+
+    def _settle_group(self, g: _Group) -> None:
+        """Resolve unnamed pod-network points, then aggregate per (node, point).
+
+        Per message: of its copies on one node, the one nearest in time to the
+        message's VXLAN copy there is the overlay (flannel.1); the others are
+        pod copies (cni0, veth); with no VXLAN copy all are pod copies. Each
+        decision is a vote for its interface (used for handshakes and SYNs).
         """
-        for t in self.trackers.values():
-            if not t.podnet_ifaces:
+        by_node: dict[str, list[Sighting]] = defaultdict(list)
+        for s in g.sightings:
+            if s.point == PODNET or s.point == UNDERLAY:
+                by_node[s.node].append(s)
+        for node, ss in by_node.items():
+            pn = [s for s in ss if s.point == PODNET]
+            if not pn:
                 continue
-            by_key: dict[tuple[object, ...], list[Sighting]] = defaultdict(list)
-            for s in t.sightings:
-                if s.point in (PODNET, UNDERLAY):
-                    by_key[(s.flow, s.seq0)].append(s)
-            votes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # overlay, pod
-            for ss in by_key.values():
-                pn = [s for s in ss if s.point == PODNET]
-                if not pn:
-                    continue
-                ul = [s.first for s in ss if s.point == UNDERLAY]
-                best = min(pn, key=lambda s: abs(s.first - ul[0])) if ul else None
-                for s in pn:
-                    s.point = OVERLAY if s is best else POD
-                    votes[s.ifname][0 if s is best else 1] += 1
-            point = {i: OVERLAY if v[0] > v[1] else POD for i, v in votes.items()}
-            for s in t.sightings:
-                if s.point == PODNET:
-                    s.point = point.get(s.ifname, POD)
-            for r in t.syns:
-                if r.point == PODNET:
-                    r.point = point.get(r.ifname, POD)
-            for lst in t.handshakes.values():
-                lst[:] = [(point.get(i, POD) if p == PODNET else p, i, ts) for p, i, ts in lst]
+            ul = [s.first for s in ss if s.point == UNDERLAY]
+            best = min(pn, key=lambda s: abs(s.first - ul[0])) if ul else None
+            for s in pn:
+                s.point = OVERLAY if s is best else POD
+                self._votes[(node, s.ifname)][0 if s is best else 1] += 1
+        g.agg()
+        if not g.a:
+            g.a = self._sender(g)
 
-    def _split(self) -> tuple[list[tuple[Sighting, _Group | None]], list[_Group]]:
-        clients: list[tuple[Sighting, _Group | None]] = []
-        by_msg: dict[tuple[object, ...], _Group] = {}
-        for t in self.trackers.values():
-            for s in t.sightings:
-                if s.complete < 0:
-                    self.stats.passed_over_requests += 1
-                    continue
-                if s.point == NIC:
-                    if s.flow[3] in self.entry_ports:
-                        clients.append((s, None))
-                    else:
-                        self.stats.passed_over_requests += 1
-                    continue
-                g = by_msg.get((s.flow, s.seq0))
-                if g is None:
-                    g = by_msg[(s.flow, s.seq0)] = _Group()
-                g.sightings.append(s)
-                if not g.rid and s.rid:
-                    g.rid = s.rid
-        groups = list(by_msg.values())
-        for g in groups:
-            g.agg()
-        return clients, groups
-
-    def _link(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group]) -> None:
-        """Link each client request to its upstream request (across Traefik)."""
-        by_rid: dict[str, list[_Group]] = defaultdict(list)
-        no_id: dict[tuple[str, str, str], list[tuple[int, _Group]]] = defaultdict(list)
-        for g in groups:
-            if g.rid:
-                by_rid[g.rid].append(g)
+    # -- clocks --------------------------------------------------------------
+    def _crossing(self, a: str, b: str, times: dict[tuple[str, str], int], forward: bool) -> None:
+        """One segment that went a -> b (forward) or b -> a, with its times per (node, point)."""
+        src, dst = (a, b) if forward else (b, a)
+        ts = _last(times, src)
+        tr = _first(times, dst)
+        if ts >= 0 and tr >= 0:
+            if forward:
+                self._pairs[(a, b)].upper(tr - ts)
             else:
-                s0 = g.sightings[0]
-                for (node, _p), v in g.by.items():
-                    if v[0] >= 0:
-                        no_id[(node, s0.method, s0.path)].append((v[0], g))
-        for lst in no_id.values():
-            lst.sort(key=lambda x: x[0])
-        order = sorted(range(len(clients)), key=lambda i: clients[i][0].complete)
-        for i in order:
-            c, _ = clients[i]
-            found: _Group | None = None
-            if c.rid:
-                cands = [x for x in by_rid.get(c.rid, ()) if not x.claimed]
-                if cands:
-                    found = min(cands, key=lambda x: _first_on(x, c.node, c.complete))
-            else:
-                # the upstream request starts after the client's request is complete, and
-                # before Traefik answers it
-                end = c.resp_first if c.resp_first >= 0 else c.complete + MATCH_WINDOW_NS
-                for t0, x in no_id.get((c.node, c.method, c.path), ()):
-                    if not x.claimed and c.complete <= t0 <= end:
-                        found = x
-                        break
-            if found is not None:
-                found.claimed = True
-                found.a = c.node
-                clients[i] = (c, found)
+                self._pairs[(a, b)].lower(ts - tr)
 
-    def _offsets(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
-                 ref: str) -> dict[str, Offset]:
-        """Per node-pair bounds from messages that crossed between nodes, chained from ``ref``."""
-        pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
-        ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
+    def _samples(self, g: _Group) -> None:
+        a, b = g.a, g.b
+        if not a or not b or a == b:
+            return
+        flow = g.sightings[0].flow
+        if flow not in self._ends:
+            self._ends[flow] = (a, b)
+            if len(self._ends) > 200_000:  # bounded: forget the oldest connections
+                for k in list(self._ends)[:100_000]:
+                    del self._ends[k]
+            # the connection's handshake: SYN a -> b, SYN-ACK b -> a
+            for kind in ("syn", "synack"):
+                d = self._hs.get((flow, kind))
+                if d:
+                    self._crossing(a, b, d, kind == "syn")
+        req = {k: v[0] for k, v in g.by.items() if v[0] >= 0}
+        resp = {k: v[2] for k, v in g.by.items() if v[2] >= 0}
+        self._crossing(a, b, req, True)
+        self._crossing(a, b, resp, False)
 
-        def crossing(a: str, b: str, times: dict[tuple[str, str], int], forward: bool) -> None:
-            """One segment that went a -> b (forward) or b -> a, with its times per (node, point)."""
-            src, dst = (a, b) if forward else (b, a)
-            ts = _last(times, src)
-            tr = _first(times, dst)
-            if ts >= 0 and tr >= 0:
-                if forward:
-                    pairs[(a, b)].upper(tr - ts)
-                else:
-                    pairs[(a, b)].lower(ts - tr)
-
-        for g in groups:
-            a = g.a or self._sender(g)
-            b = g.b
-            if not a or not b or a == b:
-                continue
-            ends[g.sightings[0].flow] = (a, b)
-            req = {k: v[0] for k, v in g.by.items() if v[0] >= 0}
-            resp = {k: v[2] for k, v in g.by.items() if v[2] >= 0}
-            crossing(a, b, req, True)
-            crossing(a, b, resp, False)
-        # the upstream connections' handshakes: SYN a -> b, SYN-ACK b -> a
-        hs: dict[tuple[object, ...], dict[tuple[str, str], int]] = defaultdict(dict)
-        for t in self.trackers.values():
-            for key, lst in t.handshakes.items():
-                d = hs[key]
-                for point, _ifname, ts in lst:
-                    k = (t.node, point)
-                    if k not in d or ts < d[k]:
-                        d[k] = ts
-        for (flow, kind), d in hs.items():
-            ab = ends.get(flow)
-            if ab is not None:
-                crossing(ab[0], ab[1], d, kind == "syn")
+    def _offsets(self) -> dict[str, Offset]:
+        """Offsets from the per node-pair bounds, chained from the reference node."""
+        ref = self.ref
         edges: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
-        for (a, b), bd in pairs.items():
+        for (a, b), bd in self._pairs.items():
             if bd.lo is None and bd.hi is None:
                 continue
             if bd.lo is not None and bd.hi is not None:
                 mid = (bd.lo + bd.hi) // 2
                 err = (abs(bd.hi - bd.lo) + 1) // 2
                 if bd.lo > bd.hi:
-                    self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree by "
-                               f"{bd.lo - bd.hi} ns (clock drift during the capture?); using the midpoint")
+                    self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree (clock "
+                               "drift during the capture?); using the midpoint")
             else:
                 # one direction only: the bound itself, error unknown beyond it
                 mid = bd.hi if bd.hi is not None else bd.lo  # type: ignore[assignment]
@@ -351,11 +489,9 @@ class Stitcher:
                 if b not in out:
                     out[b] = Offset(out[a].offset_ns + off, out[a].error_ns + err, samples)
                     todo.append(b)
-        for n in self.trackers:
+        for n in self.nodes:
             if n not in out:
                 out[n] = Offset(0, -1)
-                if len(self.trackers) > 1 and self.trackers[n].sightings:
-                    self._warn(f"no traffic links node {n} to {ref}: its clock is taken as is")
         return out
 
     @staticmethod
@@ -394,7 +530,7 @@ class Stitcher:
         if not rid:
             rid = _derived_id(c)
             flags.add("derived_id")
-        end = self.trackers[a].last_ts
+        end = self._last.get(a, 0)
         if c.resp_first < 0:
             if end - c.complete < self.grace_ns:
                 flags.add("in_flight")
@@ -489,32 +625,38 @@ class Stitcher:
         }
 
     # -- drops ---------------------------------------------------------------
-    def _drops(self, clients: list[tuple[Sighting, _Group | None]], groups: list[_Group],
-               sh: dict[str, int]) -> list[dict[str, Any]]:
+    def _drops_syn(self, final: bool, horizon: int) -> list[dict[str, Any]]:
+        """Connection attempts that died, once every node has reported them."""
+        sh = self._sh
         drops: list[dict[str, Any]] = []
 
         def ref_t(node: str, t: int) -> int:
             return t - sh.get(node, 0)
 
-        syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
-        for tr in self.trackers.values():
-            for r in tr.syns:
-                if r.packets < 2 and tr.last_ts - r.first < self.grace_ns and not r.refused:
-                    continue  # the capture ended right after it
-                syns[(r.flow, r.isn)].append(r)
-        for (flow, _isn), rs in syns.items():
+        for key, rs in list(self._syns.items()):
+            first = min(ref_t(r.node, r.first) for r in rs)
+            if not final and first + self.HORIZON_NS > horizon:
+                continue
+            del self._syns[key]
+            rs = [r for r in rs if r.packets >= 2 or r.refused
+                  or self._last.get(r.node, 0) - r.first >= self.grace_ns]
+            if not rs:
+                continue  # the capture ended right after it
+            flow = key[0]
             client = min(rs, key=lambda r: ref_t(r.node, r.first)).node
-            answered_at = {p for p, _i, _t in
-                           self.trackers[client].handshakes.get((flow, "synack"), ())}
+            answered_at = self._synacks.get((client, flow), set())
             if answered_at - {UNDERLAY}:
                 # the SYN-ACK reached the client's node past the underlay, at another
                 # interface (with br_netfilter it crosses cni0 un-NATed): not a drop
                 continue
+            for r in rs:
+                if r.point == PODNET:
+                    v = self._votes[(r.node, r.ifname)]
+                    r.point = OVERLAY if v[0] > v[1] else POD
             if answered_at:
                 # answered, but the SYN-ACK died on the way in (VXLAN never decapsulated)
                 last = next(r for r in rs if r.node == client)
                 node, point = client, UNDERLAY
-                first = min(ref_t(r.node, r.first) for r in rs)
             else:
                 last = max(rs, key=lambda r: (ref_t(r.node, r.first),
                                               _POINT_ORDER.get(r.point, 0)))
@@ -525,23 +667,29 @@ class Stitcher:
                 "flow": flow_str(*last.flow), "packets": last.packets,
                 "first_ns": first,
             })
-        for c, g in clients:
-            if c.resp_first >= 0:
-                continue
-            if self.trackers[c.node].last_ts - c.complete < self.grace_ns:
-                continue
-            seen: list[Sighting] = [c] + (g.sightings if g is not None else [])
-            last_s = max(seen, key=lambda s: (ref_t(s.node, s.first), _POINT_ORDER.get(s.point, 0)))
-            reset = any(s.reset_ts >= 0 for s in seen)
-            drops.append({
-                "node": last_s.node, "point": last_s.point,
-                "kind": "reset" if reset else "request_unanswered",
-                "flow": flow_str(*last_s.flow), "packets": 1,
-                "first_ns": ref_t(c.node, c.complete),
-                "request_id": c.rid or _derived_id(c),
-            })
-        drops.sort(key=lambda d: (d["first_ns"], d["flow"]))
+        if final:
+            self._synacks.clear()
+            self._hs.clear()
         return drops
+
+    def _drop_unanswered(self, c: Sighting, g: _Group | None,
+                         sh: dict[str, int]) -> dict[str, Any] | None:
+        if c.resp_first >= 0 or self._last.get(c.node, 0) - c.complete < self.grace_ns:
+            return None
+
+        def ref_t(node: str, t: int) -> int:
+            return t - sh.get(node, 0)
+
+        seen: list[Sighting] = [c] + (g.sightings if g is not None else [])
+        last_s = max(seen, key=lambda s: (ref_t(s.node, s.first), _POINT_ORDER.get(s.point, 0)))
+        reset = any(s.reset_ts >= 0 for s in seen)
+        return {
+            "node": last_s.node, "point": last_s.point,
+            "kind": "reset" if reset else "request_unanswered",
+            "flow": flow_str(*last_s.flow), "packets": 1,
+            "first_ns": ref_t(c.node, c.complete),
+            "request_id": c.rid or _derived_id(c),
+        }
 
 
 # -- helpers ----------------------------------------------------------------

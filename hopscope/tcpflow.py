@@ -107,6 +107,7 @@ class Sighting:
         "resp_first",
         "rid",
         "seq0",
+        "settled",
         "status",
     )
 
@@ -130,6 +131,8 @@ class Sighting:
         self.edge_ack = -1
         self.reset_ts = -1
         self.body_trunc = False
+        #: nothing will change it any more (response headers seen, or the connection ended)
+        self.settled = False
 
     def __getstate__(self) -> tuple[object, ...]:  # pickled compactly between processes
         return tuple(getattr(self, k) for k in self.__slots__)
@@ -174,7 +177,7 @@ class TrackerState:
     podnet_ifaces: set[str]
     packets: int
     passed_over: int
-    last_ts: int
+    last_ts: int  # the tracker's watermark: it has seen everything up to here
 
 
 class _Half:
@@ -276,6 +279,8 @@ class NodeTracker:
         self._dmx_flows: dict[tuple[object, ...], list[int]] = {}
         self.packets = 0
         self.passed_over = 0
+        self._taken_packets = 0
+        self._taken_passed = 0
         self.last_ts = 0
         self._next_sweep = 0
         #: pod-network interface votes for overlay/pod, filled by the stitcher
@@ -410,6 +415,8 @@ class NodeTracker:
             for k in st.keys:
                 self._streams.pop(k, None)
             st.keys = None
+        for s in st.unanswered:
+            s.settled = True
         if st.syn_count and st.synack < 0 and st.flow is not None:
             self.syns.append(SynRecord(self.node, st.ifname, st.point, st.flow, st.isn,
                                        st.syn_first, st.syn_count, st.refused))
@@ -426,21 +433,28 @@ class NodeTracker:
         for st in list({id(st): st for st, _ in self._streams.values()}.values()):
             self._close(st)
 
-    def export(self) -> TrackerState:
-        """What this tracker found (after :meth:`flush`), to ship to another process."""
-        return TrackerState(self.sightings, self.syns, self.handshakes, self.podnet_ifaces,
-                            self.packets, self.passed_over, self.last_ts)
+    def take(self, final: bool = False) -> TrackerState:
+        """Hand over what is settled: sightings that will not change, finished
+        connection attempts, handshakes, and the counts since the last take.
 
-    def absorb(self, st: TrackerState) -> None:
-        """Merge what another tracker of the same node found (a disjoint set of flows)."""
-        self.sightings.extend(st.sightings)
-        self.syns.extend(st.syns)
-        for k, v in st.handshakes.items():
-            self.handshakes.setdefault(k, []).extend(v)
-        self.podnet_ifaces |= st.podnet_ifaces
-        self.packets += st.packets
-        self.passed_over += st.passed_over
-        self.last_ts = max(self.last_ts, st.last_ts)
+        With ``final`` every connection is closed first, so everything goes.
+        The watermark (``last_ts``) says the tracker has seen all up to there.
+        """
+        if final:
+            self.flush()
+        keep: list[Sighting] = []
+        done: list[Sighting] = []
+        for s in self.sightings:
+            (done if s.settled or final else keep).append(s)
+        self.sightings = keep
+        state = TrackerState(done, self.syns, self.handshakes, set(self.podnet_ifaces),
+                             self.packets - self._taken_packets,
+                             self.passed_over - self._taken_passed, self.last_ts)
+        self.syns = []
+        self.handshakes = {}
+        self._taken_packets = self.packets
+        self._taken_passed = self.passed_over
+        return state
 
     @property
     def open_streams(self) -> int:
@@ -760,6 +774,7 @@ class NodeTracker:
         if st.unanswered:
             done = st.unanswered.popleft()
             done.status = status
+            done.settled = True
             req_method = done.method
         h.msg = None
         if req_method == "HEAD" or status in (204, 304) or status == 101:
