@@ -58,6 +58,7 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _register() -> None:
+    from hopscope.agent.doctor import doctor
     from hopscope.demo import demo
     from hopscope.replay_cli import replay
     from hopscope.testbed.cli import testbed
@@ -65,6 +66,7 @@ def _register() -> None:
     main.add_command(replay)
     main.add_command(demo)
     main.add_command(testbed)
+    main.add_command(doctor)
 
 
 _register()

@@ -87,29 +87,12 @@ class Cidrs:
 
 
 class Sighting:
-    """One HTTP request on one connection at one interface of one node."""
+    """One HTTP request on one connection at one interface of one node.
 
-    __slots__ = (
-        "body_trunc",
-        "complete",
-        "edge_ack",
-        "edge_synack",
-        "first",
-        "flags",
-        "flow",
-        "host",
-        "ifname",
-        "method",
-        "node",
-        "path",
-        "point",
-        "reset_ts",
-        "resp_first",
-        "rid",
-        "seq0",
-        "settled",
-        "status",
-    )
+    A plain class (no ``__slots__``): sightings cross between processes, and
+    unpickling an instance dictionary is one C-level update, against one
+    ``setattr`` per slot.
+    """
 
     def __init__(self, node: str, ifname: str, point: str, flow: tuple[bytes, int, bytes, int],
                  seq0: int, first: int) -> None:
@@ -130,16 +113,8 @@ class Sighting:
         self.edge_synack = -1  # handshake, on the first request of a connection
         self.edge_ack = -1
         self.reset_ts = -1
-        self.body_trunc = False
         #: nothing will change it any more (response headers seen, or the connection ended)
         self.settled = False
-
-    def __getstate__(self) -> tuple[object, ...]:  # pickled compactly between processes
-        return tuple(getattr(self, k) for k in self.__slots__)
-
-    def __setstate__(self, state: tuple[object, ...]) -> None:
-        for k, v in zip(self.__slots__, state, strict=True):
-            setattr(self, k, v)
 
     def flag(self, f: str) -> None:
         if self.flags is None:
