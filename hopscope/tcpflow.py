@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 M32 = 0xFFFFFFFF
 HALF32 = 0x80000000
 IDLE_NS = 300 * 1_000_000_000
+#: A request still waiting for its response after this long (node time) is handed
+#: over anyway, so that it does not hold back everything after it.
+SETTLE_NS = 60 * 1_000_000_000
 MAX_HEAD = 64 * 1024
 MAX_PENDING = 512
 SYNC_TRIES = 8
@@ -256,6 +259,7 @@ class NodeTracker:
         self.passed_over = 0
         self._taken_packets = 0
         self._taken_passed = 0
+        self._siblings: dict[tuple[object, ...], list[Sighting]] = {}
         self.last_ts = 0
         self._next_sweep = 0
         #: pod-network interface votes for overlay/pod, filled by the stitcher
@@ -408,23 +412,46 @@ class NodeTracker:
         for st in list({id(st): st for st, _ in self._streams.values()}.values()):
             self._close(st)
 
+    def _settle_siblings(self, s: Sighting) -> None:
+        """The request's copies at the other interfaces of its point (cni0 and the veth)
+        are done too: with br_netfilter the response crosses cni0 un-NATed, on
+        another 4-tuple, and would never settle them."""
+        for sib in self._siblings.pop((s.flow, s.seq0, s.point), ()):
+            sib.settled = True
+
     def take(self, final: bool = False) -> TrackerState:
         """Hand over what is settled: sightings that will not change, finished
         connection attempts, handshakes, and the counts since the last take.
 
-        With ``final`` every connection is closed first, so everything goes.
-        The watermark (``last_ts``) says the tracker has seen all up to there.
+        The returned ``last_ts`` is a watermark: every sighting that starts
+        before it has been handed over, now or earlier (a request still waiting
+        for its response holds the watermark back, for :data:`SETTLE_NS` at
+        most). With ``final`` every connection is closed first, and
+        everything goes.
         """
         if final:
             self.flush()
         keep: list[Sighting] = []
         done: list[Sighting] = []
+        low = self.last_ts
+        old = self.last_ts - SETTLE_NS
         for s in self.sightings:
-            (done if s.settled or final else keep).append(s)
+            if s.settled or final or s.first < old:
+                s.settled = True
+                done.append(s)
+            else:
+                keep.append(s)
+                if s.first < low:
+                    low = s.first
+        if final or not keep:
+            self._siblings.clear()
+        elif len(self._siblings) > 4 * len(keep) + 1024:
+            self._siblings = {k: v for k, v in self._siblings.items()
+                              if any(not x.settled for x in v)}
         self.sightings = keep
         state = TrackerState(done, self.syns, self.handshakes, set(self.podnet_ifaces),
                              self.packets - self._taken_packets,
-                             self.passed_over - self._taken_passed, self.last_ts)
+                             self.passed_over - self._taken_passed, low)
         self.syns = []
         self.handshakes = {}
         self._taken_packets = self.packets
@@ -713,6 +740,8 @@ class NodeTracker:
             h.msg = s
             st.unanswered.append(s)
             self.sightings.append(s)
+            if st.point == POD or st.point == PODNET:
+                self._siblings.setdefault((st.flow, seq, st.point), []).append(s)
         else:
             if kept and not data.startswith(b"HTTP/", pos):
                 h.state = SYNC
@@ -750,6 +779,8 @@ class NodeTracker:
             done = st.unanswered.popleft()
             done.status = status
             done.settled = True
+            if st.point == POD or st.point == PODNET:
+                self._settle_siblings(done)
             req_method = done.method
         h.msg = None
         if req_method == "HEAD" or status in (204, 304) or status == 101:

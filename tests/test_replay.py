@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import hopscope.capture as capmod
 import hopscope.replay as rp
+import hopscope.stitch as stitch
 from hopscope.errors import UsageError
 
 PCAPS = Path(__file__).resolve().parent.parent / "pcaps"
@@ -66,3 +69,47 @@ def test_cli_json_is_the_envelope_and_text_has_waterfalls() -> None:
     assert req["request_id"] in r.stdout
     assert "Per-hop latency over" in r.stdout and "█" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def _by_id(reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(reqs, key=lambda r: (r["request_id"], r["start_ns"]))
+
+
+@pytest.mark.parametrize("case", SETS, ids=[str(s.relative_to(PCAPS)) for s in SETS])
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_streaming_join_equals_batch(case: Path, jobs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handing over every few packets and draining as we go gives the batch result."""
+    files = sorted(p for p in case.iterdir() if p.suffix in (".pcap", ".pcapng"))
+    pairs = [(p.name.split(".")[0], p) for p in files]
+    batch = rp.replay(pairs, jobs=1, progress=False).envelope
+    monkeypatch.setattr(rp, "TAKE_EVERY", 4)
+    monkeypatch.setattr(rp, "PARALLEL_MIN_BYTES", 0)
+    emitted: list[dict[str, Any]] = []
+    res = rp.replay(pairs, jobs=jobs, progress=False, emit=emitted.append, stream=True)
+    rest = list(res.envelope["requests"])
+    assert _by_id(emitted + rest) == _by_id(batch["requests"])
+    assert res.envelope["drops"] == batch["drops"]
+    assert res.envelope["clock_offsets"] == batch["clock_offsets"]
+
+
+def test_streaming_drains_before_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a long capture, requests come out while it is read and little stays pending."""
+    case = PCAPS / "replica-clean"
+    pairs = [(p.stem, p) for p in sorted(case.glob("*.pcapng"))]
+    monkeypatch.setattr(rp, "TAKE_EVERY", 16)
+    monkeypatch.setattr(capmod, "BLOCK", 8192)  # small batches from these small files
+    monkeypatch.setattr(stitch.Stitcher, "LINGER_NS", 1_000_000)  # this capture spans seconds
+    pending: list[int] = []
+    orig = stitch.Stitcher.drain
+
+    def spy(self: stitch.Stitcher, final: bool = False) -> list[dict[str, Any]]:
+        out = orig(self, final)
+        pending.append(len(self._clients))
+        return out
+
+    monkeypatch.setattr(stitch.Stitcher, "drain", spy)
+    emitted: list[dict[str, Any]] = []
+    res = rp.replay(pairs, jobs=1, progress=False, emit=emitted.append, stream=True)
+    rest = list(res.envelope["requests"])
+    assert len(emitted) > len(rest) and len(emitted) + len(rest) == 60
+    assert max(pending) < 30

@@ -1,0 +1,874 @@
+"""The collector wire protocol: frames, the push decoder, auth, asyncio and TLS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import itertools
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import tracemalloc
+import typing
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hopscope.collector import wire
+from hopscope.collector.wire import (
+    HELLO_MAX_FRAME,
+    MAX_FRAME,
+    OBS_FIELDS_V1,
+    Ack,
+    Batch,
+    Bye,
+    ErrorFrame,
+    Frame,
+    FrameDecoder,
+    Hello,
+    SeqTracker,
+    Welcome,
+    decode_body,
+    encode,
+    encode_batch,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hopscope.errors import (
+    AuthFailed,
+    BadFrame,
+    BadVersion,
+    FrameTooLarge,
+    PeerClosed,
+    UsageError,
+    WireError,
+)
+from hopscope.model import Observation, make_packet
+
+TOKEN = b"s3cret-token-0123456789abcdef"
+T0 = 1_764_000_000_000_000_000
+
+
+def obs(n: int = 3, node: str = "node1") -> list[Observation]:
+    return [
+        make_packet(T0 + 1000 * i, node, "eth0" if i % 2 else "flannel.1", "162.158.1.2",
+                    40000 + i, "10.42.1.17" if i % 3 else "2001:db8::1", 80,
+                    seq=(1 << 32) - 1 - i, ack=i, payload=b"GET / HTTP/1.1\r\n" * (i % 3),
+                    point="nic", direction="in", ip_id=i, vni=1 if i % 2 else -1,
+                    outer_src="178.104.247.152" if i % 2 else b"",
+                    outer_dst="178.104.247.153" if i % 2 else b"", ts_mono_ns=5_000_000 + i)
+        for i in range(n)
+    ]
+
+
+def body(frame: dict[str, Any]) -> bytes:
+    """A framed msgpack map, built by hand (for frames encode() would not write)."""
+    b: bytes = msgpack.packb(frame, use_bin_type=True)
+    return len(b).to_bytes(4, "big") + b
+
+
+def row(**over: Any) -> tuple[Any, ...]:
+    """An observation row with some fields replaced by anything at all."""
+    d = obs(1)[0]._asdict()
+    d.update(over)
+    return tuple(d.values())
+
+
+def batch_map(**over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"v": 1, "t": "batch", "agent": "a1", "seq": 1, "node": "node1",
+                         "ts_real_ns": T0, "obs": [tuple(o) for o in obs(2)]}
+    d.update(over)
+    return d
+
+
+def decode_all(data: bytes, max_frame: int = MAX_FRAME) -> list[Frame]:
+    d = FrameDecoder(max_frame)
+    out: list[Frame] = d.feed(data)
+    d.eof()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+
+ALL_FRAMES: list[Frame] = [
+    Hello("agent-node1", "node1", TOKEN, T0),
+    Welcome("collector-1", 41, MAX_FRAME),
+    Welcome("", -1, 1024),
+    Batch("agent-node1", 42, "node1", T0 + 5, obs(7), [(10, T0), (20, T0 + 10)],
+          {"perf_ring": 3, "spool_batches": 0}),
+    Batch("a", 0, "n", 0, []),
+    Ack(42),
+    Ack(-1),
+    ErrorFrame("auth", "wrong token", -1),
+    ErrorFrame("bad-frame", "batch 3: ...", 3),
+    Bye("shutting down"),
+    Bye(),
+]
+
+
+@pytest.mark.parametrize("frame", ALL_FRAMES, ids=lambda f: type(f).__name__)
+def test_every_frame_type_round_trips(frame: Frame) -> None:
+    data = encode(frame)
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    assert decode_all(data) == [frame]
+    assert decode_body(data[4:]) == frame
+
+
+def test_observations_round_trip_exactly() -> None:
+    sent = obs(50)
+    data = encode_batch("a1", 7, "node1", T0, sent, [(1, 2)], {"x": 1})
+    (b,) = decode_all(data)
+    assert isinstance(b, Batch)
+    assert b.obs == sent
+    assert all(type(o) is Observation for o in b.obs)
+    assert [type(x) for x in b.obs[1]] == [type(x) for x in sent[1]]
+    assert b.obs[1].payload == sent[1].payload and b.obs[1].src == sent[1].src
+    assert b.clock == [(1, 2)] and b.lost == {"x": 1}
+    assert "obs=<50>" in repr(b)  # a batch never dumps its observations into a log line
+
+
+def test_wire_row_layout_is_the_models() -> None:
+    """The v1 row is Observation's field order and types; a model change needs a new v."""
+    assert tuple(n for n, _ in OBS_FIELDS_V1) == Observation._fields
+    hints = typing.get_type_hints(Observation)
+    assert [hints[n] for n, _ in OBS_FIELDS_V1] == [t for _, t in OBS_FIELDS_V1]
+
+
+def test_hello_repr_hides_the_token() -> None:
+    assert TOKEN.decode() not in repr(Hello("a", "n", TOKEN, 1))
+
+
+def test_encode_refuses_over_the_cap() -> None:
+    with pytest.raises(FrameTooLarge, match="send smaller batches"):
+        encode_batch("a", 1, "n", 0, obs(50), max_frame=1000)
+
+
+def test_encode_check_refuses_a_bad_row() -> None:
+    bad = obs(2)
+    bad[1] = bad[1]._replace(sport="80")  # type: ignore[arg-type]
+    encode_batch("a", 1, "n", 0, bad)  # not checked: the collector would refuse it
+    with pytest.raises(BadFrame, match=r"observation 1 field 'sport' must be int, got str"):
+        encode_batch("a", 1, "n", 0, bad, check=True)
+
+
+# ---------------------------------------------------------------------------
+# Refusals
+
+
+@pytest.mark.parametrize(("frame", "exc", "msg"), [
+    (batch_map(v=2), BadVersion, "schema version 2 is not supported"),
+    (batch_map(v="1"), BadFrame, "'v' must be an int"),
+    ({"t": "ack", "seq": 1}, BadFrame, "no schema version"),
+    ({"v": 1, "seq": 1}, BadFrame, "no type"),
+    ({"v": 1, "t": "pong"}, BadFrame, "unknown frame type 'pong'"),
+    (batch_map(seq=-1), BadFrame, "'seq' = -1 is out of range"),
+    (batch_map(seq=True), BadFrame, "'seq' must be an int, got bool"),
+    (batch_map(agent=""), BadFrame, "'agent' must be 1 to 255 printable"),
+    (batch_map(agent="a\nb"), BadFrame, "'agent' must be 1 to 255 printable"),
+    (batch_map(node=None), BadFrame, "'node' is missing"),
+    (batch_map(obs={"a": 1}), BadFrame, "'obs' must be an array, got map"),
+    (batch_map(obs=[1, 2]), BadFrame, "observation 0 must be an array, got int"),
+    (batch_map(obs=[row()[:20]]), BadFrame, "observation 0 has 20 fields"),
+    (batch_map(obs=[(*row(), 1)]), BadFrame, "observation 0 has 22 fields"),
+    (batch_map(obs=[row(), row(ts_real_ns=1.5)]), BadFrame,
+     "observation 1 field 'ts_real_ns' must be int, got float"),
+    (batch_map(obs=[row(flags=True)]), BadFrame, "field 'flags' must be int, got bool"),
+    (batch_map(obs=[row(src="1.2.3.4")]), BadFrame, "field 'src' must be bytes, got str"),
+    (batch_map(obs=[row(node=b"node1")]), BadFrame, "field 'node' must be str, got bytes"),
+    (batch_map(obs=[row(payload=None)]), BadFrame, "field 'payload' must be bytes, got nil"),
+    (batch_map(obs=[row(vni=[1])]), BadFrame, "field 'vni' must be int, got array"),
+    (batch_map(clock=[[1, 2, 3]]), BadFrame, "'clock' must hold"),
+    (batch_map(clock=[[1, "2"]]), BadFrame, "'clock' must hold"),
+    (batch_map(lost={"ring": -1}), BadFrame, "'lost' must map"),
+    (batch_map(lost={"ring": 1.0}), BadFrame, "'lost' must map"),
+    ({"v": 1, "t": "hello", "agent": "a", "node": "n", "token": "text", "started_ns": 1},
+     BadFrame, "'token' must be bytes"),
+])
+def test_bad_frames_are_refused_with_a_clear_message(
+        frame: dict[str, Any], exc: type[WireError], msg: str) -> None:
+    with pytest.raises(exc, match=msg) as info:
+        decode_all(body(frame))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("raw", "msg"), [
+    (b"\x00\x00\x00\x00", "empty frame"),
+    (b"\x00\x00\x00\x03abc", "not valid msgpack"),
+    (b"\x00\x00\x00\x01\xc1", "not valid msgpack"),  # 0xc1: never used
+    (b"\x00\x00\x00\x02\x93\x01", "not valid msgpack"),  # truncated inside the body
+    (b"\x00\x00\x00\x01\x01", "must be a msgpack map, got int"),
+    (b"\x00\x00\x00\x04\xd4\x05\x01\x02", "extension type 5 is not allowed"),
+    (body({"v": 1, "t": "ack", "seq": msgpack.Timestamp(1)}), "must be an int, got Timestamp"),
+    (b"\x00\x00\x00\x05\xdd\xff\xff\xff\xff", "not valid msgpack"),  # array of 4G elements
+    (b"\x00\x00\x00\x05\xdf\xff\xff\xff\xff", "not valid msgpack"),  # map of 4G pairs
+    (b"\x00\x00\x00\x05\xdb\xff\xff\xff\xff", "not valid msgpack"),  # str of 4 GiB
+    (b"\x00\x00\x04\x00" + b"\x91" * 1024, "not valid msgpack"),  # nesting 1024 deep
+])
+def test_garbage_bodies_are_bad_frames(raw: bytes, msg: str) -> None:
+    with pytest.raises(BadFrame, match=msg):
+        decode_all(raw)
+
+
+def test_error_frames_are_read_whatever_their_version() -> None:
+    """So that an agent can read why a newer (or older) collector refused it."""
+    (f,) = decode_all(body({"v": 9, "t": "error", "code": "version", "message": "speak 9"}))
+    assert f == ErrorFrame("version", "speak 9", -1)
+    assert isinstance(wire.error_from_frame(f), BadVersion)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    """Additive changes within a version: a receiver ignores keys it does not know."""
+    (f,) = decode_all(body({"v": 1, "t": "ack", "seq": 3, "future": [1, 2]}))
+    assert f == Ack(3)
+
+
+@pytest.mark.parametrize(("head", "hint"), [
+    (b"GET / HTTP/1.1\r\n", "look like text"),
+    (bytes([0x16, 0x03, 0x01, 0x02, 0x00]), "TLS handshake"),
+    (b"\xff\xff\xff\xff", "over the cap"),
+])
+def test_huge_length_prefix_is_refused_before_allocating(head: bytes, hint: str) -> None:
+    d = FrameDecoder()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameTooLarge, match=hint):
+            d.feed(head)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert d.buffered == 0
+    assert peak < 64 << 10
+    with pytest.raises(FrameTooLarge):  # sticky: the stream cannot be trusted any more
+        d.feed(encode(Ack(1)))
+
+
+def test_a_frame_at_the_cap_is_not_preallocated() -> None:
+    d = FrameDecoder()
+    tracemalloc.start()
+    try:
+        assert d.feed(MAX_FRAME.to_bytes(4, "big") + b"\x85" + b"x" * 99) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert d.buffered == 100
+    assert peak < 64 << 10
+    with pytest.raises(BadFrame, match=f"after 100 of {MAX_FRAME} body bytes"):
+        d.eof()
+
+
+def test_one_over_the_cap_is_refused_and_the_cap_can_change() -> None:
+    data = encode(Ack(1))
+    n = len(data) - 4
+    with pytest.raises(FrameTooLarge, match=f"frame of {n} bytes announced, over the cap of"
+                                            f" {n - 1} bytes"):
+        FrameDecoder(n - 1).feed(data)
+    d = FrameDecoder(n - 1)
+    d.max_frame = n  # raised after the hello, say
+    assert d.feed(data) == [Ack(1)]
+
+
+def test_good_frames_before_a_bad_one_come_first_then_the_error() -> None:
+    d = FrameDecoder()
+    assert d.feed(encode(Ack(1)) + encode(Ack(2)) + b"\x00\x00\x00\x01\xc1") == [Ack(1), Ack(2)]
+    assert isinstance(d.failed, BadFrame)
+    with pytest.raises(BadFrame):
+        d.feed(b"")
+    with pytest.raises(BadFrame):
+        d.eof()
+
+
+def test_eof_inside_a_length_prefix() -> None:
+    d = FrameDecoder()
+    assert d.feed(b"\x00\x00") == []
+    with pytest.raises(BadFrame, match="after 2 of 4 length-prefix bytes"):
+        d.eof()
+
+
+def test_feed_accepts_bytearray_and_memoryview_without_pinning_them() -> None:
+    data = bytearray(encode(Ack(5)) + encode(Bye("x"))[:3])
+    d = FrameDecoder()
+    assert d.feed(memoryview(data)) == [Ack(5)]
+    data.extend(b"more")  # would raise BufferError if the decoder kept an export
+    assert d.feed(data[:0]) == []
+
+
+# ---------------------------------------------------------------------------
+# Property tests on the decoder
+
+names = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]),
+                min_size=1, max_size=12).filter(str.isprintable)
+i64 = st.integers(-(1 << 63), (1 << 63) - 1)
+small_bytes = st.binary(max_size=24)
+observations = st.builds(
+    lambda *f: Observation(*f),
+    i64, i64, st.text(max_size=8), st.text(max_size=8), st.sampled_from(["", "nic", "pod"]),
+    st.sampled_from(["", "in", "out"]), st.just("pkt"), st.integers(0, 255), small_bytes,
+    small_bytes, st.integers(0, 65535), st.integers(0, 65535), st.integers(0, (1 << 32) - 1),
+    st.integers(0, (1 << 32) - 1), st.integers(0, 255), st.integers(0, 65535),
+    st.integers(-1, 65535), small_bytes, st.integers(-1, (1 << 24) - 1), small_bytes, small_bytes,
+)
+frames_st: st.SearchStrategy[Frame] = st.one_of(
+    st.builds(Hello, names, names, st.binary(min_size=1, max_size=64), i64),
+    st.builds(Welcome, st.text(max_size=20), st.integers(-1, 1 << 40), st.integers(1, MAX_FRAME)),
+    st.builds(Batch, names, st.integers(0, (1 << 63) - 1), names, i64,
+              st.lists(observations, max_size=4), st.lists(st.tuples(i64, i64), max_size=3),
+              st.dictionaries(st.text(max_size=10), st.integers(0, 1 << 62), max_size=3)),
+    st.builds(Ack, st.integers(-1, (1 << 63) - 1)),
+    st.builds(ErrorFrame, st.sampled_from(["auth", "version", "bad-frame", "internal"]),
+              st.text(max_size=40), st.integers(-1, 1 << 40)),
+    st.builds(Bye, st.text(max_size=20)),
+)
+
+
+def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def feed_all(d: FrameDecoder, parts: list[bytes]) -> list[Frame]:
+    """Feed every part, checking the bound after each; stop at the first (wire) error."""
+    out: list[Frame] = []
+    for p in parts:
+        try:
+            out += d.feed(p)
+        except WireError:
+            assert d.buffered <= 4 + d.max_frame
+            return out
+        assert d.buffered <= 4 + d.max_frame
+    with contextlib.suppress(WireError):
+        d.eof()
+    return out
+
+
+PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+caps = st.sampled_from([1, 7, 64, 300, HELLO_MAX_FRAME, MAX_FRAME])
+
+
+@PROPS
+@given(st.binary(max_size=600), st.lists(st.integers(0, 1 << 16), max_size=12), caps)
+def test_arbitrary_bytes_raise_only_wire_errors_and_stay_bounded(
+        data: bytes, cuts: list[int], cap: int) -> None:
+    feed_all(FrameDecoder(cap), chunks(data, cuts))
+
+
+@PROPS
+@given(st.lists(st.binary(max_size=80), max_size=4), st.lists(st.integers(0, 1 << 16),
+       max_size=8), caps)
+def test_arbitrary_bodies_behind_valid_prefixes_raise_only_wire_errors(
+        bodies: list[bytes], cuts: list[int], cap: int) -> None:
+    data = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
+    feed_all(FrameDecoder(cap), chunks(data, cuts))
+
+
+scalars = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats()
+           | st.text(max_size=8) | st.binary(max_size=8))
+msgpack_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+fields = st.sampled_from(["v", "t", "agent", "node", "seq", "ts_real_ns", "obs", "clock",
+                          "lost", "token", "started_ns", "acked", "max_frame", "code",
+                          "message", "reason", "collector"])
+
+
+@PROPS
+@given(st.sampled_from(["hello", "welcome", "batch", "ack", "error", "bye", "x"]),
+       st.dictionaries(fields, msgpack_values, max_size=8),
+       st.lists(st.lists(scalars | st.lists(scalars, max_size=2), min_size=20, max_size=22),
+                max_size=3))
+def test_plausible_maps_raise_only_wire_errors(t: str, extra: dict[str, Any],
+                                               rows: list[list[Any]]) -> None:
+    m = {"v": 1, "t": t, "agent": "a", "node": "n", "seq": 1, "ts_real_ns": 1, "obs": rows}
+    m.update(extra)
+    with contextlib.suppress(WireError):
+        decode_all(body(m))
+
+
+@PROPS
+@given(st.lists(frames_st, min_size=1, max_size=5), st.lists(st.integers(0, 1 << 16),
+       max_size=16))
+def test_valid_frames_split_anywhere_decode_identically(frames: list[Frame],
+                                                        cuts: list[int]) -> None:
+    data = b"".join(encode(f) for f in frames)
+    d = FrameDecoder()
+    out: list[Frame] = []
+    for part in chunks(data, cuts):
+        out += d.feed(part)
+        assert d.buffered <= 4 + MAX_FRAME
+    d.eof()
+    assert out == frames
+    one_by_one = FrameDecoder()
+    assert [f for i in range(len(data)) for f in one_by_one.feed(data[i:i + 1])] == frames
+
+
+@PROPS
+@given(st.lists(frames_st, min_size=1, max_size=3), st.data())
+def test_corrupted_valid_streams_raise_only_wire_errors(frames: list[Frame],
+                                                        data: st.DataObject) -> None:
+    raw = bytearray(b"".join(encode(f) for f in frames))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    feed_all(FrameDecoder(data.draw(caps)), [bytes(raw[:cut]), bytes(raw[cut:])])
+
+
+# ---------------------------------------------------------------------------
+# Tokens
+
+
+def test_read_token(tmp_path: Path) -> None:
+    p = tmp_path / "token"
+    p.write_bytes(b"  " + TOKEN + b"\n\n")
+    p.chmod(0o600)
+    assert wire.read_token(p) == TOKEN
+    p.chmod(0o400)
+    assert wire.read_token(str(p)) == TOKEN
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644])
+def test_read_token_refuses_a_file_others_can_read(tmp_path: Path, mode: int) -> None:
+    p = tmp_path / "token"
+    p.write_bytes(TOKEN)
+    p.chmod(mode)
+    with pytest.raises(UsageError, match=f"accessible to group or others \\(mode {mode:04o}\\):"
+                                         f" run `chmod 600 {p}`"):
+        wire.read_token(p)
+
+
+def test_read_token_refuses_missing_short_and_odd_files(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="No such file"):
+        wire.read_token(tmp_path / "nope")
+    p = tmp_path / "short"
+    p.write_bytes(b"  abc \n")
+    p.chmod(0o600)
+    with pytest.raises(UsageError, match="holds 3 bytes, fewer than 16"):
+        wire.read_token(p)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 10000)
+    big.chmod(0o600)
+    with pytest.raises(UsageError, match="over 4096 bytes"):
+        wire.read_token(big)
+    d = tmp_path / "dir"
+    d.mkdir(mode=0o700)
+    with pytest.raises(UsageError):
+        wire.read_token(d)
+
+
+def test_token_check_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = wire.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return bool(real(a, b))
+
+    monkeypatch.setattr(wire.hmac, "compare_digest", spy)
+    wire.check_hello(Hello("a", "n", TOKEN, 1), TOKEN)
+    with pytest.raises(AuthFailed, match="wrong token from agent 'a' on node 'n'"):
+        wire.check_hello(Hello("a", "n", TOKEN[:-1] + b"X", 1), TOKEN)
+    with pytest.raises(AuthFailed):
+        wire.check_hello(Hello("a", "n", b"", 1), TOKEN)
+    assert len(calls) == 3
+    assert all(len(a) == len(b) == 32 for a, b in calls)  # digests: lengths do not leak
+
+
+# ---------------------------------------------------------------------------
+# asyncio streams
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def reader_with(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+def test_read_frame_and_truncation_at_eof() -> None:
+    async def main() -> None:
+        data = encode(Ack(3))
+        r = reader_with(data + data[:-1])
+        assert await wire.read_frame(r) == Ack(3)
+        with pytest.raises(BadFrame, match=f"after {len(data) - 5} of {len(data) - 4} body"):
+            await wire.read_frame(r)
+        with pytest.raises(BadFrame, match="after 3 of 4 length-prefix bytes"):
+            await wire.read_frame(reader_with(data[:3]))
+        with pytest.raises(PeerClosed):
+            await wire.read_frame(reader_with(b""))
+        r = reader_with(b"\x7f\xff\xff\xff" + b"x" * 100)
+        with pytest.raises(FrameTooLarge):
+            await wire.read_frame(r)
+        assert await r.read(10) == b"x" * 10  # the cap was checked before reading the body
+        with pytest.raises(FrameTooLarge):
+            await wire.read_frame(reader_with(encode(Ack(3))), max_frame=3)
+
+    run(main())
+
+
+# --- loopback collector and agent ----------------------------------------------
+
+
+class Collector:
+    def __init__(self, max_frame: int = MAX_FRAME, hello_timeout: float = 5.0) -> None:
+        self.stored: list[Batch] = []
+        self.seqs = SeqTracker()
+        self.max_frame = max_frame
+        self.hello_timeout = hello_timeout
+        self.port = 0
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await wire.serve_agent(r, w, token=TOKEN, store=self.stored.append, seqs=self.seqs,
+                               collector="c1", max_frame=self.max_frame,
+                               hello_timeout=self.hello_timeout)
+
+
+@asynccontextmanager
+async def collector(ssl_ctx: ssl.SSLContext | None = None, max_frame: int = MAX_FRAME,
+                    hello_timeout: float = 5.0) -> AsyncIterator[Collector]:
+    c = Collector(max_frame, hello_timeout)
+    server = await asyncio.start_server(c.handle, "127.0.0.1", 0, ssl=ssl_ctx)
+    c.port = server.sockets[0].getsockname()[1]
+    try:
+        yield c
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def hello(token: bytes = TOKEN, agent: str = "agent-node1") -> Hello:
+    return Hello(agent, "node1", token, T0)
+
+
+async def send_batches(r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                       seqs: list[int]) -> list[int]:
+    acks = []
+    for s in seqs:
+        await wire.write_frame(w, encode_batch("agent-node1", s, "node1", T0 + s, obs(3),
+                                               [(s, T0 + s)], {"ring": s}))
+        a = await wire.read_frame(r)
+        assert isinstance(a, Ack)
+        acks.append(a.seq)
+    return acks
+
+
+async def session(port: int, ctx: ssl.SSLContext | None = None) -> None:
+    kw: dict[str, Any] = {"ssl_context": ctx, "server_hostname": "localhost"} if ctx else {}
+    r, w, welcome = await wire.open_agent_connection("127.0.0.1", port, hello(), **kw)
+    assert welcome == Welcome("c1", -1, MAX_FRAME)
+    assert await send_batches(r, w, [0, 1, 1, 0, 2]) == [0, 1, 1, 1, 2]  # replays: re-acked
+    await wire.write_frame(w, Bye("done"))
+    with pytest.raises(PeerClosed):
+        await wire.read_frame(r)
+    await wire.close_writer(w)
+    # a reconnect learns what is stored, and duplicates stay duplicates
+    r, w, welcome = await wire.open_agent_connection("127.0.0.1", port, hello(), **kw)
+    assert welcome.acked == 2
+    assert await send_batches(r, w, [2, 3]) == [2, 3]
+    await wire.close_writer(w)
+
+
+def check_stored(c: Collector) -> None:
+    assert [b.seq for b in c.stored] == [0, 1, 2, 3]
+    assert c.stored[1].obs == obs(3) and c.stored[1].lost == {"ring": 1}
+    assert c.seqs.snapshot() == {"agent-node1": 3}
+
+
+def test_loopback_hello_welcome_batch_ack(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "hopscope.collector.wire")
+
+    async def main() -> None:
+        async with collector() as c:
+            await session(c.port)
+        check_stored(c)
+
+    run(main())
+    assert "agent 'agent-node1' on 'node1' connected from 127.0.0.1:" in caplog.text
+    assert "said bye: done" in caplog.text
+
+
+def refusal(caplog: pytest.LogCaptureFixture) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(lines) == 1, caplog.text
+    return lines[0]
+
+
+def test_loopback_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with collector() as c:
+            with pytest.raises(AuthFailed, match="the peer refused: wrong token"):
+                await wire.open_agent_connection("127.0.0.1", c.port, hello(b"x" * 29))
+        assert c.stored == []
+
+    run(main())
+    line = refusal(caplog)
+    assert line.startswith("refused 127.0.0.1:")
+    assert line.endswith("wrong token from agent 'agent-node1' on node 'node1'")
+    assert TOKEN.decode() not in caplog.text
+
+
+def test_loopback_wrong_version_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with collector() as c:
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            w.write(body({"v": 2, "t": "hello", "agent": "a", "node": "n", "token": TOKEN,
+                          "started_ns": 1}))
+            f = await wire.read_frame(r)
+            assert isinstance(f, ErrorFrame) and f.code == "version"
+            with pytest.raises(BadVersion, match="schema version 2 is not supported"):
+                raise wire.error_from_frame(f)
+            with pytest.raises(PeerClosed):
+                await wire.read_frame(r)
+            await wire.close_writer(w)
+
+    run(main())
+    assert "schema version 2 is not supported (this side speaks 1)" in refusal(caplog)
+
+
+@pytest.mark.parametrize(("garbage", "code", "logged"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "too-large", "look like text: not a hopscope peer"),
+    (b"\x00\x01\x00\x01" + b"\x00" * 8, "too-large", f"over the cap of {HELLO_MAX_FRAME}"),
+    (b"\x00\x00\x00\x02\x93\x01", "bad-frame", "not valid msgpack"),
+    (encode(Ack(1)), "bad-frame", "expected a hello frame first, got ack"),
+    (b"\x00\x00\x10", "bad-frame", "after 3 of 4 length-prefix bytes"),
+    (b"\x00\x00\x10\x00abc", "bad-frame", "after 3 of 4096 body bytes"),
+])
+def test_loopback_garbage_is_refused(caplog: pytest.LogCaptureFixture, garbage: bytes,
+                                     code: str, logged: str) -> None:
+    async def main() -> None:
+        async with collector() as c:
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            w.write(garbage)
+            w.write_eof()
+            f = await wire.read_frame(r)
+            assert isinstance(f, ErrorFrame) and f.code == code
+            await wire.close_writer(w)
+
+    run(main())
+    assert logged in refusal(caplog)
+
+
+def test_loopback_silent_peer_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with collector(hello_timeout=0.2) as c:
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            f = await wire.read_frame(r)
+            assert isinstance(f, ErrorFrame) and f.code == "bad-frame"
+            await wire.close_writer(w)
+
+    run(main())
+    assert "no hello within 0.2 s" in refusal(caplog)
+
+
+def test_loopback_bad_batches_after_the_hello(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with collector(max_frame=2000) as c:
+            r, w, welcome = await wire.open_agent_connection("127.0.0.1", c.port, hello())
+            assert welcome.max_frame == 2000
+            assert await send_batches(r, w, [5]) == [5]
+            w.write(encode_batch("someone-else", 6, "node1", T0, obs(1)))
+            f = await wire.read_frame(r)
+            assert isinstance(f, ErrorFrame) and (f.code, f.seq) == ("bad-frame", 6)
+            assert "not from this connection's agent 'agent-node1'" in f.message
+            await wire.close_writer(w)
+
+            r, w, _ = await wire.open_agent_connection("127.0.0.1", c.port, hello())
+            w.write(encode_batch("agent-node1", 6, "node1", T0, obs(40)))
+            f = await wire.read_frame(r)
+            assert isinstance(f, ErrorFrame) and f.code == "too-large"
+            assert isinstance(wire.error_from_frame(f), FrameTooLarge)
+            await wire.close_writer(w)
+        assert [b.seq for b in c.stored] == [5]
+
+    run(main())
+    assert "over the cap of 2000 bytes" in caplog.text
+
+
+def test_store_failure_closes_with_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(b: Batch) -> None:
+        raise RuntimeError("disk on fire")
+
+    async def main() -> None:
+        c = Collector()
+        seqs = SeqTracker()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await wire.serve_agent(r, w, token=TOKEN, store=boom, seqs=seqs)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w, _ = await wire.open_agent_connection("127.0.0.1", port, hello())
+            w.write(encode_batch("agent-node1", 0, "node1", T0, obs(1)))
+            f = await wire.read_frame(r)
+            assert f == ErrorFrame("internal", "internal error: see the collector's log", 0)
+            await wire.close_writer(w)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert seqs.acked("agent-node1") == -1  # not stored: not acked
+        assert c.stored == []
+
+    run(main())
+    assert "disk on fire" in caplog.text
+
+
+# --- TLS -------------------------------------------------------------------------
+
+
+def _pki_cryptography(d: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        (d / f"{stem}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("hopscope test CA"))
+          .issuer_name(name("hopscope test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    save("ca", ca_key, ca)
+    for stem, eku in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                      ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"hopscope {stem}"))
+                .issuer_name(ca.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        save(stem, key, cert)
+
+
+def _pki_openssl(d: Path) -> None:
+    def sh(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sh("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+       "-subj", "/CN=hopscope test CA",
+       "-addext", "basicConstraints=critical,CA:TRUE",
+       "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for stem, eku in (("server", "serverAuth"), ("client", "clientAuth")):
+        (d / f"{stem}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                       f"extendedKeyUsage={eku}\n")
+        sh("req", "-new", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr",
+           "-subj", f"/CN=hopscope {stem}")
+        sh("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+           "-CAcreateserial", "-out", f"{stem}.pem", "-days", "1", "-extfile", f"{stem}.ext")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate (localhost, 127.0.0.1) and a client certificate.
+
+    Made with the cryptography package when it is importable, else with the
+    openssl command (HOPSCOPE_TEST_PKI=openssl forces it); skipped with neither.
+    """
+    d = tmp_path_factory.mktemp("pki")
+    try:
+        if os.environ.get("HOPSCOPE_TEST_PKI") == "openssl":
+            raise ImportError
+        import cryptography  # noqa: F401
+    except ImportError:
+        if not shutil.which("openssl"):
+            pytest.skip("neither the cryptography package nor the openssl command is available")
+        _pki_openssl(d)
+    else:
+        _pki_cryptography(d)
+    return d
+
+
+def test_loopback_tls(pki: Path) -> None:
+    srv = wire.server_ssl_context(pki / "server.pem", pki / "server.key")
+    cli = wire.client_ssl_context(pki / "ca.pem")
+
+    async def main() -> None:
+        async with collector(srv) as c:
+            await session(c.port, cli)
+        check_stored(c)
+
+    run(main())
+
+
+def test_loopback_mutual_tls(pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    srv = wire.server_ssl_context(pki / "server.pem", pki / "server.key", ca=pki / "ca.pem")
+    cli = wire.client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    anonymous = wire.client_ssl_context(pki / "ca.pem")
+    untrusting = wire.client_ssl_context(pki / "client.pem")  # does not trust the server's CA
+
+    async def main() -> None:
+        async with collector(srv) as c:
+            await session(c.port, cli)
+            with pytest.raises((ssl.SSLError, ConnectionError, WireError)):
+                await wire.open_agent_connection("127.0.0.1", c.port, hello(),
+                                                 ssl_context=anonymous, timeout=5)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await wire.open_agent_connection("127.0.0.1", c.port, hello(),
+                                                 ssl_context=untrusting, timeout=5)
+        check_stored(c)
+
+    run(main())
+
+
+def test_tls_client_against_a_plain_collector_is_refused_with_a_hint(
+        pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cli = wire.client_ssl_context(pki / "ca.pem")
+
+    async def main() -> None:
+        async with collector() as c:
+            with pytest.raises((ssl.SSLError, ConnectionError, WireError)):
+                await wire.open_agent_connection("127.0.0.1", c.port, hello(),
+                                                 ssl_context=cli, timeout=5)
+            for _ in range(100):  # the refusal is logged by the server's task
+                if any(r.getMessage().startswith("refused") for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+
+    run(main())
+    assert "looks like a TLS handshake: is TLS on at one end only?" in refusal(caplog)
+
+
+def test_tls_setup_errors_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="TLS server set-up"):
+        wire.server_ssl_context(tmp_path / "missing.pem", tmp_path / "missing.key")
+    with pytest.raises(UsageError, match="TLS client set-up"):
+        wire.client_ssl_context(tmp_path / "missing-ca.pem")
