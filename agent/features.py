@@ -1,0 +1,1281 @@
+"""What this node's kernel offers the eBPF agent: probing functions.
+
+Every function here only *reads*: files under ``/proc``, ``/sys`` and
+``/lib/modules``, ``ip``/``tc``/``modinfo`` listings, the process table.
+The few that touch the kernel do so without leaving anything behind:
+
+* :func:`bpf_create_ringbuf` and :func:`bpf_load_trivial` create a ring
+  buffer map or load a two-instruction program and close the descriptor at
+  once (nothing is attached, nothing is pinned);
+* :func:`private_tracefs` mounts tracefs in a *private, temporary* mount
+  namespace (a helper process made by ``unshare --mount``) when the host has
+  none mounted; the host's mount table is not changed and the mount goes
+  away with the helper;
+* :func:`run_compile_test` (only on request) runs bcc in a child process
+  that attaches one tracepoint program and detaches it at once.
+
+Parsers take text and file-readers take paths (with the real ones as
+defaults) so the tests can point them at fixtures. The agent (issue 4)
+reuses :func:`plan_probes` to choose its sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gzip
+import importlib
+import json
+import logging
+import os
+import platform
+import re
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hopscope.errors import HopscopeError, UsageError
+from hopscope.tcpflow import point_for_ifname
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+MISSING = "missing"
+DEGRADED = "degraded"
+
+NETNS_DIR = "/run/netns"
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+HOPSCOPE_PREFIX = "hopscope"
+
+#: Tracepoints the agent attaches to, as ``category:event``.
+AGENT_TRACEPOINTS = (
+    "net:netif_receive_skb",
+    "net:net_dev_queue",
+    "skb:kfree_skb",
+    "sock:inet_sock_set_state",
+    "sock:sk_data_ready",
+    "syscalls:sys_enter_accept4",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_connect",
+)
+
+#: Kernel functions the agent would kprobe where kprobes exist.
+KPROBE_TARGETS = (
+    "nf_hook_slow",
+    "ipt_do_table",
+    "nft_do_chain",
+    "ip_vs_conn_new",
+    "ip_vs_nat_xmit",
+    "tcp_v4_connect",
+    "vxlan_xmit",
+)
+
+#: Kernel options the doctor reports (value "y", "m", "n", or absent).
+CONFIG_OPTIONS = (
+    "CONFIG_BPF_SYSCALL",
+    "CONFIG_BPF_JIT",
+    "CONFIG_BPF_EVENTS",
+    "CONFIG_DEBUG_INFO_BTF",
+    "CONFIG_KPROBES",
+    "CONFIG_KPROBE_EVENTS",
+    "CONFIG_FPROBE",
+    "CONFIG_FUNCTION_TRACER",
+    "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS",
+    "CONFIG_FTRACE_SYSCALLS",
+    "CONFIG_IP_VS",
+    "CONFIG_NET_CLS_BPF",
+    "CONFIG_NET_SCH_INGRESS",
+    "CONFIG_NET_CLS_ACT",
+    "CONFIG_PACKET",
+    "CONFIG_VXLAN",
+    "CONFIG_NF_CONNTRACK",
+    "CONFIG_MODULES",
+    "CONFIG_IKHEADERS",
+)
+
+CAP_NAMES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+
+#: The capabilities the doctor reports on.
+AGENT_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_RESOURCE",
+              "CAP_SYS_ADMIN")
+
+
+@dataclass
+class Finding:
+    """One section of the doctor's report."""
+
+    status: str
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+    fix: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "summary": self.summary, "details": self.details,
+                "fix": self.fix}
+
+
+def _read_text(path: str | os.PathLike[str]) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _strerror(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{name}: {exc.strerror}" if name else str(exc)
+
+
+# -- kernel release and config ---------------------------------------------------------
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+def kernel_version(release: str) -> tuple[int, int, int]:
+    """``"6.18.44-fc-v657"`` -> ``(6, 18, 44)``; missing parts are 0."""
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", release)
+    if not m:
+        return (0, 0, 0)
+    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0))
+
+
+def parse_kernel_config(text: str) -> dict[str, str]:
+    """A kernel ``.config`` as ``{"CONFIG_X": "y" | "m" | "n" | value}``.
+
+    ``# CONFIG_X is not set`` becomes ``"n"``; quoted strings lose their quotes.
+    """
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = re.fullmatch(r"# (CONFIG_\w+) is not set", line)
+        if m:
+            out[m.group(1)] = "n"
+            continue
+        if line.startswith("CONFIG_") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v
+    return out
+
+
+@dataclass
+class KernelConfig:
+    source: str | None
+    options: dict[str, str]
+    error: str | None = None
+
+    def value(self, name: str) -> str | None:
+        """"y", "m", "n", a value, or None when there is no config to ask."""
+        if self.source is None:
+            return None
+        return self.options.get(name, "n")
+
+    def enabled(self, name: str) -> bool | None:
+        v = self.value(name)
+        return None if v is None else v in ("y", "m")
+
+
+def read_kernel_config(release: str | None = None, proc_config: str = "/proc/config.gz",
+                       boot_dir: str = "/boot") -> KernelConfig:
+    """The running kernel's config from ``/proc/config.gz``, else ``/boot/config-<release>``."""
+    release = release or kernel_release()
+    errors = []
+    try:
+        with gzip.open(proc_config, "rt", errors="replace") as f:
+            return KernelConfig(proc_config, parse_kernel_config(f.read()))
+    except FileNotFoundError:
+        errors.append(f"{proc_config} missing")
+    except (OSError, EOFError) as exc:
+        errors.append(f"{proc_config}: {exc}")
+    boot = os.path.join(boot_dir, f"config-{release}")
+    text = _read_text(boot)
+    if text is not None:
+        return KernelConfig(boot, parse_kernel_config(text))
+    errors.append(f"{boot} missing")
+    return KernelConfig(None, {}, "; ".join(errors))
+
+
+# -- /proc/kallsyms, BTF ---------------------------------------------------------------
+
+
+def kallsyms_find(names: Iterable[str], path: str = "/proc/kallsyms") -> dict[str, bool]:
+    """Which of ``names`` are kernel symbols (exact name, module symbols included)."""
+    want = set(names)
+    found: set[str] = set()
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in want:
+                    found.add(parts[2])
+    except OSError as exc:
+        log.debug("cannot read %s: %s", path, exc)
+    return {n: n in found for n in sorted(want)}
+
+
+BTF_KIND_INT, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION, BTF_KIND_ENUM = 1, 3, 4, 5, 6
+BTF_KIND_TYPEDEF, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 8, 12, 13, 14
+BTF_KIND_DATASEC, BTF_KIND_DECL_TAG, BTF_KIND_ENUM64 = 15, 17, 19
+_BTF_EXTRA = {BTF_KIND_INT: 4, BTF_KIND_ARRAY: 12, BTF_KIND_VAR: 4, BTF_KIND_DECL_TAG: 4}
+_BTF_PER_MEMBER = {BTF_KIND_STRUCT: 12, BTF_KIND_UNION: 12, BTF_KIND_ENUM: 8,
+                   BTF_KIND_FUNC_PROTO: 8, BTF_KIND_DATASEC: 12, BTF_KIND_ENUM64: 12}
+_BTF_INDEXED = frozenset((BTF_KIND_FUNC, BTF_KIND_TYPEDEF, BTF_KIND_ENUM, BTF_KIND_ENUM64))
+
+
+class BtfError(HopscopeError):
+    """A BTF blob could not be parsed."""
+
+
+class Btf:
+    """Just enough of a BTF reader: find functions, typedefs and enums by name."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BtfError("BTF blob shorter than its header")
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+            "<HBBIIIII", data, 0)
+        if magic != 0xEB9F:
+            raise BtfError(f"bad BTF magic 0x{magic:04x} (big-endian or not BTF)")
+        self._data = data
+        self._strs = hdr_len + str_off
+        self._strs_end = self._strs + str_len
+        self._by_name: dict[tuple[int, str], int] = {}
+        self._enums: dict[int, tuple[int, int, int]] = {}  # id -> (offset, kind, vlen)
+        off = hdr_len + type_off
+        end = off + type_len
+        tid = 1
+        unpack = struct.unpack_from
+        while off < end:
+            name_off, info, _size = unpack("<III", data, off)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            if kind in _BTF_INDEXED and name_off:
+                self._by_name.setdefault((kind, self._str(name_off)), tid)
+                if kind in (BTF_KIND_ENUM, BTF_KIND_ENUM64):
+                    self._enums[tid] = (off + 12, kind, vlen)
+            off += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_MEMBER.get(kind, 0) * vlen
+            tid += 1
+        self.type_count = tid - 1
+
+    @classmethod
+    def load(cls, path: str = "/sys/kernel/btf/vmlinux") -> Btf:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise BtfError(f"cannot read BTF {path}: {_strerror(exc)}") from exc
+        return cls(data)
+
+    def _str(self, off: int) -> str:
+        start = self._strs + off
+        stop = self._data.index(b"\0", start, self._strs_end)
+        return self._data[start:stop].decode("ascii", "replace")
+
+    def find(self, kind: int, name: str) -> int | None:
+        return self._by_name.get((kind, name))
+
+    def enum_values(self, name: str) -> dict[str, int]:
+        tid = self.find(BTF_KIND_ENUM, name) or self.find(BTF_KIND_ENUM64, name)
+        if tid is None:
+            return {}
+        off, kind, vlen = self._enums[tid]
+        out: dict[str, int] = {}
+        for i in range(vlen):
+            if kind == BTF_KIND_ENUM:
+                n, v = struct.unpack_from("<Ii", self._data, off + 8 * i)
+            else:
+                n, lo, hi = struct.unpack_from("<III", self._data, off + 12 * i)
+                v = lo | (hi << 32)
+            out[self._str(n)] = v
+        return out
+
+
+def drop_reasons_from_btf(btf: Btf) -> dict[int, str]:
+    """``enum skb_drop_reason`` as tracefs names it (``SKB_DROP_REASON_`` stripped)."""
+    out: dict[int, str] = {}
+    for name, value in btf.enum_values("skb_drop_reason").items():
+        if not name.startswith("SKB_DROP_REASON_"):
+            continue
+        short = name[len("SKB_DROP_REASON_"):]
+        if short == "MAX" or short.startswith("SUBSYS_"):
+            continue
+        out[value] = short
+    return dict(sorted(out.items()))
+
+
+# -- tracefs -----------------------------------------------------------------------------
+
+
+def parse_mounts(text: str) -> list[tuple[str, str, str]]:
+    """``/proc/mounts`` as (source, mount point, fs type); octal escapes decoded."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+            out.append((parts[0], mnt, parts[2]))
+    return out
+
+
+def find_tracefs(mounts_path: str = "/proc/mounts") -> str | None:
+    """Where tracefs is mounted (``/sys/kernel/tracing`` preferred), or None."""
+    mounts = parse_mounts(_read_text(mounts_path) or "")
+    tracefs = [m for _src, m, fs in mounts if fs == "tracefs"]
+    for cand in TRACEFS_CANDIDATES:
+        if cand in tracefs:
+            return cand
+    if tracefs:
+        return tracefs[0]
+    return None
+
+
+class _PrivateTracefs:
+    """A tracefs mount visible only through a helper process's ``/proc/PID/root``."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.root = f"/proc/{proc.pid}/root{TRACEFS_CANDIDATES[0]}"
+
+
+@contextlib.contextmanager
+def private_tracefs(timeout: float = 5.0) -> Iterator[str | None]:
+    """Yield a path to a tracefs mounted in a private mount namespace, or None.
+
+    The helper is ``unshare --mount --propagation private``: the mount exists
+    only in its own namespace and disappears when it is killed here (it also
+    exits by itself after a minute). Needs CAP_SYS_ADMIN and util-linux.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        yield None
+        return
+    script = 'mount -t tracefs hopscope-doctor "$1" && echo ready && exec sleep 60'
+    try:
+        proc = subprocess.Popen(
+            [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+             TRACEFS_CANDIDATES[0]],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        log.debug("cannot start unshare: %s", exc)
+        yield None
+        return
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        # "ready", or "" when the mount failed and sh exited
+        line = proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            if proc.poll() is None:
+                proc.kill()
+            err = proc.stderr.read() if proc.stderr else ""
+            log.debug("private tracefs mount failed: %s", err.strip() or "no answer")
+            yield None
+        else:
+            yield _PrivateTracefs(proc).root
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+        for s in (proc.stdout, proc.stderr):
+            if s is not None:
+                s.close()
+
+
+def tracepoint_dir(tracefs: str, tracepoint: str) -> str:
+    cat, _, event = tracepoint.partition(":")
+    return os.path.join(tracefs, "events", cat, event)
+
+
+def tracepoints_present(tracefs: str, names: Iterable[str] = AGENT_TRACEPOINTS
+                        ) -> dict[str, bool]:
+    return {n: os.path.isdir(tracepoint_dir(tracefs, n)) for n in names}
+
+
+@dataclass
+class TracepointFormat:
+    name: str
+    id: int | None
+    fields: dict[str, tuple[str, int, int]]  # name -> (C type, offset, size)
+    print_fmt: str
+
+
+def parse_tracepoint_format(text: str) -> TracepointFormat:
+    """A tracefs ``events/<cat>/<event>/format`` file."""
+    name = ""
+    tp_id: int | None = None
+    fields: dict[str, tuple[str, int, int]] = {}
+    print_fmt = ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("name:"):
+            name = s[5:].strip()
+        elif s.startswith("ID:"):
+            with contextlib.suppress(ValueError):
+                tp_id = int(s[3:].strip())
+        elif s.startswith("field:"):
+            m = re.match(r"field:(.+?);\s*offset:(\d+);\s*size:(\d+);", s)
+            if m:
+                decl = m.group(1).strip()
+                fm = re.match(r"(.*?)([A-Za-z_]\w*)\s*(\[[^\]]*\])?$", decl)
+                if fm:
+                    ctype = (fm.group(1).strip() + (fm.group(3) or "")).strip()
+                    fields[fm.group(2)] = (ctype, int(m.group(2)), int(m.group(3)))
+        elif s.startswith("print fmt:"):
+            print_fmt = s[len("print fmt:"):].strip()
+    return TracepointFormat(name, tp_id, fields, print_fmt)
+
+
+def parse_drop_reasons(format_text: str) -> dict[int, str]:
+    """Drop reason number -> name, from ``skb:kfree_skb``'s ``print fmt``.
+
+    The names come from ``__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, ...)``.
+    Kernels without the ``reason`` field (before 5.17) give ``{}``.
+    """
+    fmt = parse_tracepoint_format(format_text).print_fmt
+    m = re.search(r"__print_symbolic\(\s*REC->reason\s*,(.*)", fmt, re.S)
+    if not m:
+        return {}
+    out: dict[int, str] = {}
+    for num, name in re.findall(r"\{\s*(-?(?:0x[0-9a-fA-F]+|\d+))\s*,\s*\"([^\"]*)\"\s*\}",
+                                m.group(1)):
+        if name != "MAX":  # the enum's end marker, not a reason
+            out[int(num, 0)] = name
+    return out
+
+
+def read_filter_functions(tracefs: str) -> tuple[set[str] | None, str | None]:
+    """``available_filter_functions`` as a set of names, or (None, why not)."""
+    path = os.path.join(tracefs, "available_filter_functions")
+    try:
+        with open(path, errors="replace") as f:
+            return {line.split(None, 1)[0] for line in f if line.strip()}, None
+    except FileNotFoundError:
+        return None, "absent (CONFIG_FUNCTION_TRACER not set)"
+    except OSError as exc:
+        return None, f"exists but unreadable ({_strerror(exc)})"
+
+
+# -- bpf(2) without a loader -------------------------------------------------------------
+
+_BPF_NR = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351,
+           "armv7l": 386}
+BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_TRACEPOINT = 1, 3, 5
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
+_TRIVIAL_PROG = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
+
+
+@dataclass
+class BpfResult:
+    ok: bool
+    error: str | None = None
+    errno: int = 0
+    log: str = ""
+    fd: int | None = None  # only with keep_fd=True: the caller closes it
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> tuple[int, int]:
+    nr = _BPF_NR.get(platform.machine())
+    if nr is None:
+        return -1, errno.ENOSYS
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    return int(fd), (ctypes.get_errno() if fd < 0 else 0)
+
+
+def _result(fd: int, err: int, logbuf: bytes = b"", keep_fd: bool = False) -> BpfResult:
+    if fd >= 0:
+        if keep_fd:
+            return BpfResult(True, fd=fd)
+        os.close(fd)
+        return BpfResult(True)
+    text = logbuf.split(b"\0", 1)[0].decode(errors="replace").strip()
+    return BpfResult(False, f"{errno.errorcode.get(err, err)}: {os.strerror(err)}", err, text)
+
+
+def bpf_create_ringbuf(size: int | None = None) -> BpfResult:
+    """Create a BPF_MAP_TYPE_RINGBUF map and close it at once."""
+    size = size or os.sysconf("SC_PAGE_SIZE")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIII", attr, 0, BPF_MAP_TYPE_RINGBUF, 0, 0, size)
+    fd, err = _bpf(BPF_MAP_CREATE, attr)
+    return _result(fd, err)
+
+
+def bpf_load_trivial(prog_type: int, expected_attach_type: int = 0,
+                     attach_btf_id: int = 0, keep_fd: bool = False) -> BpfResult:
+    """Load ``r0 = 0; exit`` as ``prog_type`` and close it at once (nothing is attached).
+
+    ``keep_fd`` returns the program's descriptor instead (tests attach it in
+    their own namespace); the caller must close it.
+    """
+    insns = ctypes.create_string_buffer(_TRIVIAL_PROG, len(_TRIVIAL_PROG))
+    lic = ctypes.create_string_buffer(b"GPL")
+    logbuf = ctypes.create_string_buffer(4096)
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQIIQII", attr, 0, prog_type, len(_TRIVIAL_PROG) // 8,
+                     ctypes.addressof(insns), ctypes.addressof(lic), 1, len(logbuf),
+                     ctypes.addressof(logbuf), 0, 0)
+    struct.pack_into("16s", attr, 48, b"hopscope_probe")
+    struct.pack_into("<I", attr, 68, expected_attach_type)
+    struct.pack_into("<I", attr, 108, attach_btf_id)
+    fd, err = _bpf(BPF_PROG_LOAD, attr)
+    return _result(fd, err, logbuf.raw, keep_fd)
+
+
+def af_packet_usable() -> BpfResult:
+    """Open and close an AF_PACKET raw socket (needs CAP_NET_RAW)."""
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    except OSError as exc:
+        return BpfResult(False, _strerror(exc), exc.errno or 0)
+    s.close()
+    return BpfResult(True)
+
+
+# -- capabilities and sysctls --------------------------------------------------------------
+
+
+def parse_cap_eff(status_text: str) -> int | None:
+    """The ``CapEff`` mask of a ``/proc/<pid>/status`` text."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", status_text, re.M)
+    return int(m.group(1), 16) if m else None
+
+
+def decode_caps(mask: int) -> list[str]:
+    out = []
+    for bit in range(mask.bit_length()):
+        if mask >> bit & 1:
+            out.append(CAP_NAMES[bit] if bit < len(CAP_NAMES) else f"CAP_{bit}")
+    return out
+
+
+def read_caps(status_path: str = "/proc/self/status") -> set[str] | None:
+    mask = parse_cap_eff(_read_text(status_path) or "")
+    return None if mask is None else set(decode_caps(mask))
+
+
+def read_sysctl(name: str, root: str = "/proc/sys") -> str | None:
+    text = _read_text(os.path.join(root, name.replace(".", "/")))
+    return None if text is None else text.strip()
+
+
+# -- bcc and kernel headers -------------------------------------------------------------
+
+
+@dataclass
+class BccInfo:
+    importable: bool
+    is_iovisor: bool = False
+    version: str | None = None
+    path: str | None = None
+    error: str | None = None
+
+
+def probe_bcc(module: str = "bcc") -> BccInfo:
+    """Is iovisor's bcc importable (not PyPI's unrelated ``bcc``)?"""
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # ImportError, or libbcc failing to load (OSError)
+        return BccInfo(False, error=f"{type(exc).__name__}: {exc}")
+    path = getattr(mod, "__file__", None)
+    version = getattr(mod, "__version__", None)
+    if not hasattr(mod, "BPF"):
+        return BccInfo(True, False, version, path,
+                       "a module named bcc without bcc.BPF (PyPI's unrelated 'bcc' package?)")
+    return BccInfo(True, True, str(version) if version else None, path)
+
+
+def parse_utsrelease(text: str) -> str | None:
+    m = re.search(r'#define\s+UTS_RELEASE\s+"([^"]+)"', text)
+    return m.group(1) if m else None
+
+
+@dataclass
+class HeaderTree:
+    """One ``/lib/modules/<version>`` with its build (and source) trees."""
+
+    version: str
+    build: str
+    source: str | None
+
+
+@dataclass
+class HeadersInfo:
+    release: str
+    build: str
+    present: bool
+    target: str | None = None
+    version: str | None = None
+    matches: bool = False
+    source: str | None = None
+    has_kconfig_h: bool = False
+    candidates: list[HeaderTree] = field(default_factory=list)
+
+
+def headers_version(build_dir: str) -> str | None:
+    """The kernel release a header tree was made for (utsrelease.h, else the path)."""
+    text = _read_text(os.path.join(build_dir, "include/generated/utsrelease.h"))
+    if text:
+        v = parse_utsrelease(text)
+        if v:
+            return v
+    m = re.search(r"linux-headers-(\d[^/]*)", os.path.realpath(build_dir))
+    return m.group(1) if m else None
+
+
+def probe_headers(release: str | None = None, modules_dir: str = "/lib/modules") -> HeadersInfo:
+    release = release or kernel_release()
+    kdir = os.path.join(modules_dir, release)
+    build = os.path.join(kdir, "build")
+    info = HeadersInfo(release, build, os.path.isdir(build))
+    if info.present:
+        info.target = os.path.realpath(build)
+        info.version = headers_version(build)
+        info.matches = info.version == release
+        src = os.path.join(kdir, "source")
+        info.source = os.path.realpath(src) if os.path.isdir(src) else None
+        tree = info.source if info.source else build
+        info.has_kconfig_h = os.path.isfile(os.path.join(tree, "include/linux/kconfig.h"))
+    try:
+        versions = sorted(os.listdir(modules_dir), key=kernel_version, reverse=True)
+    except OSError:
+        versions = []
+    for v in versions:
+        b = os.path.join(modules_dir, v, "build")
+        if v == release or not os.path.isdir(b):
+            continue
+        s = os.path.join(modules_dir, v, "source")
+        info.candidates.append(HeaderTree(v, os.path.realpath(b),
+                                          os.path.realpath(s) if os.path.isdir(s) else None))
+    return info
+
+
+def apt_headers_package(release: str) -> str | None:
+    """``linux-headers-<release>`` when apt knows such a package (local cache only)."""
+    apt = shutil.which("apt-cache")
+    if apt is None:
+        return None
+    pkg = f"linux-headers-{release}"
+    try:
+        cp = subprocess.run([apt, "policy", pkg], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Candidate:\s*(\S+)", cp.stdout)
+    return pkg if m and m.group(1) != "(none)" else None
+
+
+def headers_fix(info: HeadersInfo, apt_package: str | None) -> str | None:
+    """The one-line fix for missing headers (None when bcc can already compile)."""
+    if info.present and info.has_kconfig_h and (info.matches or not apt_package):
+        return None  # matching, or the best there is (another version's UAPI headers)
+    rel = info.release
+    if apt_package:
+        return f"apt-get install {apt_package}"
+    scope = ("enough only for programs that use UAPI headers and tracepoint formats "
+             "(hopscope's design), not kernel struct layouts")
+    tree = next((c for c in info.candidates if c.source), None)
+    if tree is None:
+        return (f"no linux-headers-{rel} package: apt-get install linux-headers-amd64, then "
+                f"link its /lib/modules/<ver>/build and source as /lib/modules/{rel}/build "
+                f"and source; {scope}")
+    return (f"no linux-headers-{rel} package: link Debian's headers ({tree.version}): "
+            f"mkdir -p /lib/modules/{rel} && ln -sfn {tree.build} /lib/modules/{rel}/build "
+            f"&& ln -sfn {tree.source} /lib/modules/{rel}/source; {scope}")
+
+
+# -- the compile test (bcc in a child process) ----------------------------------------------
+
+COMPILE_TEST_TRACEPOINT = "sock:inet_sock_set_state"
+COMPILE_TEST_PROGRAM = r"""
+BPF_ARRAY(hopscope_doctor_hits, u64, 1);
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    int k = 0;
+    u64 *v = hopscope_doctor_hits.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1);
+    return 0;
+}
+"""
+_RESULT_MARK = "HOPSCOPE-COMPILE-TEST "
+
+
+def compile_test_child() -> None:
+    """Run in a child process: compile, load and attach the test program, detach it."""
+    res: dict[str, Any] = {"ok": False}
+    t0 = time.monotonic()
+    try:
+        from bcc import BPF
+
+        b = BPF(text=COMPILE_TEST_PROGRAM)
+        res["seconds"] = round(time.monotonic() - t0, 3)
+        res["attached"] = int(b.num_open_tracepoints())
+        b.cleanup()
+        res["detached"] = True
+        res["ok"] = res["attached"] > 0
+    except BaseException as exc:
+        res["seconds"] = round(time.monotonic() - t0, 3)
+        res["error"] = f"{type(exc).__name__}: {exc}".strip()
+    sys.stdout.flush()
+    print(_RESULT_MARK + json.dumps(res), flush=True)
+
+
+@dataclass
+class CompileResult:
+    ok: bool
+    how: str
+    seconds: float | None = None
+    error: str | None = None
+    output: list[str] = field(default_factory=list)
+
+
+_STAGE_SCRIPT = r"""
+set -e
+if [ -n "$1" ]; then mount -t tracefs hopscope-doctor "$1"; fi
+if [ -n "$3" ]; then
+  d=/lib/modules/$2
+  if [ -d "$d" ]; then mount -t tmpfs -o size=64k,mode=755 hopscope-doctor "$d"
+  else mount -t tmpfs -o size=64k,mode=755 hopscope-doctor /lib/modules; mkdir -p "$d"; fi
+  ln -s "$3" "$d/build"
+  if [ -n "$4" ]; then ln -s "$4" "$d/source"; fi
+fi
+shift 4
+exec "$@"
+"""
+
+
+def run_compile_test(*, mount_tracefs: bool = False, stage: HeaderTree | None = None,
+                     release: str | None = None, timeout: float = 60.0) -> CompileResult:
+    """Compile, load and attach a tiny tracepoint program with bcc in a child, then detach.
+
+    With ``mount_tracefs`` / ``stage`` the child runs in a private mount
+    namespace where tracefs is mounted and/or ``stage``'s header trees are
+    linked as ``/lib/modules/<release>/{build,source}``: the fix tried
+    without applying it.
+    """
+    child = [sys.executable, "-c",
+             "from hopscope.agent.features import compile_test_child; compile_test_child()"]
+    how = "as the system is"
+    argv = child
+    if mount_tracefs or stage is not None:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            return CompileResult(False, "private mount namespace",
+                                 error="unshare (util-linux) not found")
+        release = release or kernel_release()
+        argv = [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", _STAGE_SCRIPT,
+                "sh", TRACEFS_CANDIDATES[0] if mount_tracefs else "", release,
+                stage.build if stage else "", (stage.source or "") if stage else "", *child]
+        parts = []
+        if mount_tracefs:
+            parts.append("tracefs mounted")
+        if stage is not None:
+            parts.append(f"headers {stage.version} linked as /lib/modules/{release}/build")
+        how = "in a private mount namespace with " + " and ".join(parts)
+    t0 = time.monotonic()
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return CompileResult(False, how, round(time.monotonic() - t0, 3),
+                             f"no answer within {timeout:.0f} s")
+    except OSError as exc:
+        return CompileResult(False, how, error=f"cannot start {argv[0]}: {exc}")
+    lines = (cp.stdout + "\n" + cp.stderr).splitlines()
+    res: dict[str, Any] | None = None
+    noise = []
+    for ln in lines:
+        if ln.startswith(_RESULT_MARK):
+            with contextlib.suppress(ValueError):
+                res = json.loads(ln[len(_RESULT_MARK):])
+        elif ln.strip():
+            noise.append(ln.strip())
+    if res is None:
+        return CompileResult(False, how, round(time.monotonic() - t0, 3),
+                             f"child exited {cp.returncode} without a result", noise[-6:])
+    err = res.get("error")
+    if err and noise:
+        # bcc's own explanation (e.g. "Unable to find kernel headers") is on stdout
+        first = next((n for n in noise if "kernel headers" in n or "error" in n.lower()),
+                     noise[0])
+        err = f"{err} ({first})"
+    return CompileResult(bool(res.get("ok")), how, res.get("seconds"), err, noise[-6:])
+
+
+# -- interfaces and tc ------------------------------------------------------------------
+
+
+def netns_exists(name: str, netns_dir: str = NETNS_DIR) -> bool:
+    return os.path.exists(os.path.join(netns_dir, name))
+
+
+def _json_cmd(argv: Sequence[str], what: str) -> Any:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except FileNotFoundError as exc:
+        raise HopscopeError(f"{what}: {argv[0]} not found; install iproute2") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HopscopeError(f"{what}: `{' '.join(argv)}` did not answer within 10 s") from exc
+    if cp.returncode != 0:
+        raise HopscopeError(f"{what}: `{' '.join(argv)}` failed: {cp.stderr.strip()}")
+    out = cp.stdout.strip()
+    if not out:
+        return []
+    try:
+        return json.loads(out)
+    except ValueError as exc:
+        raise HopscopeError(f"{what}: `{' '.join(argv)}` printed no JSON ({exc}); "
+                            "iproute2 too old for -j?") from exc
+
+
+def _ns_args(netns: str | None) -> list[str]:
+    return ["-n", netns] if netns else []
+
+
+def ip_links(netns: str | None = None) -> list[dict[str, Any]]:
+    return list(_json_cmd(["ip", *_ns_args(netns), "-d", "-j", "link", "show"],
+                          f"listing interfaces of {netns or 'this namespace'}"))
+
+
+def ip_addrs(netns: str | None = None) -> list[dict[str, Any]]:
+    return list(_json_cmd(["ip", *_ns_args(netns), "-j", "addr", "show"],
+                          f"listing addresses of {netns or 'this namespace'}"))
+
+
+def default_route_devs(netns: str | None = None) -> list[str]:
+    devs: list[str] = []
+    for fam in ("-4", "-6"):
+        routes = _json_cmd(["ip", *_ns_args(netns), fam, "-j", "route", "show", "default"],
+                           f"reading default routes of {netns or 'this namespace'}")
+        for r in routes:
+            d = r.get("dev")
+            if d and d not in devs:
+                devs.append(d)
+    return devs
+
+
+def vxlan_peers(dev: str, netns: str | None = None) -> list[str]:
+    """Remote VTEP addresses in a VXLAN device's FDB (``bridge fdb show dev``)."""
+    fdb = _json_cmd(["bridge", *_ns_args(netns), "-j", "fdb", "show", "dev", dev],
+                    f"reading the FDB of {dev}")
+    return sorted({str(e["dst"]) for e in fdb if e.get("dst")})
+
+
+def route_dev(dst: str, netns: str | None = None) -> str | None:
+    """The device ``ip route get <dst>`` picks."""
+    routes = _json_cmd(["ip", *_ns_args(netns), "-j", "route", "get", dst],
+                       f"looking up the route to {dst}")
+    return str(routes[0]["dev"]) if routes and routes[0].get("dev") else None
+
+
+def tc_qdiscs(netns: str | None = None) -> list[dict[str, Any]]:
+    return list(_json_cmd(["tc", *_ns_args(netns), "-j", "qdisc", "show"],
+                          f"listing qdiscs of {netns or 'this namespace'}"))
+
+
+def tc_filters(dev: str, direction: str, netns: str | None = None) -> list[dict[str, Any]]:
+    return list(_json_cmd(["tc", *_ns_args(netns), "-j", "filter", "show", "dev", dev,
+                           direction], f"listing tc {direction} filters of {dev}"))
+
+
+@dataclass
+class TcHook:
+    """tc on one interface: clsact/ingress qdisc and the filters hanging off it."""
+
+    clsact: bool = False
+    ingress_qdisc: bool = False
+    filters: list[str] = field(default_factory=list)  # "ingress:bpf:name"
+    hopscope_filters: list[str] = field(default_factory=list)
+
+
+def filter_label(f: Mapping[str, Any]) -> str | None:
+    """``kind[:name]`` of a ``tc -j filter show`` entry (None for the chain header)."""
+    opts = f.get("options")
+    if not isinstance(opts, Mapping):
+        return None
+    kind = str(f.get("kind", "?"))
+    name = opts.get("bpf_name")
+    prog = opts.get("prog")
+    if not name and isinstance(prog, Mapping):
+        name = prog.get("name")
+    return f"{kind}:{name}" if name else kind
+
+
+def tc_hooks(qdiscs: Sequence[Mapping[str, Any]],
+             filters_for: Any = None) -> dict[str, TcHook]:
+    """Per device: whether clsact exists and which filters hang off it.
+
+    ``filters_for(dev, direction)`` returns ``tc -j filter show`` entries
+    (None: do not list filters).
+    """
+    hooks: dict[str, TcHook] = {}
+    for q in qdiscs:
+        kind, dev = q.get("kind"), q.get("dev")
+        if kind not in ("clsact", "ingress") or not dev:
+            continue
+        h = hooks.setdefault(str(dev), TcHook())
+        if kind == "clsact":
+            h.clsact = True
+        else:
+            h.ingress_qdisc = True
+    if filters_for is not None:
+        for dev, h in hooks.items():
+            dirs = ("ingress", "egress") if h.clsact else ("ingress",)
+            for d in dirs:
+                for f in filters_for(dev, d):
+                    label = filter_label(f)
+                    if label is None:
+                        continue
+                    h.filters.append(f"{d}:{label}")
+                    if label.partition(":")[2].startswith(HOPSCOPE_PREFIX):
+                        h.hopscope_filters.append(f"{d}:{label}")
+    return hooks
+
+
+@dataclass
+class Interface:
+    name: str
+    kind: str
+    role: str
+    point: str
+    state: str = ""
+    master: str | None = None
+    vxlan: dict[str, Any] | None = None
+    tc: TcHook = field(default_factory=TcHook)
+
+
+ROLE_PUBLIC_NIC = "public NIC"
+ROLE_OVERLAY = "overlay (VXLAN)"
+ROLE_UNDERLAY = "underlay"
+ROLE_PUBLIC_UNDERLAY = "public NIC + underlay"
+ROLE_POD_BRIDGE = "pod bridge"
+ROLE_POD_VETH = "pod veth"
+ROLE_LOOPBACK = "loopback"
+ROLE_OTHER = "other"
+
+
+def vxlan_underlays(links: Sequence[Mapping[str, Any]], addrs: Sequence[Mapping[str, Any]],
+                    route_devs: Mapping[str, Sequence[str]] | None = None
+                    ) -> dict[str, list[str]]:
+    """VXLAN device -> the devices its encapsulated packets leave by.
+
+    The VXLAN's bound device (``link``), else the device holding its
+    ``local`` address, else where the routes to its FDB peers lead
+    (``route_devs``: VXLAN name -> devices of ``ip route get <peer>``).
+    """
+    by_addr: dict[str, str] = {}
+    for a in addrs:
+        for ai in a.get("addr_info", []) or []:
+            if ai.get("local"):
+                by_addr[str(ai["local"])] = str(a.get("ifname"))
+    out: dict[str, list[str]] = {}
+    for link in links:
+        li = link.get("linkinfo") or {}
+        if li.get("info_kind") != "vxlan":
+            continue
+        name = str(link.get("ifname"))
+        data = li.get("info_data") or {}
+        dev = data.get("link") or by_addr.get(str(data.get("local", "")))
+        if dev:
+            out[name] = [str(dev)]
+        else:
+            out[name] = sorted(set((route_devs or {}).get(name, [])))
+    return out
+
+
+def classify_interfaces(links: Sequence[Mapping[str, Any]], default_devs: Sequence[str],
+                        addrs: Sequence[Mapping[str, Any]] = (),
+                        route_devs: Mapping[str, Sequence[str]] | None = None
+                        ) -> list[Interface]:
+    """Roles of the interfaces of one namespace from ``ip -d -j link``/``addr`` output.
+
+    The public NIC is the default route's device; the underlay is what
+    :func:`vxlan_underlays` finds (it may be the public NIC too);
+    ``cni0``-like bridges and the veths enslaved to them carry pod traffic.
+    ``point`` is what hopscope's capture model calls the interface
+    (:func:`hopscope.tcpflow.point_for_ifname`, refined by the role).
+    """
+    per_vxlan = vxlan_underlays(links, addrs, route_devs)
+    underlays = {d for devs in per_vxlan.values() for d in devs}
+    bridges = {str(link["ifname"]) for link in links
+               if (link.get("linkinfo") or {}).get("info_kind") == "bridge"}
+    out: list[Interface] = []
+    for link in links:
+        name = str(link.get("ifname", "?"))
+        li = link.get("linkinfo") or {}
+        kind = str(li.get("info_kind") or link.get("link_type") or "?")
+        master = link.get("master")
+        vx = None
+        if kind == "vxlan":
+            data = li.get("info_data") or {}
+            vx = {"id": data.get("id"), "port": data.get("port"), "local": data.get("local"),
+                  "underlay": per_vxlan.get(name, [])}
+            role = ROLE_OVERLAY
+        elif name == "lo" or kind == "loopback":
+            role = ROLE_LOOPBACK
+        elif name in default_devs and name in underlays:
+            role = ROLE_PUBLIC_UNDERLAY
+        elif name in default_devs:
+            role = ROLE_PUBLIC_NIC
+        elif name in underlays:
+            role = ROLE_UNDERLAY
+        elif kind == "bridge" and (name.startswith(("cni", "cbr")) or any(
+                (x.get("master") == name) for x in links)):
+            role = ROLE_POD_BRIDGE
+        elif kind == "veth" and (master in bridges or name.startswith("veth")):
+            role = ROLE_POD_VETH
+        else:
+            role = ROLE_OTHER
+        point = point_for_ifname(name)
+        if role in (ROLE_PUBLIC_NIC,):
+            point = "nic"
+        elif role in (ROLE_UNDERLAY, ROLE_PUBLIC_UNDERLAY):
+            point = "underlay" if role == ROLE_UNDERLAY else "nic+underlay"
+        out.append(Interface(name, kind, role, point or "-", str(link.get("operstate", "")),
+                             str(master) if master else None, vx))
+    return out
+
+
+# -- the proxy process ----------------------------------------------------------------
+
+
+def _hex_addr(h: str) -> str:
+    raw = bytes.fromhex(h)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return socket.inet_ntop(socket.AF_INET, words)
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+@dataclass
+class ListenSocket:
+    family: int
+    address: str
+    port: int
+    inode: int
+
+    @property
+    def dual_stack_candidate(self) -> bool:
+        return self.family == socket.AF_INET6 and self.address == "::"
+
+
+def parse_proc_net_tcp(text: str, family: int) -> list[ListenSocket]:
+    """Listening sockets (state 0A) of a ``/proc/<pid>/net/tcp`` or ``tcp6`` text."""
+    out = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 10 or parts[3] != "0A":
+            continue
+        addr, _, port = parts[1].partition(":")
+        try:
+            out.append(ListenSocket(family, _hex_addr(addr), int(port, 16), int(parts[9])))
+        except ValueError:
+            continue
+    return out
+
+
+def socket_inodes(pid: int, proc: str = "/proc") -> set[int]:
+    out: set[int] = set()
+    fd_dir = os.path.join(proc, str(pid), "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return out
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            t = os.readlink(os.path.join(fd_dir, fd))
+            if t.startswith("socket:["):
+                out.add(int(t[8:-1]))
+    return out
+
+
+def proxy_listeners(pid: int, port: int = 80, proc: str = "/proc") -> list[ListenSocket]:
+    """The process's listening TCP sockets on ``port``, read in *its* network namespace."""
+    own = socket_inodes(pid, proc)
+    out = []
+    for name, fam in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        text = _read_text(os.path.join(proc, str(pid), "net", name)) or ""
+        out += [s for s in parse_proc_net_tcp(text, fam)
+                if s.port == port and (not own or s.inode in own)]
+    return out
+
+
+def netns_inode_of_pid(pid: int, proc: str = "/proc") -> int | None:
+    try:
+        return os.stat(os.path.join(proc, str(pid), "ns", "net")).st_ino
+    except OSError:
+        return None
+
+
+def netns_inode_of_name(name: str | None, netns_dir: str = NETNS_DIR) -> int | None:
+    if name is None:
+        return netns_inode_of_pid(os.getpid())
+    try:
+        return os.stat(os.path.join(netns_dir, name)).st_ino
+    except OSError:
+        return None
+
+
+@dataclass
+class ProxyProcess:
+    pid: int
+    name: str
+    cmdline: str
+    netns_inode: int | None
+    listeners: list[ListenSocket]
+
+
+def find_processes(name: str) -> list[ProxyProcess]:
+    """Processes named ``name`` (comm or argv[0]'s basename), with their :80 listeners."""
+    import psutil
+
+    out = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        info = p.info
+        if info["pid"] == me:
+            continue
+        cmd = info.get("cmdline") or []
+        argv0 = os.path.basename(cmd[0]) if cmd else ""
+        if info.get("name") != name and argv0 != name:
+            continue
+        pid = int(info["pid"])
+        out.append(ProxyProcess(pid, str(info.get("name")), " ".join(cmd)[:200],
+                                netns_inode_of_pid(pid), proxy_listeners(pid)))
+    return out
+
+
+# -- the probe plan -----------------------------------------------------------------------
+
+
+@dataclass
+class PlanInputs:
+    """What :func:`plan_probes` needs to know about the node."""
+
+    kprobes: bool
+    kprobe_symbols: Mapping[str, bool]
+    fentry: bool
+    ipvs_config: bool
+    ipvs_active: bool
+    tc_clsact: bool
+    af_packet: bool
+    tracepoints: Mapping[str, bool]
+    drop_reasons: bool
+    ringbuf: bool
+
+
+@dataclass
+class PlanItem:
+    hop: str
+    source: str
+    reason: str
+    usable: bool = True
+
+
+def plan_probes(f: PlanInputs) -> list[PlanItem]:
+    """Which source the agent uses for each measurement on this kernel, and why."""
+    tp = f.tracepoints
+    items: list[PlanItem] = []
+    if f.tc_clsact:
+        pkt, why = ("tc clsact (BPF sched_cls, ingress+egress)",
+                    "clsact and cls_bpf present; sees every packet with its ifindex, "
+                    "before/after the stack, one clock with the tracepoints")
+    elif f.af_packet:
+        pkt, why = ("AF_PACKET socket", "no tc clsact/cls_bpf: packet sockets instead "
+                    "(copies to user space, more overhead)")
+    else:
+        pkt, why = "none", "neither tc clsact nor AF_PACKET usable"
+    for hop in ("nic", "pod", "overlay", "underlay"):
+        items.append(PlanItem(f"{hop} packets", pkt, why, pkt != "none"))
+
+    if f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
+        items.append(PlanItem("kernel_in", "kprobe nf_hook_slow (+ nft_do_chain/ipt_do_table)",
+                              "kprobes available: time spent in each netfilter hook"))
+    elif tp.get("net:netif_receive_skb"):
+        sock = ("sock:sk_data_ready" if tp.get("sock:sk_data_ready")
+                else "sock:inet_sock_set_state")
+        why = "no kprobes: stack entry to socket delivery bounds netfilter+UFW time"
+        if not tp.get("sock:sk_data_ready"):
+            why += "; sock:sk_data_ready absent, using inet_sock_set_state (handshakes only)"
+        items.append(PlanItem("kernel_in", f"net:netif_receive_skb + {sock}", why))
+    else:
+        items.append(PlanItem("kernel_in", "tc ingress -> proxy accept/read",
+                              "no kprobes and no net:netif_receive_skb", f.tc_clsact))
+
+    sys_tps = [n for n in AGENT_TRACEPOINTS if n.startswith("syscalls:")]
+    if all(tp.get(n) for n in sys_tps):
+        items.append(PlanItem("proxy", "syscalls:sys_enter_accept4/read/write/connect",
+                              "sys_enter = left/entered user space (exits come after the "
+                              "peer already has the packet)"))
+    else:
+        missing = [n for n in sys_tps if not tp.get(n)]
+        items.append(PlanItem("proxy", "raw_syscalls:sys_enter filtered by syscall number",
+                              f"missing {', '.join(missing)}", True))
+
+    ipvs_syms = f.kprobe_symbols.get("ip_vs_conn_new") and f.kprobe_symbols.get("ip_vs_nat_xmit")
+    if f.ipvs_config and f.kprobes and ipvs_syms:
+        items.append(PlanItem("service_nat", "kprobes ip_vs_conn_new + ip_vs_nat_xmit",
+                              "IPVS and kprobes present: kube-proxy IPVS mode measured directly"))
+    else:
+        reasons = []
+        if not f.ipvs_config:
+            reasons.append("no IPVS in this kernel (kube-proxy must use iptables)")
+        elif not f.kprobes:
+            reasons.append("IPVS present but no kprobes")
+        if f.ipvs_active and not f.kprobes:
+            reasons.append("IPVS in use: its time is inside the same interval")
+        items.append(PlanItem(
+            "service_nat",
+            "iptables DNAT: sock:inet_sock_set_state SYN_SENT (ClusterIP) -> tc egress on "
+            "flannel.1/cni0 (pod IP), matched via conntrack",
+            "; ".join(reasons) or "no IPVS symbols"))
+
+    if tp.get("skb:kfree_skb"):
+        items.append(PlanItem("drops", "skb:kfree_skb with reasons" if f.drop_reasons
+                              else "skb:kfree_skb (location only)",
+                              "reason names read from the tracepoint's format at run time"
+                              if f.drop_reasons else "no reason field on this kernel"))
+    else:
+        items.append(PlanItem("drops", "none", "skb:kfree_skb absent", False))
+    items.append(PlanItem("transport", "BPF ring buffer" if f.ringbuf else "perf buffer",
+                          "BPF_MAP_TYPE_RINGBUF available" if f.ringbuf
+                          else "BPF_MAP_TYPE_RINGBUF not creatable (kernel < 5.8?)"))
+    if f.fentry and not f.kprobes:
+        items.append(PlanItem("kernel functions", "fentry/fexit (BPF trampoline)",
+                              "no kprobes, but fentry programs load: an alternative for "
+                              "nf_hook_slow and friends"))
+    return items
+
+
+def plan_to_dicts(items: Sequence[PlanItem]) -> list[dict[str, Any]]:
+    return [asdict(i) for i in items]
+
+
+def check_netns(name: str | None) -> None:
+    """Raise UsageError when a named network namespace does not exist."""
+    if name is not None and not netns_exists(name):
+        raise UsageError(
+            f"network namespace {name!r} not found in {NETNS_DIR}: "
+            f"list them with `ip netns list` (k3s pods' namespaces are under /run/netns too)")

@@ -1,0 +1,528 @@
+"""``hopscope doctor`` and the probes in :mod:`hopscope.agent.features`.
+
+Three kinds of tests:
+
+* parsers on fixture text (tracefs format, CapEff, a config.gz made here,
+  ``ip -j`` / ``tc -j`` samples, a BTF blob built here);
+* facts of the machine the tests run on, each gated on the kernel config
+  saying the fact should hold (so they do not fail on another kernel);
+* the CLI: ``--json`` as root and as nobody, and ``--netns`` on a namespace
+  of the test's own (removed in a finally; the root namespace is not touched).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hopscope.agent import doctor
+from hopscope.agent import features as ft
+
+from hopscope.cli import main
+from hopscope.errors import UsageError
+
+KFREE_SKB_FORMAT = r"""name: kfree_skb
+ID: 2310
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+	field:int common_pid;	offset:4;	size:4;	signed:1;
+
+	field:void * skbaddr;	offset:8;	size:8;	signed:0;
+	field:void * location;	offset:16;	size:8;	signed:0;
+	field:void * rx_sk;	offset:24;	size:8;	signed:0;
+	field:unsigned short protocol;	offset:32;	size:2;	signed:0;
+	field:enum skb_drop_reason reason;	offset:36;	size:4;	signed:0;
+
+print fmt: "skbaddr=%p rx_sk=%p protocol=%u location=%pS reason: %s", REC->skbaddr, REC->rx_sk, REC->protocol, REC->location, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 4, "SOCKET_CLOSE" }, { 11, "UDP_CSUM" }, { 12, "NETFILTER_DROP" }, { 13, "OTHERHOST" }, { 128, "MAX" })
+"""
+
+KFREE_SKB_FORMAT_5_10 = r"""name: kfree_skb
+ID: 1234
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:void * skbaddr;	offset:8;	size:8;	signed:0;
+	field:void * location;	offset:16;	size:8;	signed:0;
+	field:unsigned short protocol;	offset:24;	size:2;	signed:0;
+
+print fmt: "skbaddr=%p protocol=%u location=%p", REC->skbaddr, REC->protocol, REC->location
+"""
+
+STATUS = """Name:\tpython3
+Umask:\t0022
+State:\tR (running)
+CapInh:\t0000000000000000
+CapPrm:\t000001fffeffffff
+CapEff:\t000001fffeffffff
+CapBnd:\t000001fffeffffff
+CapAmb:\t0000000000000000
+"""
+
+# `ip -d -j link` of a k3s node where Flannel's VXLAN is bound to the public NIC
+IP_LINK = [
+    {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP"], "operstate": "UNKNOWN",
+     "link_type": "loopback"},
+    {"ifindex": 2, "ifname": "enp1s0", "operstate": "UP", "link_type": "ether"},
+    {"ifindex": 3, "ifname": "eth1", "operstate": "UP", "link_type": "ether"},
+    {"ifindex": 4, "ifname": "flannel.1", "operstate": "UNKNOWN", "link_type": "ether",
+     "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 1, "local": "10.0.0.5",
+                                                      "link": "enp1s0", "port": 8472}}},
+    {"ifindex": 5, "ifname": "cni0", "operstate": "UP", "link_type": "ether",
+     "linkinfo": {"info_kind": "bridge", "info_data": {"stp_state": 0}}},
+    {"ifindex": 6, "link": "eth0", "ifname": "veth1a2b3c4d", "master": "cni0",
+     "operstate": "UP", "link_type": "ether",
+     "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge"}},
+]
+IP_ADDR = [
+    {"ifname": "enp1s0", "addr_info": [{"family": "inet", "local": "10.0.0.5"}]},
+    {"ifname": "eth1", "addr_info": [{"family": "inet", "local": "192.168.7.5"}]},
+]
+TC_QDISC = [
+    {"kind": "fq_codel", "handle": "0:", "dev": "enp1s0", "root": True},
+    {"kind": "clsact", "handle": "ffff:", "dev": "enp1s0", "parent": "ffff:fff1"},
+    {"kind": "clsact", "handle": "ffff:", "dev": "cni0", "parent": "ffff:fff1"},
+]
+TC_FILTERS = {
+    ("enp1s0", "ingress"): [
+        {"protocol": "all", "pref": 49152, "kind": "bpf", "chain": 0},
+        {"protocol": "all", "pref": 49152, "kind": "bpf", "chain": 0,
+         "options": {"handle": "0x1", "bpf_name": "hopscope_nic_in", "direct-action": True,
+                     "prog": {"id": 26, "name": "hs_in", "jited": 1}}}],
+    ("enp1s0", "egress"): [],
+    ("cni0", "ingress"): [
+        {"protocol": "all", "pref": 49152, "kind": "bpf", "chain": 0,
+         "options": {"handle": "0x1", "direct-action": True,
+                     "prog": {"id": 31, "name": "cil_from_conta", "jited": 1}}}],
+    ("cni0", "egress"): [],
+}
+
+PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0
+   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4243 1 0 100 0 0 10 0
+   2: 0200000A:0050 0300000A:C350 01 00000000:00000000 00:00000000 00000000     0        0 4244 1 0 100 0 0 10 0
+"""
+PROC_NET_TCP6 = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5151 1 0 100 0 0 10 0
+"""
+
+
+def _config() -> ft.KernelConfig:
+    return ft.read_kernel_config()
+
+
+def _cfg_is(name: str, *values: str) -> bool:
+    return _config().value(name) in values
+
+
+# -- parsers on fixtures -----------------------------------------------------------------
+
+
+def test_drop_reasons_from_the_format_file() -> None:
+    reasons = ft.parse_drop_reasons(KFREE_SKB_FORMAT)
+    assert reasons[12] == "NETFILTER_DROP"
+    assert reasons[3] == "NO_SOCKET"
+    assert "MAX" not in reasons.values()
+    fmt = ft.parse_tracepoint_format(KFREE_SKB_FORMAT)
+    assert fmt.name == "kfree_skb" and fmt.id == 2310
+    assert fmt.fields["reason"] == ("enum skb_drop_reason", 36, 4)
+    assert fmt.fields["skbaddr"] == ("void *", 8, 8)
+
+
+def test_kernels_without_drop_reasons_give_none() -> None:
+    assert ft.parse_drop_reasons(KFREE_SKB_FORMAT_5_10) == {}
+    assert "reason" not in ft.parse_tracepoint_format(KFREE_SKB_FORMAT_5_10).fields
+
+
+def test_cap_eff_decodes_to_names() -> None:
+    mask = ft.parse_cap_eff(STATUS)
+    assert mask == 0x1FFFEFFFFFF
+    caps = ft.decode_caps(mask)
+    assert {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"} <= set(caps)
+    assert "CAP_SYS_RESOURCE" not in caps  # bit 24 is the one cleared
+    assert len(caps) == 40
+    assert ft.decode_caps(0) == []
+    assert ft.decode_caps(1 << 39) == ["CAP_BPF"]
+    assert ft.parse_cap_eff("Name: x\n") is None
+
+
+def test_kernel_config_from_config_gz_then_boot(tmp_path: Path) -> None:
+    gz = tmp_path / "config.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("#\n# Automatically generated\nCONFIG_BPF_SYSCALL=y\n# CONFIG_KPROBES is not set\n"
+                "CONFIG_IP_VS=m\nCONFIG_LOCALVERSION=\"-fc\"\n")
+    cfg = ft.read_kernel_config("6.18.0-x", proc_config=str(gz), boot_dir=str(tmp_path))
+    assert cfg.source == str(gz)
+    assert cfg.value("CONFIG_KPROBES") == "n"
+    assert cfg.value("CONFIG_IP_VS") == "m" and cfg.enabled("CONFIG_IP_VS")
+    assert cfg.value("CONFIG_LOCALVERSION") == "-fc"
+    assert cfg.value("CONFIG_NOT_MENTIONED") == "n"
+
+    (tmp_path / "config-6.1.0-x").write_text("CONFIG_KPROBES=y\n")
+    boot = ft.read_kernel_config("6.1.0-x", proc_config=str(tmp_path / "absent.gz"),
+                                 boot_dir=str(tmp_path))
+    assert boot.source == str(tmp_path / "config-6.1.0-x") and boot.enabled("CONFIG_KPROBES")
+
+    none = ft.read_kernel_config("9.9", proc_config=str(tmp_path / "absent.gz"),
+                                 boot_dir=str(tmp_path))
+    assert none.source is None and none.value("CONFIG_KPROBES") is None
+    assert "absent.gz missing" in (none.error or "")
+
+
+def test_interface_roles_from_ip_json() -> None:
+    ifaces = {i.name: i for i in ft.classify_interfaces(IP_LINK, ["enp1s0"], IP_ADDR)}
+    assert ifaces["enp1s0"].role == ft.ROLE_PUBLIC_UNDERLAY
+    assert ifaces["flannel.1"].role == ft.ROLE_OVERLAY
+    assert ifaces["flannel.1"].vxlan == {"id": 1, "port": 8472, "local": "10.0.0.5",
+                                         "underlay": ["enp1s0"]}
+    assert ifaces["flannel.1"].point == "overlay"
+    assert ifaces["cni0"].role == ft.ROLE_POD_BRIDGE and ifaces["cni0"].point == "pod"
+    assert ifaces["veth1a2b3c4d"].role == ft.ROLE_POD_VETH
+    assert ifaces["eth1"].role == ft.ROLE_OTHER
+    assert ifaces["lo"].role == ft.ROLE_LOOPBACK
+
+
+def test_underlay_found_by_local_address() -> None:
+    links = [dict(x) for x in IP_LINK]
+    links[3] = {"ifname": "flannel.1", "linkinfo": {"info_kind": "vxlan", "info_data": {
+        "id": 1, "local": "192.168.7.5", "port": 8472}}}
+    ifaces = {i.name: i for i in ft.classify_interfaces(links, ["enp1s0"], IP_ADDR)}
+    assert ifaces["eth1"].role == ft.ROLE_UNDERLAY
+    assert ifaces["enp1s0"].role == ft.ROLE_PUBLIC_NIC
+    assert ifaces["flannel.1"].vxlan is not None
+    assert ifaces["flannel.1"].vxlan["underlay"] == ["eth1"]
+
+
+def test_underlay_found_by_routes_to_fdb_peers() -> None:
+    links = [dict(x) for x in IP_LINK]
+    links[3] = {"ifname": "flannel.1", "linkinfo": {"info_kind": "vxlan", "info_data": {
+        "id": 1, "port": 8472}}}
+    routes = {"flannel.1": ["eth1", "enp1s0", "eth1"]}
+    ifaces = {i.name: i for i in ft.classify_interfaces(links, ["enp1s0"], IP_ADDR, routes)}
+    assert ifaces["eth1"].role == ft.ROLE_UNDERLAY
+    assert ifaces["enp1s0"].role == ft.ROLE_PUBLIC_UNDERLAY
+    assert ifaces["flannel.1"].vxlan is not None
+    assert ifaces["flannel.1"].vxlan["underlay"] == ["enp1s0", "eth1"]
+
+
+def test_tc_hooks_name_hopscope_filters() -> None:
+    hooks = ft.tc_hooks(TC_QDISC, lambda dev, d: TC_FILTERS[(dev, d)])
+    assert hooks["enp1s0"].clsact
+    assert hooks["enp1s0"].hopscope_filters == ["ingress:bpf:hopscope_nic_in"]
+    assert hooks["cni0"].filters == ["ingress:bpf:cil_from_conta"]
+    assert hooks["cni0"].hopscope_filters == []
+    assert "eth1" not in hooks
+
+
+def test_listening_sockets_from_proc_net_tcp() -> None:
+    v4 = ft.parse_proc_net_tcp(PROC_NET_TCP, socket.AF_INET)
+    assert [(s.address, s.port, s.inode) for s in v4] == [("0.0.0.0", 80, 4242),
+                                                          ("127.0.0.1", 8080, 4243)]
+    v6 = ft.parse_proc_net_tcp(PROC_NET_TCP6, socket.AF_INET6)
+    assert [(s.address, s.port) for s in v6] == [("::", 80)]
+    assert v6[0].dual_stack_candidate and not v4[0].dual_stack_candidate
+
+
+def test_mounts_and_tracefs(tmp_path: Path) -> None:
+    m = tmp_path / "mounts"
+    m.write_text("proc /proc proc rw 0 0\nnodev /sys/kernel/debug/tracing tracefs rw 0 0\n")
+    assert ft.find_tracefs(str(m)) == "/sys/kernel/debug/tracing"
+    m.write_text("proc /proc proc rw 0 0\n")
+    assert ft.find_tracefs(str(m)) is None
+
+
+def _btf_blob() -> bytes:
+    strs = b"\0int\0skb_drop_reason\0SKB_NOT_DROPPED_YET\0SKB_DROP_REASON_NETFILTER_DROP\0" \
+           b"SKB_DROP_REASON_MAX\0tcp_v4_connect\0btf_trace_kfree_skb\0"
+
+    def off(s: bytes) -> int:
+        return strs.index(b"\0" + s + b"\0") + 1
+
+    types = b"".join([
+        struct.pack("<IIII", off(b"int"), ft.BTF_KIND_INT << 24, 4, 32),  # id 1
+        struct.pack("<III", off(b"skb_drop_reason"), (ft.BTF_KIND_ENUM << 24) | 3, 4),  # id 2
+        struct.pack("<Ii", off(b"SKB_NOT_DROPPED_YET"), 0),
+        struct.pack("<Ii", off(b"SKB_DROP_REASON_NETFILTER_DROP"), 12),
+        struct.pack("<Ii", off(b"SKB_DROP_REASON_MAX"), 128),
+        struct.pack("<III", 0, (ft.BTF_KIND_FUNC_PROTO << 24) | 1, 1),  # id 3
+        struct.pack("<II", 0, 1),
+        struct.pack("<III", off(b"tcp_v4_connect"), ft.BTF_KIND_FUNC << 24, 3),  # id 4
+        struct.pack("<III", off(b"btf_trace_kfree_skb"), ft.BTF_KIND_TYPEDEF << 24, 1),  # id 5
+    ])
+    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strs))
+    return hdr + types + strs
+
+
+def test_btf_reader_on_a_built_blob() -> None:
+    btf = ft.Btf(_btf_blob())
+    assert btf.type_count == 5
+    assert btf.find(ft.BTF_KIND_FUNC, "tcp_v4_connect") == 4
+    assert btf.find(ft.BTF_KIND_TYPEDEF, "btf_trace_kfree_skb") == 5
+    assert btf.find(ft.BTF_KIND_FUNC, "nope") is None
+    assert ft.drop_reasons_from_btf(btf) == {12: "NETFILTER_DROP"}
+    with pytest.raises(ft.BtfError, match="magic"):
+        ft.Btf(b"\0" * 32)
+
+
+def test_headers_fix_links_debian_headers(tmp_path: Path) -> None:
+    mods = tmp_path / "modules"
+    build = tmp_path / "src/linux-headers-6.1.0-56-amd64"
+    common = tmp_path / "src/linux-headers-6.1.0-56-common"
+    (build / "include/generated").mkdir(parents=True)
+    (build / "include/generated/utsrelease.h").write_text('#define UTS_RELEASE "6.1.0-56-amd64"\n')
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("\n")
+    (mods / "6.1.0-56-amd64").mkdir(parents=True)
+    (mods / "6.1.0-56-amd64/build").symlink_to(build)
+    (mods / "6.1.0-56-amd64/source").symlink_to(common)
+
+    info = ft.probe_headers("6.18.44-x", modules_dir=str(mods))
+    assert not info.present
+    assert [c.version for c in info.candidates] == ["6.1.0-56-amd64"]
+    fix = ft.headers_fix(info, None) or ""
+    assert f"ln -sfn {build} /lib/modules/6.18.44-x/build" in fix
+    assert f"ln -sfn {common} /lib/modules/6.18.44-x/source" in fix
+    assert "UAPI headers and tracepoint formats" in fix
+    assert ft.headers_fix(info, "linux-headers-6.18.44-x") == \
+        "apt-get install linux-headers-6.18.44-x"
+
+    # a kernel whose headers are installed and match
+    same = ft.probe_headers("6.1.0-56-amd64", modules_dir=str(mods))
+    assert same.present and same.matches and same.has_kconfig_h
+    assert ft.headers_fix(same, None) is None
+
+    # the fix applied: another version's headers linked for the running kernel
+    (mods / "6.18.44-x").mkdir()
+    (mods / "6.18.44-x/build").symlink_to(build)
+    (mods / "6.18.44-x/source").symlink_to(common)
+    linked = ft.probe_headers("6.18.44-x", modules_dir=str(mods))
+    assert linked.present and linked.has_kconfig_h and not linked.matches
+    assert linked.version == "6.1.0-56-amd64"
+    assert ft.headers_fix(linked, None) is None  # nothing better to do
+    assert ft.headers_fix(linked, "linux-headers-6.18.44-x") == \
+        "apt-get install linux-headers-6.18.44-x"
+
+
+def _plan(**kw: Any) -> dict[str, ft.PlanItem]:
+    base: dict[str, Any] = dict(
+        kprobes=False, kprobe_symbols={"nf_hook_slow": True}, fentry=False, ipvs_config=False,
+        ipvs_active=False, tc_clsact=True, af_packet=True,
+        tracepoints={n: True for n in ft.AGENT_TRACEPOINTS}, drop_reasons=True, ringbuf=True)
+    base.update(kw)
+    return {i.hop: i for i in ft.plan_probes(ft.PlanInputs(**base))}
+
+
+def test_probe_plan_choices() -> None:
+    p = _plan()
+    assert p["kernel_in"].source == "net:netif_receive_skb + sock:sk_data_ready"
+    assert p["nic packets"].source.startswith("tc clsact")
+    assert p["service_nat"].source.startswith("iptables DNAT")
+    assert p["drops"].source == "skb:kfree_skb with reasons"
+
+    tps = {n: n != "sock:sk_data_ready" for n in ft.AGENT_TRACEPOINTS}
+    p = _plan(tracepoints=tps)
+    assert p["kernel_in"].source.endswith("sock:inet_sock_set_state")
+    assert "sk_data_ready absent" in p["kernel_in"].reason
+
+    syms = {"nf_hook_slow": True, "ip_vs_conn_new": True, "ip_vs_nat_xmit": True}
+    p = _plan(kprobes=True, kprobe_symbols=syms, ipvs_config=True, ipvs_active=True)
+    assert p["kernel_in"].source.startswith("kprobe nf_hook_slow")
+    assert p["service_nat"].source == "kprobes ip_vs_conn_new + ip_vs_nat_xmit"
+
+    p = _plan(tc_clsact=False)
+    assert p["pod packets"].source == "AF_PACKET socket"
+    p = _plan(tc_clsact=False, af_packet=False)
+    assert not p["overlay packets"].usable
+
+
+def test_unknown_netns_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="ip netns list"):
+        ft.check_netns(f"hopscope-no-such-{secrets.token_hex(3)}")
+
+
+# -- facts of this machine (each gated on the kernel saying it should hold) -----------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    sections, code = doctor.collect()
+    out = doctor.to_json(sections)
+    out["_exit"] = code
+    return out
+
+
+@pytest.mark.skipif(not _cfg_is("CONFIG_KPROBES", "n"), reason="kernel has kprobes")
+def test_this_kernel_has_no_kprobes(report: dict[str, Any]) -> None:
+    k = report["kprobes"]
+    assert k["status"] == "missing"
+    assert k["details"]["kprobe_events"] in (False, None)
+    assert not k["details"]["usable"]
+    assert "CONFIG_KPROBES not set" in k["summary"]
+
+
+@pytest.mark.skipif(not _cfg_is("CONFIG_DEBUG_INFO_BTF", "y"), reason="no BTF configured")
+def test_this_kernel_has_btf(report: dict[str, Any]) -> None:
+    assert report["btf"]["status"] == "ok"
+    btf = ft.Btf.load()
+    assert btf.find(ft.BTF_KIND_FUNC, "tcp_v4_connect") is not None
+    if ft.kernel_version(ft.kernel_release()) >= (5, 17, 0):
+        assert "NETFILTER_DROP" in ft.drop_reasons_from_btf(btf).values()
+
+
+@needs_root
+@pytest.mark.skipif(ft.kernel_version(ft.kernel_release()) < (5, 8, 0)
+                    or not _cfg_is("CONFIG_BPF_SYSCALL", "y"), reason="no BPF ring buffer")
+def test_ring_buffer_can_be_created(report: dict[str, Any]) -> None:
+    assert ft.bpf_create_ringbuf().ok
+    assert report["ringbuf"]["status"] == "ok"
+
+
+@needs_root
+@pytest.mark.skipif(ft.kernel_version(ft.kernel_release()) < (5, 17, 0),
+                    reason="kfree_skb has drop reasons from 5.17")
+def test_kfree_skb_and_its_drop_reasons(report: dict[str, Any]) -> None:
+    tps = report["tracepoints"]["details"]["present"]
+    assert tps["skb:kfree_skb"] and tps["sock:inet_sock_set_state"]
+    dr = report["drop_reasons"]
+    assert dr["status"] == "ok"
+    assert "NETFILTER_DROP" in dr["details"]["reasons"].values()
+    assert dr["details"]["key"]["NETFILTER_DROP"] == int(
+        next(k for k, v in dr["details"]["reasons"].items() if v == "NETFILTER_DROP"))
+    if dr["details"]["source"].startswith("tracefs"):
+        assert dr["details"]["reason_field"] is True
+        assert dr["details"].get("btf_agrees") in (True, None)
+
+
+@needs_root
+def test_tracefs_is_read_without_changing_mounts(report: dict[str, Any]) -> None:
+    before = Path("/proc/mounts").read_text()
+    with ft.private_tracefs() as path:
+        if path is not None:
+            assert os.path.isdir(os.path.join(path, "events", "sock"))
+    assert Path("/proc/mounts").read_text() == before
+    if report["tracefs"]["details"]["mounted_at"] is None:
+        assert report["tracefs"]["status"] in ("degraded", "missing")
+        assert "mount -t tracefs" in report["tracefs"]["fix"]
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def _run_cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "hopscope", "doctor", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                "--inh-caps=-all", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def _check_json(cp: subprocess.CompletedProcess[str], compile_test: bool = False
+                ) -> dict[str, Any]:
+    assert "Traceback" not in cp.stderr, cp.stderr
+    doc = json.loads(cp.stdout)
+    want = [s for s in doctor.SECTIONS if compile_test or s != "compile_test"]
+    assert list(doc) == want
+    for name, sec in doc.items():
+        assert sec["status"] in ("ok", "missing", "degraded"), name
+        assert isinstance(sec["details"], dict) and "fix" in sec, name
+    return doc
+
+
+@needs_root
+def test_cli_json_as_root() -> None:
+    cp = _run_cli("--json")
+    doc = _check_json(cp)
+    can_run = doc["agent"]["details"]["can_run"]
+    assert cp.returncode == (0 if can_run else 1), cp.stderr
+    if _cfg_is("CONFIG_NET_CLS_BPF", "y", "m") and _cfg_is("CONFIG_FTRACE_SYSCALLS", "y"):
+        assert cp.returncode == 0  # tracepoints + tc: this kernel can run the agent
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to drop to nobody")
+def test_cli_json_not_root_exits_77() -> None:
+    cp = _run_cli("--json", user="65534")
+    doc = _check_json(cp)
+    assert cp.returncode == 77
+    assert doc["kernel"]["details"]["release"] == ft.kernel_release()
+    assert doc["capabilities"]["status"] == "missing"
+
+
+def test_cli_unknown_netns_is_one_line() -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--netns", f"hsnope{secrets.token_hex(3)}"])
+    assert res.exit_code == 2
+    assert isinstance(res.exception, SystemExit)
+
+
+@pytest.fixture
+def own_netns() -> Iterator[tuple[str, str, bool]]:
+    """A namespace of this test: cni0 bridge, a veth pair, clsact + a hopscope filter."""
+    from conftest import root_netns_problem
+
+    problem = root_netns_problem()
+    if problem:
+        pytest.skip(problem)
+    ns = f"hsdoc{os.getpid() % 100000}{secrets.token_hex(2)}"
+    veth = f"veth{secrets.token_hex(4)}"
+    prog_fd = None
+    try:
+        for cmd in (["ip", "netns", "add", ns],
+                    ["ip", "-n", ns, "link", "add", "cni0", "type", "bridge"],
+                    ["ip", "-n", ns, "link", "add", veth, "type", "veth", "peer", "name",
+                     "podside0"],
+                    ["ip", "-n", ns, "link", "set", veth, "master", "cni0"],
+                    ["tc", "-n", ns, "qdisc", "add", "dev", veth, "clsact"]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+        res = ft.bpf_load_trivial(ft.BPF_PROG_TYPE_SCHED_CLS, keep_fd=True)
+        if res.ok and res.fd is not None:
+            prog_fd = res.fd
+            from pyroute2 import NetNS
+
+            with NetNS(ns) as ipr:
+                idx = ipr.link_lookup(ifname="cni0")[0]
+                ipr.tc("add", "clsact", idx)
+                ipr.tc("add-filter", "bpf", idx, ":1", fd=prog_fd, name="hopscope_test",
+                       parent="ffff:fff2", classid=1, direct_action=True)
+        yield ns, veth, prog_fd is not None
+    finally:
+        if prog_fd is not None:
+            os.close(prog_fd)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.requires_root_netns
+def test_netns_roles(own_netns: tuple[str, str, bool]) -> None:
+    ns, veth, attached = own_netns
+    runner = CliRunner()
+    res = runner.invoke(main, ["doctor", "--json", "--netns", ns])
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)
+    sec = doc["interfaces"]
+    assert sec["details"]["netns"] == ns
+    by_name = {i["name"]: i for i in sec["details"]["interfaces"]}
+    assert by_name["cni0"]["role"] == ft.ROLE_POD_BRIDGE
+    assert by_name[veth]["role"] == ft.ROLE_POD_VETH
+    assert by_name[veth]["master"] == "cni0"
+    assert by_name[veth]["tc"]["clsact"] and by_name[veth]["tc"]["filters"] == []
+    assert by_name["podside0"]["role"] == ft.ROLE_OTHER
+    if attached:  # a sched_cls program named hopscope_test hangs off cni0's ingress
+        assert by_name["cni0"]["tc"]["clsact"]
+        assert by_name["cni0"]["tc"]["hopscope_filters"] == ["ingress:bpf:hopscope_test"]
+        assert sec["status"] == "degraded" and "hopscope tc filters" in sec["summary"]
+    # exactly the namespace's interfaces: none of the root namespace's
+    assert set(by_name) == {"lo", "cni0", veth, "podside0"}
