@@ -488,8 +488,11 @@ class CaptureReader:
                         fast = ifname and cap >= 34 and data[s + 12] == 8 and data[s + 13] == 0
                         h = -1
                         if nsh > 1 and fast:
-                            # another process's flow? (decided from the raw bytes)
-                            h = _ip_hash(data, s + 14, s + cap)
+                            # another process's flow? (decided from the raw bytes; TCP inline)
+                            if cap >= 38 and data[s + 14] == 0x45 and data[s + 23] == 6:
+                                h = data[s + 29] ^ data[s + 33] ^ data[s + 35] ^ data[s + 37]
+                            else:
+                                h = _ip_hash(data, s + 14, s + cap)
                             if h >= 0 and h % nsh != ksh:
                                 pos = end
                                 continue
