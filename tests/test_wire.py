@@ -174,7 +174,10 @@ def test_encode_check_refuses_a_bad_row() -> None:
     (batch_map(seq=True), BadFrame, "'seq' must be an int, got bool"),
     (batch_map(agent=""), BadFrame, "'agent' must be 1 to 255 printable"),
     (batch_map(agent="a\nb"), BadFrame, "'agent' must be 1 to 255 printable"),
-    (batch_map(node=None), BadFrame, "'node' is missing"),
+    (batch_map(node=None), BadFrame, "'node' must be a str, got nil"),
+    ({"v": 1, "t": "batch", "agent": "a", "seq": 1, "ts_real_ns": 1, "obs": []}, BadFrame,
+     "'node' is missing"),
+    ({"v": 1, "t": "ack"}, BadFrame, "ack frame: field 'seq' is missing"),
     (batch_map(obs={"a": 1}), BadFrame, "'obs' must be an array, got map"),
     (batch_map(obs=[1, 2]), BadFrame, "observation 0 must be an array, got int"),
     (batch_map(obs=[row()[:20]]), BadFrame, "observation 0 has 20 fields"),
@@ -299,6 +302,24 @@ def test_feed_accepts_bytearray_and_memoryview_without_pinning_them() -> None:
     assert d.feed(memoryview(data)) == [Ack(5)]
     data.extend(b"more")  # would raise BufferError if the decoder kept an export
     assert d.feed(data[:0]) == []
+    for bad in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x01\xc1"):  # errors keep no export either
+        data = bytearray(bad)
+        d = FrameDecoder()
+        with pytest.raises(WireError):
+            d.feed(data)
+        data.extend(b"more")
+        with pytest.raises(WireError):
+            d.feed(data)
+
+
+def test_rows_are_checked_across_chunks() -> None:
+    rows = [row()] * 5000
+    rows[4500] = row(dport="80")
+    with pytest.raises(BadFrame, match="observation 4500 field 'dport' must be int, got str"):
+        decode_all(body(batch_map(obs=rows)))
+    rows[4500] = row()
+    (b,) = decode_all(body(batch_map(obs=rows)))
+    assert isinstance(b, Batch) and len(b.obs) == 5000 and b.obs[4999] == obs(1)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -696,6 +717,36 @@ def test_loopback_bad_batches_after_the_hello(caplog: pytest.LogCaptureFixture) 
 
     run(main())
     assert "over the cap of 2000 bytes" in caplog.text
+
+
+def test_async_store_and_two_connections_of_one_agent_store_once() -> None:
+    stored: list[int] = []
+    seqs = SeqTracker()
+
+    async def slow_store(b: Batch) -> None:
+        await asyncio.sleep(0.05)
+        stored.append(b.seq)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await wire.serve_agent(r, w, token=TOKEN, store=slow_store, seqs=seqs)
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            conns = [await wire.open_agent_connection("127.0.0.1", port, hello())
+                     for _ in range(2)]
+            for _, w, _ in conns:  # the same batch on both, at once
+                w.write(encode_batch("agent-node1", 0, "node1", T0, obs(1)))
+            for r, w, _ in conns:
+                assert await wire.read_frame(r) == Ack(0)
+                await wire.close_writer(w)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+    assert stored == [0]
 
 
 def test_store_failure_closes_with_internal_error(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,864 @@
+"""The collector wire protocol: agents -> collector over TCP (optionally TLS).
+
+A frame is a 4-byte big-endian length followed by that many bytes of
+msgpack: a map with the schema version ``v`` and the frame type ``t``
+(``hello``, ``welcome``, ``batch``, ``ack``, ``error``, ``bye``) plus the
+type's fields. Observations travel as msgpack arrays in
+:class:`~hopscope.model.Observation` field order. The full contract (every
+field, versioning, limits, auth, TLS, the spool, de-duplication) is in
+``docs/wire.md``.
+
+* :func:`encode` / :func:`encode_batch`: frame objects -> framed bytes.
+* :class:`FrameDecoder`: a push decoder (``feed(bytes) -> [frames]``) whose
+  buffer never holds more than ``4 + max_frame`` bytes; the length prefix
+  is checked before anything is buffered for the body.
+* :func:`read_frame` / :func:`write_frame`: the same over asyncio streams.
+* :func:`read_token`, :func:`server_ssl_context`, :func:`client_ssl_context`.
+* :func:`serve_agent` (the collector's side of one connection) and
+  :func:`open_agent_connection` / :func:`client_hello` (the agent's).
+
+Every refusal is a :class:`~hopscope.errors.WireError` subclass with a
+one-line message saying what was wrong; the collector logs it as one line
+and answers with an ``error`` frame before closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import ssl
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import msgpack
+
+from hopscope.errors import (
+    AuthFailed,
+    BadFrame,
+    BadVersion,
+    FrameTooLarge,
+    PeerClosed,
+    UsageError,
+    WireError,
+)
+from hopscope.model import Observation
+
+log = logging.getLogger(__name__)
+
+#: The schema version this module speaks (the ``v`` of every frame).
+SCHEMA_VERSION = 1
+#: Versions the decoder accepts (``error`` frames are read whatever their version).
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+#: Default cap on a frame's body (the length prefix), in bytes.
+MAX_FRAME = 8 << 20
+#: Cap before the peer has authenticated: a hello is a few hundred bytes.
+HELLO_MAX_FRAME = 64 << 10
+#: Bytes of the length prefix.
+HEADER_SIZE = 4
+#: Longest agent id / node / collector name, in characters.
+MAX_NAME = 255
+#: Longest token read from a token file, in bytes.
+MAX_TOKEN = 4096
+#: Shortest token accepted, in bytes (after stripping whitespace).
+MIN_TOKEN = 16
+
+#: The observation row of schema v1: field names and types, in order. It is
+#: the model's field order; a change to the model needs a new schema version
+#: (tests/test_wire.py checks that the two agree).
+OBS_FIELDS_V1: tuple[tuple[str, type], ...] = (
+    ("ts_real_ns", int), ("ts_mono_ns", int), ("node", str), ("ifname", str),
+    ("point", str), ("direction", str), ("kind", str), ("proto", int),
+    ("src", bytes), ("dst", bytes), ("sport", int), ("dport", int),
+    ("seq", int), ("ack", int), ("flags", int), ("plen", int), ("ip_id", int),
+    ("payload", bytes), ("vni", int), ("outer_src", bytes), ("outer_dst", bytes),
+)
+_NF = len(OBS_FIELDS_V1)
+
+#: ``error`` frame codes and the exception each stands for.
+ERROR_CODES: dict[str, type[WireError]] = {
+    "auth": AuthFailed,
+    "version": BadVersion,
+    "too-large": FrameTooLarge,
+    "bad-frame": BadFrame,
+}
+
+
+# --------------------------------------------------------------------------
+# Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Agent -> collector, first frame: who I am, and the shared token."""
+
+    agent: str
+    node: str
+    token: bytes = field(repr=False)
+    started_ns: int  # the agent's start, wall clock (Unix ns): identifies its run
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Collector -> agent, the answer to a good hello."""
+
+    collector: str
+    acked: int  # highest seq already stored for this agent, -1 if none
+    max_frame: int  # the body cap this collector enforces after the hello
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Agent -> collector: observations, clock samples and loss counters."""
+
+    agent: str
+    seq: int  # per agent, strictly increasing across restarts
+    node: str
+    ts_real_ns: int  # when the batch was sent (agent's wall clock)
+    obs: list[Observation]
+    clock: list[tuple[int, int]] = field(default_factory=list)  # (ts_mono_ns, ts_real_ns)
+    lost: dict[str, int] = field(default_factory=dict)  # cumulative since started_ns
+
+    def __repr__(self) -> str:  # never dump thousands of observations into a log line
+        return (f"Batch(agent={self.agent!r}, seq={self.seq}, node={self.node!r}, "
+                f"ts_real_ns={self.ts_real_ns}, obs=<{len(self.obs)}>, "
+                f"clock=<{len(self.clock)}>, lost={self.lost!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Collector -> agent: every batch up to ``seq`` is stored (or was a duplicate)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """Either way: why the sender is about to close the connection."""
+
+    code: str  # a key of ERROR_CODES, or "internal"
+    message: str
+    seq: int = -1  # the batch refused, if the refusal is about one
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Either way: an orderly close."""
+
+    reason: str = ""
+
+
+Frame: TypeAlias = Hello | Welcome | Batch | Ack | ErrorFrame | Bye
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def _packb(obj: Any, what: str) -> bytes:
+    try:
+        body: bytes = msgpack.packb(obj, use_bin_type=True)
+        return body
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadFrame(f"cannot encode {what}: {exc}") from exc
+
+
+def _framed(body: bytes, max_frame: int, what: str, hint: str = "") -> bytes:
+    n = len(body)
+    if n > max_frame:
+        raise FrameTooLarge(f"{what} encodes to {n} bytes, over the frame cap of {max_frame}"
+                            f" bytes{hint}")
+    return n.to_bytes(HEADER_SIZE, "big") + body
+
+
+def encode_batch(
+    agent: str,
+    seq: int,
+    node: str,
+    ts_real_ns: int,
+    obs: Sequence[Observation],
+    clock: Iterable[tuple[int, int]] = (),
+    lost: Mapping[str, int] | None = None,
+    *,
+    max_frame: int = MAX_FRAME,
+    check: bool = False,
+) -> bytes:
+    """One framed ``batch`` (length prefix included), ready for the socket or the spool.
+
+    ``obs`` are packed as they are (tuples pack fast); with ``check`` they
+    are first validated as the collector will (see :func:`check_rows`), so
+    that a bad batch is refused here rather than spooled and sent forever.
+    Raises :class:`FrameTooLarge` when the batch is over ``max_frame``.
+    """
+    if check:
+        check_rows(obs, f"batch {seq}")
+    body = _packb({
+        "v": SCHEMA_VERSION, "t": "batch", "agent": agent, "seq": seq, "node": node,
+        "ts_real_ns": ts_real_ns, "obs": obs, "clock": list(clock),
+        "lost": dict(lost) if lost else {},
+    }, f"batch {seq} of agent {agent!r}")
+    return _framed(body, max_frame, f"batch {seq} ({len(obs)} observations)",
+                   ": send smaller batches")
+
+
+def encode(frame: Frame, *, max_frame: int = MAX_FRAME) -> bytes:
+    """Any frame object -> framed bytes."""
+    if isinstance(frame, Batch):
+        return encode_batch(frame.agent, frame.seq, frame.node, frame.ts_real_ns, frame.obs,
+                            frame.clock, frame.lost, max_frame=max_frame)
+    body: dict[str, Any] = {"v": SCHEMA_VERSION}
+    if isinstance(frame, Hello):
+        body.update(t="hello", agent=frame.agent, node=frame.node, token=bytes(frame.token),
+                    started_ns=frame.started_ns)
+    elif isinstance(frame, Welcome):
+        body.update(t="welcome", collector=frame.collector, acked=frame.acked,
+                    max_frame=frame.max_frame)
+    elif isinstance(frame, Ack):
+        body.update(t="ack", seq=frame.seq)
+    elif isinstance(frame, ErrorFrame):
+        body.update(t="error", code=frame.code, message=frame.message, seq=frame.seq)
+    elif isinstance(frame, Bye):
+        body.update(t="bye", reason=frame.reason)
+    else:
+        raise TypeError(f"not a frame: {type(frame).__name__}")
+    return _framed(_packb(body, f"{body['t']} frame"), max_frame, f"{body['t']} frame")
+
+
+# --------------------------------------------------------------------------
+# Decoding
+
+
+def _show(x: object, limit: int = 40) -> str:
+    """A peer-supplied value, safe for a one-line message."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _tname(x: object) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes",
+            tuple: "array", dict: "map", type(None): "nil"}.get(type(x), type(x).__name__)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise BadFrame(f"msgpack extension type {code} is not allowed")
+
+
+def _int(d: dict[Any, Any], key: str, t: str, lo: int = -(1 << 63), hi: int = (1 << 63) - 1,
+         default: int | None = None) -> int:
+    x = d.get(key, default)
+    if x is None and key not in d:
+        raise BadFrame(f"{t} frame: field {key!r} is missing")
+    if type(x) is not int:
+        raise BadFrame(f"{t} frame: field {key!r} must be an int, got {_tname(x)}")
+    if not lo <= x <= hi:
+        raise BadFrame(f"{t} frame: field {key!r} = {x} is out of range [{lo}, {hi}]")
+    return x
+
+
+def _str(d: dict[Any, Any], key: str, t: str, default: str | None = None,
+         name: bool = False) -> str:
+    x = d.get(key, default)
+    if x is None and key not in d:
+        raise BadFrame(f"{t} frame: field {key!r} is missing")
+    if type(x) is not str:
+        raise BadFrame(f"{t} frame: field {key!r} must be a str, got {_tname(x)}")
+    if name and not (0 < len(x) <= MAX_NAME and x.isprintable()):
+        raise BadFrame(f"{t} frame: field {key!r} must be 1 to {MAX_NAME} printable"
+                       f" characters, got {_show(x)}")
+    return x
+
+
+_ROW_TYPES = frozenset({tuple, list, Observation})
+_CHUNK = 4096  # rows type-checked at a time: bounds the temporary lists
+_EXPECTED = [ty for _, ty in OBS_FIELDS_V1] * _CHUNK
+
+
+def check_rows(rows: Sequence[Any], what: str = "batch") -> None:
+    """Raise :class:`BadFrame` unless every row is a schema-v1 observation row.
+
+    Rows are arrays of exactly 21 fields whose types are exactly those of
+    :data:`OBS_FIELDS_V1` (an ``int`` field takes an int, not a bool or a
+    float). The check compares the list of every field's type with the
+    expected one, 4096 rows at a time: all in C, no Python loop per
+    observation (``bench/wire_codec.py`` measures it).
+    """
+    n = len(rows)
+    if not n:
+        return
+    if not {*map(type, rows)} <= _ROW_TYPES:
+        bad = next(i for i, r in enumerate(rows) if type(r) not in _ROW_TYPES)
+        raise BadFrame(f"{what}: observation {bad} must be an array, got {_tname(rows[bad])}")
+    if {*map(len, rows)} != {_NF}:
+        bad = next(i for i, r in enumerate(rows) if len(r) != _NF)
+        raise BadFrame(f"{what}: observation {bad} has {len(rows[bad])} fields,"
+                       f" schema v{SCHEMA_VERSION} has {_NF}")
+    for lo in range(0, n, _CHUNK):
+        part = rows[lo:lo + _CHUNK]
+        want = _EXPECTED if len(part) == _CHUNK else _EXPECTED[:len(part) * _NF]
+        if [*map(type, chain.from_iterable(part))] != want:
+            for j, r in enumerate(part, lo):
+                for (name, ty), x in zip(OBS_FIELDS_V1, r, strict=True):
+                    if type(x) is not ty:
+                        raise BadFrame(f"{what}: observation {j} field {name!r} must be"
+                                       f" {ty.__name__}, got {_tname(x)}")
+
+
+_new = tuple.__new__
+
+
+def _observations(d: dict[Any, Any], what: str) -> list[Observation]:
+    rows = d.get("obs")
+    if type(rows) is not tuple:
+        raise BadFrame(f"{what}: field 'obs' must be an array, got {_tname(rows)}")
+    check_rows(rows, what)
+    return list(map(_new, repeat(Observation, len(rows)), rows))
+
+
+def _clock(d: dict[Any, Any], what: str) -> list[tuple[int, int]]:
+    clock = d.get("clock", ())
+    if type(clock) is not tuple:
+        raise BadFrame(f"{what}: field 'clock' must be an array, got {_tname(clock)}")
+    if clock and ({*map(type, clock)} != {tuple} or {*map(len, clock)} != {2}
+                  or {*map(type, chain.from_iterable(clock))} != {int}):
+        raise BadFrame(f"{what}: field 'clock' must hold [ts_mono_ns, ts_real_ns] int pairs")
+    return list(clock)
+
+
+def _lost(d: dict[Any, Any], what: str) -> dict[str, int]:
+    lost = d.get("lost", {})
+    if type(lost) is not dict:
+        raise BadFrame(f"{what}: field 'lost' must be a map, got {_tname(lost)}")
+    if lost and ({*map(type, lost)} != {str} or {*map(type, lost.values())} != {int}
+                 or min(lost.values()) < 0):
+        raise BadFrame(f"{what}: field 'lost' must map source names to counts >= 0")
+    return lost
+
+
+def _decode_map(d: dict[Any, Any]) -> Frame:
+    t = d.get("t")
+    v = d.get("v")
+    if v is None:
+        raise BadFrame("frame has no schema version 'v'")
+    if type(v) is not int:
+        raise BadFrame(f"schema version 'v' must be an int, got {_tname(v)}")
+    if t == "error":  # error frames are read whatever their version (docs/wire.md)
+        return ErrorFrame(_str(d, "code", "error"), _str(d, "message", "error", ""),
+                          _int(d, "seq", "error", lo=-1, default=-1))
+    if v not in SUPPORTED_VERSIONS:
+        raise BadVersion(f"schema version {v} is not supported (this side speaks"
+                         f" {SCHEMA_VERSION}); upgrade the older side")
+    if t == "batch":
+        seq = _int(d, "seq", "batch", lo=0)
+        what = f"batch {seq}"
+        return Batch(_str(d, "agent", "batch", name=True), seq,
+                     _str(d, "node", "batch", name=True), _int(d, "ts_real_ns", "batch"),
+                     _observations(d, what), _clock(d, what), _lost(d, what))
+    if t == "ack":
+        return Ack(_int(d, "seq", "ack", lo=-1))
+    if t == "hello":
+        token = d.get("token")
+        if type(token) is not bytes:
+            raise BadFrame(f"hello frame: field 'token' must be bytes (bin), got {_tname(token)}")
+        return Hello(_str(d, "agent", "hello", name=True), _str(d, "node", "hello", name=True),
+                     token, _int(d, "started_ns", "hello"))
+    if t == "welcome":
+        return Welcome(_str(d, "collector", "welcome", ""), _int(d, "acked", "welcome", lo=-1),
+                       _int(d, "max_frame", "welcome", lo=1, hi=(1 << 32) - 1))
+    if t == "bye":
+        return Bye(_str(d, "reason", "bye", ""))
+    if t is None:
+        raise BadFrame("frame has no type 't'")
+    raise BadFrame(f"unknown frame type {_show(t)}")
+
+
+def decode_body(body: bytes | bytearray | memoryview) -> Frame:
+    """One frame's body (without the length prefix) -> a frame object.
+
+    Raises :class:`BadFrame` or :class:`BadVersion`; nothing else.
+    """
+    if not len(body):
+        raise BadFrame("empty frame (length prefix 0)")
+    try:
+        d = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True,
+                            ext_hook=_refuse_ext)
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack's errors: ExtraData, FormatError, StackError, ...
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise BadFrame(f"frame body is not valid msgpack ({len(body)} bytes): {msg}") from None
+    if type(d) is not dict:
+        raise BadFrame(f"frame body must be a msgpack map, got {_tname(d)}")
+    return _decode_map(d)
+
+
+def _hint(head: bytes) -> str:
+    if head[:1] == b"\x16" and head[1:2] == b"\x03":
+        return " (it looks like a TLS handshake: is TLS on at one end only?)"
+    if head.isascii() and all(32 <= c < 127 for c in head):
+        return f" (the first bytes {head!r} look like text: not a hopscope peer?)"
+    return ""
+
+
+def check_length(head: bytes | bytearray | memoryview, max_frame: int) -> int:
+    """The body length from a 4-byte prefix; raises before anything is allocated for it."""
+    n = int.from_bytes(head, "big")
+    if n > max_frame:
+        raise FrameTooLarge(f"frame of {n} bytes announced, over the cap of {max_frame}"
+                            f" bytes{_hint(bytes(head))}")
+    if n == 0:
+        raise BadFrame("empty frame (length prefix 0)")
+    return n
+
+
+class FrameDecoder:
+    """Push decoder: :meth:`feed` bytes as they arrive, get the complete frames.
+
+    The buffer holds at most one length prefix and one body, so never more
+    than ``4 + max_frame`` bytes; a prefix over ``max_frame`` is refused
+    before any byte of its body is buffered. ``max_frame`` may be changed
+    between calls (say, raised after the hello).
+
+    Errors (:class:`FrameTooLarge`, :class:`BadFrame`, :class:`BadVersion`)
+    are sticky: the stream cannot be trusted afterwards, so every later call
+    raises the same error. A :meth:`feed` that decoded good frames before
+    hitting the error returns those first; the next call raises it. Call
+    :meth:`eof` when the stream ends: it raises if a frame was cut short.
+    """
+
+    __slots__ = ("_body", "_error", "_head", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._head = bytearray()
+        self._body = bytearray()
+        self._need = -1  # body length being read, -1 while reading a prefix
+        self._error: WireError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held between calls (at most ``4 + max_frame``)."""
+        return len(self._head) + len(self._body)
+
+    @property
+    def failed(self) -> WireError | None:
+        """The error this decoder stopped on, if any."""
+        return self._error
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        out: list[Frame] = []
+        try:
+            with memoryview(data) as mv, mv.cast("B") as mv:
+                self._feed(mv, out)
+        except WireError as exc:
+            self._error = exc
+            self._head.clear()
+            self._body = bytearray()
+            if not out:
+                raise
+        return out
+
+    def _feed(self, mv: memoryview, out: list[Frame]) -> None:
+        n = len(mv)
+        pos = 0
+        head = self._head
+        while pos < n:
+            if self._need < 0:
+                if not head and n - pos >= HEADER_SIZE:
+                    size = check_length(mv[pos:pos + HEADER_SIZE].tobytes(), self.max_frame)
+                    pos += HEADER_SIZE
+                else:
+                    take = min(HEADER_SIZE - len(head), n - pos)
+                    head += mv[pos:pos + take]
+                    pos += take
+                    if len(head) < HEADER_SIZE:
+                        return
+                    size = check_length(head, self.max_frame)
+                    head.clear()
+                self._need = size
+            size = self._need
+            body = self._body
+            if not body and n - pos >= size:  # the whole body is here: no copy
+                with mv[pos:pos + size] as part:
+                    pos += size
+                    self._need = -1
+                    out.append(decode_body(part))
+                continue
+            take = min(size - len(body), n - pos)
+            body += mv[pos:pos + take]
+            pos += take
+            if len(body) < size:
+                return
+            self._need = -1
+            self._body = bytearray()  # frees the body's memory once decoded
+            out.append(decode_body(body))
+
+    def eof(self) -> None:
+        """The stream ended: raise :class:`BadFrame` if it ended inside a frame."""
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if self._need >= 0:
+            raise BadFrame(f"truncated frame: the stream ended after {len(self._body)} of"
+                           f" {self._need} body bytes")
+        if self._head:
+            raise BadFrame(f"truncated frame: the stream ended after {len(self._head)} of"
+                           f" {HEADER_SIZE} length-prefix bytes")
+
+
+# --------------------------------------------------------------------------
+# asyncio streams
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> Frame:
+    """Read one frame; the length prefix is checked against ``max_frame`` first.
+
+    Raises :class:`PeerClosed` when the stream ends cleanly between frames
+    (or the connection is reset), :class:`BadFrame` when it ends inside one,
+    and whatever :func:`decode_body` raises.
+    """
+    try:
+        head = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise PeerClosed("the peer closed the connection") from None
+        raise BadFrame(f"truncated frame: the connection closed after {len(exc.partial)} of"
+                       f" {HEADER_SIZE} length-prefix bytes") from None
+    except ConnectionError as exc:
+        raise PeerClosed(f"the connection was lost: {exc}") from None
+    size = check_length(head, max_frame)
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise BadFrame(f"truncated frame: the connection closed after {len(exc.partial)} of"
+                       f" {size} body bytes") from None
+    except ConnectionError as exc:
+        raise BadFrame(f"truncated frame: the connection was lost inside a frame: {exc}") from None
+    return decode_body(body)
+
+
+async def write_frame(writer: asyncio.StreamWriter, frame: Frame | bytes,
+                      max_frame: int = MAX_FRAME) -> None:
+    """Write one frame (a frame object, or bytes already framed) and drain."""
+    writer.write(frame if isinstance(frame, bytes) else encode(frame, max_frame=max_frame))
+    await writer.drain()
+
+
+def peer_name(writer: asyncio.StreamWriter) -> str:
+    """``host:port`` of the other end, for log lines."""
+    p = writer.get_extra_info("peername")
+    if isinstance(p, tuple) and len(p) >= 2:
+        return f"[{p[0]}]:{p[1]}" if ":" in str(p[0]) else f"{p[0]}:{p[1]}"
+    return str(p or "?")
+
+
+def error_code(exc: BaseException) -> str:
+    for code, cls in ERROR_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return "internal"
+
+
+def error_from_frame(frame: ErrorFrame) -> WireError:
+    """The exception an ``error`` frame stands for, on the side that received it."""
+    cls = ERROR_CODES.get(frame.code, WireError)
+    return cls(f"the peer refused: {frame.message or frame.code}")
+
+
+async def refuse(writer: asyncio.StreamWriter, exc: BaseException, *, who: str = "",
+                 seq: int = -1) -> None:
+    """Log one line, send an ``error`` frame (best effort) and close."""
+    log.warning("refused %s%s: %s", peer_name(writer), f" ({who})" if who else "", exc)
+    text = str(exc)[:1000] if isinstance(exc, WireError) else "internal error: see the collector's log"
+    try:
+        writer.write(encode(ErrorFrame(error_code(exc), text, seq)))
+        await asyncio.wait_for(writer.drain(), 2.0)
+    except (OSError, TimeoutError, RuntimeError):
+        pass
+    await close_writer(writer)
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+
+# --------------------------------------------------------------------------
+# Authentication
+
+
+def read_token(path: str | os.PathLike[str]) -> bytes:
+    """The shared token from a file, whitespace stripped.
+
+    Refuses (:class:`~hopscope.errors.UsageError`) a file that group or
+    others may read or write (``mode & 0o077``), that is not a regular file,
+    that is empty or holds fewer than :data:`MIN_TOKEN` bytes.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"token file {p} is not a regular file")
+            if st.st_mode & 0o077:
+                raise UsageError(f"token file {p} is accessible to group or others (mode"
+                                 f" {stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {p}`")
+            raw = f.read(MAX_TOKEN + 1)
+    except OSError as exc:
+        raise UsageError(f"token file {p}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TOKEN:
+        raise UsageError(f"token file {p} is over {MAX_TOKEN} bytes: is it the right file?")
+    token = raw.strip()
+    if len(token) < MIN_TOKEN:
+        raise UsageError(f"token file {p} holds {len(token)} bytes, fewer than {MIN_TOKEN}:"
+                         f" write a random one, e.g. `openssl rand -hex 32 > {p}`")
+    return token
+
+
+def token_ok(got: bytes, want: bytes) -> bool:
+    """Constant-time token comparison (hashed first, so lengths do not leak either)."""
+    return hmac.compare_digest(hashlib.sha256(got).digest(), hashlib.sha256(want).digest())
+
+
+def check_hello(hello: Hello, token: bytes) -> None:
+    """Raise :class:`AuthFailed` unless the hello carries ``token``."""
+    if not token_ok(hello.token, token):
+        raise AuthFailed(f"wrong token from agent {_show(hello.agent)} on node"
+                         f" {_show(hello.node)}")
+
+
+# --------------------------------------------------------------------------
+# TLS (standard library ssl)
+
+
+def server_ssl_context(cert: str | os.PathLike[str], key: str | os.PathLike[str],
+                       ca: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ server context; with ``ca``, agents must present a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca is not None:
+            ctx.load_verify_locations(cafile=ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS server set-up (cert {cert}, key {key}, ca {ca}): {exc}") from None
+    return ctx
+
+
+def client_ssl_context(ca: str | os.PathLike[str] | None = None,
+                       cert: str | os.PathLike[str] | None = None,
+                       key: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ client context verifying the collector (against ``ca``, else the system CAs).
+
+    The host name is checked: connect with ``server_hostname`` set to a name
+    (or IP address) in the collector's certificate. ``cert``/``key``: the
+    agent's own certificate, for a collector that requires one.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS client set-up (ca {ca}, cert {cert}, key {key}): {exc}") from None
+    return ctx
+
+
+# --------------------------------------------------------------------------
+# The two ends of a connection
+
+
+class SeqTracker:
+    """The collector's de-duplication state: per agent, the highest seq stored.
+
+    An agent sends its batches in seq order (a replay from its spool too),
+    so "already seen" is ``seq <= highest stored``: a high-water mark per
+    agent id, O(1) memory, is exactly de-duplication by (agent, seq).
+    """
+
+    def __init__(self, initial: Mapping[str, int] | None = None) -> None:
+        self._hw: dict[str, int] = dict(initial or {})
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, agent: str) -> asyncio.Lock:
+        """Held around check-store-commit, so that two connections of one agent
+        (an old one not yet seen dead, and its replacement) cannot both store a
+        batch while an asynchronous ``store`` is in progress."""
+        lk = self._locks.get(agent)
+        if lk is None:
+            lk = self._locks[agent] = asyncio.Lock()
+        return lk
+
+    def acked(self, agent: str) -> int:
+        return self._hw.get(agent, -1)
+
+    def is_new(self, agent: str, seq: int) -> bool:
+        return seq > self._hw.get(agent, -1)
+
+    def commit(self, agent: str, seq: int) -> None:
+        if seq > self._hw.get(agent, -1):
+            self._hw[agent] = seq
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._hw)
+
+
+async def accept_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       token: bytes, *, timeout: float | None = 10.0) -> Hello:
+    """Read and check an agent's hello (capped at :data:`HELLO_MAX_FRAME`).
+
+    On any failure: one log line, an ``error`` frame, the connection closed,
+    and the :class:`WireError` raised.
+    """
+    try:
+        try:
+            frame = await asyncio.wait_for(read_frame(reader, HELLO_MAX_FRAME), timeout)
+        except TimeoutError:
+            raise BadFrame(f"no hello within {timeout:g} s") from None
+        if not isinstance(frame, Hello):
+            raise BadFrame(f"expected a hello frame first, got {type(frame).__name__.lower()}")
+        check_hello(frame, token)
+    except PeerClosed as exc:
+        log.info("%s closed the connection before its hello: %s", peer_name(writer), exc)
+        await close_writer(writer)
+        raise
+    except WireError as exc:
+        await refuse(writer, exc)
+        raise
+    return frame
+
+
+async def serve_agent(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    token: bytes,
+    store: Callable[[Batch], Awaitable[None] | None],
+    seqs: SeqTracker,
+    collector: str = "",
+    max_frame: int = MAX_FRAME,
+    hello_timeout: float | None = 10.0,
+    idle_timeout: float | None = None,
+) -> None:
+    """The collector's side of one agent connection, start to close.
+
+    hello -> welcome (with the agent's acked seq) -> batches, each stored
+    through ``store`` unless a duplicate, each answered by an ``ack`` of the
+    highest seq stored -> bye or EOF. Bad input is refused: one warning line
+    (peer, agent, reason), an ``error`` frame, close. Never raises for what
+    the peer does; an exception from ``store`` is logged and closes the
+    connection with an ``internal`` error.
+    """
+    try:
+        hello = await accept_hello(reader, writer, token, timeout=hello_timeout)
+    except WireError:
+        return  # logged, answered and closed by accept_hello
+    except OSError as exc:  # TLS record errors and the like
+        log.info("%s: connection lost before the hello: %s", peer_name(writer), exc)
+        await close_writer(writer)
+        return
+    who = f"agent {_show(hello.agent)} on {_show(hello.node)}"
+    peer = peer_name(writer)
+    seq = -1
+    try:
+        await write_frame(writer, Welcome(collector, seqs.acked(hello.agent), max_frame))
+        log.info("%s connected from %s (acked %d)", who, peer, seqs.acked(hello.agent))
+        while True:
+            seq = -1
+            try:
+                frame = await asyncio.wait_for(read_frame(reader, max_frame), idle_timeout)
+            except TimeoutError:
+                raise BadFrame(f"idle for {idle_timeout:g} s") from None
+            if isinstance(frame, Batch):
+                seq = frame.seq
+                if frame.agent != hello.agent or frame.node != hello.node:
+                    raise BadFrame(f"batch {seq} is from agent {_show(frame.agent)} on"
+                                   f" {_show(frame.node)}, not from this connection's {who}")
+                async with seqs.lock(frame.agent):
+                    if seqs.is_new(frame.agent, seq):
+                        r = store(frame)
+                        if r is not None:
+                            await r
+                        seqs.commit(frame.agent, seq)
+                    else:
+                        log.debug("%s: batch %d is a duplicate (acked %d)", who, seq,
+                                  seqs.acked(frame.agent))
+                await write_frame(writer, Ack(seqs.acked(frame.agent)))
+            elif isinstance(frame, Bye):
+                log.info("%s said bye%s", who, f": {frame.reason}" if frame.reason else "")
+                break
+            elif isinstance(frame, ErrorFrame):
+                log.warning("%s reported an error: %s: %s", who, frame.code, frame.message)
+                break
+            else:
+                raise BadFrame(f"unexpected {type(frame).__name__.lower()} frame from an agent")
+    except PeerClosed as exc:
+        log.info("%s: %s", who, exc)
+    except WireError as exc:
+        await refuse(writer, exc, who=who, seq=seq)
+        return
+    except OSError as exc:  # ssl.SSLError included
+        log.info("%s: connection lost: %s", who, exc)
+    except Exception as exc:
+        log.exception("%s: storing batch %d failed", who, seq)
+        await refuse(writer, exc, who=who, seq=seq)
+        return
+    await close_writer(writer)
+
+
+async def client_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       hello: Hello, *, timeout: float | None = 10.0) -> Welcome:
+    """Send the hello; return the collector's welcome or raise what its error frame says."""
+    await write_frame(writer, hello)
+    try:
+        frame = await asyncio.wait_for(read_frame(reader, HELLO_MAX_FRAME), timeout)
+    except TimeoutError:
+        raise BadFrame(f"no answer to the hello within {timeout:g} s") from None
+    if isinstance(frame, Welcome):
+        return frame
+    if isinstance(frame, ErrorFrame):
+        raise error_from_frame(frame)
+    raise BadFrame(f"expected a welcome, got a {type(frame).__name__.lower()} frame")
+
+
+async def open_agent_connection(
+    host: str, port: int, hello: Hello, *, ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None, timeout: float | None = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome]:
+    """Connect (TLS when ``ssl_context``), say hello; (reader, writer, welcome).
+
+    Replay the spool after it: ``spool.ack(welcome.acked)``, then send what
+    is left in order, then new batches; ``welcome.max_frame`` is the cap.
+    """
+    t0 = time.monotonic()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        host, port, ssl=ssl_context,
+        server_hostname=(server_hostname or host) if ssl_context else None), timeout)
+    left = None if timeout is None else max(0.1, timeout - (time.monotonic() - t0))
+    try:
+        welcome = await client_hello(reader, writer, hello, timeout=left)
+    except BaseException:
+        await close_writer(writer)
+        raise
+    return reader, writer, welcome
+
+
+__all__ = [
+    "ERROR_CODES", "HEADER_SIZE", "HELLO_MAX_FRAME", "MAX_FRAME", "OBS_FIELDS_V1",
+    "SCHEMA_VERSION", "SUPPORTED_VERSIONS", "Ack", "AuthFailed", "BadFrame", "BadVersion",
+    "Batch", "Bye", "ErrorFrame", "Frame", "FrameDecoder", "FrameTooLarge", "Hello",
+    "PeerClosed", "SeqTracker", "Welcome", "WireError", "accept_hello", "check_hello",
+    "check_length", "check_rows", "client_hello", "client_ssl_context", "decode_body",
+    "encode", "encode_batch", "open_agent_connection", "peer_name", "read_frame",
+    "read_token", "refuse", "serve_agent", "server_ssl_context", "token_ok", "write_frame",
+]
