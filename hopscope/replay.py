@@ -337,11 +337,6 @@ class JsonWriter:
         self.out.write("}\n")
 
 
-def write_json(env: Envelope, out: IO[str]) -> None:
-    """Write a whole envelope as one JSON document."""
-    JsonWriter(out).close(env)
-
-
 def summary_line(res: ReplayResult) -> str:
     env: dict[str, Any] = res.envelope
     return (f"{res.packets} packets in {len(res.files)} captures, {len(env['requests'])} requests, "

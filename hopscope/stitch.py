@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -751,15 +751,3 @@ def _derived_id(c: Sighting) -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{c.node}|{flow_str(*c.flow)}|{c.seq0}".encode())
     return "h-" + h.hexdigest()
-
-
-def replay_batches(sources: Iterable[tuple[str, Iterable[list[Observation]]]],
-                   stitcher: Stitcher, progress: Callable[[], None] | None = None) -> Envelope:
-    """Feed each node's batches to ``stitcher`` and return the envelope."""
-    for node, batches in sources:
-        tr = stitcher.tracker(node)
-        for batch in batches:
-            tr.feed(batch)
-            if progress is not None:
-                progress()
-    return stitcher.result()

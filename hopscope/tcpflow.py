@@ -56,10 +56,6 @@ _OVERLAY_PREFIXES = ("flannel", "vxlan", "fl-")
 _POD_PREFIXES = ("cni", "veth", "cbr", "cali", "lxc", "tap")
 
 
-def is_request_start(p: bytes) -> bool:
-    return p.startswith(_METHODS)
-
-
 def point_for_ifname(ifname: str) -> str:
     """The observation point an interface name implies, or "" when it does not say."""
     if ifname == "lo":
@@ -458,10 +454,6 @@ class NodeTracker:
         self._taken_passed = self.passed_over
         return state
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams) // 2
-
     # -- SYN / FIN / RST -------------------------------------------------------
     def _control(self, st: _Stream, d: int, ts: int, seq: int, flags: int) -> bool:
         """Handle the control flags; True when the packet needs no further work."""
@@ -850,5 +842,5 @@ def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:
     return (k[2], k[3], k[4], k[5])  # type: ignore[return-value]
 
 
-__all__ = ["PODNET", "Cidrs", "NodeTracker", "Sighting", "SynRecord", "point_for_ifname"]
-_ = (POD,)
+__all__ = ["PODNET", "Cidrs", "NodeTracker", "Sighting", "SynRecord", "TrackerState",
+           "point_for_ifname"]
