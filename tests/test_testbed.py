@@ -302,7 +302,7 @@ def test_with_block_always_tears_down(root_snapshot: dict[str, str]) -> None:
 @pytest.mark.requires_root_netns
 def test_failed_up_cleans_up_and_down_finishes_a_partial_up(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(inst: Instance, access_log: bool) -> None:
+    def broken(inst: Instance, access_log: bool, dial_timeout_s: float) -> None:
         raise TestbedError("injected failure while starting Traefik")
 
     monkeypatch.setattr(build, "_start_traefik", broken)
