@@ -59,6 +59,7 @@ def run(argv: list[str] | None = None) -> None:
 
 def _register() -> None:
     from hopscope.agent.doctor import doctor
+    from hopscope.collector.cli import QUERY_COMMANDS, agent, collector
     from hopscope.demo import demo
     from hopscope.replay_cli import replay
     from hopscope.testbed.cli import testbed
@@ -67,6 +68,10 @@ def _register() -> None:
     main.add_command(demo)
     main.add_command(testbed)
     main.add_command(doctor)
+    main.add_command(collector)
+    main.add_command(agent)
+    for cmd in QUERY_COMMANDS:
+        main.add_command(cmd)
 
 
 _register()

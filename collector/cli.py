@@ -1,0 +1,306 @@
+"""Command line of the collector path.
+
+``hopscope collector serve``, ``hopscope agent ship``, and the queries
+``hopscope trace|requests|stats|drops`` (against a running collector's
+HTTP API with ``--collector URL`` / ``$HOPSCOPE_COLLECTOR``, or straight
+from its SQLite file with ``--db PATH``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import click
+from hopscope.collector import wire
+from hopscope.collector.server import Collector, CollectorConfig, api_get, parse_hostport
+from hopscope.collector.store import SqliteStore, parse_duration
+
+from hopscope.errors import HopscopeError, UsageError
+from hopscope.render import fmt_ns, render_envelope, waterfall
+from hopscope.replay import parse_cidrs
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------
+# hopscope collector serve
+
+
+@click.group()
+def collector() -> None:
+    """The collector: receives the agents' observations, stitches and stores requests."""
+
+
+@collector.command("serve")
+@click.option("--listen", default="127.0.0.1:7000", show_default=True, metavar="HOST:PORT",
+              help="Where agents connect.")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False),
+              help="The shared token (chmod 600).")
+@click.option("--db", "db", required=True, type=click.Path(dir_okay=False),
+              help="The SQLite store (created if missing).")
+@click.option("--http", "http", default=None, metavar="HOST:PORT",
+              help="Serve the JSON API here (e.g. 127.0.0.1:7001).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False),
+              help="Require agent certificates signed by this CA.")
+@click.option("--reference", metavar="NODE", help="Clock reference node (default: the first "
+              "node that sends).")
+@click.option("--pod-cidr", default="10.42.0.0/16", show_default=True)
+@click.option("--service-cidr", default="10.43.0.0/16", show_default=True)
+@click.option("--entry-port", "entry_ports", multiple=True, type=int, default=(80,),
+              show_default=True)
+@click.option("--idle-flush", default="5s", show_default=True,
+              help="Flush a node that sent nothing for this long.")
+@click.option("--retention", default="7d", show_default=True,
+              help="Keep stored requests and drops this long.")
+@click.option("--max-db-bytes", default=1 << 30, show_default=True, type=int,
+              help="Prune the oldest requests beyond this database size.")
+@click.option("--raw-keep", default="15m", show_default=True,
+              help="Keep the agents' raw batches this long (re-stitched after a restart).")
+def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str | None,
+          tls_key: str | None, tls_client_ca: str | None, reference: str | None,
+          pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], idle_flush: str,
+          retention: str, max_db_bytes: int, raw_keep: str) -> None:
+    """Receive agents' batches, stitch requests, store them, serve the JSON API.
+
+        hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\
+            --db /var/lib/hopscope/collector.db --http 127.0.0.1:7001
+    """
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    ctx = wire.server_ssl_context(tls_cert, tls_key, ca=tls_client_ca) if tls_cert and tls_key \
+        else None
+    cfg = CollectorConfig(
+        db=db, token=wire.read_token(token_file), listen=parse_hostport(listen, "--listen"),
+        http=parse_hostport(http, "--http") if http else None, ssl_context=ctx,
+        reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
+        entry_ports=entry_ports, idle_flush=parse_duration(idle_flush) / 1e9,
+        max_age_ns=parse_duration(retention), max_bytes=max_db_bytes,
+        raw_keep_ns=parse_duration(raw_keep))
+    logging.getLogger("hopscope").setLevel(min(logging.getLogger().level, logging.INFO))
+    asyncio.run(Collector(cfg).serve_forever())
+
+
+# --------------------------------------------------------------------------
+# hopscope agent ship
+
+
+@click.group()
+def agent() -> None:
+    """The node agent."""
+
+
+@agent.command("ship")
+@click.option("--from-pcap", "capture", required=True, type=click.Path(dir_okay=False),
+              help="The node's capture (pcap or pcapng).")
+@click.option("--node", required=True, help="This node's name.")
+@click.option("--collector", "collector_addr", required=True, metavar="HOST:PORT")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False))
+@click.option("--agent-id", default=None, help="Stable agent id (default hopscope-agent@NODE).")
+@click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
+              help="Spool directory (default: a temporary one, lost at exit).")
+@click.option("--batch", default=1000, show_default=True, type=click.IntRange(1, 100_000),
+              help="Observations per batch.")
+@click.option("--wait", default="300s", show_default=True,
+              help="After the capture: how long to keep trying to deliver the spool.")
+@click.option("--pace", default="0s", show_default=True, help="Pause between batches.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="Use TLS, verifying with this CA.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Client certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Client key.")
+@click.option("--server-name", default=None, help="The collector's name in its certificate.")
+def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id: str | None,
+         spool_dir: str | None, batch: int, wait: str, pace: str, tls_ca: str | None,
+         tls_cert: str | None, tls_key: str | None, server_name: str | None) -> None:
+    """Read a capture and send it to the collector, spooling while it is unreachable."""
+    from hopscope.agent.ship import ShipConfig
+    from hopscope.agent.ship import ship as run_ship
+
+    host, port = parse_hostport(collector_addr, "--collector")
+    ctx = wire.client_ssl_context(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
+    cfg = ShipConfig(capture=capture, node=node, host=host, port=port,
+                     token=wire.read_token(token_file), agent=agent_id or "",
+                     spool_dir=spool_dir, batch=batch, ssl_context=ctx,
+                     server_hostname=server_name, wait=parse_duration(wait) / 1e9,
+                     pace=parse_duration(pace) / 1e9)
+    res = asyncio.run(run_ship(cfg))
+    click.echo(f"shipped {res.observations} observations in {res.batches} batches "
+               f"(acked up to seq {res.acked}, {res.connects} connections)", err=True)
+
+
+# --------------------------------------------------------------------------
+# queries
+
+
+def _source(collector_url: str | None, db: str | None) -> Callable[[str], dict[str, Any]]:
+    """A GET function on the collector's API, or on the database directly."""
+    if db:
+        store = SqliteStore(db, readonly=True)
+
+        def local(target: str) -> dict[str, Any]:
+            status, body = api_get(store, target)
+            if status != 200:
+                raise HopscopeError(str(body.get("error", f"HTTP {status}")))
+            return body
+
+        return local
+    if not collector_url:
+        raise UsageError("say where to read: --collector URL (or $HOPSCOPE_COLLECTOR) or --db PATH")
+    base = collector_url if "://" in collector_url else f"http://{collector_url}"
+
+    def remote(target: str) -> dict[str, Any]:
+        url = base.rstrip("/") + target
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+                return body
+        except urllib.error.HTTPError as exc:
+            try:
+                msg = json.loads(exc.read()).get("error", "")
+            except ValueError:
+                msg = ""
+            raise HopscopeError(f"{url}: HTTP {exc.code}{': ' + msg if msg else ''}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise HopscopeError(f"cannot reach the collector at {base}: {reason}") from None
+        except ValueError as exc:
+            raise HopscopeError(f"{url}: not JSON: {exc}") from None
+
+    return remote
+
+
+def _where(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--collector", "collector_url", envvar="HOPSCOPE_COLLECTOR",
+                     metavar="URL", help="The collector's HTTP API (env HOPSCOPE_COLLECTOR).")(f)
+    f = click.option("--db", "db", type=click.Path(dir_okay=False),
+                     help="Read the collector's SQLite store directly.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print the hop-model JSON envelope.")(f)
+    return f
+
+
+def _since(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        return _since_opts(f, default)
+    return deco
+
+
+def _since_opts(f: Callable[..., Any], default: str) -> Callable[..., Any]:
+    f = click.option("--anchor", type=click.Choice(["auto", "now", "newest"]), default="auto",
+                     show_default=True, help="What --since counts back from: now, the newest "
+                     "stored request, or auto (now, unless nothing stored is that recent).")(f)
+    return click.option("--since", default=default, show_default=True,
+                        help="How far back: 10m, 1h, 2d.")(f)
+
+
+def _qs(**kw: Any) -> str:
+    return urllib.parse.urlencode({k: v for k, v in kw.items() if v is not None and v != ""})
+
+
+def _dump(body: dict[str, Any]) -> None:
+    click.echo(json.dumps(body, indent=1))
+
+
+@click.command()
+@click.argument("request_id")
+@_where
+def trace(request_id: str, collector_url: str | None, db: str | None, as_json: bool) -> None:
+    """One request's hops (a waterfall)."""
+    env = _source(collector_url, db)("/trace/" + urllib.parse.quote(request_id, safe=""))
+    if as_json:
+        _dump(env)
+        return
+    click.echo(waterfall(env["requests"][0]))
+
+
+@click.command()
+@_where
+@_since("10m")
+@click.option("--slower-than", default=None, help="Only requests slower than this (300ms, 1.5s).")
+@click.option("--path", default=None, help="Only this path (a prefix when it ends with *).")
+@click.option("--status", default=None, help="Only this status class or code (5xx, 503).")
+@click.option("--node", default=None, help="Only requests through this node.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(0, None),
+              help="At most this many (the newest).")
+def requests(collector_url: str | None, db: str | None, as_json: bool, since: str, anchor: str,
+             slower_than: str | None, path: str | None, status: str | None, node: str | None,
+             limit: int) -> None:
+    """Stored requests, filtered; waterfalls and the per-hop table."""
+    slower = str(parse_duration(slower_than)) if slower_than else None
+    parse_duration(since)
+    env = _source(collector_url, db)("/requests?" + _qs(
+        since=since, anchor=anchor, slower_than=slower, path=path, status=status, node=node,
+        limit=limit))
+    if as_json:
+        _dump(env)
+        return
+    click.echo(render_envelope({**env, "clock_offsets": {}}, max_requests=None))
+
+
+
+@click.command()
+@_where
+@_since("1h")
+@click.option("--by", type=click.Choice(["node", "path"]), default=None,
+              help="One table per node (the hop's) or per path.")
+def stats(collector_url: str | None, db: str | None, as_json: bool, since: str, anchor: str,
+          by: str | None) -> None:
+    """Per-hop latency: count, p50, p90, p99, max."""
+    parse_duration(since)
+    body = _source(collector_url, db)("/stats?" + _qs(since=since, anchor=anchor, by=by))
+    if as_json:
+        _dump(body)
+        return
+    rows = body.get("hops") or []
+    if not rows:
+        click.echo("No requests stored in that window.")
+        return
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(by, "")) if by else "", []).append(r)
+    out = []
+    for g, rs in groups.items():
+        table = [("hop", "dir", "count", "p50", "p90", "p99", "max")]
+        table += [(r["name"], r["dir"], str(r["count"]), fmt_ns(r["p50"]), fmt_ns(r["p90"]),
+                   fmt_ns(r["p99"]), fmt_ns(r["max"])) for r in rs]
+        widths = [max(len(t[i]) for t in table) for i in range(7)]
+        lines = [f"{by} {g}:"] if by else []
+        for j, t in enumerate(table):
+            lines.append("  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
+                                   for i, c in enumerate(t)).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        out.append("\n".join(lines))
+    click.echo("\n\n".join(out))
+
+
+
+@click.command()
+@_where
+@_since("1h")
+def drops(collector_url: str | None, db: str | None, as_json: bool, since: str,
+          anchor: str) -> None:
+    """Drops: connection attempts unanswered, requests without a response."""
+    parse_duration(since)
+    env = _source(collector_url, db)("/drops?" + _qs(since=since, anchor=anchor))
+    if as_json:
+        _dump(env)
+        return
+    ds = env.get("drops") or []
+    if not ds:
+        click.echo("No drops in that window.")
+        return
+    click.echo(f"Drops ({len(ds)}):")
+    for d in ds:
+        extra = "".join(f" {k}={d[k]}" for k in ("reason", "rule", "request_id") if d.get(k))
+        click.echo(f"  {d['kind']:<19} {d['node']}/{d['point']:<9} {d['flow']}  "
+                   f"packets={d['packets']}{extra}")
+
+
+QUERY_COMMANDS = (trace, requests, stats, drops)

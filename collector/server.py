@@ -1,0 +1,321 @@
+"""The collector: agents' batches in, stitched requests out, a small HTTP JSON API.
+
+Per batch (``serve_agent`` calls :meth:`Collector.store_batch` under the
+agent's lock): the observations and the agent's new seq are written to the
+``batches`` and ``agents`` tables in **one transaction**, then the batch is
+fed to its node's :class:`~hopscope.tcpflow.NodeTracker`; the ack goes out
+after that commit. Every ``drain_every`` seconds the trackers hand over what
+they settled to one :class:`~hopscope.stitch.Stitcher`, whose finished
+requests, drops and clock offsets are stored (``request_id`` unique, so a
+request stitched twice is stored once). A restarted collector first
+re-stitches the raw batches it kept (``raw_keep``), so that what it acked
+before a crash but had not finished stitching is not lost.
+
+A node that sent nothing for ``idle_flush`` seconds is flushed (its open
+connections closed, its watermark lifted) so that it does not hold back the
+other nodes' requests forever; when every node is idle, everything pending
+is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from hopscope.collector import wire
+from hopscope.collector.store import SqliteStore, parse_duration, resolve_since
+
+from hopscope.errors import HopscopeError, UsageError
+from hopscope.stitch import Stitcher
+from hopscope.tcpflow import Cidrs, NodeTracker
+
+log = logging.getLogger(__name__)
+
+_FAR = 1 << 62
+
+
+@dataclass
+class CollectorConfig:
+    db: str
+    token: bytes
+    listen: tuple[str, int] = ("127.0.0.1", 7000)
+    http: tuple[str, int] | None = None
+    ssl_context: ssl.SSLContext | None = None
+    reference: str | None = None
+    cidrs: Cidrs | None = None
+    entry_ports: tuple[int, ...] = (80,)
+    name: str = "hopscope-collector"
+    drain_every: float = 0.5
+    idle_flush: float = 5.0
+    max_age_ns: int | None = 7 * 86_400_000_000_000
+    max_bytes: int | None = 1 << 30
+    raw_keep_ns: int = 15 * 60_000_000_000
+    prune_every: float = 60.0
+    hello_timeout: float = 10.0
+
+
+def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"bad {what} {text!r}: use HOST:PORT, e.g. 127.0.0.1:7000")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Collector:
+    """One collector process: the agents' port, the stitcher, the store, the HTTP API."""
+
+    def __init__(self, cfg: CollectorConfig) -> None:
+        self.cfg = cfg
+        self.store = SqliteStore(cfg.db)
+        self.seqs = wire.SeqTracker(self.store.agent_seqs())
+        self.stitcher = self._new_stitcher()
+        self.trackers: dict[str, NodeTracker] = {}
+        self.last_seen: dict[str, float] = {}
+        self.flushed: set[str] = set()
+        self.batches = 0
+        self.stored_requests = 0
+        self.agent_port = 0
+        self.http_port = 0
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conns: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def _new_stitcher(self) -> Stitcher:
+        return Stitcher([self.cfg.reference] if self.cfg.reference else [],
+                        reference=self.cfg.reference, cidrs=self.cfg.cidrs,
+                        entry_ports=self.cfg.entry_ports)
+
+    # -- batches -----------------------------------------------------------------
+    def _tracker(self, node: str) -> NodeTracker:
+        t = self.trackers.get(node)
+        if t is None:
+            t = self.trackers[node] = NodeTracker(node, self.stitcher.cidrs)
+        return t
+
+    def store_batch(self, batch: wire.Batch) -> None:
+        """Durable first (batch + seq in one transaction), then into the node's tracker."""
+        self.store.put_batch(batch.agent, batch.seq, batch.node, batch.obs)
+        self.batches += 1
+        self.last_seen[batch.node] = time.monotonic()
+        self.flushed.discard(batch.node)
+        if batch.obs:
+            self._tracker(batch.node).feed(batch.obs)
+
+    def restore(self) -> int:
+        """Re-stitch the raw batches kept from earlier runs (a restart); returns batches."""
+        n = 0
+        now = time.monotonic()
+        for _agent, _seq, node, obs in self.store.iter_batches():
+            if obs:
+                self._tracker(node).feed(obs)
+            self.last_seen[node] = now
+            n += 1
+        if n:
+            log.info("event=restore batches=%d nodes=%d", n, len(self.trackers))
+            self.step()
+        return n
+
+    def step(self) -> int:
+        """Hand the trackers' settled sightings to the stitcher; store what is finished."""
+        now = time.monotonic()
+        st = self.stitcher
+        for node, tr in self.trackers.items():
+            if node in self.flushed:
+                continue
+            if now - self.last_seen.get(node, now) >= self.cfg.idle_flush:
+                st.add(node, tr.take(final=True), watermark=_FAR)
+                self.flushed.add(node)
+                log.info("event=idle_flush node=%s idle_s=%.1f", node, self.cfg.idle_flush)
+            else:
+                st.add(node, tr.take())
+        final = bool(self.trackers) and self.flushed >= set(self.trackers)
+        reqs = st.drain(final=final)
+        drops, st.drops = st.drops, []
+        new = self.store.put_requests(reqs) if reqs else 0
+        if drops:
+            self.store.put_drops(drops)
+        if reqs or drops:
+            env = st.envelope([], [])
+            self.store.put_offsets(env)
+        self.stored_requests += new
+        if reqs:
+            log.info("event=stored requests=%d new=%d drops=%d total=%d", len(reqs), new,
+                     len(drops), self.stored_requests)
+        for w in st.warnings:
+            log.warning("event=stitch_warning msg=%s", json.dumps(w))
+        st.warnings.clear()
+        return new
+
+    async def _drain_loop(self) -> None:
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.drain_every)
+            try:
+                self.step()
+                if time.monotonic() - last_prune >= self.cfg.prune_every:
+                    last_prune = time.monotonic()
+                    self.store.prune(self.cfg.max_age_ns, self.cfg.max_bytes, self.cfg.raw_keep_ns)
+            except Exception:
+                log.exception("event=drain_failed")
+
+    # -- agents ------------------------------------------------------------------
+    async def _agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        self._writers.add(writer)
+        try:
+            await wire.serve_agent(reader, writer, token=self.cfg.token, store=self.store_batch,
+                                   seqs=self.seqs, collector=self.cfg.name,
+                                   hello_timeout=self.cfg.hello_timeout)
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            self._writers.discard(writer)
+
+    # -- HTTP --------------------------------------------------------------------
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        status, body = 500, {"error": "internal error"}
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while True:  # headers: read and ignore
+                h = await asyncio.wait_for(reader.readline(), 10)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            if len(parts) < 2:
+                status, body = 400, {"error": "bad request line"}
+            elif parts[0] != "GET":
+                status, body = 405, {"error": "only GET"}
+            else:
+                status, body = self.handle(parts[1])
+        except HopscopeError as exc:
+            status, body = 400, {"error": str(exc)}
+        except (TimeoutError, OSError, UnicodeError):
+            status, body = 400, {"error": "bad request"}
+        except Exception:
+            log.exception("event=http_failed")
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        head = (f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+        with contextlib.suppress(OSError):
+            writer.write(head + payload)
+            await writer.drain()
+        await wire.close_writer(writer)
+
+    def handle(self, target: str) -> tuple[int, dict[str, Any]]:
+        """One GET: (status, JSON body)."""
+        if (urlsplit(target).path.rstrip("/") or "/") == "/health":
+            return 200, {"ok": True, "collector": self.cfg.name, "agents": self.seqs.snapshot(),
+                         "nodes": sorted(self.trackers), "batches": self.batches,
+                         "requests": self.store.count_requests()}
+        return api_get(self.store, target)
+
+    # -- life cycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        self.restore()
+        host, port = self.cfg.listen
+        srv = await asyncio.start_server(self._agent, host, port, ssl=self.cfg.ssl_context)
+        self._servers.append(srv)
+        self.agent_port = srv.sockets[0].getsockname()[1]
+        log.info("event=listen what=agents addr=%s:%d tls=%s db=%s", host, self.agent_port,
+                 "yes" if self.cfg.ssl_context else "no", self.cfg.db)
+        if self.cfg.http is not None:
+            h = await asyncio.start_server(self._http, *self.cfg.http)
+            self._servers.append(h)
+            self.http_port = h.sockets[0].getsockname()[1]
+            log.info("event=listen what=http addr=%s:%d", self.cfg.http[0], self.http_port)
+        self._tasks.append(asyncio.create_task(self._drain_loop()))
+
+    async def stop(self) -> None:
+        """Stop listening, drop the agents' connections, store what is finished, close."""
+        for srv in self._servers:
+            srv.close()
+        for w in list(self._writers):  # the agents see the connection end, and reconnect
+            w.transport.abort()
+        for t in list(self._conns):
+            t.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in [*self._tasks, *self._conns]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 2)
+        self._servers.clear()
+        self._tasks.clear()
+        try:
+            self.step()
+        finally:
+            self.store.close()
+        log.info("event=stopped requests=%d batches=%d", self.stored_requests, self.batches)
+
+    async def serve_forever(self) -> None:
+        """Start; run until SIGTERM or SIGINT; stop cleanly (what is finished is stored)."""
+        await self.start()
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, done.set)
+        try:
+            await done.wait()
+            log.info("event=signal action=stop")
+        finally:
+            await self.stop()
+
+
+def api_get(s: SqliteStore, target: str) -> tuple[int, dict[str, Any]]:
+    """The read side of the HTTP API on a store: (status, JSON body) for one GET target.
+
+    The query CLI calls this directly with ``--db``, so both paths answer alike.
+    """
+    u = urlsplit(target)
+    q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    path = u.path.rstrip("/") or "/"
+    anchor = q.get("anchor", "auto")
+
+    def intq(key: str) -> int | None:
+        v = q.get(key)
+        if v is None or v == "":
+            return None
+        if not v.lstrip("-").isdigit():
+            raise UsageError(f"{key}={v!r}: expected an integer")
+        return int(v)
+
+    if path == "/health":
+        return 200, {"ok": True, "requests": s.count_requests()}
+    if path == "/requests":
+        slower = q.get("slower_than")
+        reqs = s.query_requests(
+            since_ns=resolve_since(s, q.get("since"), anchor),
+            until_ns=intq("until"),
+            slower_than_ns=parse_duration(slower, default_unit="ns") if slower else None,
+            path=q.get("path") or None, status_class=q.get("status") or None,
+            node=q.get("node") or None, limit=intq("limit"))
+        return 200, s.envelope(reqs)
+    if path.startswith("/trace/"):
+        rid = unquote(path[len("/trace/"):])
+        r = s.get_request(rid)
+        if r is None:
+            return 404, {"error": f"no request {rid!r} stored"}
+        return 200, s.envelope([r])
+    if path == "/stats":
+        by = q.get("by") or None
+        return 200, {"by": by, "since_ns": resolve_since(s, q.get("since"), anchor),
+                     "hops": s.hop_stats(resolve_since(s, q.get("since"), anchor), by)}
+    if path == "/drops":
+        return 200, s.envelope([], s.query_drops(resolve_since(s, q.get("since"), anchor)))
+    return 404, {"error": f"no such endpoint {path!r}: /requests, /trace/ID, /stats, /drops, "
+                          "/health"}

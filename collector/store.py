@@ -1,0 +1,449 @@
+"""The collector's storage: finished requests, drops, clock offsets, raw batches.
+
+:class:`Store` is the interface the server and the query CLI use;
+:class:`SqliteStore` implements it with the standard library's ``sqlite3``
+in WAL mode (one writer, readers in other processes do not block it).
+
+Tables (all times integer nanoseconds):
+
+``requests``  one row per stitched request (``request_id`` unique): the
+              columns queries filter on, and the whole hop-model request
+              object as JSON
+``hops``      one row per hop of a stored request (for ``hop_stats``)
+``drops``     one row per drop (unique by node, point, kind, flow, first_ns)
+``offsets``   per node, the latest clock offset against the reference
+``agents``    per agent id, the highest batch seq stored (de-duplication
+              by (agent, seq) survives restarts)
+``batches``   the raw observations of every batch, stored in the same
+              transaction that advances ``agents``: what the collector acks
+              is durable, and a restarted collector re-stitches from them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+
+from hopscope.errors import UsageError
+from hopscope.model import Observation
+from hopscope.render import percentile
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    start_ns INTEGER NOT NULL,
+    total_ns INTEGER,
+    status INTEGER,
+    path TEXT,
+    ingress_node TEXT,
+    pod_node TEXT,
+    stored_ns INTEGER NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_start ON requests(start_ns);
+CREATE INDEX IF NOT EXISTS requests_stored ON requests(stored_ns);
+CREATE TABLE IF NOT EXISTS hops (
+    req INTEGER NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    node TEXT NOT NULL,
+    duration_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hops_req ON hops(req);
+CREATE TABLE IF NOT EXISTS drops (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    node TEXT,
+    kind TEXT,
+    first_ns INTEGER NOT NULL,
+    stored_ns INTEGER NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drops_first ON drops(first_ns);
+CREATE TABLE IF NOT EXISTS offsets (
+    node TEXT PRIMARY KEY,
+    offset_ns INTEGER NOT NULL,
+    error_ns INTEGER NOT NULL,
+    reference TEXT NOT NULL,
+    updated_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    agent TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    received_ns INTEGER NOT NULL,
+    obs BLOB NOT NULL,
+    PRIMARY KEY (agent, seq)
+);
+CREATE INDEX IF NOT EXISTS batches_received ON batches(received_ns);
+"""
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d)?\s*$")
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+          "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
+
+
+def parse_duration(text: str, *, default_unit: str = "s") -> int:
+    """``300ms``, ``1.5s``, ``250us``, ``10m``, ``1h`` -> integer nanoseconds."""
+    m = _DUR.match(str(text))
+    if not m:
+        raise UsageError(f"bad duration {text!r}: use a number and a unit, e.g. 300ms, 1.5s, "
+                         "250us, 10m, 1h")
+    num, unit = m.group(1), m.group(2) or default_unit
+    whole, _, frac = num.partition(".")
+    scale = _UNITS[unit]
+    ns = int(whole) * scale
+    if frac:
+        ns += int(frac) * scale // (10 ** len(frac))
+    return ns
+
+
+class Store(Protocol):
+    """What the collector stores and the query side reads."""
+
+    def put_requests(self, requests: list[dict[str, Any]]) -> int: ...
+    def put_drops(self, drops: list[dict[str, Any]]) -> int: ...
+    def put_offsets(self, offsets: dict[str, Any]) -> None: ...
+    def query_requests(self, since_ns: int | None = None, until_ns: int | None = None,
+                       slower_than_ns: int | None = None, path: str | None = None,
+                       status_class: str | None = None, node: str | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]: ...
+    def get_request(self, request_id: str) -> dict[str, Any] | None: ...
+    def hop_stats(self, since_ns: int | None = None,
+                  by: str | None = None) -> list[dict[str, Any]]: ...
+    def query_drops(self, since_ns: int | None = None) -> list[dict[str, Any]]: ...
+    def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None) -> int: ...
+
+
+def _drop_key(d: dict[str, Any]) -> str:
+    return "|".join(str(d.get(k, "")) for k in ("node", "point", "kind", "flow", "first_ns"))
+
+
+def _status_filter(status_class: str) -> tuple[str, list[int]]:
+    s = status_class.strip().lower()
+    if re.fullmatch(r"[1-5]xx", s):
+        lo = int(s[0]) * 100
+        return "status BETWEEN ? AND ?", [lo, lo + 99]
+    if re.fullmatch(r"\d{3}", s):
+        return "status = ?", [int(s)]
+    if s in ("none", "0", "---"):
+        return "(status IS NULL OR status = 0)", []
+    raise UsageError(f"bad status {status_class!r}: use a class like 5xx or a code like 503")
+
+
+class SqliteStore:
+    """:class:`Store` on SQLite (WAL). One instance per thread; integer ns everywhere."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise UsageError(f"no collector database at {self.path}")
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+            self.db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise UsageError(f"database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- the agents' batches (durable before the ack) --------------------------
+    def agent_seqs(self) -> dict[str, int]:
+        return {a: s for a, s in self.db.execute("SELECT agent, seq FROM agents")}
+
+    def put_batch(self, agent: str, seq: int, node: str, obs: list[Observation],
+                  received_ns: int | None = None) -> None:
+        """Store one batch's observations and advance the agent's seq, in one transaction."""
+        blob = msgpack.packb(obs, use_bin_type=True)
+        now = time.time_ns() if received_ns is None else received_ns
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO batches(agent, seq, node, received_ns, obs) "
+                            "VALUES (?, ?, ?, ?, ?)", (agent, seq, node, now, blob))
+            self.db.execute("INSERT INTO agents(agent, seq) VALUES (?, ?) ON CONFLICT(agent) "
+                            "DO UPDATE SET seq = max(seq, excluded.seq)", (agent, seq))
+
+    def iter_batches(self) -> Iterator[tuple[str, int, str, list[Observation]]]:
+        """Every retained batch, per agent in seq order: (agent, seq, node, observations)."""
+        cur = self.db.execute("SELECT agent, seq, node, obs FROM batches ORDER BY agent, seq")
+        for agent, seq, node, blob in cur:
+            rows = msgpack.unpackb(blob, raw=False)
+            yield agent, seq, node, [tuple.__new__(Observation, r) for r in rows]
+
+    # -- results ----------------------------------------------------------------
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, et: object, ev: object, tb: object) -> None:
+            self.db.execute("COMMIT" if et is None else "ROLLBACK")
+
+    def _tx(self) -> SqliteStore._Tx:
+        return SqliteStore._Tx(self.db)
+
+    def put_requests(self, requests: list[dict[str, Any]]) -> int:
+        """Store finished requests; a request id already stored is skipped. Returns new rows."""
+        n = 0
+        now = time.time_ns()
+        with self._tx():
+            for r in requests:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO requests(request_id, start_ns, total_ns, status, path, "
+                    "ingress_node, pod_node, stored_ns, json) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (r["request_id"], int(r["start_ns"]), r.get("total_ns"), r.get("status"),
+                     r.get("path"), r.get("ingress_node"), r.get("pod_node"), now,
+                     json.dumps(r, separators=(",", ":"))))
+                if cur.rowcount != 1:
+                    continue
+                n += 1
+                rowid = cur.lastrowid
+                self.db.executemany(
+                    "INSERT INTO hops(req, name, dir, node, duration_ns) VALUES (?,?,?,?,?)",
+                    [(rowid, h["name"], h["dir"], h["node"], int(h["duration_ns"]))
+                     for h in r.get("hops") or []])
+        return n
+
+    def put_drops(self, drops: list[dict[str, Any]]) -> int:
+        n = 0
+        now = time.time_ns()
+        with self._tx():
+            for d in drops:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO drops(key, node, kind, first_ns, stored_ns, json) "
+                    "VALUES (?,?,?,?,?,?)", (_drop_key(d), d.get("node"), d.get("kind"),
+                                             int(d.get("first_ns", 0)), now,
+                                             json.dumps(d, separators=(",", ":"))))
+                n += cur.rowcount
+        return n
+
+    def put_offsets(self, offsets: dict[str, Any]) -> None:
+        """``{"reference": NODE, "clock_offsets": {node: {offset_ns, error_ns}}}``."""
+        ref = str(offsets.get("reference", ""))
+        now = time.time_ns()
+        with self._tx():
+            for node, o in (offsets.get("clock_offsets") or {}).items():
+                self.db.execute(
+                    "INSERT INTO offsets(node, offset_ns, error_ns, reference, updated_ns) "
+                    "VALUES (?,?,?,?,?) ON CONFLICT(node) DO UPDATE SET offset_ns=excluded.offset_ns,"
+                    " error_ns=excluded.error_ns, reference=excluded.reference, "
+                    "updated_ns=excluded.updated_ns",
+                    (node, int(o["offset_ns"]), int(o["error_ns"]), ref, now))
+
+    def offsets(self) -> tuple[str, dict[str, dict[str, int]]]:
+        """(reference, clock_offsets) as the envelope carries them."""
+        ref = ""
+        out: dict[str, dict[str, int]] = {}
+        for node, off, err, r in self.db.execute(
+                "SELECT node, offset_ns, error_ns, reference FROM offsets ORDER BY node"):
+            ref = r
+            out[node] = {"offset_ns": off, "error_ns": err}
+        return ref, out
+
+    def envelope(self, requests: list[dict[str, Any]],
+                 drops: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The hop-model envelope around stored requests (offsets: the latest stored)."""
+        ref, offs = self.offsets()
+        return {"requests": requests, "drops": drops or [], "clock_offsets": offs,
+                "reference": ref}
+
+    # -- queries ----------------------------------------------------------------
+    def newest_start_ns(self) -> int | None:
+        row = self.db.execute("SELECT max(start_ns) FROM requests").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def count_requests(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    def query_requests(self, since_ns: int | None = None, until_ns: int | None = None,
+                       slower_than_ns: int | None = None, path: str | None = None,
+                       status_class: str | None = None, node: str | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]:
+        """Requests in start order; with ``limit``, the newest ``limit`` of those matching.
+
+        ``path`` is exact, or a prefix when it ends with ``*``; ``status_class``
+        is ``5xx``-style or an exact code; ``node`` matches the ingress or the
+        pod node; ``slower_than_ns`` keeps ``total_ns > slower_than_ns``.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        if since_ns is not None:
+            where.append("start_ns >= ?")
+            args.append(int(since_ns))
+        if until_ns is not None:
+            where.append("start_ns < ?")
+            args.append(int(until_ns))
+        if slower_than_ns is not None:
+            where.append("total_ns > ?")
+            args.append(int(slower_than_ns))
+        if path:
+            if path.endswith("*"):
+                where.append("substr(path, 1, ?) = ?")
+                args += [len(path) - 1, path[:-1]]
+            else:
+                where.append("path = ?")
+                args.append(path)
+        if status_class:
+            w, a = _status_filter(status_class)
+            where.append(w)
+            args += a
+        if node:
+            where.append("(ingress_node = ? OR pod_node = ?)")
+            args += [node, node]
+        sql = "SELECT json FROM requests"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY start_ns DESC, request_id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, int(limit)))
+        rows = [json.loads(j) for (j,) in self.db.execute(sql, args)]
+        rows.reverse()
+        return rows
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT json FROM requests WHERE request_id = ?",
+                              (request_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def hop_stats(self, since_ns: int | None = None,
+                  by: str | None = None) -> list[dict[str, Any]]:
+        """Per (group,) hop name and dir: count, p50, p90, p99, max (integer ns, nearest rank).
+
+        ``by``: ``None`` (one group), ``"node"`` (the hop's node) or ``"path"``
+        (the request's path). A ``total`` row per group covers whole requests.
+        """
+        if by not in (None, "", "node", "path"):
+            raise UsageError(f"bad --by {by!r}: use node or path")
+        since = -(1 << 62) if since_ns is None else int(since_ns)
+        gcol = {"node": "h.node", "path": "r.path"}.get(by or "", "''")
+        vals: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        order: list[tuple[str, str, str]] = []
+        for g, name, dir_, dur in self.db.execute(
+                f"SELECT {gcol}, h.name, h.dir, h.duration_ns FROM hops h JOIN requests r "
+                "ON r.id = h.req WHERE r.start_ns >= ? ORDER BY r.start_ns, h.rowid", (since,)):
+            k = (g or "", name, dir_)
+            if k not in vals:
+                order.append(k)
+            vals[k].append(dur)
+        tcol = {"node": "ingress_node", "path": "path"}.get(by or "", "''")
+        for g, tot in self.db.execute(
+                f"SELECT {tcol}, total_ns FROM requests WHERE start_ns >= ? AND total_ns IS NOT NULL"
+                " ORDER BY start_ns", (since,)):
+            k = (g or "", "total", "")
+            if k not in vals:
+                order.append(k)
+            vals[k].append(tot)
+        out: list[dict[str, Any]] = []
+        for k in sorted(order, key=lambda k: (k[0], k[1] == "total")):
+            v = sorted(vals[k])
+            row: dict[str, Any] = {"name": k[1], "dir": k[2], "count": len(v),
+                                   "p50": percentile(v, 0.5), "p90": percentile(v, 0.9),
+                                   "p99": percentile(v, 0.99), "max": v[-1]}
+            if by:
+                row = {by: k[0], **row}
+            out.append(row)
+        return out
+
+    def query_drops(self, since_ns: int | None = None) -> list[dict[str, Any]]:
+        since = -(1 << 62) if since_ns is None else int(since_ns)
+        return [json.loads(j) for (j,) in self.db.execute(
+            "SELECT json FROM drops WHERE first_ns >= ? ORDER BY first_ns, key", (since,))]
+
+    # -- retention ----------------------------------------------------------------
+    def used_bytes(self) -> int:
+        pc = self.db.execute("PRAGMA page_count").fetchone()[0]
+        fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        ps = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pc - fl) * ps)
+
+    def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None,
+              raw_max_age_ns: int | None = None) -> int:
+        """Delete what is older than ``max_age_ns`` (by the time it was stored), then the
+        oldest requests (by start) until the database uses at most ``max_bytes``;
+        raw batches older than ``raw_max_age_ns`` (default: ``max_age_ns``).
+        Returns the requests deleted."""
+        now = time.time_ns()
+        deleted = 0
+        raw_age = raw_max_age_ns if raw_max_age_ns is not None else max_age_ns
+        with self._tx():
+            if max_age_ns is not None:
+                cut = now - max_age_ns
+                deleted += self.db.execute("DELETE FROM requests WHERE stored_ns < ?",
+                                           (cut,)).rowcount
+                self.db.execute("DELETE FROM drops WHERE stored_ns < ?", (cut,))
+            if raw_age is not None:
+                self.db.execute("DELETE FROM batches WHERE received_ns < ?", (now - raw_age,))
+        if max_bytes is not None:
+            for _ in range(64):
+                if self.used_bytes() <= max_bytes:
+                    break
+                n = self.count_requests()
+                nb = self.db.execute("SELECT count(*) FROM batches").fetchone()[0]
+                if n == 0 and nb == 0:
+                    break
+                with self._tx():
+                    if nb:
+                        self.db.execute(
+                            "DELETE FROM batches WHERE rowid IN (SELECT rowid FROM batches "
+                            "ORDER BY received_ns LIMIT ?)", (max(1, nb // 4),))
+                    if n:
+                        deleted += self.db.execute(
+                            "DELETE FROM requests WHERE id IN (SELECT id FROM requests "
+                            "ORDER BY start_ns LIMIT ?)", (max(1, n // 10),)).rowcount
+        if deleted:
+            log.info("event=pruned requests=%d db=%s", deleted, self.path)
+        return deleted
+
+
+def resolve_since(store: SqliteStore, since: str | int | None, anchor: str = "auto",
+                  now_ns: int | None = None) -> int | None:
+    """``since`` (a duration back from the anchor, or an absolute integer ns) -> ns.
+
+    ``anchor``: ``now`` (the wall clock), ``newest`` (the newest stored
+    request's start), or ``auto``: now, unless nothing stored is that recent
+    (a database of old captures), then the newest stored request.
+    """
+    if since is None or since == "":
+        return None
+    if isinstance(since, int) or (str(since).isdigit() and len(str(since)) > 12):
+        return int(since)
+    back = parse_duration(str(since), default_unit="s")
+    now = time.time_ns() if now_ns is None else now_ns
+    if anchor == "now":
+        return now - back
+    newest = store.newest_start_ns()
+    if anchor == "newest":
+        return (newest if newest is not None else now) - back
+    if anchor != "auto":
+        raise UsageError(f"bad anchor {anchor!r}: use now, newest or auto")
+    if newest is not None and newest < now - back:
+        return newest - back
+    return now - back
+
+

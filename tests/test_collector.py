@@ -1,0 +1,344 @@
+"""The collector path end to end, in-process on 127.0.0.1 (ephemeral ports, temp dirs).
+
+Agents ship the reference captures to a collector; what it stores is
+compared with ``hopscope.replay.replay`` of the same captures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from click.testing import CliRunner
+from hopscope.agent.ship import ShipConfig, ship
+from hopscope.collector import wire
+from hopscope.collector.server import Collector, CollectorConfig
+from hopscope.collector.store import SqliteStore, parse_duration, resolve_since
+
+from hopscope.cli import main
+from hopscope.errors import AuthFailed, UsageError
+from hopscope.replay import replay
+
+ROOT = Path(__file__).resolve().parent.parent
+PCAPS = ROOT / "pcaps"
+TOKEN = b"0123456789abcdef0123456789abcdef"
+T = TypeVar("T")
+
+
+def _pairs(case: str) -> list[tuple[str, Path]]:
+    return [(p.stem, p) for p in sorted((PCAPS / case).glob("*.pcapng"))]
+
+
+def _replayed(case: str) -> dict[str, Any]:
+    return replay(_pairs(case), jobs=1, reference="node1").envelope
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro_fn(), timeout)
+    return asyncio.run(bounded())
+
+
+def _cfg(tmp: Path, port: int = 0, **kw: Any) -> CollectorConfig:
+    base: dict[str, Any] = dict(db=str(tmp / "collector.db"), token=TOKEN,
+                                listen=("127.0.0.1", port), http=("127.0.0.1", 0),
+                                reference="node1", drain_every=0.05, idle_flush=0.5)
+    base.update(kw)
+    return CollectorConfig(**base)
+
+
+def _ship_cfg(c: Collector, node: str, capture: Path, **kw: Any) -> ShipConfig:
+    base: dict[str, Any] = dict(capture=str(capture), node=node, host="127.0.0.1",
+                                port=c.agent_port, token=TOKEN, batch=20, backoff_max=0.2,
+                                wait=20.0)
+    base.update(kw)
+    return ShipConfig(**base)
+
+
+async def _settled(c: Collector, nodes: set[str], timeout: float = 15) -> None:
+    """Until every node was flushed (idle) and a drain ran after that."""
+    t0 = time.monotonic()
+    while not nodes <= c.flushed:
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"nodes {nodes - c.flushed} never settled")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(3 * c.cfg.drain_every)
+
+
+async def _get(c: Collector, target: str) -> Any:
+    def fetch() -> Any:
+        url = f"http://127.0.0.1:{c.http_port}{target}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    return await asyncio.to_thread(fetch)
+
+
+async def _collect(tmp: Path, case: str, **kw: Any) -> tuple[Collector, dict[str, Any]]:
+    """Ship every capture of a case with one agent per node; (collector, stored envelope)."""
+    c = Collector(_cfg(tmp, **kw))
+    await c.start()
+    pairs = _pairs(case)
+    await asyncio.gather(*(ship(_ship_cfg(c, n, p)) for n, p in pairs))
+    await _settled(c, {n for n, _ in pairs})
+    env = await _get(c, "/requests?since=10m&limit=100000")
+    return c, env
+
+
+def _cli(*args: str) -> Any:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+# --------------------------------------------------------------------------
+
+
+def test_cross_node_trace_matches_replay(tmp_path: Path) -> None:
+    want = _replayed("cross-node-public")
+    assert any(r["ingress_node"] != r["pod_node"] for r in want["requests"])
+
+    async def go() -> tuple[list[Any], dict[str, Any]]:
+        c, env = await _collect(tmp_path, "cross-node-public")
+        try:
+            traces = [await _get(c, f"/trace/{r['request_id']}") for r in want["requests"]]
+            health = await _get(c, "/health")
+            url = f"http://127.0.0.1:{c.http_port}"
+            via_http = json.loads(await asyncio.to_thread(
+                _cli, "requests", "--collector", url, "--since", "10m", "--json"))
+            assert via_http["requests"] == want["requests"]
+            missing = await asyncio.to_thread(
+                CliRunner().invoke, main, ["trace", "nope", "--collector", url])
+            assert missing.exit_code == 1 and "no request 'nope' stored" in missing.output
+        finally:
+            await c.stop()
+        assert health["ok"] and health["requests"] == len(want["requests"])
+        return traces, env
+
+    traces, env = _run(go)
+    assert env["requests"] == want["requests"]
+    for t, r in zip(traces, want["requests"], strict=True):
+        assert t["requests"] == [r]
+        assert set(t) == {"requests", "drops", "clock_offsets", "reference"}
+    # the CLI straight from the database: same request, same hops
+    cross = next(r for r in want["requests"] if r["ingress_node"] != r["pod_node"])
+    db = str(tmp_path / "collector.db")
+    out = json.loads(_cli("trace", cross["request_id"], "--db", db, "--json"))
+    assert out["requests"] == [cross]
+    text = _cli("trace", cross["request_id"], "--db", db)
+    assert cross["request_id"] in text and "wire" in text and "node1->node2" in text
+
+
+def test_replica_three_agents_match_replay(tmp_path: Path) -> None:
+    want = _replayed("replica-clean")
+
+    async def go() -> dict[str, Any]:
+        c, env = await _collect(tmp_path, "replica-clean")
+        await c.stop()
+        return env
+
+    env = _run(go)
+    got = {r["request_id"]: r for r in env["requests"]}
+    assert len(env["requests"]) == len(got) == len(want["requests"])
+    for r in want["requests"]:
+        g = got[r["request_id"]]
+        assert [(h["name"], h["dir"], h["node"]) for h in g["hops"]] == \
+               [(h["name"], h["dir"], h["node"]) for h in r["hops"]]
+        assert g == r
+
+
+def test_requests_filters_stats_counts(tmp_path: Path) -> None:
+    want = _replayed("replica-clean")
+
+    async def go() -> None:
+        c, _env = await _collect(tmp_path, "replica-clean")
+        await c.stop()
+
+    _run(go)
+    db = str(tmp_path / "collector.db")
+    totals = sorted(r["total_ns"] for r in want["requests"])
+    cut = totals[len(totals) // 2]
+    out = json.loads(_cli("requests", "--db", db, "--since", "1h", "--slower-than",
+                          f"{cut}ns", "--limit", "1000", "--json"))
+    assert out["requests"]
+    assert all(r["total_ns"] > cut for r in out["requests"])
+    assert len(out["requests"]) == sum(t > cut for t in totals)
+    # milliseconds parse, and a tight limit keeps the newest
+    one = json.loads(_cli("requests", "--db", db, "--since", "1h", "--limit", "1", "--json"))
+    assert one["requests"] == [max(want["requests"], key=lambda r: r["start_ns"])]
+    # status filter: a class that matches nothing and one that matches all
+    codes = Counter(r["status"] // 100 for r in want["requests"] if r.get("status"))
+    k, n = codes.most_common(1)[0]
+    sel = json.loads(_cli("requests", "--db", db, "--since", "1h", "--status", f"{k}xx",
+                          "--limit", "1000", "--json"))
+    assert len(sel["requests"]) == n
+    # stats: per hop counts equal the replay's hops
+    st = json.loads(_cli("stats", "--db", db, "--since", "1h", "--json"))
+    want_counts = Counter((h["name"], h["dir"]) for r in want["requests"] for h in r["hops"])
+    got_counts = {(row["name"], row["dir"]): row["count"] for row in st["hops"]
+                  if row["name"] != "total"}
+    assert got_counts == dict(want_counts)
+    for row in st["hops"]:
+        assert row["p50"] <= row["p90"] <= row["p99"] <= row["max"]
+        assert all(isinstance(row[k], int) for k in ("p50", "p90", "p99", "max"))
+    by_node = json.loads(_cli("stats", "--db", db, "--since", "1h", "--by", "node", "--json"))
+    assert sum(r["count"] for r in by_node["hops"] if r["name"] != "total") == \
+        sum(want_counts.values())
+    text = _cli("stats", "--db", db, "--since", "1h")
+    assert "p99" in text and "ingress" in text
+    human = _cli("requests", "--db", db, "--since", "1h", "--slower-than", "1ms")
+    assert "Per-hop latency" in human or "No HTTP requests" in human
+
+
+def test_drops(tmp_path: Path) -> None:
+    want = _replayed("drops")
+    assert want["drops"]
+
+    async def go() -> Any:
+        c, _env = await _collect(tmp_path, "drops")
+        try:
+            return await _get(c, "/drops?since=1h")
+        finally:
+            await c.stop()
+
+    got = _run(go)
+    key = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, got["drops"])) == sorted(map(key, want["drops"]))
+    out = _cli("drops", "--db", str(tmp_path / "collector.db"), "--since", "1h")
+    assert f"Drops ({len(want['drops'])})" in out
+
+
+def test_wrong_token_refused_other_agent_unaffected(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hopscope")
+    want = _replayed("cross-node-public")
+
+    async def go() -> tuple[int, BaseException | None]:
+        c = Collector(_cfg(tmp_path))
+        await c.start()
+        try:
+            async def intruder() -> BaseException | None:
+                hello = wire.Hello("evil", "node1", b"x" * 32, time.time_ns())
+                try:
+                    await wire.open_agent_connection("127.0.0.1", c.agent_port, hello)
+                except AuthFailed as exc:
+                    return exc
+                return None
+
+            results = await asyncio.gather(
+                intruder(), *(ship(_ship_cfg(c, n, p)) for n, p in _pairs("cross-node-public")))
+            await _settled(c, {"node1", "node2"})
+            return c.store.count_requests(), results[0]
+        finally:
+            await c.stop()
+
+    n, exc = _run(go)
+    assert isinstance(exc, AuthFailed)
+    assert n == len(want["requests"])
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refused) == 1 and "wrong token" in refused[0].getMessage()
+    assert "x" * 32 not in caplog.text
+
+
+def test_restart_mid_stream_exactly_once(tmp_path: Path) -> None:
+    """Stop the collector while an agent is mid-capture; it spools, reconnects, replays."""
+    want = _replayed("replica-clean")
+    pairs = _pairs("replica-clean")
+
+    async def go() -> tuple[int, list[str], int]:
+        c = Collector(_cfg(tmp_path, idle_flush=1.5))
+        await c.start()
+        port = c.agent_port
+        spool = tmp_path / "spool-node2"
+        first = [asyncio.create_task(ship(_ship_cfg(c, n, p, batch=50))) for n, p in pairs
+                 if n != "node2"]
+        slow = asyncio.create_task(ship(_ship_cfg(c, "node2", PCAPS / "replica-clean" /
+                                                  "node2.pcapng", batch=50, pace=0.02,
+                                                  spool_dir=str(spool))))
+        while c.seqs.acked("hopscope-agent@node2") < 5:
+            await asyncio.sleep(0.01)
+        await c.stop()  # mid-stream: node2 keeps reading into its spool
+        await asyncio.sleep(0.5)
+        assert not slow.done()
+        c2 = Collector(_cfg(tmp_path, port=port, idle_flush=1.5))
+        await c2.start()
+        try:
+            res = await slow
+            await asyncio.gather(*first)
+            await _settled(c2, {n for n, _ in pairs})
+            env = await _get(c2, "/requests?since=1h&limit=100000")
+            assert res.connects >= 2
+            return c2.store.count_requests(), [r["request_id"] for r in env["requests"]], \
+                res.spooled_left
+        finally:
+            await c2.stop()
+
+    n, ids, left = _run(go)
+    assert left == 0
+    assert n == len(ids) == len(set(ids)) == len(want["requests"])
+    assert set(ids) == {r["request_id"] for r in want["requests"]}
+    s = SqliteStore(tmp_path / "collector.db", readonly=True)
+    try:
+        seqs = s.agent_seqs()
+        nb = s.db.execute("SELECT count(*) FROM batches WHERE agent = ?",
+                          ("hopscope-agent@node2",)).fetchone()[0]
+    finally:
+        s.close()
+    assert nb == seqs["hopscope-agent@node2"] + 1  # every batch stored once, none missing
+
+
+def test_garbage_refused_with_a_log_line(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="hopscope")
+
+    async def go() -> bytes:
+        c = Collector(_cfg(tmp_path))
+        await c.start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", c.agent_port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64))
+            await w.drain()
+            data = await asyncio.wait_for(r.read(), 5)  # the error frame, then EOF
+            w.close()
+            # the collector still works for a real agent
+            await ship(_ship_cfg(c, "node1", PCAPS / "cross-node-public" / "node1.pcapng"))
+            return data
+        finally:
+            await c.stop()
+
+    data = _run(go)
+    frame = wire.FrameDecoder(wire.HELLO_MAX_FRAME).feed(data)[0]
+    assert isinstance(frame, wire.ErrorFrame) and frame.code == "too-large"
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refused) == 1 and "not a hopscope peer" in refused[0]
+
+
+def test_durations_and_since() -> None:
+    assert parse_duration("300ms") == 300_000_000
+    assert parse_duration("1.5s") == 1_500_000_000
+    assert parse_duration("250us") == 250_000
+    assert parse_duration("10m") == 600_000_000_000
+    with pytest.raises(UsageError):
+        parse_duration("fast")
+
+
+def test_since_anchor(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "db")
+    try:
+        old = 1_000_000_000_000_000_000
+        s.put_requests([{"request_id": "a", "start_ns": old, "total_ns": 5, "hops": []}])
+        now = old + 86_400_000_000_000
+        assert resolve_since(s, "10m", "now", now_ns=now) == now - 600_000_000_000
+        assert resolve_since(s, "10m", "auto", now_ns=now) == old - 600_000_000_000
+        assert resolve_since(s, "10m", "newest", now_ns=now) == old - 600_000_000_000
+        assert s.put_requests([{"request_id": "a", "start_ns": old, "hops": []}]) == 0
+    finally:
+        s.close()
