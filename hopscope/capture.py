@@ -370,13 +370,7 @@ class CaptureReader:
                     self._truncated("a packet record")
                 return
             done += pos
-            chunk = f.read(BLOCK)
-            stats.bytes_read += len(chunk)
-            if self._progress is not None:
-                self._progress(len(chunk))
-            if not chunk:
-                eof = True
-            data = data[pos:] + chunk
+            data, eof = self._refill(f, data, pos)
             pos = 0
 
     def _link_ok(self, link: _Link) -> bool:
@@ -594,14 +588,16 @@ class CaptureReader:
                     self._truncated("a block")
                 return
             done += pos
-            chunk = f.read(BLOCK)
-            stats.bytes_read += len(chunk)
-            if self._progress is not None:
-                self._progress(len(chunk))
-            if not chunk:
-                eof = True
-            data = data[pos:] + chunk
+            data, eof = self._refill(f, data, pos)
             pos = 0
+
+    def _refill(self, f: BinaryIO, data: bytes, pos: int) -> tuple[bytes, bool]:
+        """The unread rest of ``data`` and the next block of the file; True at the end."""
+        chunk = f.read(BLOCK)
+        self.stats.bytes_read += len(chunk)
+        if self._progress is not None:
+            self._progress(len(chunk))
+        return data[pos:] + chunk, not chunk
 
     def _corrupt(self, at: int, btype: int, blen: int) -> None:
         self._warn("corrupt", f"{self.path}: corrupt block (type {btype:#x}, length {blen}) at byte "
