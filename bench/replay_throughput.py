@@ -290,6 +290,12 @@ def run_tshark(path: Path, packets: int, repeat: int, timeout: float) -> Result:
     return measure("tshark", tshark_cmd(tshark, path), packets, repeat, timeout)
 
 
+def run_struct(path: Path, packets: int, repeat: int, timeout: float) -> Result:
+    """The floor: a plain struct loop that only unpacks each packet's headers (pcapng)."""
+    loop = Path(__file__).resolve().parent / "_structloop.py"
+    return measure("struct", [sys.executable, str(loop), str(path)], packets, repeat, timeout)
+
+
 def run_scapy(path: Path, limit: int | None, total: int, timeout: float) -> Result:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--scapy-child", str(path)]
     if limit is not None:
@@ -548,7 +554,7 @@ def report(
     hop = by.get("hopscope", Result("hopscope", "skipped"))
     ratios: dict[str, float | None] = {}
     parts = []
-    for other in ("scapy", "tshark"):
+    for other in ("struct", "scapy", "tshark"):
         x = ratio(hop, by.get(other, Result(other, "skipped")))
         ratios[f"hopscope/{other}"] = x
         parts.append(f"hopscope/{other}: {'n/a' if x is None else f'{x:.2f}x'}")
@@ -706,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hopscope replay ({args.repeat} run(s)) ...", file=out, flush=True)
     hop = run_hopscope(path, total, args.repeat, args.timeout, extra)
     results.append(hop)
+    if fmt == "pcapng":
+        print(f"plain struct loop ({args.repeat} run(s)) ...", file=out, flush=True)
+        results.append(run_struct(path, total, args.repeat, args.timeout))
     if args.skip_scapy:
         results.append(Result("scapy", "skipped", note="--skip-scapy"))
     else:
