@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""Collector ingest speed: batches decoded, stored and stitched, beside a bare msgpack loop.
+
+The batches are built once, as an agent builds them: a generated capture
+(``_gencap.py``, one busy ingress node) read with
+:class:`~hopscope.capture.CaptureReader` (``directions=False``, as the
+agent reads), cut into batches of ``--batch`` observations, each framed
+with :func:`hopscope.collector.wire.encode_batch` (``check=True``). Then,
+on the same bytes, in the same run, interleaved (every repeat runs every
+stage once, so that a drift of the machine's speed hits them all), best of
+``--repeat``:
+
+* ``bare Unpacker``: ``msgpack.Unpacker(use_list=False)`` iterated over the
+  frames' bodies (length prefixes stripped): msgpack's C unpacker building
+  Python objects and nothing else. The limit;
+* ``decode``: :class:`~hopscope.collector.wire.FrameDecoder` fed the stream
+  in ``--read`` byte slices (as from a socket): framing, msgpack, the
+  per-field checks, Observation tuples; each batch dropped once decoded;
+* ``  of which re-pack``: ``msgpack.packb`` of every batch's rows, which
+  :meth:`~hopscope.collector.store.SqliteStore.put_batch` does before it
+  writes (it stores the observations re-encoded, not the received bytes);
+* ``ingest``: decode + the collector's de-duplication
+  (:class:`~hopscope.collector.wire.SeqTracker`) + ``put_batch``: the raw
+  batch and the agent's seq in one SQLite (WAL, ``synchronous=NORMAL``)
+  transaction per batch, into a new database in a temporary directory.
+  What the collector does before it acks;
+* ``ingest + stitch``: decode, de-duplication, then
+  :meth:`Collector.store_batch <hopscope.collector.server.Collector.store_batch>`
+  (``put_batch``, then the node's :class:`~hopscope.tcpflow.NodeTracker`)
+  and, every ``--drain-every`` batches, :meth:`Collector.step
+  <hopscope.collector.server.Collector.step>` as the drain loop calls it
+  (``take()``, ``Stitcher.add()``, ``drain()``, finished requests, drops
+  and offsets stored); at the end the node is flushed as an idle node is
+  (``take(final=True)``, final drain), so every request is stored. Its
+  own breakdown (decode / store_batch / step) is printed below the table.
+
+Speeds are observations per second; ``stitched req/s`` is requests stored
+per second of the stage. ``x bare`` is the stage's speed over the bare
+Unpacker's (1.00 = as fast as msgpack alone). Target (issue 5): ingest
+>= 500k observations/s.
+
+    python bench/collector_ingest.py                    # bench/out/ingress-220000.pcapng
+    python bench/collector_ingest.py --packets 50000 --repeat 5
+    python bench/collector_ingest.py --json > ingest.json   # the table goes to stderr
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hopscope.collector.server import Collector, CollectorConfig
+from hopscope.collector.store import SqliteStore
+from hopscope.collector.wire import Batch, FrameDecoder, SeqTracker, encode_batch
+
+from hopscope.capture import CaptureReader
+from hopscope.model import Observation
+
+HERE = Path(__file__).resolve().parent
+GENCAP = HERE / "_gencap.py"
+DEFAULT_PACKETS = 220_000
+AGENT = "agent-node1"
+NODE = "node1"
+TARGET = 500_000  # observations/s ingested (issue 5)
+
+
+# --------------------------------------------------------------------------
+# The batches
+
+
+def ensure_capture(packets: int) -> Path:
+    """``bench/out/ingress-<packets>.pcapng``, generated (in a child) if missing or stale."""
+    proc = subprocess.run(
+        [sys.executable, str(GENCAP), "--packets", str(packets), "--if-stale", "--print-path"],
+        cwd=HERE.parent, stdout=subprocess.PIPE, text=True, check=True)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def chunks(reader: CaptureReader, size: int, limit: int | None) -> Iterator[list[Observation]]:
+    """The reader's observations in lists of ``size`` (as the agent cuts them)."""
+    buf: list[Observation] = []
+    left = limit if limit is not None else -1
+    for b in reader:
+        if left >= 0:
+            b = b[:left]
+            left -= len(b)
+        buf.extend(b)
+        while len(buf) >= size:
+            yield buf[:size]
+            buf = buf[size:]
+        if left == 0:
+            break
+    if buf:
+        yield buf
+
+
+def build_frames(path: Path, batch: int, limit: int | None) -> tuple[list[bytes], int]:
+    """Framed batches as the agent spools them, and the observation count."""
+    frames: list[bytes] = []
+    n = 0
+    t0 = time.time_ns()
+    for seq, obs in enumerate(chunks(CaptureReader(path, NODE, directions=False), batch, limit)):
+        frames.append(encode_batch(AGENT, seq, NODE, t0 + seq * 1_000_000, obs,
+                                   lost={"ring": 0}, check=True))
+        n += len(obs)
+    return frames, n
+
+
+# --------------------------------------------------------------------------
+# The stages
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[], dict[str, float]]  # one timed pass -> {"seconds": ..., extras}
+    best: dict[str, float] = field(default_factory=dict)
+    runs: list[float] = field(default_factory=list)
+
+
+def timed(fn: Callable[[], dict[str, float] | None]) -> Callable[[], dict[str, float]]:
+    def run() -> dict[str, float]:
+        gc.collect()
+        t0 = time.perf_counter()
+        extra = fn() or {}
+        return {"seconds": time.perf_counter() - t0, **extra}
+    return run
+
+
+class Bench:
+    def __init__(self, frames: list[bytes], n: int, read: int, drain_every: int,
+                 tmp: str | None) -> None:
+        self.nframes = len(frames)
+        self.n = n
+        self.drain_every = drain_every
+        self.tmp = tmp
+        self.stream = b"".join(frames)
+        self.bodies = b"".join(f[4:] for f in frames)
+        mv = memoryview(self.stream)
+        self.reads = [mv[i:i + read] for i in range(0, len(self.stream), read)]
+        self.db_bytes = 0
+        self.requests = 0
+        self.drops = 0
+
+    def frames_in(self) -> Iterator[Batch]:
+        """Every batch frame, as the collector's connection reads them."""
+        d = FrameDecoder()
+        for r in self.reads:
+            for f in d.feed(r):
+                assert isinstance(f, Batch)
+                yield f
+        d.eof()
+
+    # -- (1) the limit
+    def bare(self) -> None:
+        u = msgpack.Unpacker(use_list=False, raw=False, max_buffer_size=len(self.bodies))
+        u.feed(self.bodies)
+        for _ in u:
+            pass
+
+    # -- (2)
+    def decode(self) -> dict[str, float]:
+        k = 0
+        for f in self.frames_in():
+            k += len(f.obs)
+        assert k == self.n, (k, self.n)
+        return {}
+
+    def repack(self, rows: list[tuple[Any, ...]]) -> Callable[[], None]:
+        def run() -> None:
+            for r in rows:
+                msgpack.packb(r, use_bin_type=True)
+        return run
+
+    # -- (3)
+    def ingest(self) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
+            store = SqliteStore(Path(d) / "collector.db")
+            seqs = SeqTracker(store.agent_seqs())
+            gc.collect()
+            t0 = time.perf_counter()
+            for f in self.frames_in():
+                if seqs.is_new(f.agent, f.seq):
+                    store.put_batch(f.agent, f.seq, f.node, f.obs)
+                    seqs.commit(f.agent, f.seq)
+            secs = time.perf_counter() - t0
+            nb = store.db.execute("SELECT count(*) FROM batches").fetchone()[0]
+            assert nb == self.nframes, (nb, self.nframes)
+            store.close()
+            self.db_bytes = db_size(Path(d))
+        return {"seconds": secs}
+
+    # -- (4)
+    def stitch(self) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
+            col = Collector(CollectorConfig(db=str(Path(d) / "collector.db"), token=b"b" * 32))
+            seqs = col.seqs
+            every = self.drain_every
+            t_dec = t_store = t_step = 0.0
+            k = 0
+            gc.collect()
+            t0 = time.perf_counter()
+            frames = self.frames_in()
+            while True:
+                a = time.perf_counter()
+                f = next(frames, None)
+                b = time.perf_counter()
+                t_dec += b - a
+                if f is None:
+                    break
+                if seqs.is_new(f.agent, f.seq):
+                    col.store_batch(f)
+                    seqs.commit(f.agent, f.seq)
+                c = time.perf_counter()
+                t_store += c - b
+                k += 1
+                if k % every == 0:
+                    col.step()
+                    t_step += time.perf_counter() - c
+            a = time.perf_counter()
+            col.cfg.idle_flush = 0.0  # end of input: flush the node as an idle one
+            col.step()
+            t_step += time.perf_counter() - a
+            secs = time.perf_counter() - t0
+            self.requests = col.stored_requests
+            assert col.store.count_requests() == self.requests
+            self.drops = int(col.store.db.execute("SELECT count(*) FROM drops").fetchone()[0])
+            col.store.close()
+        return {"seconds": secs, "decode": t_dec, "store_batch": t_store, "step": t_step,
+                "requests": float(self.requests)}
+
+
+def db_size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def report(res: dict[str, Any], out: TextIO) -> None:
+    n = res["observations"]
+    p = print
+    p(f"{n:,} observations from {res['capture']} in {res['batches']} batches of"
+      f" {res['batch']:,}; {res['wire_bytes']:,} bytes on the wire"
+      f" ({res['wire_bytes'] / n:.0f} per observation); best of {res['repeat']};"
+      f" step every {res['drain_every']} batches", file=out)
+    p(f"Python {res['python']}, msgpack {res['msgpack']}, SQLite {res['sqlite']};"
+      f" database in {res['db_dir']}", file=out)
+    p(f"{'stage':24} {'seconds':>9} {'obs/s':>12} {'MB/s wire':>10} {'stitched req/s':>15}"
+      f" {'x bare':>7}", file=out)
+    bare = res["stages"]["bare Unpacker"]["seconds"]
+    for name, st in res["stages"].items():
+        s = st["seconds"]
+        rq = f"{st['requests'] / s:15,.0f}" if "requests" in st else f"{'':15}"
+        p(f"{name:24} {s:9.4f} {n / s:12,.0f} {res['wire_bytes'] / s / 1e6:10.1f} {rq}"
+          f" {bare / s:7.2f}", file=out)
+    st = res["stages"]["ingest + stitch"]
+    p(f"ingest + stitch, best run: decode {st['decode']:.3f} s, store_batch (put_batch +"
+      f" tracker feed) {st['store_batch']:.3f} s, step (take/add/drain/store requests)"
+      f" {st['step']:.3f} s; {int(st['requests']):,} requests, {res['drops']:,} drops stored",
+      file=out)
+    ing = res["stages"]["ingest"]["seconds"]
+    dec = res["stages"]["decode"]["seconds"]
+    rp = res["stages"]["  of which re-pack"]["seconds"]
+    p(f"ingest = decode {dec / ing:.0%} + re-pack {rp / ing:.0%} + SQLite and the rest"
+      f" {max(0.0, ing - dec - rp) / ing:.0%} (by difference); database"
+      f" {res['db_bytes'] / 1e6:.1f} MB", file=out)
+    ok = n / ing >= TARGET
+    p(f"target ingest >= {TARGET:,} obs/s: {'met' if ok else 'NOT met'}"
+      f" ({n / ing:,.0f}); ingest + stitch: {n / st['seconds']:,.0f} obs/s,"
+      f" {st['requests'] / st['seconds']:,.0f} requests/s", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--capture", type=Path,
+                    help="capture to read (default: the generated bench/out/ingress-<packets>.pcapng)")
+    ap.add_argument("--packets", type=int, default=DEFAULT_PACKETS,
+                    help="packets of the generated capture (default %(default)s)")
+    ap.add_argument("--limit", type=int, help="use only the first N observations")
+    ap.add_argument("--batch", type=int, default=1000, help="observations per batch (default 1000)")
+    ap.add_argument("--drain-every", type=int, default=25,
+                    help="Collector.step() every N batches (default 25)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of K passes (default 3)")
+    ap.add_argument("--read", type=int, default=64 << 10, help="bytes per feed() (socket read)")
+    ap.add_argument("--dir", help="where the temporary databases go (default: the temp dir)")
+    ap.add_argument("--json", action="store_true",
+                    help="print the results as JSON on stdout (the table goes to stderr)")
+    a = ap.parse_args(argv)
+    if a.batch < 1 or a.repeat < 1 or a.drain_every < 1 or a.read < 1:
+        ap.error("--batch, --repeat, --drain-every and --read must be >= 1")
+    # the collector's own log lines (stitch warnings, stored counts) are not the subject
+    logging.getLogger("hopscope").setLevel(logging.ERROR)
+
+    path = a.capture or ensure_capture(a.packets)
+    t0 = time.perf_counter()
+    frames, n = build_frames(path, a.batch, a.limit)
+    if not n:
+        print(f"{path}: no observations", file=sys.stderr)
+        return 1
+    prep = time.perf_counter() - t0
+    b = Bench(frames, n, a.read, a.drain_every, a.dir)
+    rows = [msgpack.unpackb(f[4:], use_list=False, raw=False)["obs"] for f in frames]
+    assert sum(map(len, rows)) == n
+    nframes = len(frames)
+    del frames  # the bench keeps the stream and the bodies only
+
+    stages = [
+        Stage("bare Unpacker", timed(b.bare)),
+        Stage("decode", timed(b.decode)),
+        Stage("  of which re-pack", timed(b.repack(rows))),
+        Stage("ingest", b.ingest),
+        Stage("ingest + stitch", b.stitch),
+    ]
+    for _ in range(a.repeat):
+        for s in stages:
+            r = s.run()
+            s.runs.append(r["seconds"])
+            if not s.best or r["seconds"] < s.best["seconds"]:
+                s.best = r
+
+    res: dict[str, Any] = {
+        "capture": str(path), "observations": n, "batches": nframes, "batch": a.batch,
+        "wire_bytes": len(b.stream), "repeat": a.repeat, "drain_every": a.drain_every,
+        "read": a.read, "prepare_seconds": round(prep, 3),
+        "python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
+        "sqlite": sqlite3.sqlite_version, "db_dir": a.dir or tempfile.gettempdir(),
+        "db_bytes": b.db_bytes, "drops": b.drops, "target_obs_per_s": TARGET,
+        "cpus": os.cpu_count(),
+        "stages": {s.name: {**s.best, "obs_per_s": n / s.best["seconds"],
+                            "runs": [round(x, 4) for x in s.runs]} for s in stages},
+    }
+    ing = res["stages"]["ingest"]["obs_per_s"]
+    res["target_met"] = ing >= TARGET
+    st = res["stages"]["ingest + stitch"]
+    st["requests_per_s"] = st["requests"] / st["seconds"]
+    report(res, sys.stderr if a.json else sys.stdout)
+    if a.json:
+        json.dump(res, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
