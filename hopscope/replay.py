@@ -198,7 +198,7 @@ def replay(pairs: Iterable[tuple[str, Path]], *, reference: str | None = None,
         if jobs == 1 or all(sz < PARALLEL_MIN_BYTES for sz in sizes) or sum(shards) == 1:
             stats = _run_serial(pairs, st, _warn, prog, emit)
         else:
-            stats = _run_pool(pairs, shards, cidrs, st, _warn, prog, jobs, emit)
+            stats = _run_pool(pairs, shards, cidrs, st, _warn, prog, emit)
         res.files.extend(stats)
         reqs, drops = st.finish()
         if emit is not None:
@@ -249,62 +249,62 @@ def _run_serial(pairs: list[tuple[str, Path]], st: Stitcher, warn: Callable[[str
     return [r.stats for r in readers]
 
 
+#: Hand-overs a worker may have waiting before it blocks (bounds the parent's memory).
+QUEUE_DEPTH = 2
+
+
 def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st: Stitcher,
-              warn: Callable[[str], None], prog: _Progress, jobs: int,
+              warn: Callable[[str], None], prog: _Progress,
               emit: Callable[[dict[str, Any]], None] | None) -> list[ReadStats]:
+    """One process per (capture, shard), all at once; the parent joins what they hand over.
+
+    The parent always reads from the worker that is furthest behind (the lowest
+    watermark): the join can only finish requests up to that point, so what the
+    others hand over would wait in memory. Each worker has its own short queue
+    and blocks when it is full, so the pending state stays bounded however
+    uneven the shares are, and the CPU goes to the worker that holds the others up.
+    """
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
-    out = ctx.Queue(maxsize=64)
     tasks = [(node, path, k, n, cidrs) for (node, path), n in zip(pairs, shards, strict=True)
              for k in range(n)]
-    todo = list(tasks)
-    running: list[Any] = []
-    wm: dict[tuple[str, int], int] = {(t[0], t[2]): -(1 << 62) for t in tasks}
+    keys = [(t[0], t[2]) for t in tasks]
+    queues = {key: ctx.Queue(maxsize=QUEUE_DEPTH) for key in keys}
+    procs = {key: ctx.Process(target=_worker, args=(task, queues[key], counter), daemon=True)
+             for key, task in zip(keys, tasks, strict=True)}
+    wm: dict[tuple[str, int], int] = dict.fromkeys(keys, -(1 << 62))
+    active = set(keys)
     stats: dict[str, ReadStats] = {}
-    error: BaseException | None = None
-
-    def start_next() -> None:
-        task = todo.pop(0)
-        p = ctx.Process(target=_worker, args=(task, out, counter), daemon=True)
-        p.start()
-        running.append(p)
-
     try:
-        while todo and len(running) < jobs:
-            start_next()
-        left = len(tasks)
-        while left:
+        for p in procs.values():
+            p.start()
+        while active:
+            key = min(active, key=lambda k: wm[k])
             try:
-                kind, node, k, state, extra = out.get(timeout=0.2)
+                kind, node, k, state, extra = queues[key].get(timeout=0.2)
             except queue.Empty:
                 prog(counter.value - prog.done)
-                if not any(p.is_alive() for p in running) and out.empty():
+                if not procs[key].is_alive() and queues[key].empty():
                     raise HopscopeError("a replay worker died without a word (out of memory?); "
                                         "try --jobs 1") from None
                 continue
             if kind == "error":
-                error = extra
-                break
+                raise extra
             if kind == "done":
-                left -= 1
-                wm[(node, k)] = 1 << 62
+                active.discard(key)
+                wm[key] = 1 << 62
                 if k == 0 and extra is not None:
                     stats[node] = extra
-                if todo:
-                    start_next()
             else:
-                wm[(node, k)] = state.last_ts
-            node_wm = min(v for (n, _k), v in wm.items() if n == node)
-            st.add(node, state, watermark=node_wm)
+                wm[key] = state.last_ts
+            st.add(node, state, watermark=min(v for (n, _k), v in wm.items() if n == node))
             _drain(st, emit)
             prog(counter.value - prog.done)
     finally:
-        for p in running:
+        for p in procs.values():
             if p.is_alive():
                 p.terminate()
             p.join(timeout=5)
-    if error is not None:
-        raise error
     for s in (stats[n] for n, _ in pairs if n in stats):
         for w in s.warnings:
             warn(w)
