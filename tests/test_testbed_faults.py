@@ -487,7 +487,7 @@ def test_kill_pod_gives_502_and_clear_restarts_it(inst: Instance) -> None:
     new_pid = fresh.pod_pid("api-1")
     assert new_pid and new_pid != old_pid and netns.pid_alive(new_pid)
     pod = inst.topology.pod("api-1")
-    assert faults._tcp_probe(inst.ns("node1"), pod.ip, pod.port, 5.0)
+    assert netns.wait_tcp(inst.ns("node1"), pod.ip, pod.port, 5.0)
     for node in inst.topology.node_names():
         assert_all_201(inst, node)
 

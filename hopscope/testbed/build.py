@@ -495,20 +495,11 @@ def _start_traefik(inst: Instance, access_log: bool, dial_timeout_s: float) -> N
 
 def _wait_tcp(ns: str, host: str, port: int, what: str, inst: Instance, pid_key: str,
               logp: Path, timeout: float = UP_CHECK_TIMEOUT) -> None:
-    def probe() -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid = inst.pids.get(pid_key)
-            if pid is not None and not netns.pid_alive(pid):
-                return False
-            try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
+    def alive() -> bool:
+        pid = inst.pids.get(pid_key)
+        return pid is None or netns.pid_alive(pid)
 
-    if not netns.call_in_netns(ns, probe):
+    if not netns.wait_tcp(ns, host, port, timeout, alive):
         tail = _tail(logp)
         raise TestbedError(
             f"{what} did not accept connections on {host}:{port} within {timeout:.0f} s "

@@ -38,7 +38,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -231,20 +230,6 @@ def _ufw_added(inst: Instance, node: str) -> list[list[str]]:
         if line.startswith("ufw "):
             rules.append(shlex.split(line)[1:])
     return rules
-
-
-def _tcp_probe(ns: str, host: str, port: int, timeout: float) -> bool:
-    def probe() -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    return netns.call_in_netns(ns, probe)
 
 
 def _check_instance(inst: Instance) -> None:
@@ -503,7 +488,7 @@ def _undo_kill_pod(inst: Instance, f: Fault) -> None:
     fresh.pids[f"pod@{f.pod}"] = proc.pid
     fresh.save()
     inst.pids[f"pod@{f.pod}"] = proc.pid
-    if not _tcp_probe(inst.ns(pod.node), pod.ip, pod.port, POD_START_TIMEOUT):
+    if not netns.wait_tcp(inst.ns(pod.node), pod.ip, pod.port, POD_START_TIMEOUT):
         raise TestbedError(f"pod {f.pod} did not accept connections on {pod.ip}:{pod.port} "
                            f"within {POD_START_TIMEOUT:.0f} s after restart; see "
                            f"{rdir / f'pod-{f.pod}.stderr'}")

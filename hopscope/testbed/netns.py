@@ -23,6 +23,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -176,6 +177,26 @@ def setns_current_thread(ns: str) -> None:
             raise TestbedError(f"setns into namespace {ns} failed: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def wait_tcp(ns: str, host: str, port: int, timeout: float,
+             alive: Callable[[], bool] | None = None) -> bool:
+    """Whether ``host:port`` accepts a connection from namespace ``ns`` within ``timeout``
+    seconds (giving up early when ``alive()`` turns False)."""
+
+    def probe() -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                return False
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    return call_in_netns(ns, probe)
 
 
 def call_in_netns(ns: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
