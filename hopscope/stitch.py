@@ -161,7 +161,6 @@ class Stitcher:
         self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
         self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self._pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
-        self._podnet: set[tuple[str, str]] = set()
         self.drops = []
         for n in nodes:
             self._node(n)
@@ -204,8 +203,6 @@ class Stitcher:
         wm = st.last_ts if watermark is None else watermark
         self._wm[node] = max(self._wm[node], wm)
         self._last[node] = max(self._last[node], st.last_ts)
-        for i in st.podnet_ifaces:
-            self._podnet.add((node, i))
         for s in st.sightings:
             if s.complete < 0:
                 self.stats.passed_over_requests += 1
@@ -298,10 +295,11 @@ class Stitcher:
             if final:
                 ready.append(c)
                 continue
-            t = c.resp_first if c.resp_first >= 0 else c.complete
-            # settled: a response started, or the client connection ended without one
-            if (c.settled and (c.resp_first >= 0 or c.reset_ts >= 0 or c.status) and \
-                    t - sh.get(c.node, 0) + linger <= horizon) or c.complete - sh.get(c.node, 0) + far <= horizon:
+            start = c.complete - sh.get(c.node, 0)
+            # done: answered (or reset) and every node is past its response, or too old
+            answered = c.settled and (c.resp_first >= 0 or c.reset_ts >= 0 or c.status)
+            t = c.resp_first - sh.get(c.node, 0) if c.resp_first >= 0 else start
+            if (answered and t + linger <= horizon) or start + far <= horizon:
                 ready.append(c)
             else:
                 keep.append(c)
@@ -387,21 +385,18 @@ class Stitcher:
         return found
 
     def _unindex(self, g: _Group) -> None:
-        if g.rid:
-            lst = self._by_rid.get(g.rid)
+        """Forget a group in the look-up indexes (an id may have shown up only later)."""
+        lists = [self._by_rid.get(g.rid)] if g.rid else []
+        s0 = g.sightings[0]
+        lists.append(self._no_id.get((s0.method, s0.path)))
+        for lst in lists:
             if lst is not None:
                 with contextlib.suppress(ValueError):
                     lst.remove(g)
-                if not lst:
-                    del self._by_rid[g.rid]
-        else:
-            s0 = g.sightings[0]
-            lst2 = self._no_id.get((s0.method, s0.path))
-            if lst2 is not None:
-                with contextlib.suppress(ValueError):
-                    lst2.remove(g)
-                if not lst2:
-                    del self._no_id[(s0.method, s0.path)]
+        if g.rid and not self._by_rid.get(g.rid, True):
+            del self._by_rid[g.rid]
+        if not self._no_id.get((s0.method, s0.path), True):
+            del self._no_id[(s0.method, s0.path)]
 
     def _settle_group(self, g: _Group) -> None:
         """Resolve unnamed pod-network points, then aggregate per (node, point).

@@ -148,7 +148,6 @@ class TrackerState:
     sightings: list[Sighting]
     syns: list[SynRecord]
     handshakes: dict[tuple[object, ...], list[tuple[str, str, int]]]
-    podnet_ifaces: set[str]
     packets: int
     passed_over: int
     last_ts: int  # the tracker's watermark: it has seen everything up to here
@@ -258,8 +257,6 @@ class NodeTracker:
         self._siblings: dict[tuple[object, ...], list[Sighting]] = {}
         self.last_ts = 0
         self._next_sweep = 0
-        #: pod-network interface votes for overlay/pod, filled by the stitcher
-        self.podnet_ifaces: set[str] = set()
         #: handshake packets of pod-network connections, for clock offsets:
         #: (client->server flow, "syn" | "synack") -> [(point, ifname, first ts), ...]
         self.handshakes: dict[tuple[object, ...], list[tuple[str, str, int]]] = {}
@@ -371,7 +368,6 @@ class NodeTracker:
                         point = SKIP  # pre-DNAT copies (lo): not a point of the model
                     elif c.in_pod(ob.src) or c.in_pod(ob.dst):
                         point = PODNET
-                        self.podnet_ifaces.add(ifname)
                     else:
                         point = NIC
         if point == SKIP:
@@ -445,7 +441,7 @@ class NodeTracker:
             self._siblings = {k: v for k, v in self._siblings.items()
                               if any(not x.settled for x in v)}
         self.sightings = keep
-        state = TrackerState(done, self.syns, self.handshakes, set(self.podnet_ifaces),
+        state = TrackerState(done, self.syns, self.handshakes,
                              self.packets - self._taken_packets,
                              self.passed_over - self._taken_passed, low)
         self.syns = []
