@@ -439,30 +439,32 @@ def test_ufw_deny_http_drops_syns_and_clear_restores(inst: Instance) -> None:
 
 
 @pytest.mark.privileged
-def test_ufw_block_vxlan_breaks_cross_node_requests(inst: Instance) -> None:
-    before = ufw_added(inst, "node1")
-    f = faults.add_ufw_block_vxlan(inst, "node1")
-    assert f.params["removed"] and all("8472" in r for r in f.params["removed"])
-    assert not any("8472" in " ".join(r) for r in ufw_added(inst, "node1"))
-    # Traefik reuses idle upstream connections (kube-proxy picked their pod when
-    # they were opened); a burst larger than its idle pool makes it open new
-    # ones, two in three of which go to a pod on another node.
-    # Traefik's dial to a remote pod gets no SYN-ACK back (node1 drops the VXLAN
-    # reply) and ends in a 504 after the replica's dial timeout. Go's transport
-    # hands a waiting request any connection that frees up first, so keep the
-    # local pod busy for longer than the dial timeout: then the new dials decide.
-    faults.add_slow_app(inst, (build.DIAL_TIMEOUT_S + 3) * 1000, pod="api-1")
-    got = fresh_requests(inst, "node1", 12, timeout=build.DIAL_TIMEOUT_S + 8)
-    outcomes = [o for o, _ in got]
-    assert "504" in outcomes, got
-    # what still works is served by the pod on node1 itself (no VXLAN)
-    assert all(served.startswith("api-1@node1") for o, served in got if o == "201"), got
-    # a request Traefik sends on an upstream connection it already had hangs instead
-    # (the replies are dropped; no response-header timeout): "timeout" on our side
-    assert set(outcomes) <= {"201", "504", "timeout"}, got
-    faults.clear(inst)
-    assert ufw_added(inst, "node1") == before  # same rules, same order, same comments
-    assert_all_201(inst, "node1", n=8)
+def test_ufw_block_vxlan_breaks_cross_node_requests() -> None:
+    """A fresh replica: Traefik holds few idle upstream connections yet, so most requests
+    dial one (kube-proxy picks its pod), two in three to a pod on another node."""
+    from conftest import unique_prefix
+
+    with build.replica(unique_prefix("v"), access_log=False) as inst:
+        before = ufw_added(inst, "node1")
+        f = faults.add_ufw_block_vxlan(inst, "node1")
+        assert f.params["removed"] and all("8472" in r for r in f.params["removed"])
+        assert not any("8472" in " ".join(r) for r in ufw_added(inst, "node1"))
+        # Traefik's dial to a remote pod gets no SYN-ACK back (node1 drops the VXLAN
+        # reply) and ends in a 504 after the replica's dial timeout. Go's transport
+        # hands a waiting request any connection that frees up first, so keep the
+        # local pod busy for longer than the dial timeout: then the new dials decide.
+        faults.add_slow_app(inst, (build.DIAL_TIMEOUT_S + 3) * 1000, pod="api-1")
+        got = fresh_requests(inst, "node1", 12, timeout=build.DIAL_TIMEOUT_S + 8)
+        outcomes = [o for o, _ in got]
+        assert "504" in outcomes, got
+        # what still works is served by the pod on node1 itself (no VXLAN)
+        assert all(served.startswith("api-1@node1") for o, served in got if o == "201"), got
+        # a request Traefik sends on an upstream connection it already had (up's own
+        # checks opened a few) hangs instead: no response-header timeout by default
+        assert set(outcomes) <= {"201", "504", "timeout"}, got
+        faults.clear(inst)
+        assert ufw_added(inst, "node1") == before  # same rules, same order, same comments
+        assert_all_201(inst, "node1", n=8)
 
 
 @pytest.mark.privileged
