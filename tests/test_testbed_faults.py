@@ -372,13 +372,15 @@ def test_delay_at_ufw_adds_the_hold_and_clear_removes_everything(inst: Instance)
     burst = fresh_requests(inst, "node1", 12, timeout=5.0)
     took = (time.perf_counter() - t) * 1000
     assert all(o in ("200", "201") for o, _ in burst), burst
-    assert took < 150, f"12 concurrent requests took {took:.0f} ms"
+    assert took < 200, f"12 concurrent requests took {took:.0f} ms (serialised: >= 240)"
 
     done = faults.clear(inst)
     assert [d.id for d in done] == ["delay@ufw/node1"]
     summary = done[0].params.get("holder_summary") or {}
     assert summary.get("held", 0) > 0 and summary["held"] == summary["released"]
-    assert summary["late_us_p99"] < 1000, summary  # p99 jitter under 1 ms
+    # each packet released on time: a holder that queued them behind each other would be
+    # tens of ms late (its jitter, under 1 ms on a quiet machine, is a benchmark matter)
+    assert summary["late_us_p99"] < 5000, summary
     assert not netns.pid_alive(pid)
     assert holder_pids(inst) == []
     assert tagged_rules(inst) == []
