@@ -165,7 +165,7 @@ def test_holder_holds_packets_concurrently_and_keeps_marks() -> None:
         time.sleep(0.001)
         h.release_due()
     took = (time.monotonic_ns() - t0) / 1e6
-    assert 20 <= took < 35  # 50 packets held together, not one after the other
+    assert 20 <= took < 200  # 50 packets held together (one after the other: 1000 ms)
     assert all(p.verdict is not None and p.verdict[0] == "repeat" for p in pkts)
     assert all(p.mark == 0x4000 | DEFAULT_MARK_BIT for p in pkts)  # other bits kept
     assert h.stats.held == h.stats.released == 50
