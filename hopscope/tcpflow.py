@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -791,24 +790,17 @@ class NodeTracker:
             h.state = IDLE
 
 
-# The headers the stitcher reads, found in one pass over the lower-cased block.
-_HEADERS_RE = re.compile(
-    rb"\r\n(content-length|transfer-encoding|host|cf-ray|x-request-id)[ \t]*:[ \t]*([^\r\n]*)")
-
-
 @lru_cache(maxsize=8192)
 def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
     """Parse a header block once (the same bytes cross several points).
 
     Returns (is_request, chunked, content_length (-1 when absent), status, method,
-    path, host, request id).
+    path, host, request id). A few ``find`` calls on the lower-cased block are
+    cheaper than splitting it into lines, or than one regular expression (measured).
     """
-    found: dict[bytes, bytes] = {}
-    for m in _HEADERS_RE.finditer(head.lower()):
-        if m.group(1) not in found:  # the first of repeated headers counts
-            found[m.group(1)] = head[m.start(2) : m.end(2)].rstrip()
+    low = head.lower()
     first = head[: head.find(b"\r\n")]
-    cl = found.get(b"content-length")
+    cl = _header(head, low, b"\r\ncontent-length")
     chunked = False
     clen = -1
     if cl is not None:
@@ -817,7 +809,8 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
         except ValueError:
             clen = 0
     else:
-        chunked = b"chunked" in found.get(b"transfer-encoding", b"").lower()
+        te = _header(low, low, b"\r\ntransfer-encoding")
+        chunked = te is not None and b"chunked" in te
     if first.startswith(b"HTTP/"):
         parts = first.split(b" ", 2)
         try:
@@ -826,10 +819,31 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
             status = 0
         return False, chunked, clen, status, "", "", "", ""
     parts = first.split(b" ")
-    rid = found.get(b"cf-ray") or found.get(b"x-request-id") or b""
+    host = _header(head, low, b"\r\nhost") or b""
+    rid = _header(head, low, b"\r\ncf-ray") or _header(head, low, b"\r\nx-request-id") or b""
     return (True, chunked, max(clen, 0), 0, parts[0].decode("ascii", "replace"),
             parts[1].decode("utf-8", "replace") if len(parts) > 1 else "",
-            found.get(b"host", b"").decode("utf-8", "replace"), rid.decode("utf-8", "replace"))
+            host.decode("utf-8", "replace"), rid.decode("utf-8", "replace"))
+
+
+def _header(head: bytes, low: bytes, name: bytes) -> bytes | None:
+    """The value of the first header ``name`` (``b"\\r\\nname"``, lower case), or None.
+
+    Optional white space before the colon is tolerated, as the regular grammar's
+    neighbours (proxies, Go's server) do.
+    """
+    i = low.find(name + b":")
+    if i < 0:
+        i = low.find(name + b" ")
+        if i < 0:
+            return None
+        j = low.find(b":", i, low.find(b"\r\n", i + 2))
+        if j < 0 or low[i + len(name) : j].strip():
+            return None
+        i = j + 1
+    else:
+        i += len(name) + 1
+    return head[i : low.find(b"\r\n", i)].strip()
 
 
 def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:
