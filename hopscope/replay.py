@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import heapq
 import ipaddress
@@ -9,6 +11,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -122,8 +125,21 @@ def plan_shards(sizes: list[int], jobs: int) -> list[int]:
 TAKE_EVERY = 1 << 15
 
 
-def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any) -> None:
+def _die_with(parent: int) -> None:
+    """End this process when ``parent`` ends (however it ends: SIGKILL, SIGTERM, a crash)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any,
+            parent: int) -> None:
     """In a worker process: read shard k of n of one node's capture, handing over as it goes."""
+    _die_with(parent)
     node, path, k, n, cidrs = task
     gc.disable()
 
@@ -270,7 +286,8 @@ def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st
              for k in range(n)]
     keys = [(t[0], t[2]) for t in tasks]
     queues = {key: ctx.Queue(maxsize=QUEUE_DEPTH) for key in keys}
-    procs = {key: ctx.Process(target=_worker, args=(task, queues[key], counter), daemon=True)
+    me = os.getpid()
+    procs = {key: ctx.Process(target=_worker, args=(task, queues[key], counter, me), daemon=True)
              for key, task in zip(keys, tasks, strict=True)}
     wm: dict[tuple[str, int], int] = dict.fromkeys(keys, -(1 << 62))
     active = set(keys)

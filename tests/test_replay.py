@@ -113,3 +113,33 @@ def test_streaming_drains_before_the_end(monkeypatch: pytest.MonkeyPatch) -> Non
     rest = list(res.envelope["requests"])
     assert len(emitted) > len(rest) and len(emitted) + len(rest) == 60
     assert max(pending) < 30
+
+
+def test_workers_end_with_the_parent(tmp_path: Path) -> None:
+    """kill -9 of `hopscope replay` leaves no worker behind."""
+    import signal
+    import time
+
+    import psutil
+
+    cap = tmp_path / "node1.pcapng"
+    subprocess.run([sys.executable, str(PCAPS.parent / "bench" / "_gencap.py"), "--packets",
+                    "60000", "-o", str(cap), "-q"], check=True, timeout=120)
+    assert cap.stat().st_size >= rp.PARALLEL_MIN_BYTES
+    proc = subprocess.Popen([sys.executable, "-m", "hopscope", "replay", "-j", "2", "--json",
+                             str(cap)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 20
+        workers: list[psutil.Process] = []
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            workers = parent.children()
+            time.sleep(0.02)
+        assert len(workers) == 2, "the replay ended before its workers were seen"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
