@@ -138,7 +138,7 @@ def test_workers_end_with_the_parent(tmp_path: Path) -> None:
         assert len(workers) == 2, "the replay ended before its workers were seen"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, alive
     finally:
         if proc.poll() is None:
