@@ -456,24 +456,60 @@ class Stitcher:
         self._crossing(a, b, resp, False)
 
     def _offsets(self) -> dict[str, Offset]:
-        """Offsets from the per node-pair bounds, chained from the reference node."""
+        """Offsets that satisfy every node pair's bounds at once.
+
+        Each pair bounds ``offset(b) - offset(a)`` to ``[lo, hi]``: difference
+        constraints. With ``offset(ref) = 0`` the largest and the smallest solution
+        come from shortest paths (Bellman-Ford, a handful of nodes); the solutions
+        form a convex set whose integer points are closed under the floor of a
+        midpoint, so the midpoint of those two is a solution too. Thus no hop
+        between any two nodes is negative, also between nodes linked only through
+        a third. ``error_ns`` is half the spread between the two solutions.
+        """
+        ref = self.ref
+        edges: list[tuple[str, str, int]] = []  # x[v] - x[u] <= w
+        for (a, b), bd in self._pairs.items():
+            if bd.hi is not None:
+                edges.append((a, b, bd.hi))
+            if bd.lo is not None:
+                edges.append((b, a, -bd.lo))
+            if bd.lo is not None and bd.hi is not None and bd.lo > bd.hi:
+                self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree (clock "
+                           "drift during the capture?)")
+        nodes = list(dict.fromkeys([ref, *self.nodes]))
+        upper = _shortest(ref, nodes, edges)
+        lower_d = _shortest(ref, nodes, [(v, u, w) for u, v, w in edges])
+        if upper is None or lower_d is None:
+            self._warn("clock offsets: the bounds between nodes contradict each other; "
+                       "using each pair's midpoint")
+            return self._offsets_by_pairs()
+        out: dict[str, Offset] = {}
+        for n in nodes:
+            u, d = upper.get(n), lower_d.get(n)
+            if u is not None and d is not None:
+                lo = -d
+                out[n] = Offset((u + lo) // 2, (u - lo + 1) // 2, self._samples_of(n))
+            elif u is not None or d is not None:
+                # traffic in one direction only: the bound itself, error unknown beyond it
+                self._warn(f"clock offset of {n}: traffic in one direction only; "
+                           "the offset is a bound")
+                out[n] = Offset(u if u is not None else -d, 0, self._samples_of(n))  # type: ignore[operator]
+            else:
+                out[n] = Offset(0, -1)
+        return out
+
+    def _samples_of(self, node: str) -> int:
+        return sum(bd.samples for (a, b), bd in self._pairs.items() if node in (a, b))
+
+    def _offsets_by_pairs(self) -> dict[str, Offset]:
+        """The fallback for contradictory bounds: each pair's midpoint, chained from ref."""
         ref = self.ref
         edges: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
         for (a, b), bd in self._pairs.items():
-            if bd.lo is None and bd.hi is None:
+            if bd.lo is None or bd.hi is None:
                 continue
-            if bd.lo is not None and bd.hi is not None:
-                mid = (bd.lo + bd.hi) // 2
-                err = (abs(bd.hi - bd.lo) + 1) // 2
-                if bd.lo > bd.hi:
-                    self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree (clock "
-                               "drift during the capture?); using the midpoint")
-            else:
-                # one direction only: the bound itself, error unknown beyond it
-                mid = bd.hi if bd.hi is not None else bd.lo  # type: ignore[assignment]
-                err = 0
-                self._warn(f"clock offset {a}->{b}: traffic in one direction only; offset is a bound")
-            assert mid is not None
+            mid = (bd.lo + bd.hi) // 2
+            err = (abs(bd.hi - bd.lo) + 1) // 2
             edges[a].append((b, mid, err, bd.samples))
             edges[b].append((a, -mid, err, bd.samples))
         out: dict[str, Offset] = {ref: Offset(0, 0)}
@@ -699,6 +735,21 @@ def _last(times: dict[tuple[str, str], int], node: str) -> int:
 
 
 _first = _last  # arriving: the underlay copy is also the earliest
+
+
+def _shortest(src: str, nodes: list[str], edges: list[tuple[str, str, int]]) -> dict[str, int] | None:
+    """Bellman-Ford distances from ``src`` (unreachable nodes left out); None on a negative cycle."""
+    dist: dict[str, int] = {src: 0}
+    for _ in range(len(nodes)):
+        changed = False
+        for u, v, w in edges:
+            du = dist.get(u)
+            if du is not None and (v not in dist or du + w < dist[v]):
+                dist[v] = du + w
+                changed = True
+        if not changed:
+            return dist
+    return None
 
 
 def _first_on(g: _Group, node: str, after: int) -> int:

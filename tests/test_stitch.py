@@ -420,3 +420,51 @@ def test_synack_dropped_at_the_client_nodes_underlay() -> None:
     [d] = env["drops"]
     assert (d["kind"], d["node"], d["point"], d["packets"]) == ("syn_unanswered", "node1", "underlay", 3)
     assert d["flow"] == f"{src}:53100 -> {dst}:8000"
+
+
+def test_offsets_satisfy_every_pair_not_only_those_with_the_reference() -> None:
+    """node2 and node3 are each loosely tied to node1 but tightly to each other."""
+    from hopscope.stitch import _Bounds
+
+    s = Stitcher(["node1", "node2", "node3"])
+    s._pairs[("node1", "node2")] = _Bounds(lo=-50_000, hi=10_000)
+    s._pairs[("node1", "node3")] = _Bounds(lo=-10_000, hi=50_000)
+    s._pairs[("node3", "node2")] = _Bounds(lo=-5_000, hi=5_000)
+    offs = s._offsets()
+    assert offs["node1"].offset_ns == 0
+    for (a, b), bd in s._pairs.items():
+        assert bd.lo is not None and bd.hi is not None
+        assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
+    # chaining each node's midpoint through node1 would have put them 40 us apart
+    assert abs(offs["node2"].offset_ns - offs["node3"].offset_ns) <= 5_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(truth=st_.lists(st_.integers(-10**9, 10**9), min_size=3, max_size=5),
+       delays=st_.lists(st_.tuples(st_.integers(0, 10**6), st_.integers(0, 10**6)),
+                        min_size=10, max_size=10),
+       drop=st_.sets(st_.integers(0, 9), max_size=6))
+def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[int, int]],
+                                           drop: set[int]) -> None:
+    """Bounds made from real one-way delays (never negative) are always all satisfied."""
+    from hopscope.stitch import _Bounds
+
+    nodes = [f"n{i}" for i in range(len(truth))]
+    truth = [0, *truth[1:]]
+    s = Stitcher(nodes)
+    k = 0
+    for i in range(len(nodes)):
+        for j in range(i + 1, len(nodes)):
+            if k in drop or k >= len(delays):
+                k += 1
+                continue
+            fwd, back = delays[k]
+            k += 1
+            # a segment i -> j gives an upper bound, j -> i a lower bound on truth[j] - truth[i]
+            s._pairs[(nodes[i], nodes[j])] = _Bounds(lo=truth[j] - truth[i] - back,
+                                                     hi=truth[j] - truth[i] + fwd)
+    offs = s._offsets()
+    for (a, b), bd in s._pairs.items():
+        assert bd.lo is not None and bd.hi is not None
+        if offs[a].error_ns >= 0 and offs[b].error_ns >= 0:
+            assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
