@@ -52,7 +52,9 @@ def test_replayed_requests_equal_ground_truth(testbed: Instance, tmp_path: Path)
         assert r["method"] == truth["method"] and r["path"] == truth["path"]
         assert r["ingress_node"] == truth["node"]
         assert truth["served_by"].endswith("@" + r["pod_node"]), (rid, r["pod_node"], truth["served_by"])
-        assert all(h["duration_ns"] >= 0 for h in r["hops"]), r
+        assert all(h["duration_ns"] >= 0 for h in r["hops"]), (
+            r["ingress_node"], r["pod_node"], r["flags"],
+            [(h["name"], h["node"], h["duration_ns"]) for h in r["hops"]])
         tiling = [h for h in r["hops"] if h["name"] != "edge_rtt"]
         assert sum(h["duration_ns"] for h in tiling) == r["total_ns"]
         assert not {"incomplete", "no_upstream", "no_response"} & set(r["flags"]), r["flags"]
