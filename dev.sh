@@ -34,10 +34,16 @@ setup_apt() {
     export DEBIAN_FRONTEND=noninteractive
     echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     apt-get update -qq
-    # linux-headers-amd64 exists on Debian only; Ubuntu uses linux-headers-$(uname -r).
     if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
-      missing=("${missing[@]/linux-headers-amd64/}")
-      apt-get install -y -qq --no-install-recommends ${missing[@]} >/dev/null
+      # one by one: package names differ between Debian and Ubuntu
+      # (linux-headers-amd64 is Debian's; Ubuntu ships bpftool in linux-tools)
+      local failed=()
+      for p in "${missing[@]}"; do
+        apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1 || failed+=("$p")
+      done
+      if [ ${#failed[@]} -gt 0 ]; then
+        echo "dev.sh: could not install: ${failed[*]} (see hopscope doctor for what each is for)" >&2
+      fi
     fi
   fi
 }
