@@ -125,15 +125,15 @@ def plan_shards(sizes: list[int], jobs: int) -> list[int]:
 TAKE_EVERY = 1 << 15
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with(parent: int) -> None:
     """End this process when ``parent`` ends (however it ends: SIGKILL, SIGTERM, a crash)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent:  # it ended before the line above
         os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any,
