@@ -302,18 +302,17 @@ def kill_pids(pids: Iterable[int], timeout: float = 3.0) -> list[int]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        for pid in alive:
-            _reap(pid)
-        alive = [p for p in alive if pid_alive(p)]
-        if alive:
-            time.sleep(0.05)
+    alive = _wait_gone(pids, timeout)
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
+    return _wait_gone(alive, 2.0)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Reap and poll ``pids`` for up to ``timeout`` seconds; return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = pids
     while alive and time.monotonic() < deadline:
         for pid in alive:
             _reap(pid)
