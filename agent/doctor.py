@@ -527,18 +527,7 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
     except HopscopeError as exc:
         log.debug("tc filters unreadable: %s", exc)
         hooks = ft.tc_hooks(qdiscs)
-    route_devs: dict[str, list[str]] = {}
-    for link in links:  # VXLANs without a bound device or local address: follow the FDB
-        li = link.get("linkinfo") or {}
-        data = li.get("info_data") or {}
-        if li.get("info_kind") == "vxlan" and not (data.get("link") or data.get("local")):
-            name = str(link["ifname"])
-            try:
-                devs = [ft.route_dev(peer, netns) for peer in ft.vxlan_peers(name, netns)[:16]]
-            except HopscopeError as exc:
-                log.debug("underlay of %s: %s", name, exc)
-                continue
-            route_devs[name] = [d for d in devs if d]
+    route_devs = ft.vxlan_route_devs(links, netns)
     ifaces = ft.classify_interfaces(links, defaults, addrs, route_devs)
     for i in ifaces:
         i.tc = hooks.get(i.name, ft.TcHook())

@@ -240,7 +240,10 @@ BTF_KIND_DATASEC, BTF_KIND_DECL_TAG, BTF_KIND_ENUM64 = 15, 17, 19
 _BTF_EXTRA = {BTF_KIND_INT: 4, BTF_KIND_ARRAY: 12, BTF_KIND_VAR: 4, BTF_KIND_DECL_TAG: 4}
 _BTF_PER_MEMBER = {BTF_KIND_STRUCT: 12, BTF_KIND_UNION: 12, BTF_KIND_ENUM: 8,
                    BTF_KIND_FUNC_PROTO: 8, BTF_KIND_DATASEC: 12, BTF_KIND_ENUM64: 12}
-_BTF_INDEXED = frozenset((BTF_KIND_FUNC, BTF_KIND_TYPEDEF, BTF_KIND_ENUM, BTF_KIND_ENUM64))
+_BTF_INDEXED = frozenset((BTF_KIND_FUNC, BTF_KIND_TYPEDEF, BTF_KIND_ENUM, BTF_KIND_ENUM64,
+                          BTF_KIND_STRUCT, BTF_KIND_UNION))
+#: kinds that only qualify another type (const, volatile, typedef, restrict, type tag)
+_BTF_QUALIFIERS = frozenset((8, 9, 10, 11, 18))
 
 
 class BtfError(HopscopeError):
@@ -248,7 +251,7 @@ class BtfError(HopscopeError):
 
 
 class Btf:
-    """Just enough of a BTF reader: find functions, typedefs and enums by name."""
+    """Just enough of a BTF reader: find functions, typedefs, enums and struct members by name."""
 
     def __init__(self, data: bytes) -> None:
         if len(data) < 24:
@@ -262,12 +265,15 @@ class Btf:
         self._strs_end = self._strs + str_len
         self._by_name: dict[tuple[int, str], int] = {}
         self._enums: dict[int, tuple[int, int, int]] = {}  # id -> (offset, kind, vlen)
+        self._offs: list[int] = [0]  # type id -> offset of its record
+        offs = self._offs
         off = hdr_len + type_off
         end = off + type_len
         tid = 1
         unpack = struct.unpack_from
         while off < end:
             name_off, info, _size = unpack("<III", data, off)
+            offs.append(off)
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
             if kind in _BTF_INDEXED and name_off:
@@ -308,6 +314,59 @@ class Btf:
                 v = lo | (hi << 32)
             out[self._str(n)] = v
         return out
+
+
+    def _members(self, tid: int) -> tuple[int, list[tuple[str, int, int]]]:
+        """(kind, [(name, type id, bit offset)]) of a struct or union, through qualifiers."""
+        for _ in range(16):
+            off = self._offs[tid]
+            _n, info, ref = struct.unpack_from("<III", self._data, off)
+            kind = (info >> 24) & 0x1F
+            if kind in _BTF_QUALIFIERS:
+                tid = ref
+                continue
+            if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                return kind, []
+            bitfield = bool(info >> 31)
+            out = []
+            for i in range(info & 0xFFFF):
+                n, t, o = struct.unpack_from("<III", self._data, off + 12 + 12 * i)
+                out.append((self._str(n) if n else "", t, (o & 0xFFFFFF) if bitfield else o))
+            return kind, out
+        return 0, []
+
+    def member_offset(self, struct_name: str, path: str) -> int:
+        """Byte offset of ``path`` (``"a.b.c"``) inside ``struct struct_name``.
+
+        Anonymous unions and structs are searched through, as C does. Raises
+        :class:`BtfError` when the struct or a member is not there.
+        """
+        tid = self.find(BTF_KIND_STRUCT, struct_name) or self.find(BTF_KIND_UNION, struct_name)
+        if tid is None:
+            raise BtfError(f"no struct {struct_name} in this kernel's BTF")
+        total = 0
+        for part in path.split("."):
+            found = self._find_member(tid, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path} in this kernel's BTF")
+            tid, bits = found
+            total += bits
+        if total % 8:
+            raise BtfError(f"{struct_name}.{path} is a bit field")
+        return total // 8
+
+    def _find_member(self, tid: int, name: str, depth: int = 0) -> tuple[int, int] | None:
+        _kind, members = self._members(tid)
+        for n, t, bits in members:
+            if n == name:
+                return t, bits
+        if depth < 4:
+            for n, t, bits in members:
+                if not n:
+                    inner = self._find_member(t, name, depth + 1)
+                    if inner is not None:
+                        return inner[0], bits + inner[1]
+        return None
 
 
 def drop_reasons_from_btf(btf: Btf) -> dict[int, str]:
@@ -1003,6 +1062,33 @@ def vxlan_underlays(links: Sequence[Mapping[str, Any]], addrs: Sequence[Mapping[
         else:
             out[name] = sorted(set((route_devs or {}).get(name, [])))
     return out
+
+
+def vxlan_route_devs(links: Sequence[Mapping[str, Any]], netns: str | None = None
+                     ) -> dict[str, list[str]]:
+    """For VXLANs without a bound device or local address: where their FDB peers route."""
+    route_devs: dict[str, list[str]] = {}
+    for link in links:
+        li = link.get("linkinfo") or {}
+        data = li.get("info_data") or {}
+        if li.get("info_kind") == "vxlan" and not (data.get("link") or data.get("local")):
+            name = str(link["ifname"])
+            try:
+                devs = [route_dev(peer, netns) for peer in vxlan_peers(name, netns)[:16]]
+            except HopscopeError as exc:
+                log.debug("underlay of %s: %s", name, exc)
+                continue
+            route_devs[name] = [d for d in devs if d]
+    return route_devs
+
+
+def discover_interfaces(netns: str | None = None) -> tuple[list[Interface], dict[str, int]]:
+    """The interfaces of a namespace with their roles, and name -> ifindex."""
+    links = ip_links(netns)
+    addrs = ip_addrs(netns)
+    defaults = default_route_devs(netns)
+    ifaces = classify_interfaces(links, defaults, addrs, vxlan_route_devs(links, netns))
+    return ifaces, {str(link["ifname"]): int(link["ifindex"]) for link in links}
 
 
 def classify_interfaces(links: Sequence[Mapping[str, Any]], default_devs: Sequence[str],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -133,6 +134,79 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
     res = asyncio.run(run_ship(cfg))
     click.echo(f"shipped {res.observations} observations in {res.batches} batches "
                f"(acked up to seq {res.acked}, {res.connects} connections)", err=True)
+
+
+@agent.command("run")
+@click.option("--node", default=None, help="This node's name (default: the host name).")
+@click.option("--local", is_flag=True, help="Stitch this node's requests here and print their "
+              "waterfalls as they complete.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="On stop, write this node's stitched requests as a JSON envelope here.")
+@click.option("--collector", "collector_addr", default=None, metavar="HOST:PORT",
+              help="Ship observations to the collector.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="The shared token (with --collector).")
+@click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
+              help="Spool directory for batches the collector has not taken yet.")
+@click.option("--proxy", default="traefik", show_default=True,
+              help="The proxy's process name (followed across restarts).")
+@click.option("--entry-port", default=80, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--iface", "ifaces", multiple=True, metavar="NAME=POINT",
+              help="Attach to these interfaces only (point nic, overlay, underlay, pod or "
+                   "nic+underlay); default: found by role.")
+@click.option("--duration", default="0s", show_default=True,
+              help="Stop after this long (0: until SIGTERM/SIGINT).")
+@click.option("--record", default=None, type=click.Path(dir_okay=False),
+              help="Also write every observation here (msgpack), for offline stitching.")
+@click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
+def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
+            token_file: str | None, spool_dir: str | None, proxy: str, entry_port: int,
+            ifaces: tuple[str, ...], duration: str, record: str | None,
+            ready_file: str | None) -> None:
+    """Probe this node with eBPF (tc classifiers and tracepoints) until stopped.
+
+    Must run as root (or with the unit's capabilities) in the node's network
+    namespace. Everything attached is detached on SIGTERM/SIGINT; filters a
+    killed agent left are removed at start.
+    """
+    import socket as _socket
+
+    from hopscope.agent.run import AgentConfig, print_request, run_agent
+    from hopscope.agent.ship import ShipConfig
+
+    from hopscope.errors import UsageError
+
+    if os.geteuid() != 0:
+        raise UsageError("hopscope agent run: needs root (BPF, tc, tracefs): run it with sudo "
+                         "or as the hopscope-agent service")
+    node = node or _socket.gethostname()
+    override = {}
+    for item in ifaces:
+        name, sep, point = item.partition("=")
+        if not sep or point not in ("nic", "overlay", "underlay", "pod", "nic+underlay"):
+            raise UsageError(f"--iface {item!r}: expected NAME=POINT with POINT one of nic, "
+                             "overlay, underlay, pod, nic+underlay")
+        override[name] = point
+    shipcfg = None
+    if collector_addr:
+        if not token_file:
+            raise UsageError("--collector needs --token-file")
+        host, port = parse_hostport(collector_addr, "--collector")
+        shipcfg = ShipConfig(capture="", node=node, host=host, port=port,
+                             token=wire.read_token(token_file), spool_dir=spool_dir)
+    if not (local or out or shipcfg or record):
+        raise UsageError("say where the observations go: --local, --out FILE, --record FILE "
+                         "or --collector")
+    cfg = AgentConfig(node=node, local=local, out=out, proxy=proxy, entry_port=entry_port,
+                      interfaces=override, duration=parse_duration(duration) / 1e9,
+                      ship=shipcfg, ready_file=ready_file, record=record)
+    agent = run_agent(cfg, print_request if local else None)
+    st = getattr(agent, "final_stats", {})
+    click.echo(f"agent {node}: {agent.observations} observations, "
+               f"{len(agent.requests)} requests; events sent/lost: tc "
+               f"{st.get('tc_sent', 0)}/{st.get('tc_lost', 0)}, kernel "
+               f"{st.get('kernel_sent', 0)}/{st.get('kernel_lost', 0)}, drop "
+               f"{st.get('drop_sent', 0)}/{st.get('drop_lost', 0)}", err=True)
 
 
 # --------------------------------------------------------------------------

@@ -52,6 +52,19 @@ IN = "in"
 OUT = "out"
 
 KIND_PACKET = "pkt"
+#: eBPF: a data segment reached a socket on the entry port (the ``kernel`` point).
+#: Flow client -> server, ``seq``/``plen`` of the segment, ``flags`` its TCP flags.
+KIND_QUEUED = "queued"
+#: eBPF: the proxy entered the write that sent this segment (the ``proxy`` point).
+#: Flow, ``seq`` and ``plen`` as the segment left at ``ifname``.
+KIND_WRITE = "write"
+#: eBPF: the kernel freed a packet with a drop reason; ``payload`` holds the reason's
+#: name (ASCII, e.g. ``b"NETFILTER_DROP"``), ``point`` where it was (``nic`` when the
+#: packet came in through the public NIC, else ``kernel``).
+KIND_DROP = "drop"
+#: eBPF: a TCP socket changed state: ``ack`` old state, ``seq`` new state (kernel numbers).
+KIND_STATE = "state"
+KINDS = (KIND_PACKET, KIND_QUEUED, KIND_WRITE, KIND_DROP, KIND_STATE)
 
 # TCP flag bits
 FIN = 0x01

@@ -161,6 +161,8 @@ class Stitcher:
         self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
         self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self._pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
+        #: eBPF drops: (node, point, flow, reason) -> [first ts (node clock), packets]
+        self._kdrops: dict[tuple[str, str, tuple[bytes, int, bytes, int], str], list[int]] = {}
         self.drops = []
         for n in nodes:
             self._node(n)
@@ -225,8 +227,15 @@ class Stitcher:
                     self._no_id[(s.method, s.path)].append(g)
         for r in st.syns:
             self._syns[(r.flow, r.isn)].append(r)
-        for (flow, kind), lst in st.handshakes.items():
-            d = self._hs[(flow, kind)]
+        for ts, point, dflow, reason, n in st.kdrops:
+            kd = self._kdrops.get((node, point, dflow, reason))
+            if kd is None:
+                self._kdrops[(node, point, dflow, reason)] = [ts, n]
+            else:
+                kd[0] = min(kd[0], ts)
+                kd[1] += n
+        for (hflow, kind), lst in st.handshakes.items():
+            d = self._hs[(hflow, kind)]
             for point, ifname, ts in lst:
                 if point == PODNET:
                     v = self._votes[(node, ifname)]
@@ -235,8 +244,8 @@ class Stitcher:
                 if k not in d or ts < d[k]:
                     d[k] = ts
                 if kind == "synack":
-                    self._synacks[(node, flow)].add(point)
-            ab = self._ends.get(flow)
+                    self._synacks[(node, hflow)].add(point)
+            ab = self._ends.get(hflow)
             if ab is not None:
                 self._crossing(ab[0], ab[1], d, kind == "syn")
 
@@ -557,6 +566,8 @@ class Stitcher:
         hops, complete = _tile(chain, sh)
         if not complete:
             flags.add("incomplete")
+        if c.kernel_ts >= 0 or g is not None:
+            self._sub_hops(c, g, hops, sh)
         rid = c.rid
         if not rid:
             rid = _derived_id(c)
@@ -590,6 +601,28 @@ class Stitcher:
             "hops": hops,
             "flags": sorted(flags),
         }
+
+    @staticmethod
+    def _sub_hops(c: Sighting, g: _Group | None, hops: list[Hop], sh: dict[str, int]) -> None:
+        """eBPF's split of ``ingress``: ``kernel_in``, ``proxy``, ``service_nat``."""
+        ing = next((h for h in hops if h["name"] == "ingress"), None)
+        if ing is None:
+            return
+        a = c.node
+        proxy = -1
+        if g is not None:
+            for s in g.sightings:
+                if s.node == a and s.proxy_ts >= 0 and (proxy < 0 or s.proxy_ts < proxy):
+                    proxy = s.proxy_ts
+        if c.kernel_ts < 0 and proxy < 0:
+            return
+        end = ing["start_ns"] + ing["duration_ns"] + sh.get(a, 0)  # back to a's clock
+        chain = [("", "", a, c.complete), ("kernel_in", "request", a, c.kernel_ts),
+                 ("proxy", "request", a, proxy), ("service_nat", "request", a, end)]
+        known = [t for t in (c.complete, c.kernel_ts, proxy, end) if t >= 0]
+        if known != sorted(known):
+            return  # out of order: a mismatched event; better no split than a wrong one
+        ing["children"] = _tile(chain, sh)[0]
 
     def _chain(self, a: str, b: str, g: _Group, c: Sighting) -> list[tuple[str, str, str, int]]:
         """The boundaries of a request's path: (hop ending here, dir, node, local time)."""
@@ -692,16 +725,43 @@ class Stitcher:
                 last = max(rs, key=lambda r: (ref_t(r.node, r.first),
                                               _POINT_ORDER.get(r.point, 0)))
                 node, point, first = last.node, last.point, ref_t(last.node, last.first)
-            drops.append({
+            drop = {
                 "node": node, "point": point,
                 "kind": "refused" if any(r.refused for r in rs) else "syn_unanswered",
                 "flow": flow_str(*last.flow), "packets": last.packets,
                 "first_ns": first,
-            })
+            }
+            reason = self._kernel_reason(node, last.flow)
+            if reason:
+                drop["reason"] = reason
+            drops.append(drop)
+        drops += self._kernel_drops(final, horizon)
         if final:
             self._synacks.clear()
             self._hs.clear()
         return drops
+
+    def _kernel_reason(self, node: str, flow: tuple[bytes, int, bytes, int]) -> str:
+        """The drop reason eBPF saw for a flow's packets on ``node`` (used up)."""
+        for key in [k for k in self._kdrops if k[0] == node and k[2] == flow]:
+            del self._kdrops[key]
+            return key[3]
+        return ""
+
+    def _kernel_drops(self, final: bool, horizon: int) -> list[dict[str, Any]]:
+        """Drops eBPF saw that no unanswered connection explains, once past the horizon."""
+        out: list[dict[str, Any]] = []
+        sh = self._sh
+        wait = self.HORIZON_NS + self.LINGER_NS
+        for key, (ts, n) in list(self._kdrops.items()):
+            node, point, flow, reason = key
+            first = ts - sh.get(node, 0)
+            if not final and first + wait > horizon:
+                continue
+            del self._kdrops[key]
+            out.append({"node": node, "point": point, "kind": "dropped", "reason": reason,
+                        "flow": flow_str(*flow), "packets": n, "first_ns": first})
+        return out
 
     def _drop_unanswered(self, c: Sighting, g: _Group | None,
                          sh: dict[str, int]) -> dict[str, Any] | None:

@@ -22,7 +22,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation
+from hopscope.model import (
+    KIND_DROP,
+    KIND_PACKET,
+    KIND_QUEUED,
+    KIND_WRITE,
+    NIC,
+    OVERLAY,
+    POD,
+    UNDERLAY,
+    Observation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,8 @@ IDLE_NS = 300 * 1_000_000_000
 #: A request still waiting for its response after this long (node time) is handed
 #: over anyway, so that it does not hold back everything after it.
 SETTLE_NS = 60 * 1_000_000_000
+#: eBPF events wait this long (before the oldest sighting still open) for their sighting
+EVENT_KEEP_NS = 2 * 1_000_000_000
 MAX_HEAD = 64 * 1024
 MAX_PENDING = 512
 SYNC_TRIES = 8
@@ -49,6 +61,7 @@ IDLE, HEAD, BODY, CHUNKED, UNTIL_CLOSE, SYNC, DEAD = range(7)
 
 _METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ",
             b"CONNECT ", b"TRACE ")
+_STARTS = (*_METHODS, b"HTTP/1.")
 
 _NIC_PREFIXES = ("eth", "en", "eno", "ens", "enp", "bond", "wl", "wan")
 _OVERLAY_PREFIXES = ("flannel", "vxlan", "fl-")
@@ -111,6 +124,11 @@ class Sighting:
         self.edge_synack = -1  # handshake, on the first request of a connection
         self.edge_ack = -1
         self.reset_ts = -1
+        self.complete_end = -1  # sequence number after the segment that completed the headers
+        #: eBPF: the completing segment reached the proxy's socket (``kernel`` point)
+        self.kernel_ts = -1
+        #: eBPF: the proxy entered the write that sent this (upstream) request
+        self.proxy_ts = -1
         #: nothing will change it any more (response headers seen, or the connection ended)
         self.settled = False
 
@@ -150,6 +168,9 @@ class TrackerState:
     packets: int
     passed_over: int
     last_ts: int  # the tracker's watermark: it has seen everything up to here
+    #: eBPF drop events: (ts, point, flow as sent, reason, packets)
+    kdrops: list[tuple[int, str, tuple[bytes, int, bytes, int], str, int]] = field(
+        default_factory=list)
 
 
 class _Half:
@@ -217,10 +238,13 @@ class _Stream:
     """A TCP connection at one interface of one node."""
 
     __slots__ = ("flow", "halves", "hs_ack", "ifname", "isn", "keys", "last", "nreq", "point",
-                 "refused", "syn_count", "syn_first", "synack", "unanswered")
+                 "refused", "sparse", "syn_count", "syn_first", "synack", "unanswered")
 
     def __init__(self, ifname: str, point: str) -> None:
         self.ifname = ifname
+        #: a live source that sends only the segments that matter (message starts,
+        #: control): a segment ahead that starts a message means skipped bytes
+        self.sparse = False
         self.point = point
         self.halves = (_Half(), _Half())
         self.keys: tuple[tuple[object, ...], tuple[object, ...]] | None = None
@@ -259,6 +283,11 @@ class NodeTracker:
         #: handshake packets of pod-network connections, for clock offsets:
         #: (client->server flow, "syn" | "synack") -> [(point, ifname, first ts), ...]
         self.handshakes: dict[tuple[object, ...], list[tuple[str, str, int]]] = {}
+        # eBPF events, joined to sightings when they are handed over
+        self._queued: dict[tuple[bytes, int, bytes, int], list[tuple[int, int, int]]] = {}
+        self._writes: dict[tuple[object, ...], int] = {}
+        self._ev_order: deque[tuple[int, int, object]] = deque()  # (ts, which, key) to expire
+        self._kdrops: dict[tuple[str, tuple[bytes, int, bytes, int], str], list[int]] = {}
 
     # -- the hot path --------------------------------------------------------
     def feed(self, batch: Iterable[Observation]) -> None:
@@ -268,8 +297,11 @@ class NodeTracker:
         ts = self.last_ts
         for ob in batch:
             npk += 1
-            (ts, _m, _n, ifname, _point, _d, _k, _p, src, dst, sport, dport, seq, _a, flags, plen,
+            (ts, _m, _n, ifname, _point, _d, kind, _p, src, dst, sport, dport, seq, _a, flags, plen,
              ipid, payload, vni, _os, _od) = ob
+            if kind != KIND_PACKET:
+                self._event(ob)
+                continue
             if ifname in SHARED_IFNAMES and vni < 0:
                 ifname = self._demux(ob)
             e = get((ifname, vni, src, sport, dst, dport))
@@ -311,6 +343,60 @@ class NodeTracker:
         self.last_ts = ts
         if ts >= self._next_sweep:
             self._sweep(ts)
+
+    # -- eBPF events -------------------------------------------------------------
+    def _event(self, ob: Observation) -> None:
+        """A socket, proxy or drop event (see :mod:`hopscope.model`)."""
+        kind = ob.kind
+        ts = ob.ts_real_ns
+        if kind == KIND_QUEUED:
+            flow = (ob.src, ob.sport, ob.dst, ob.dport)
+            lst = self._queued.get(flow)
+            if lst is None:
+                lst = self._queued[flow] = []
+            lst.append((ob.seq, ob.plen, ts))
+            self._ev_order.append((ts, 0, flow))
+        elif kind == KIND_WRITE:
+            key = (ob.src, ob.sport, ob.dst, ob.dport, ob.seq)
+            if key not in self._writes:
+                self._writes[key] = ts
+                self._ev_order.append((ts, 1, key))
+        elif kind == KIND_DROP:
+            reason = ob.payload.decode("ascii", "replace")
+            dkey = (ob.point, (ob.src, ob.sport, ob.dst, ob.dport), reason)
+            d = self._kdrops.get(dkey)
+            if d is None:
+                self._kdrops[dkey] = [ts, 1]
+            else:
+                d[1] += 1
+        # other kinds (socket states) are counted by their source, not stitched
+
+    def _join_events(self, s: Sighting) -> None:
+        if s.point == NIC:
+            lst = self._queued.get(s.flow) if s.complete_end >= 0 else None
+            if lst:
+                last = (s.complete_end - 1) & M32
+                best = -1
+                for seq, plen, ts in lst:
+                    if ((last - seq) & M32) < plen and (best < 0 or ts < best):
+                        best = ts
+                s.kernel_ts = best
+        else:
+            f = s.flow
+            s.proxy_ts = self._writes.get((f[0], f[1], f[2], f[3], s.seq0), -1)
+
+    def _expire_events(self, before: int) -> None:
+        order = self._ev_order
+        while order and order[0][0] < before:
+            _ts, which, key = order.popleft()
+            if which == 1:
+                self._writes.pop(key, None)  # type: ignore[call-overload]
+            else:
+                lst = self._queued.get(key)  # type: ignore[call-overload]
+                if lst is not None:
+                    del lst[0]
+                    if not lst:
+                        del self._queued[key]  # type: ignore[arg-type]
 
     def _demux(self, ob: Observation) -> str:
         """Tell apart the copies of one packet on interfaces a capture does not name.
@@ -372,6 +458,7 @@ class NodeTracker:
         if point == SKIP:
             return None
         st = _Stream(ifname, point)
+        st.sparse = ob.ts_mono_ns >= 0
         k1 = (ifname, ob.vni, ob.src, ob.sport, ob.dst, ob.dport)
         k2 = (ifname, ob.vni, ob.dst, ob.dport, ob.src, ob.sport)
         st.keys = (k1, k2)
@@ -426,9 +513,12 @@ class NodeTracker:
         done: list[Sighting] = []
         low = self.last_ts
         old = self.last_ts - SETTLE_NS
+        events = bool(self._queued or self._writes)
         for s in self.sightings:
             if s.settled or final or s.first < old:
                 s.settled = True
+                if events:
+                    self._join_events(s)
                 done.append(s)
             else:
                 keep.append(s)
@@ -440,9 +530,13 @@ class NodeTracker:
             self._siblings = {k: v for k, v in self._siblings.items()
                               if any(not x.settled for x in v)}
         self.sightings = keep
+        if self._ev_order:
+            self._expire_events(low - EVENT_KEEP_NS if not final else 1 << 62)
+        kdrops = [(v[0], k[0], k[1], k[2], v[1]) for k, v in self._kdrops.items()]
+        self._kdrops = {}
         state = TrackerState(done, self.syns, self.handshakes,
                              self.packets - self._taken_packets,
-                             self.passed_over - self._taken_passed, low)
+                             self.passed_over - self._taken_passed, low, kdrops)
         self.syns = []
         self.handshakes = {}
         self._taken_packets = self.packets
@@ -561,6 +655,17 @@ class NodeTracker:
                 self._drain(st, d, h, ts)
             return
         # ahead: out of order (or a segment this capture missed)
+        if st.sparse and payload.startswith(_STARTS):
+            # a live source left out the bytes in between (a body): not a loss
+            if h.state == HEAD and h.msg is not None:
+                h.msg.flag("truncated")
+            h.state = IDLE
+            h.buf = b""
+            h.nxt = seq
+            h.pending = None
+            self._consume(st, d, h, ts, seq, payload, plen)
+            h.nxt = (seq + plen) & M32
+            return
         if h.pending is None:
             h.pending = {}
         if seq not in h.pending:
@@ -642,7 +747,7 @@ class NodeTracker:
                     # the headers start in this segment: look for their end in place
                     i = data.find(b"\r\n\r\n", pos)
                     if i >= 0:
-                        self._headers(st, d, h, done_ts, data[pos : i + 4])
+                        self._headers(st, d, h, done_ts, data[pos : i + 4], (seq + plen) & M32)
                         pos = i + 4
                         continue
                 old = len(h.buf)
@@ -657,7 +762,7 @@ class NodeTracker:
                         h.state = DEAD
                     return
                 used = i + 4 - old
-                self._headers(st, d, h, done_ts, h.buf[: i + 4])
+                self._headers(st, d, h, done_ts, h.buf[: i + 4], (seq + plen) & M32)
                 h.buf = b""
                 pos += used
                 continue
@@ -740,13 +845,14 @@ class NodeTracker:
         h.state = HEAD
         h.buf = b""
 
-    def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes) -> None:
-        """The message's headers are complete (in the segment seen at ``ts``)."""
+    def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes, end: int) -> None:
+        """The message's headers are complete (in the segment seen at ``ts``, ending at ``end``)."""
         _is_req, chunked, clen, status, method, path, host, rid = _parse_head(head)
         m = h.msg
         if h.client == 1:
             if m is not None:
                 m.complete = ts
+                m.complete_end = end
                 m.method = method
                 m.path = path
                 m.host = host

@@ -1,0 +1,369 @@
+"""Build, load, attach and detach the agent's BPF programs (bcc + pyroute2).
+
+* :func:`prepare_kernel_env` gives the agent a private mount namespace with
+  tracefs mounted and, when this kernel has no matching headers, another
+  version's headers linked where bcc looks (the host's mounts stay as they
+  are; see ``hopscope doctor``).
+* :func:`cflags` turns settings and kernel struct offsets read from BTF into
+  ``-D`` defines: the C sources are never edited as strings.
+* :class:`AgentProgram` compiles ``bpf/agent.c``, fills its config maps,
+  attaches the tc classifiers (filters named ``hopscope-in``/``hopscope-out``)
+  and detaches them again; :func:`remove_stale` deletes what a killed agent
+  left behind, found by that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hopscope.agent import events as ev
+from hopscope.agent import features as ft
+
+from hopscope.errors import HopscopeError
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = ev.BPF_DIR
+FILTER_IN = "hopscope-in"
+FILTER_OUT = "hopscope-out"
+FILTER_NAMES = (FILTER_IN, FILTER_OUT)
+PROG_PREFIX = "hs_"  # bpftool shows program names (hs_tc_ingress, tracepoint__...)
+TC_INGRESS = "ffff:fff2"
+TC_EGRESS = "ffff:fff3"
+FILTER_PRIO = 0xC0DE
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 1 << 14
+_MS_PRIVATE = 1 << 18
+
+
+class AgentError(HopscopeError):
+    """The agent could not set up its probes."""
+
+
+# -- the kernel environment ----------------------------------------------------------------
+
+
+@dataclass
+class KernelEnv:
+    tracefs: str
+    headers: str  # what bcc compiles against
+    notes: list[str] = field(default_factory=list)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(libc: ctypes.CDLL, src: str, target: str, fstype: str | None, flags: int,
+           data: str | None) -> None:
+    rc = libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
+                    ctypes.c_ulong(flags), data.encode() if data else None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise AgentError(f"cannot mount {fstype or src} on {target}: {os.strerror(e)}")
+
+
+def prepare_kernel_env(release: str | None = None) -> KernelEnv:
+    """Private mounts for bcc: tracefs, and headers when none match this kernel.
+
+    Must run before any thread starts (``unshare(CLONE_NEWNS)``) and before
+    ``bcc`` is imported (it looks for tracefs at import).
+    """
+    release = release or ft.kernel_release()
+    libc = _libc()
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        e = ctypes.get_errno()
+        raise AgentError(f"cannot make a private mount namespace: {os.strerror(e)} "
+                         "(the agent needs CAP_SYS_ADMIN for its tracefs and header mounts)")
+    _mount(libc, "none", "/", None, _MS_REC | _MS_PRIVATE, None)
+    notes: list[str] = []
+    tracefs = ft.find_tracefs()
+    if tracefs is None:
+        tracefs = ft.TRACEFS_CANDIDATES[0]
+        _mount(libc, "hopscope", tracefs, "tracefs", 0, None)
+        notes.append(f"tracefs mounted privately at {tracefs}")
+    info = ft.probe_headers(release)
+    headers = info.target or ""
+    if not (info.present and info.has_kconfig_h):
+        tree = next((c for c in info.candidates if c.source), None) or (
+            info.candidates[0] if info.candidates else None)
+        if tree is None:
+            raise AgentError(f"no kernel headers for {release} and none of another version: "
+                             f"{ft.headers_fix(info, None)}")
+        kdir = f"/lib/modules/{release}"
+        where = kdir if os.path.isdir(kdir) else "/lib/modules"
+        _mount(libc, "hopscope", where, "tmpfs", 0, "size=64k,mode=755")
+        os.makedirs(kdir, exist_ok=True)
+        os.symlink(tree.build, f"{kdir}/build")
+        if tree.source:
+            os.symlink(tree.source, f"{kdir}/source")
+        headers = tree.build
+        notes.append(f"no headers for {release}: using {tree.version}'s UAPI headers "
+                     "(the programs read kernel structs only at BTF offsets)")
+    elif not info.matches:
+        notes.append(f"headers are {info.version}, kernel is {release}")
+    return KernelEnv(tracefs, headers, notes)
+
+
+# -- settings -------------------------------------------------------------------------------
+
+#: (define, struct, member path) read from the running kernel's BTF
+BTF_OFFSETS = (
+    ("HS_SKB_DATA_OFF", "sk_buff", "data"),
+    ("HS_SKB_HEAD_OFF", "sk_buff", "head"),
+    ("HS_SKB_NH_OFF", "sk_buff", "network_header"),
+    ("HS_SKB_DEV_OFF", "sk_buff", "dev"),
+    ("HS_DEV_NET_OFF", "net_device", "nd_net"),
+    ("HS_DEV_IFINDEX_OFF", "net_device", "ifindex"),
+    ("HS_NET_INUM_OFF", "net", "ns.inum"),
+    ("HS_SK_NET_OFF", "sock_common", "skc_net"),
+)
+
+
+@dataclass
+class Settings:
+    entry_port: int = 80
+    vxlan_ports: tuple[int, int] = (8472, 4789)
+    ringbuf_pages: int = 1024
+    follow: int = 2
+    drop_reason_min: int = 2  # NOT_SPECIFIED and below are not drops worth reporting
+
+
+def btf_offsets(btf: ft.Btf) -> dict[str, int]:
+    out = {}
+    for define, struct_name, path in BTF_OFFSETS:
+        out[define] = btf.member_offset(struct_name, path)
+    return out
+
+
+def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, int] = {}
+           ) -> list[str]:
+    pages = settings.ringbuf_pages
+    if pages <= 0 or pages & (pages - 1):
+        raise AgentError(f"ring buffer pages {pages} is not a power of two")
+    defs = {
+        "HS_ENTRY_PORT": settings.entry_port,
+        "HS_VXLAN_PORT": settings.vxlan_ports[0],
+        "HS_VXLAN_PORT2": settings.vxlan_ports[1],
+        "HS_RINGBUF_PAGES": pages,
+        "HS_FOLLOW": settings.follow,
+        "HS_DROP_REASON_MIN": settings.drop_reason_min,
+        **offsets, **extra,
+    }
+    return [f"-I{BPF_DIR}", *(f"-D{k}={int(v)}" for k, v in defs.items())]
+
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+
+
+def program_text(main: Path) -> str:
+    """``main`` with its local ``#include "..."`` files inlined (once each).
+
+    bcc rewrites map calls and generates tracepoint argument structs only in
+    the text it is given, not in files it includes.
+    """
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> list[str]:
+        out = []
+        for line in path.read_text().splitlines(keepends=True):
+            m = _INCLUDE.match(line)
+            if m:
+                inc = (path.parent / m.group(1)).resolve()
+                if inc not in seen:
+                    seen.add(inc)
+                    out.append(f"/* ---- {inc.name} ---- */\n")
+                    out.extend(inline(inc))
+                continue
+            out.append(line)
+        return out
+
+    return "".join(inline(main))
+
+
+def netns_inode(path: str = "/proc/self/ns/net") -> int:
+    return os.stat(path).st_ino
+
+
+# -- the program ----------------------------------------------------------------------------
+
+ROLE_CODES = {"nic": ev.ROLE_NIC, "overlay": ev.ROLE_OVERLAY, "underlay": ev.ROLE_UNDERLAY,
+              "pod": ev.ROLE_POD, "nic+underlay": ev.ROLE_NIC_UNDERLAY}
+
+
+@dataclass
+class Attached:
+    ifindex: int
+    name: str
+    point: str
+    created_clsact: bool
+
+
+class AgentProgram:
+    """The loaded ``bpf/agent.c``: maps, tc attachments, counters."""
+
+    def __init__(self, settings: Settings, btf: ft.Btf | None = None,
+                 source: Path = BPF_DIR / "agent.c", extra: Mapping[str, int] = {}) -> None:
+        from bcc import BPF  # after prepare_kernel_env
+
+        self.settings = settings
+        self._BPF = BPF
+        btf = btf or ft.Btf.load()
+        flags = cflags(settings, btf_offsets(btf), extra)
+        try:
+            self.bpf = BPF(text=program_text(source), cflags=flags)
+        except Exception as exc:  # bcc raises bare Exception
+            raise AgentError(f"cannot compile/load {source.name}: {exc}") from exc
+        self.tracepoints = int(self.bpf.num_open_tracepoints())
+        self.attached: dict[int, Attached] = {}
+        self._fn_in: Any = None
+        self._fn_out: Any = None
+        self._ipr: Any = None
+        self.ring_size = settings.ringbuf_pages * 4096
+
+    # config maps
+    def allow_netns(self, inodes: Iterable[int]) -> None:
+        t = self.bpf["netns_ok"]
+        for ino in inodes:
+            t[t.Key(ino)] = t.Leaf(1)
+
+    def set_proxy_tgids(self, tgids: Iterable[int]) -> None:
+        t = self.bpf["proxy_tgids"]
+        want = set(tgids)
+        for k in list(t.keys()):
+            if k.value not in want:
+                del t[k]
+        for tg in want:
+            t[t.Key(tg)] = t.Leaf(1)
+
+    def ring_fd(self) -> int:
+        return int(self.bpf["events"].map_fd)
+
+    def stats(self) -> dict[str, int]:
+        t = self.bpf["stats"]
+        out = {}
+        for i, (src, what) in enumerate(ev.STATS):
+            out[f"{src}_{what}"] = int(sum(t[t.Key(i)]))
+        return out
+
+    # tc
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def attach(self, ifindex: int, name: str, point: str) -> None:
+        """clsact ingress + egress classifiers on one interface, role ``point``."""
+        if ifindex in self.attached:
+            return
+        role = ROLE_CODES.get(point)
+        if role is None:
+            raise AgentError(f"{name}: no observation point for role {point!r}")
+        if self._fn_in is None:
+            self._fn_in = self.bpf.load_func("hs_tc_ingress", self._BPF.SCHED_CLS)
+            self._fn_out = self.bpf.load_func("hs_tc_egress", self._BPF.SCHED_CLS)
+        roles = self.bpf["ifroles"]
+        roles[roles.Key(ifindex)] = roles.Leaf(role)
+        ipr = self._iproute()
+        created = False
+        try:
+            ipr.tc("add", "clsact", ifindex)
+            created = True
+        except Exception as exc:  # NetlinkError EEXIST: someone's clsact is there already
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise AgentError(f"cannot add clsact on {name}: {exc}") from exc
+        try:
+            for fn, parent, fname in ((self._fn_in, TC_INGRESS, FILTER_IN),
+                                      (self._fn_out, TC_EGRESS, FILTER_OUT)):
+                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fn.fd, name=fname, parent=parent,
+                       classid=1, direct_action=True, prio=FILTER_PRIO)
+        except Exception as exc:
+            self.attached[ifindex] = Attached(ifindex, name, point, created)
+            self.detach(ifindex)
+            raise AgentError(f"cannot attach tc filters on {name}: {exc}") from exc
+        self.attached[ifindex] = Attached(ifindex, name, point, created)
+        log.info("attached tc ingress+egress on %s (%s)", name, point)
+
+    def detach(self, ifindex: int) -> None:
+        a = self.attached.pop(ifindex, None)
+        if a is None:
+            return
+        roles = self.bpf["ifroles"]
+        with contextlib.suppress(KeyError):
+            del roles[roles.Key(ifindex)]
+        remove_filters(self._iproute(), ifindex, drop_empty_clsact=a.created_clsact)
+
+    def close(self) -> None:
+        for idx in list(self.attached):
+            try:
+                self.detach(idx)
+            except Exception as exc:  # the interface may be gone
+                log.debug("detach %d: %s", idx, exc)
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        self.bpf.cleanup()
+
+
+def _filter_name(msg: Any) -> str:
+    opts = msg.get_attr("TCA_OPTIONS")
+    if opts is None:
+        return ""
+    try:
+        return str(opts.get_attr("TCA_BPF_NAME") or "")
+    except Exception:
+        return ""
+
+
+def remove_filters(ipr: Any, ifindex: int, drop_empty_clsact: bool = False) -> int:
+    """Delete hopscope's tc filters on one interface; returns how many."""
+    n = 0
+    left = 0
+    for parent in (TC_INGRESS, TC_EGRESS):
+        try:
+            msgs = list(ipr.get_filters(ifindex, parent=parent))
+        except Exception:
+            continue
+        for m in msgs:
+            if not m["handle"]:
+                continue  # the chain's head entry
+            if m.get_attr("TCA_KIND") == "bpf" and _filter_name(m) in FILTER_NAMES:
+                prio = m["info"] >> 16
+                try:
+                    ipr.tc("del-filter", "bpf", ifindex, m["handle"], parent=parent, prio=prio)
+                    n += 1
+                except Exception as exc:
+                    log.warning("cannot remove filter %s on ifindex %d: %s", _filter_name(m),
+                                ifindex, exc)
+            else:
+                left += 1
+    if drop_empty_clsact and not left:
+        with contextlib.suppress(Exception):
+            ipr.tc("del", "clsact", ifindex)
+    return n
+
+
+def remove_stale() -> int:
+    """Filters a killed agent left on this namespace's interfaces (found by name)."""
+    from pyroute2 import IPRoute
+
+    n = 0
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            n += remove_filters(ipr, link["index"])
+    if n:
+        log.warning("removed %d stale tc filter(s) a previous agent left", n)
+    return n
+

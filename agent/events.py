@@ -1,0 +1,166 @@
+"""The agent's events: the Python mirror of ``struct hs_event`` (bpf/hopscope.h).
+
+Decoding is done in bulk, straight from the ring buffer's memory with one
+precompiled :class:`struct.Struct` (no ctypes object per event), into the
+same :class:`~hopscope.model.Observation` tuples that captures produce.
+``tests/test_agent_events.py`` checks this mirror against the header with a
+C compiler.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hopscope.model import (
+    IN,
+    KERNEL,
+    KIND_DROP,
+    KIND_PACKET,
+    KIND_QUEUED,
+    KIND_STATE,
+    KIND_WRITE,
+    NIC,
+    OUT,
+    PROXY,
+    UNDERLAY,
+    Observation,
+)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+HEADER = BPF_DIR / "hopscope.h"
+
+# kinds, directions, roles, counters: as in bpf/hopscope.h
+EV_PKT, EV_KERNEL, EV_DROP, EV_STATE = 1, 2, 3, 4
+DIR_IN, DIR_OUT = 0, 1
+ROLE_NIC, ROLE_OVERLAY, ROLE_UNDERLAY, ROLE_POD, ROLE_NIC_UNDERLAY = 1, 2, 3, 4, 5
+WHY_CONTROL, WHY_HS_ACK, WHY_START, WHY_FOLLOW = 1, 2, 3, 4
+
+#: index -> (source, what) of the per-CPU counters
+STATS = (
+    ("tc", "seen"), ("tc", "sent"), ("tc", "lost"),
+    ("kernel", "sent"), ("kernel", "lost"),
+    ("drop", "sent"), ("drop", "lost"),
+    ("state", "sent"), ("state", "lost"),
+    ("tc", "proxy_writes"), ("tc", "ipv6_skipped"),
+    ("flood", "sent"), ("flood", "lost"),
+)
+STAT_INDEX = {f"{src}_{what}": i for i, (src, what) in enumerate(STATS)}
+
+#: (field, struct code) in the order of struct hs_event, up to the payload
+FIELDS = (
+    ("ts_mono_ns", "Q"), ("aux_ns", "Q"), ("netns", "I"), ("ifindex", "I"), ("seq", "I"),
+    ("ack", "I"), ("plen", "I"), ("vni", "I"), ("saddr", "4s"), ("daddr", "4s"),
+    ("osaddr", "4s"), ("odaddr", "4s"), ("sport", "H"), ("dport", "H"), ("ip_id", "H"),
+    ("reason", "H"), ("caplen", "H"), ("kind", "B"), ("dir", "B"), ("tcp_flags", "B"),
+    ("proto", "B"), ("why", "B"), ("pad", "B"),
+)
+EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
+HDR_SIZE = EVENT.size  # == HS_EVENT_HDR
+PAYLOAD_MAX = 1024  # == HS_PAYLOAD_MAX
+
+NO_VNI = 0xFFFFFFFF
+#: the role of a NIC that carries both the public traffic and VXLAN
+NIC_UNDERLAY = "nic+underlay"
+_ZERO4 = b"\0\0\0\0"
+
+#: kernel TCP states (include/net/tcp_states.h)
+TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+              "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV")
+
+
+def header_defines(path: Path = HEADER) -> dict[str, int]:
+    """The integer ``#define``s of the shared header (for tests and the loader)."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"^#define\s+(HS_\w+)\s+(\d+)\b", path.read_text(), re.M):
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+@dataclass
+class Iface:
+    """An interface the agent watches: its name and observation point."""
+
+    name: str
+    point: str
+
+
+@dataclass
+class Decoder:
+    """Turn raw events into observations of one node.
+
+    ``ifaces`` maps ifindex to the interface; ``mono_to_real`` gives the
+    current offset (wall clock minus CLOCK_MONOTONIC, ns); ``drop_reasons``
+    names the kernel's drop reason numbers (from the tracepoint's format).
+    """
+
+    node: str
+    ifaces: Mapping[int, Iface]
+    mono_to_real: Callable[[], int]
+    drop_reasons: Mapping[int, str]
+    nic_ifindexes: frozenset[int] = frozenset()
+
+    def decode(self, buf: bytes | mmap.mmap, records: list[tuple[int, int]],
+               out: list[Observation]) -> int:
+        """Append the observations of ``records`` ((offset, length) of raw events in
+        ``buf``) to ``out``; returns how many records could not be decoded."""
+        unpack = EVENT.unpack_from
+        node = self.node
+        ifaces = self.ifaces
+        off = self.mono_to_real()
+        new = tuple.__new__
+        bad = 0
+        for at, length in records:
+            if length < HDR_SIZE:
+                bad += 1
+                continue
+            (ts, aux, _netns, ifindex, seq, ack, plen, vni, saddr, daddr, osaddr, odaddr, sport,
+             dport, ip_id, reason, caplen, kind, dir_, flags, proto, _why, _pad) = unpack(buf, at)
+            if kind == EV_PKT:
+                itf = ifaces.get(ifindex)
+                if itf is None:
+                    bad += 1
+                    continue
+                if caplen > length - HDR_SIZE:
+                    caplen = length - HDR_SIZE
+                payload = buf[at + HDR_SIZE:at + HDR_SIZE + caplen] if caplen else b""
+                d = IN if dir_ == DIR_IN else OUT
+                point = itf.point
+                if vni == NO_VNI:
+                    vni_, os_, od_ = -1, b"", b""
+                    if point == NIC_UNDERLAY:
+                        point = NIC
+                else:
+                    vni_, os_, od_ = vni, osaddr, odaddr
+                    if point == NIC_UNDERLAY:
+                        point = UNDERLAY
+                if aux:
+                    out.append(new(Observation, (
+                        aux + off, aux, node, itf.name, PROXY, OUT, KIND_WRITE, proto, saddr,
+                        daddr, sport, dport, seq, ack, flags, plen, ip_id, b"", vni_, os_, od_)))
+                out.append(new(Observation, (
+                    ts + off, ts, node, itf.name, point, d, KIND_PACKET, proto, saddr, daddr,
+                    sport, dport, seq, ack, flags, plen, ip_id, payload, vni_, os_, od_)))
+            elif kind == EV_KERNEL:
+                out.append(new(Observation, (
+                    ts + off, ts, node, "", KERNEL, IN, KIND_QUEUED, proto, saddr, daddr, sport,
+                    dport, seq, ack, flags, plen, -1, b"", -1, b"", b"")))
+            elif kind == EV_DROP:
+                name = self.drop_reasons.get(reason, str(reason))
+                itf = ifaces.get(ifindex)
+                point = NIC if ifindex in self.nic_ifindexes else KERNEL
+                out.append(new(Observation, (
+                    ts + off, ts, node, itf.name if itf else f"if{ifindex}", point, IN, KIND_DROP,
+                    proto, saddr, daddr, sport, dport, seq, ack, flags, plen, ip_id,
+                    name.encode("ascii", "replace"), -1, b"", b"")))
+            elif kind == EV_STATE:
+                out.append(new(Observation, (
+                    ts + off, ts, node, "", KERNEL, OUT, KIND_STATE, proto, saddr, daddr, sport,
+                    dport, reason & 0xFF, reason >> 8, 0, 0, -1, b"", -1, b"", b"")))
+            else:
+                bad += 1
+        return bad

@@ -1,0 +1,246 @@
+/* hopscope agent: the one BPF object the agent loads. The tracepoint programs
+ * are here (bcc generates their argument structs only in the main file); the
+ * tc classifiers come from tc.c, and both share the maps of maps.h. Built by
+ * agent/bpfprog.py with -I bpf/ and the HS_* settings as -D defines.
+ *
+ * Tracepoints fire for every network namespace of the machine: each event is
+ * kept only when it happens in a namespace of this node (the netns_ok map).
+ * Kernel structs are read at offsets taken from the running kernel's BTF
+ * (HS_*_OFF defines), never from header layouts.
+ */
+#include "tc.c"
+
+/* bcc declares the kfree_skb tracepoint's field as this enum (its values come
+ * from the running kernel's format file, not from here): give it a complete type */
+enum skb_drop_reason { HS_SKB_DROP_REASON_FROM_FORMAT };
+
+static __always_inline __u32 hs_sock_netns(const void *sk)
+{
+    void *net = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (char *)sk + HS_SK_NET_OFF);
+    return hs_netns_of_net(net);
+}
+
+static __always_inline int hs_netns_wanted(__u32 inum)
+{
+    return inum && netns_ok.lookup(&inum) != 0;
+}
+
+/* An IPv4 address from a sockaddr_in / sockaddr_in6 (v4-mapped) as tracepoints store them. */
+static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
+{
+    __u16 family = sa[0] | (sa[1] << 8);
+    __u32 a = 0;
+    if (family == 2) {
+        __builtin_memcpy(&a, sa + 4, 4);
+        *ok = 1;
+    } else if (family == 10) {
+        /* ::ffff:a.b.c.d */
+        __u32 w0 = 0, w1 = 0, w2 = 0;
+        __builtin_memcpy(&w0, sa + 8, 4);
+        __builtin_memcpy(&w1, sa + 12, 4);
+        __builtin_memcpy(&w2, sa + 16, 4);
+        if (w0 == 0 && w1 == 0 && w2 == 0xffff0000) {
+            __builtin_memcpy(&a, sa + 20, 4);
+            *ok = 1;
+        }
+    }
+    return a;
+}
+
+/* A data segment reached a socket on the entry port: "queued on the proxy's socket". */
+TRACEPOINT_PROBE(tcp, tcp_probe)
+{
+    if (args->data_len == 0 || args->sport != HS_ENTRY_PORT)
+        return 0;
+    __u32 inum = hs_sock_netns(args->skaddr);
+    if (!hs_netns_wanted(inum))
+        return 0;
+    int ok_l = 0, ok_r = 0;
+    __u8 sa[28], da[28];
+    /* to the stack: the context allows loads at constant offsets only */
+    __builtin_memcpy(sa, args->saddr, sizeof(sa));
+    __builtin_memcpy(da, args->daddr, sizeof(da));
+    __u32 local = hs_sockaddr_v4(sa, &ok_l);
+    __u32 remote = hs_sockaddr_v4(da, &ok_r);
+    if (!ok_l || !ok_r)
+        return 0;
+    /* in tcp_rcv_established skb->data is the TCP header */
+    void *data = 0;
+    __u8 th[14] = {};
+    bpf_probe_read_kernel(&data, sizeof(data), (char *)args->skbaddr + HS_SKB_DATA_OFF);
+    if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
+        return 0;
+    struct hs_event *e = hs_scratch();
+    if (!e)
+        return 0;
+    e->ts_mono_ns = bpf_ktime_get_ns();
+    e->aux_ns = 0;
+    e->netns = inum;
+    e->ifindex = 0;
+    e->seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
+    e->ack = ((__u32)th[8] << 24) | ((__u32)th[9] << 16) | ((__u32)th[10] << 8) | th[11];
+    e->plen = args->data_len;
+    e->vni = 0xffffffff;
+    e->saddr = remote; /* client -> server */
+    e->daddr = local;
+    e->osaddr = 0;
+    e->odaddr = 0;
+    e->sport = args->dport;
+    e->dport = args->sport;
+    e->ip_id = 0;
+    e->reason = 0;
+    e->kind = HS_EV_KERNEL;
+    e->dir = HS_DIR_IN;
+    e->tcp_flags = th[13];
+    e->proto = 6;
+    e->why = 0;
+    e->pad = 0;
+    hs_submit(e, 0, HS_STAT_KERNEL_SENT, HS_STAT_KERNEL_LOST);
+    return 0;
+}
+
+/* A packet freed with a drop reason, in a namespace of this node. */
+TRACEPOINT_PROBE(skb, kfree_skb)
+{
+    __u32 reason = args->reason;
+    if (reason <= HS_DROP_REASON_MIN || args->protocol != 0x0800)
+        return 0;
+    void *skb = args->skbaddr;
+    void *dev = 0, *net = 0;
+    bpf_probe_read_kernel(&dev, sizeof(dev), (char *)skb + HS_SKB_DEV_OFF);
+    if (dev)
+        bpf_probe_read_kernel(&net, sizeof(net), (char *)dev + HS_DEV_NET_OFF);
+    else if (args->rx_sk)
+        bpf_probe_read_kernel(&net, sizeof(net), (char *)args->rx_sk + HS_SK_NET_OFF);
+    __u32 inum = hs_netns_of_net(net);
+    if (!hs_netns_wanted(inum))
+        return 0;
+    void *head = 0;
+    __u16 nh = 0;
+    bpf_probe_read_kernel(&head, sizeof(head), (char *)skb + HS_SKB_HEAD_OFF);
+    bpf_probe_read_kernel(&nh, sizeof(nh), (char *)skb + HS_SKB_NH_OFF);
+    if (!head)
+        return 0;
+    __u8 ip[20] = {};
+    if (bpf_probe_read_kernel(ip, sizeof(ip), (char *)head + nh) < 0 || (ip[0] >> 4) != 4)
+        return 0;
+    __u32 ihl = (ip[0] & 0xf) * 4;
+    __u8 proto = ip[9];
+    if (proto != 6 && proto != 17)
+        return 0;
+    __u8 l4[14] = {};
+    if (bpf_probe_read_kernel(l4, sizeof(l4), (char *)head + nh + ihl) < 0)
+        return 0;
+    struct hs_event *e = hs_scratch();
+    if (!e)
+        return 0;
+    __u16 tot = (ip[2] << 8) | ip[3];
+    e->ts_mono_ns = bpf_ktime_get_ns();
+    e->aux_ns = (__u64)args->location;
+    e->netns = inum;
+    e->ifindex = 0;
+    if (dev)
+        bpf_probe_read_kernel(&e->ifindex, sizeof(e->ifindex), (char *)dev + HS_DEV_IFINDEX_OFF);
+    __builtin_memcpy(&e->saddr, ip + 12, 4);
+    __builtin_memcpy(&e->daddr, ip + 16, 4);
+    e->osaddr = 0;
+    e->odaddr = 0;
+    e->sport = (l4[0] << 8) | l4[1];
+    e->dport = (l4[2] << 8) | l4[3];
+    e->vni = 0xffffffff;
+    e->ip_id = (ip[4] << 8) | ip[5];
+    e->reason = reason;
+    e->kind = HS_EV_DROP;
+    e->dir = HS_DIR_IN;
+    e->proto = proto;
+    e->why = 0;
+    e->pad = 0;
+    if (proto == 6) {
+        e->seq = ((__u32)l4[4] << 24) | ((__u32)l4[5] << 16) | ((__u32)l4[6] << 8) | l4[7];
+        e->ack = ((__u32)l4[8] << 24) | ((__u32)l4[9] << 16) | ((__u32)l4[10] << 8) | l4[11];
+        e->tcp_flags = l4[13];
+        __u32 doff = (l4[12] >> 4) * 4;
+        e->plen = tot > ihl + doff ? tot - ihl - doff : 0;
+    } else {
+        e->seq = 0;
+        e->ack = 0;
+        e->tcp_flags = 0;
+        e->plen = tot > ihl + 8 ? tot - ihl - 8 : 0;
+    }
+    hs_submit(e, 0, HS_STAT_DROP_SENT, HS_STAT_DROP_LOST);
+    return 0;
+}
+
+/* Socket states of this node's TCP sockets on the entry port, and upstream connects. */
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6 || args->family != 2)
+        return 0;
+    int entry = args->sport == HS_ENTRY_PORT;
+    if (!entry && args->newstate != 2 /* TCP_SYN_SENT */)
+        return 0;
+    __u32 inum = hs_sock_netns(args->skaddr);
+    if (!hs_netns_wanted(inum))
+        return 0;
+    struct hs_event *e = hs_scratch();
+    if (!e)
+        return 0;
+    e->ts_mono_ns = bpf_ktime_get_ns();
+    e->aux_ns = 0;
+    e->netns = inum;
+    e->ifindex = 0;
+    e->seq = 0;
+    e->ack = 0;
+    e->plen = 0;
+    e->vni = 0xffffffff;
+    __builtin_memcpy(&e->saddr, args->saddr, 4);
+    __builtin_memcpy(&e->daddr, args->daddr, 4);
+    e->osaddr = 0;
+    e->odaddr = 0;
+    e->sport = args->sport;
+    e->dport = args->dport;
+    e->ip_id = 0;
+    e->reason = ((__u16)args->oldstate << 8) | (args->newstate & 0xff);
+    e->kind = HS_EV_STATE;
+    e->dir = HS_DIR_OUT;
+    e->tcp_flags = 0;
+    e->proto = 6;
+    e->why = 0;
+    e->pad = 0;
+    hs_submit(e, 0, HS_STAT_STATE_SENT, HS_STAT_STATE_LOST);
+    return 0;
+}
+
+/* The proxy's write-like syscalls: a thread inside one is sending data. */
+static __always_inline void hs_write_enter(void)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if (!proxy_tgids.lookup(&tgid))
+        return;
+    __u32 tid = (__u32)id;
+    __u64 ts = bpf_ktime_get_ns();
+    write_open.update(&tid, &ts);
+}
+
+static __always_inline void hs_write_exit(void)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if (!proxy_tgids.lookup(&tgid))
+        return;
+    __u32 tid = (__u32)id;
+    write_open.delete(&tid);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { hs_write_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { hs_write_exit(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { hs_write_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { hs_write_exit(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { hs_write_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { hs_write_exit(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { hs_write_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { hs_write_exit(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) { hs_write_enter(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { hs_write_exit(); return 0; }

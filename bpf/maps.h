@@ -1,0 +1,85 @@
+/* hopscope: maps and small helpers shared by the tc and tracepoint programs.
+ *
+ * Settings arrive as -D defines (see agent/bpfprog.py): kernel struct offsets
+ * read from BTF (never from headers, whose layouts differ from the running
+ * kernel), the node's network namespace inode, the entry port, VXLAN ports.
+ */
+#ifndef HOPSCOPE_MAPS_H
+#define HOPSCOPE_MAPS_H
+
+#include "hopscope.h"
+
+#ifndef HS_RINGBUF_PAGES
+#define HS_RINGBUF_PAGES 1024
+#endif
+#ifndef HS_ENTRY_PORT
+#define HS_ENTRY_PORT 80
+#endif
+#ifndef HS_VXLAN_PORT
+#define HS_VXLAN_PORT 8472
+#endif
+#ifndef HS_VXLAN_PORT2
+#define HS_VXLAN_PORT2 4789
+#endif
+#ifndef HS_FOLLOW
+#define HS_FOLLOW 2
+#endif
+
+struct hs_flowkey {
+    __u32 saddr;
+    __u32 daddr;
+    __u16 sport;
+    __u16 dport;
+    __u32 ifindex;
+    __u32 vni;
+};
+
+BPF_RINGBUF_OUTPUT(events, HS_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(stats, __u64, HS_STAT_MAX);
+BPF_PERCPU_ARRAY(scratch, struct hs_event, 1);
+/* ifindex -> role, for the interfaces the agent attached to */
+BPF_HASH(ifroles, __u32, __u8, 1024);
+/* network namespaces whose drops and socket events belong to this node */
+BPF_HASH(netns_ok, __u32, __u8, 1024);
+/* the proxy's processes (tgid), and its threads inside a write-like syscall */
+BPF_HASH(proxy_tgids, __u32, __u8, 64);
+BPF_HASH(write_open, __u32, __u64, 8192);
+/* per half-connection at one interface: segments still to send after a message start */
+BPF_TABLE("lru_hash", struct hs_flowkey, __u8, follow, 65536);
+/* handshakes waiting for their ACK at the nic (client -> server) */
+BPF_TABLE("lru_hash", struct hs_flowkey, __u8, hs_wait, 16384);
+
+static __always_inline void hs_count(int idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline struct hs_event *hs_scratch(void)
+{
+    int zero = 0;
+    return scratch.lookup(&zero);
+}
+
+/* Send the first HS_EVENT_HDR + caplen bytes of e; count it as sent or lost. */
+static __always_inline void hs_submit(struct hs_event *e, __u32 caplen, int sent, int lost)
+{
+    if (caplen > HS_PAYLOAD_MAX)
+        caplen = HS_PAYLOAD_MAX;
+    e->caplen = caplen;
+    if (events.ringbuf_output(e, HS_EVENT_HDR + caplen, 0) == 0)
+        hs_count(sent);
+    else
+        hs_count(lost);
+}
+
+static __always_inline __u32 hs_netns_of_net(void *net)
+{
+    __u32 inum = 0;
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), (char *)net + HS_NET_INUM_OFF);
+    return inum;
+}
+
+#endif

@@ -1,0 +1,247 @@
+/* hopscope: tc clsact classifiers on the node's interfaces.
+ *
+ * Every packet passes unchanged (TC_ACT_OK). Only what the stitcher needs is
+ * sent to user space: SYN/FIN/RST, the handshake's ACK at the nic, the segment
+ * that starts an HTTP message (with its first bytes) and up to HS_FOLLOW
+ * segments after it when its headers may continue. State lives in the kernel.
+ */
+#include <linux/pkt_cls.h>
+
+#include "maps.h"
+
+#define HS_ETH_HLEN 14
+#define HS_IPPROTO_TCP 6
+#define HS_IPPROTO_UDP 17
+
+struct hs_pkt {
+    __u32 saddr, daddr, osaddr, odaddr, vni;
+    __u32 seq, ack, plen, payoff;
+    __u16 sport, dport, ip_id;
+    __u8 proto, flags;
+};
+
+/* The IPv4 header at off: addresses, protocol, id; returns the L4 offset or -1. */
+static __always_inline int hs_ipv4(struct __sk_buff *skb, __u32 off, struct hs_pkt *p, __u32 *l4len)
+{
+    __u8 vihl;
+    __u16 tot, frag;
+    if (bpf_skb_load_bytes(skb, off, &vihl, 1) < 0 || (vihl >> 4) != 4)
+        return -1;
+    __u32 ihl = (vihl & 0xf) * 4;
+    if (ihl < 20)
+        return -1;
+    if (bpf_skb_load_bytes(skb, off + 2, &tot, 2) < 0 ||
+        bpf_skb_load_bytes(skb, off + 4, &p->ip_id, 2) < 0 ||
+        bpf_skb_load_bytes(skb, off + 6, &frag, 2) < 0 ||
+        bpf_skb_load_bytes(skb, off + 9, &p->proto, 1) < 0 ||
+        bpf_skb_load_bytes(skb, off + 12, &p->saddr, 4) < 0 ||
+        bpf_skb_load_bytes(skb, off + 16, &p->daddr, 4) < 0)
+        return -1;
+    if (bpf_ntohs(frag) & 0x1fff)
+        return -1; /* a later fragment: no L4 header */
+    p->ip_id = bpf_ntohs(p->ip_id);
+    tot = bpf_ntohs(tot);
+    if (tot < ihl)
+        return -1;
+    *l4len = tot - ihl;
+    return off + ihl;
+}
+
+/* The TCP header at off (l4len bytes of L4): ports, seq, ack, flags, payload. */
+static __always_inline int hs_tcp(struct __sk_buff *skb, __u32 off, __u32 l4len, struct hs_pkt *p)
+{
+    __u8 hdr[14];
+    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+        return -1;
+    p->sport = (hdr[0] << 8) | hdr[1];
+    p->dport = (hdr[2] << 8) | hdr[3];
+    p->seq = ((__u32)hdr[4] << 24) | ((__u32)hdr[5] << 16) | ((__u32)hdr[6] << 8) | hdr[7];
+    p->ack = ((__u32)hdr[8] << 24) | ((__u32)hdr[9] << 16) | ((__u32)hdr[10] << 8) | hdr[11];
+    __u32 doff = (hdr[12] >> 4) * 4;
+    p->flags = hdr[13];
+    if (doff < 20 || doff > l4len)
+        return -1;
+    p->plen = l4len - doff;
+    p->payoff = off + doff;
+    return 0;
+}
+
+/* Does the payload start an HTTP/1.x message (a method, or a status line)? */
+static __always_inline int hs_is_start(struct __sk_buff *skb, struct hs_pkt *p)
+{
+    __u32 w = 0;
+    if (p->plen < 4 || bpf_skb_load_bytes(skb, p->payoff, &w, 4) < 0)
+        return 0;
+    /* little-endian words of the first four bytes */
+    switch (w) {
+    case 0x20544547: /* "GET " */
+    case 0x54534f50: /* "POST" */
+    case 0x20545550: /* "PUT " */
+    case 0x44414548: /* "HEAD" */
+    case 0x454c4544: /* "DELE" */
+    case 0x43544150: /* "PATC" */
+    case 0x4954504f: /* "OPTI" */
+    case 0x4e4e4f43: /* "CONN" */
+    case 0x43415254: /* "TRAC" */
+    case 0x50545448: /* "HTTP" */
+        return 1;
+    }
+    return 0;
+}
+
+/* Does the segment end with the blank line that ends the headers? */
+static __always_inline int hs_ends_head(struct __sk_buff *skb, struct hs_pkt *p)
+{
+    __u32 w = 0;
+    if (p->plen < 4 || bpf_skb_load_bytes(skb, p->payoff + p->plen - 4, &w, 4) < 0)
+        return 0;
+    return w == 0x0a0d0a0d;
+}
+
+static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32 ifindex, int reverse)
+{
+    k->saddr = reverse ? p->daddr : p->saddr;
+    k->daddr = reverse ? p->saddr : p->daddr;
+    k->sport = reverse ? p->dport : p->sport;
+    k->dport = reverse ? p->sport : p->dport;
+    k->ifindex = ifindex;
+    k->vni = p->vni;
+}
+
+static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
+                                        __u64 aux)
+{
+    struct hs_event *e = hs_scratch();
+    if (!e)
+        return;
+    e->ts_mono_ns = bpf_ktime_get_ns();
+    e->aux_ns = aux;
+    e->netns = 0;
+    e->ifindex = skb->ifindex;
+    e->seq = p->seq;
+    e->ack = p->ack;
+    e->plen = p->plen;
+    e->vni = p->vni;
+    e->saddr = p->saddr;
+    e->daddr = p->daddr;
+    e->osaddr = p->osaddr;
+    e->odaddr = p->odaddr;
+    e->sport = p->sport;
+    e->dport = p->dport;
+    e->ip_id = p->ip_id;
+    e->reason = 0;
+    e->kind = HS_EV_PKT;
+    e->dir = dir;
+    e->tcp_flags = p->flags;
+    e->proto = p->proto;
+    e->why = why;
+    e->pad = 0;
+    __u32 n = 0;
+    if (why == HS_WHY_START || why == HS_WHY_FOLLOW) {
+        n = p->plen;
+        if (n > HS_PAYLOAD_MAX)
+            n = HS_PAYLOAD_MAX;
+        if (n > 0 && bpf_skb_load_bytes(skb, p->payoff, e->payload, n) < 0)
+            n = 0;
+    }
+    hs_submit(e, n, HS_STAT_TC_SENT, HS_STAT_TC_LOST);
+}
+
+static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
+{
+    hs_count(HS_STAT_TC_SEEN);
+    __u32 ifindex = skb->ifindex;
+    __u8 *rolep = ifroles.lookup(&ifindex);
+    if (!rolep)
+        return TC_ACT_OK;
+    __u8 role = *rolep;
+    if (skb->protocol != bpf_htons(0x0800)) {
+        if (skb->protocol == bpf_htons(0x86DD))
+            hs_count(HS_STAT_TC_IPV6);
+        return TC_ACT_OK;
+    }
+    struct hs_pkt p = {};
+    p.vni = 0xffffffff;
+    __u32 l4len = 0;
+    int off = hs_ipv4(skb, HS_ETH_HLEN, &p, &l4len);
+    if (off < 0)
+        return TC_ACT_OK;
+    if (p.proto == HS_IPPROTO_UDP && (role == HS_ROLE_UNDERLAY || role == HS_ROLE_NIC_UNDERLAY)) {
+        __u16 ports[2];
+        if (bpf_skb_load_bytes(skb, off, ports, 4) < 0)
+            return TC_ACT_OK;
+        __u16 dp = bpf_ntohs(ports[1]);
+        if (dp != HS_VXLAN_PORT && dp != HS_VXLAN_PORT2)
+            return TC_ACT_OK;
+        __u8 vx[8];
+        if (bpf_skb_load_bytes(skb, off + 8, vx, 8) < 0 || !(vx[0] & 0x08))
+            return TC_ACT_OK;
+        p.vni = ((__u32)vx[4] << 16) | ((__u32)vx[5] << 8) | vx[6];
+        p.osaddr = p.saddr;
+        p.odaddr = p.daddr;
+        off = hs_ipv4(skb, off + 16 + HS_ETH_HLEN, &p, &l4len);
+        if (off < 0)
+            return TC_ACT_OK;
+    }
+    if (p.proto != HS_IPPROTO_TCP || hs_tcp(skb, off, l4len, &p) < 0)
+        return TC_ACT_OK;
+    int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == 0xffffffff);
+    if (p.flags & 0x07) { /* SYN, FIN, RST */
+        if (nic && dir == HS_DIR_OUT && (p.flags & 0x12) == 0x12) {
+            struct hs_flowkey k = {};
+            __u8 one = 1;
+            hs_key(&k, &p, ifindex, 1);
+            hs_wait.update(&k, &one);
+        }
+        hs_emit_pkt(skb, &p, dir, HS_WHY_CONTROL, 0);
+        return TC_ACT_OK;
+    }
+    struct hs_flowkey k = {};
+    hs_key(&k, &p, ifindex, 0);
+    if (p.plen == 0) {
+        if (nic && dir == HS_DIR_IN && hs_wait.lookup(&k)) {
+            hs_wait.delete(&k);
+            hs_emit_pkt(skb, &p, dir, HS_WHY_HS_ACK, 0);
+        }
+        return TC_ACT_OK;
+    }
+    if (hs_is_start(skb, &p)) {
+        if (hs_ends_head(skb, &p)) {
+            follow.delete(&k);
+        } else {
+            __u8 n = HS_FOLLOW;
+            follow.update(&k, &n);
+        }
+        __u64 aux = 0;
+        if (dir == HS_DIR_OUT && (role == HS_ROLE_OVERLAY || role == HS_ROLE_POD)) {
+            /* sent inside the proxy's write (the overlay path runs in the syscall) */
+            __u32 tid = (__u32)bpf_get_current_pid_tgid();
+            __u64 *w = write_open.lookup(&tid);
+            if (w) {
+                aux = *w;
+                hs_count(HS_STAT_PROXY_WRITES);
+            }
+        }
+        hs_emit_pkt(skb, &p, dir, HS_WHY_START, aux);
+        return TC_ACT_OK;
+    }
+    __u8 *left = follow.lookup(&k);
+    if (left) {
+        if (*left <= 1)
+            follow.delete(&k);
+        else
+            *left -= 1;
+        hs_emit_pkt(skb, &p, dir, HS_WHY_FOLLOW, 0);
+    }
+    return TC_ACT_OK;
+}
+
+int hs_tc_ingress(struct __sk_buff *skb)
+{
+    return hs_tc(skb, HS_DIR_IN);
+}
+
+int hs_tc_egress(struct __sk_buff *skb)
+{
+    return hs_tc(skb, HS_DIR_OUT);
+}

@@ -1,0 +1,167 @@
+"""The live agent in the replica: one per node, against captures, faults, and clean-up.
+
+Gated like every privileged test: root and working network namespaces; then
+a BPF program that does not load is a failure, not a skip (this kernel has
+tc clsact, tracepoints and ring buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hopscope.agent.run import read_record
+
+from hopscope.replay import replay
+from hopscope.stitch import Stitcher
+from hopscope.testbed import faults
+from hopscope.testbed.agents import running_agents, start_agent, stop_agent
+from hopscope.testbed.capture import capturing
+from hopscope.testbed.topology import Instance
+from hopscope.testbed.traffic import TrafficConfig, run_traffic
+
+pytestmark = pytest.mark.privileged
+
+TOL_NS = 50_000
+NODES = ["node1", "node2", "node3"]
+
+
+def _stitch_records(paths: dict[str, Path]) -> dict[str, Any]:
+    st = Stitcher(NODES)
+    for node in NODES:
+        obs = sorted(read_record(str(paths[node])), key=lambda o: o.ts_mono_ns)
+        st.feed(node, obs)
+    return st.result()
+
+
+def _children(r: dict[str, Any]) -> dict[str, int]:
+    ing = next(h for h in r["hops"] if h["name"] == "ingress")
+    return {c["name"]: c["duration_ns"] for c in ing["children"]}
+
+
+def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: Path) -> None:
+    with running_agents(testbed, tmp_path / "agents") as agents, \
+            capturing(testbed, tmp_path / "cap") as cap:
+        recs = run_traffic(testbed.topology, TrafficConfig(
+            count=90, concurrency=3, new_conn_ratio=0.3, seed=21), keep=True).records
+    # every request passed through the classifiers unchanged (TC_ACT_OK)
+    assert len(recs) == 90 and all(r["status"] in (200, 201) for r in recs)
+    assert cap.result is not None
+    rep = replay([(f.name.split(".")[0], f) for f in cap.result.files], progress=False).envelope
+    live = _stitch_records({n: a.record for n, a in agents.agents.items()})
+    want = {r["cf_ray"] for r in recs}
+    got_live = {r["request_id"]: r for r in live["requests"]}
+    got_rep = {r["request_id"]: r for r in rep["requests"]}
+    assert want <= set(got_live) and want <= set(got_rep)
+    compared = 0
+    for rid in want:
+        a, b = got_live[rid], got_rep[rid]
+        assert (a["status"], a["ingress_node"], a["pod_node"]) == (
+            b["status"], b["ingress_node"], b["pod_node"])
+        assert not {"incomplete", "no_response"} & set(a["flags"]), (rid, a["flags"])
+        ha = [(h["name"], h["node"]) for h in a["hops"]]
+        assert ha == [(h["name"], h["node"]) for h in b["hops"]], rid
+        for x, y in zip(a["hops"], b["hops"], strict=True):
+            assert abs(x["duration_ns"] - y["duration_ns"]) <= TOL_NS, (
+                rid, x["name"], x["node"], x["duration_ns"], y["duration_ns"])
+            compared += 1
+        # the sub-hops captures cannot see, tiling ingress exactly
+        ch = _children(a)
+        assert list(ch) == ["kernel_in", "proxy", "service_nat"], (rid, ch)
+        ing = next(h for h in a["hops"] if h["name"] == "ingress")
+        assert sum(ch.values()) == ing["duration_ns"] and min(ch.values()) >= 0
+    assert compared >= 90 * 4
+    # each agent reported what it saw and lost nothing
+    for node, a in agents.agents.items():
+        env = json.loads(a.out.read_text())
+        ev = env["agent"]["events"]
+        assert ev["tc_lost"] == ev["kernel_lost"] == ev["drop_lost"] == 0, node
+        assert ev["tc_sent"] > 0 and env["agent"]["decode_errors"] == 0
+
+
+def _median_children(env: dict[str, Any]) -> dict[str, float]:
+    reqs = [r for r in env["requests"] if r["status"] in (200, 201)]
+    out: dict[str, float] = {}
+    for name in ("kernel_in", "proxy", "service_nat"):
+        out[name] = statistics.median(_children(r)[name] for r in reqs)
+    for name in ("egress",):
+        out[name] = statistics.median(h["duration_ns"] for r in reqs for h in r["hops"]
+                                      if h["name"] == name)
+    return out
+
+
+def test_ufw_delay_lands_in_kernel_in(testbed: Instance, tmp_path: Path) -> None:
+    node = "node1"
+    meds = []
+    for i, delay in enumerate((False, True)):
+        with running_agents(testbed, tmp_path / f"run{i}", nodes=[node]) as agents:
+            if delay:
+                faults.add_delay(testbed, "ufw", node, 20)
+            try:
+                run_traffic(testbed.topology, TrafficConfig(
+                    count=30, concurrency=2, new_conn_ratio=0.2, nodes=[node], seed=31 + i))
+            finally:
+                faults.clear(testbed)
+        meds.append(_median_children(json.loads(agents.agents[node].out.read_text())))
+    base, slow = meds
+    moved = slow["kernel_in"] - base["kernel_in"]
+    assert 19_000_000 <= moved <= 21_000_000, (base, slow)
+    for name in ("proxy", "service_nat", "egress"):
+        assert abs(slow[name] - base[name]) < 1_000_000, (name, base, slow)
+
+
+def test_ufw_deny_http_drops_at_the_nic_with_the_reason(testbed: Instance, tmp_path: Path) -> None:
+    node = "node2"
+    with running_agents(testbed, tmp_path, nodes=[node]) as agents:
+        faults.add_ufw_deny_http(testbed, node)
+        try:
+            run_traffic(testbed.topology, TrafficConfig(
+                count=4, concurrency=2, new_conn_ratio=1.0, nodes=[node], timeout=3, seed=41))
+        finally:
+            faults.clear(testbed)
+    env = json.loads(agents.agents[node].out.read_text())
+    drops = [d for d in env["drops"] if d["node"] == node and d["point"] == "nic"]
+    assert drops, env["drops"]
+    assert all(d.get("reason") == "NETFILTER_DROP" for d in drops), drops
+    assert any(d["kind"] == "syn_unanswered" and d["flow"].endswith(":80") for d in drops)
+
+
+def _hopscope_filters(ns: str) -> list[str]:
+    found = []
+    links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link", "show"], check=True,
+                                      capture_output=True, text=True).stdout)
+    for link in links:
+        for parent in ("ingress", "egress"):
+            out = subprocess.run(["tc", "-n", ns, "filter", "show", "dev", link["ifname"],
+                                  parent], capture_output=True, text=True).stdout
+            found += [f"{link['ifname']}/{parent}" for line in out.splitlines()
+                      if "hopscope-" in line]
+    return found
+
+
+def _hopscope_progs() -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,
+                         text=True).stdout
+    return [p.get("name", "") for p in json.loads(out or "[]")
+            if p.get("name", "").startswith("hs_tc_")]
+
+
+def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path: Path) -> None:
+    node = "node3"
+    ns = testbed.ns(node)
+    a = start_agent(testbed, node, tmp_path / "first")
+    assert _hopscope_filters(ns)  # attached on every role's interface
+    stop_agent(a, signal.SIGKILL)
+    stale = _hopscope_filters(ns)
+    assert stale, "a killed agent leaves its filters (the next one must remove them)"
+    b = start_agent(testbed, node, tmp_path / "second")
+    assert "stale tc filter" in b.log.read_text()
+    assert sorted(_hopscope_filters(ns)) == sorted(stale)  # its own, once each
+    assert stop_agent(b) == 0
+    assert _hopscope_filters(ns) == []
+    assert _hopscope_progs() == []
