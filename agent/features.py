@@ -58,6 +58,7 @@ HOPSCOPE_PREFIX = "hopscope"
 
 #: Tracepoints the agent attaches to, as ``category:event``.
 AGENT_TRACEPOINTS = (
+    "tcp:tcp_probe",
     "net:netif_receive_skb",
     "net:net_dev_queue",
     "skb:kfree_skb",
@@ -1296,9 +1297,16 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
     for hop in ("nic", "pod", "overlay", "underlay"):
         items.append(PlanItem(f"{hop} packets", pkt, why, pkt != "none"))
 
-    if f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
+    if tp.get("tcp:tcp_probe"):
+        why = ("tc ingress at the nic to the segment reaching the entry-port socket: UFW and "
+               "the stack in between")
+        if f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
+            why += ("; kprobes on nf_hook_slow could split out netfilter's own time "
+                    "(not built yet)")
+        items.append(PlanItem("kernel_in", "tc ingress (nic) -> tracepoint tcp:tcp_probe", why))
+    elif f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
         items.append(PlanItem("kernel_in", "kprobe nf_hook_slow (+ nft_do_chain/ipt_do_table)",
-                              "kprobes available: time spent in each netfilter hook"))
+                              "kprobes available: time spent in each netfilter hook", False))
     elif tp.get("net:netif_receive_skb"):
         sock = ("sock:sk_data_ready" if tp.get("sock:sk_data_ready")
                 else "sock:inet_sock_set_state")
@@ -1312,9 +1320,10 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
 
     sys_tps = [n for n in AGENT_TRACEPOINTS if n.startswith("syscalls:")]
     if all(tp.get(n) for n in sys_tps):
-        items.append(PlanItem("proxy", "syscalls:sys_enter_accept4/read/write/connect",
-                              "sys_enter = left/entered user space (exits come after the "
-                              "peer already has the packet)"))
+        items.append(PlanItem("proxy", "syscalls:sys_enter_write/connect of the proxy + tc "
+                              "egress in the same thread",
+                              "sys_enter = left user space (exits come after the peer already "
+                              "has the packet); the upstream packet is sent inside the write"))
     else:
         missing = [n for n in sys_tps if not tp.get(n)]
         items.append(PlanItem("proxy", "raw_syscalls:sys_enter filtered by syscall number",

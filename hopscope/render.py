@@ -56,6 +56,8 @@ def waterfall(req: dict[str, Any], width: int = BAR) -> str:
                 b = max(a + 1, min(width, b))
                 bar = " " * a + "█" * (b - a) + " " * (width - b)
             lines.append(f"  {h['name']:<18} {h['node']:<14} {fmt_ns(h['duration_ns']):>11} |{bar}|")
+            for c in h.get("children") or ():
+                lines.append(f"    {c['name']:<16} {c['node']:<14} {fmt_ns(c['duration_ns']):>11} |")
     return "\n".join(lines)
 
 

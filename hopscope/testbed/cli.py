@@ -135,6 +135,52 @@ def traffic(prefix: str, count: int | None, duration: float | None, concurrency:
             click.echo(f"  records: {out}")
 
 
+@testbed.command("agents")
+@prefix_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for each agent's log, envelope and observations.")
+@click.option("--count", type=int, default=60, show_default=True,
+              help="Requests to send while the agents run (0: none, wait for Ctrl-C).")
+@click.option("--node", "node", default="all", show_default=True,
+              help="Node to send to, or 'all'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stitched envelope as JSON.")
+def agents_cmd(prefix: str, out_dir: str, count: int, node: str, as_json: bool) -> None:
+    """Run the live agent on every node (each in its namespace), send traffic, stop them
+    (they detach), and stitch what all of them saw into one report."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from hopscope.agent.run import read_record
+    from hopscope.render import render_envelope
+    from hopscope.stitch import Stitcher
+    from hopscope.testbed.agents import running_agents
+    from hopscope.testbed.traffic import TrafficConfig, run_traffic
+
+    inst = load_instance(prefix)
+    names = [n.name for n in inst.topology.nodes]
+    with running_agents(inst, Path(out_dir)) as agents:
+        click.echo(f"agents running on {', '.join(names)} (logs in {out_dir})", err=True)
+        if count > 0:
+            nodes = [] if node == "all" else [node]
+            res = run_traffic(inst.topology, TrafficConfig(count=count, concurrency=2,
+                                                           nodes=nodes, seed=1))
+            click.echo(res.text(), err=True)
+        else:
+            stop = []
+            signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+            while not stop:
+                time.sleep(0.2)
+    st = Stitcher(names)
+    for n in names:
+        st.feed(n, sorted(read_record(str(agents.agents[n].record)), key=lambda o: o.ts_mono_ns))
+    env = st.result()
+    if as_json:
+        click.echo(json.dumps(env))
+    else:
+        click.echo(render_envelope(env))
+
+
 # -- registration hooks for the fault and capture commands -------------------------------
 #: (module, attribute) pairs added to the ``testbed`` group when importable.
 OPTIONAL_COMMANDS = (
