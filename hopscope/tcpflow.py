@@ -296,12 +296,12 @@ class NodeTracker:
         npk = 0
         ts = self.last_ts
         for ob in batch:
-            npk += 1
             (ts, _m, _n, ifname, _point, _d, kind, _p, src, dst, sport, dport, seq, _a, flags, plen,
              ipid, payload, vni, _os, _od) = ob
             if kind != KIND_PACKET:
-                self._event(ob)
+                self._event(ob)  # a socket, proxy or drop event: not a packet
                 continue
+            npk += 1
             if ifname in SHARED_IFNAMES and vni < 0:
                 ifname = self._demux(ob)
             e = get((ifname, vni, src, sport, dst, dport))
