@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,13 @@ from hopscope.errors import HopscopeError
 log = logging.getLogger(__name__)
 
 BPF_DIR = ev.BPF_DIR
-FILTER_IN = "hopscope-in"
-FILTER_OUT = "hopscope-out"
+#: tc filter names: how a later agent (and ``hopscope doctor``) knows them as hopscope's
+FILTER_IN = f"{ft.HOPSCOPE_PREFIX}-in"
+FILTER_OUT = f"{ft.HOPSCOPE_PREFIX}-out"
 FILTER_NAMES = (FILTER_IN, FILTER_OUT)
-PROG_PREFIX = "hs_"  # bpftool shows program names (hs_tc_ingress, tracepoint__...)
 TC_INGRESS = "ffff:fff2"
 TC_EGRESS = "ffff:fff3"
 FILTER_PRIO = 0xC0DE
-
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 1 << 14
-_MS_PRIVATE = 1 << 18
 
 
 class AgentError(HopscopeError):
@@ -53,66 +48,33 @@ class AgentError(HopscopeError):
 # -- the kernel environment ----------------------------------------------------------------
 
 
-@dataclass
-class KernelEnv:
-    tracefs: str
-    headers: str  # what bcc compiles against
-    notes: list[str] = field(default_factory=list)
+def prepare_kernel_env(release: str | None = None) -> list[str]:
+    """Private mounts for bcc: tracefs when none is mounted, and another version's
+    headers when none match this kernel (:func:`features.private_mounts`).
 
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount(libc: ctypes.CDLL, src: str, target: str, fstype: str | None, flags: int,
-           data: str | None) -> None:
-    rc = libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
-                    ctypes.c_ulong(flags), data.encode() if data else None)
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise AgentError(f"cannot mount {fstype or src} on {target}: {os.strerror(e)}")
-
-
-def prepare_kernel_env(release: str | None = None) -> KernelEnv:
-    """Private mounts for bcc: tracefs, and headers when none match this kernel.
-
-    Must run before any thread starts (``unshare(CLONE_NEWNS)``) and before
-    ``bcc`` is imported (it looks for tracefs at import).
+    Must run before any thread starts and before ``bcc`` is imported. Returns
+    notes on what was done, for the log.
     """
     release = release or ft.kernel_release()
-    libc = _libc()
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        e = ctypes.get_errno()
-        raise AgentError(f"cannot make a private mount namespace: {os.strerror(e)} "
-                         "(the agent needs CAP_SYS_ADMIN for its tracefs and header mounts)")
-    _mount(libc, "none", "/", None, _MS_REC | _MS_PRIVATE, None)
     notes: list[str] = []
-    tracefs = ft.find_tracefs()
-    if tracefs is None:
+    tracefs = None
+    if ft.find_tracefs() is None:
         tracefs = ft.TRACEFS_CANDIDATES[0]
-        _mount(libc, "hopscope", tracefs, "tracefs", 0, None)
         notes.append(f"tracefs mounted privately at {tracefs}")
     info = ft.probe_headers(release)
-    headers = info.target or ""
+    stage = None
     if not (info.present and info.has_kconfig_h):
-        tree = next((c for c in info.candidates if c.source), None) or (
+        stage = next((c for c in info.candidates if c.source), None) or (
             info.candidates[0] if info.candidates else None)
-        if tree is None:
+        if stage is None:
             raise AgentError(f"no kernel headers for {release} and none of another version: "
                              f"{ft.headers_fix(info, None)}")
-        kdir = f"/lib/modules/{release}"
-        where = kdir if os.path.isdir(kdir) else "/lib/modules"
-        _mount(libc, "hopscope", where, "tmpfs", 0, "size=64k,mode=755")
-        os.makedirs(kdir, exist_ok=True)
-        os.symlink(tree.build, f"{kdir}/build")
-        if tree.source:
-            os.symlink(tree.source, f"{kdir}/source")
-        headers = tree.build
-        notes.append(f"no headers for {release}: using {tree.version}'s UAPI headers "
+        notes.append(f"no headers for {release}: using {stage.version}'s UAPI headers "
                      "(the programs read kernel structs only at BTF offsets)")
     elif not info.matches:
         notes.append(f"headers are {info.version}, kernel is {release}")
-    return KernelEnv(tracefs, headers, notes)
+    ft.private_mounts(tracefs=tracefs, stage=stage, release=release)
+    return notes
 
 
 # -- settings -------------------------------------------------------------------------------

@@ -43,14 +43,12 @@ SECTIONS = (
     "capabilities", "sysctls", "interfaces", "proxy", "probe_plan", "agent",
 )
 
-#: Tracepoints without which the agent cannot measure the basic hops.
-CORE_TRACEPOINTS = ("net:netif_receive_skb", "sock:inet_sock_set_state",
-                    "syscalls:sys_enter_accept4", "syscalls:sys_enter_read",
-                    "syscalls:sys_enter_write", "syscalls:sys_enter_connect")
+#: Tracepoints without which the agent's programs do not load.
+CORE_TRACEPOINTS = ft.AGENT_CORE_TRACEPOINTS
 
 #: Raw tracepoints as BTF names them (``btf_trace_<event>``), for when tracefs is unreadable.
 _BTF_TRACE = {"net:netif_receive_skb": "btf_trace_netif_receive_skb",
-              "net:net_dev_queue": "btf_trace_net_dev_queue",
+              "tcp:tcp_probe": "btf_trace_tcp_probe",
               "skb:kfree_skb": "btf_trace_kfree_skb",
               "sock:inet_sock_set_state": "btf_trace_inet_sock_set_state",
               "sock:sk_data_ready": "btf_trace_sk_data_ready"}
@@ -310,9 +308,8 @@ def tracepoints_section(ctx: Context) -> Finding:
     absent = [n for n, v in tps.items() if not v]
     if absent:
         lines.append("absent: " + ", ".join(absent))
-    if not tps.get("sock:sk_data_ready", True):
-        lines.append("sock:sk_data_ready absent (kernels before 6.6): fallback "
-                     "sock:inet_sock_set_state + syscalls:sys_enter_read")
+    if not tps.get("tcp:tcp_probe", True):
+        lines.append("tcp:tcp_probe absent: the agent cannot time kernel_in (see probe_plan)")
     load = None
     if ctx.root:
         load = ft.bpf_load_trivial(ft.BPF_PROG_TYPE_TRACEPOINT)

@@ -102,7 +102,6 @@ class Decoder:
     ifaces: Mapping[int, Iface]
     mono_to_real: Callable[[], int]
     drop_reasons: Mapping[int, str]
-    nic_ifindexes: frozenset[int] = frozenset()
 
     def decode(self, buf: bytes | mmap.mmap, records: list[tuple[int, int]],
                out: list[Observation]) -> int:
@@ -152,7 +151,7 @@ class Decoder:
             elif kind == EV_DROP:
                 name = self.drop_reasons.get(reason, str(reason))
                 itf = ifaces.get(ifindex)
-                point = NIC if ifindex in self.nic_ifindexes else KERNEL
+                point = NIC if itf is not None and itf.point in (NIC, NIC_UNDERLAY) else KERNEL
                 out.append(new(Observation, (
                     ts + off, ts, node, itf.name if itf else f"if{ifindex}", point, IN, KIND_DROP,
                     proto, saddr, daddr, sport, dport, seq, ack, flags, plen, ip_id,

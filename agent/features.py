@@ -12,11 +12,15 @@ The few that touch the kernel do so without leaving anything behind:
   none mounted; the host's mount table is not changed and the mount goes
   away with the helper;
 * :func:`run_compile_test` (only on request) runs bcc in a child process
-  that attaches one tracepoint program and detaches it at once.
+  that attaches one tracepoint program and detaches it at once;
+* :func:`private_mounts` (called by that child, and by the agent on itself)
+  moves the calling process into its own mount namespace before mounting
+  tracefs or linking headers there.
 
 Parsers take text and file-readers take paths (with the real ones as
-defaults) so the tests can point them at fixtures. The agent (issue 4)
-reuses :func:`plan_probes` to choose its sources.
+defaults) so the tests can point them at fixtures. The agent reuses
+:func:`plan_probes`, :func:`discover_interfaces`, :func:`find_processes`
+and :func:`private_mounts`.
 """
 
 from __future__ import annotations
@@ -56,19 +60,18 @@ NETNS_DIR = "/run/netns"
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 HOPSCOPE_PREFIX = "hopscope"
 
-#: Tracepoints the agent attaches to, as ``category:event``.
-AGENT_TRACEPOINTS = (
+#: Tracepoints ``bpf/agent.c`` attaches to, as ``category:event`` (all of them, or it
+#: does not load).
+AGENT_CORE_TRACEPOINTS = (
     "tcp:tcp_probe",
-    "net:netif_receive_skb",
-    "net:net_dev_queue",
     "skb:kfree_skb",
     "sock:inet_sock_set_state",
-    "sock:sk_data_ready",
-    "syscalls:sys_enter_accept4",
-    "syscalls:sys_enter_read",
-    "syscalls:sys_enter_write",
-    "syscalls:sys_enter_connect",
+    *(f"syscalls:sys_{edge}_{call}" for call in ("write", "writev", "sendto", "sendmsg",
+                                                 "connect")
+      for edge in ("enter", "exit")),
 )
+#: Probed too, to name the plan's fallbacks on kernels without ``tcp:tcp_probe``.
+AGENT_TRACEPOINTS = (*AGENT_CORE_TRACEPOINTS, "net:netif_receive_skb", "sock:sk_data_ready")
 
 #: Kernel functions the agent would kprobe where kprobes exist.
 KPROBE_TARGETS = (
@@ -243,8 +246,10 @@ _BTF_PER_MEMBER = {BTF_KIND_STRUCT: 12, BTF_KIND_UNION: 12, BTF_KIND_ENUM: 8,
                    BTF_KIND_FUNC_PROTO: 8, BTF_KIND_DATASEC: 12, BTF_KIND_ENUM64: 12}
 _BTF_INDEXED = frozenset((BTF_KIND_FUNC, BTF_KIND_TYPEDEF, BTF_KIND_ENUM, BTF_KIND_ENUM64,
                           BTF_KIND_STRUCT, BTF_KIND_UNION))
-#: kinds that only qualify another type (const, volatile, typedef, restrict, type tag)
-_BTF_QUALIFIERS = frozenset((8, 9, 10, 11, 18))
+BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG = 9, 10, 11, 18
+#: kinds that only qualify another type
+_BTF_QUALIFIERS = frozenset((BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
+                             BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG))
 
 
 class BtfError(HopscopeError):
@@ -315,7 +320,6 @@ class Btf:
                 v = lo | (hi << 32)
             out[self._str(n)] = v
         return out
-
 
     def _members(self, tid: int) -> tuple[int, list[tuple[str, int, int]]]:
         """(kind, [(name, type id, bit offset)]) of a struct or union, through qualifiers."""
@@ -782,11 +786,65 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 _RESULT_MARK = "HOPSCOPE-COMPILE-TEST "
 
 
+class PrivateMountError(HopscopeError):
+    """A private mount (tracefs, staged headers) could not be made."""
+
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 1 << 14
+_MS_PRIVATE = 1 << 18
+
+
+def _mount(libc: ctypes.CDLL, src: str, target: str, fstype: str | None, flags: int,
+           data: str | None) -> None:
+    rc = libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None,
+                    ctypes.c_ulong(flags), data.encode() if data else None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise PrivateMountError(f"cannot mount {fstype or src} on {target}: {os.strerror(e)}")
+
+
+def private_mounts(*, tracefs: str | None, stage: HeaderTree | None, release: str) -> None:
+    """Give this process a private mount namespace, then mount tracefs at ``tracefs`` and
+    link ``stage``'s header trees as ``/lib/modules/<release>/{build,source}`` in it.
+
+    The host's mount table is not changed. Call it before any thread starts
+    (``unshare(CLONE_NEWNS)``) and before ``bcc`` is imported (it looks for
+    tracefs at import). Needs CAP_SYS_ADMIN.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        e = ctypes.get_errno()
+        raise PrivateMountError(f"cannot make a private mount namespace: {os.strerror(e)} "
+                                "(needs CAP_SYS_ADMIN)")
+    _mount(libc, "none", "/", None, _MS_REC | _MS_PRIVATE, None)
+    if tracefs:
+        _mount(libc, "hopscope", tracefs, "tracefs", 0, None)
+    if stage is not None:
+        kdir = f"/lib/modules/{release}"
+        # over the release's own directory when there is one, else over all of /lib/modules
+        # (the staged trees are links into /usr/src)
+        _mount(libc, "hopscope", kdir if os.path.isdir(kdir) else "/lib/modules", "tmpfs", 0,
+               "size=64k,mode=755")
+        os.makedirs(kdir, exist_ok=True)
+        os.symlink(stage.build, f"{kdir}/build")
+        if stage.source:
+            os.symlink(stage.source, f"{kdir}/source")
+
+
 def compile_test_child() -> None:
-    """Run in a child process: compile, load and attach the test program, detach it."""
+    """Run in a child process: compile, load and attach the test program, detach it.
+
+    ``sys.argv[1:]``: tracefs mount point, release, staged build and source
+    trees (empty strings: nothing to mount or stage).
+    """
     res: dict[str, Any] = {"ok": False}
     t0 = time.monotonic()
     try:
+        tracefs, release, build, source = [*sys.argv[1:], "", "", "", ""][:4]
+        if tracefs or build:
+            stage = HeaderTree("", build, source or None) if build else None
+            private_mounts(tracefs=tracefs or None, stage=stage, release=release)
         from bcc import BPF
 
         b = BPF(text=COMPILE_TEST_PROGRAM)
@@ -811,21 +869,6 @@ class CompileResult:
     output: list[str] = field(default_factory=list)
 
 
-_STAGE_SCRIPT = r"""
-set -e
-if [ -n "$1" ]; then mount -t tracefs hopscope-doctor "$1"; fi
-if [ -n "$3" ]; then
-  d=/lib/modules/$2
-  if [ -d "$d" ]; then mount -t tmpfs -o size=64k,mode=755 hopscope-doctor "$d"
-  else mount -t tmpfs -o size=64k,mode=755 hopscope-doctor /lib/modules; mkdir -p "$d"; fi
-  ln -s "$3" "$d/build"
-  if [ -n "$4" ]; then ln -s "$4" "$d/source"; fi
-fi
-shift 4
-exec "$@"
-"""
-
-
 def run_compile_test(*, mount_tracefs: bool = False, stage: HeaderTree | None = None,
                      release: str | None = None, timeout: float = 60.0) -> CompileResult:
     """Compile, load and attach a tiny tracepoint program with bcc in a child, then detach.
@@ -835,19 +878,13 @@ def run_compile_test(*, mount_tracefs: bool = False, stage: HeaderTree | None = 
     linked as ``/lib/modules/<release>/{build,source}``: the fix tried
     without applying it.
     """
-    child = [sys.executable, "-c",
-             "from hopscope.agent.features import compile_test_child; compile_test_child()"]
+    release = release or kernel_release()
+    argv = [sys.executable, "-c",
+            "from hopscope.agent.features import compile_test_child; compile_test_child()",
+            TRACEFS_CANDIDATES[0] if mount_tracefs else "", release,
+            stage.build if stage else "", (stage.source or "") if stage else ""]
     how = "as the system is"
-    argv = child
     if mount_tracefs or stage is not None:
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            return CompileResult(False, "private mount namespace",
-                                 error="unshare (util-linux) not found")
-        release = release or kernel_release()
-        argv = [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", _STAGE_SCRIPT,
-                "sh", TRACEFS_CANDIDATES[0] if mount_tracefs else "", release,
-                stage.build if stage else "", (stage.source or "") if stage else "", *child]
         parts = []
         if mount_tracefs:
             parts.append("tracefs mounted")
@@ -1332,7 +1369,9 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
     ipvs_syms = f.kprobe_symbols.get("ip_vs_conn_new") and f.kprobe_symbols.get("ip_vs_nat_xmit")
     if f.ipvs_config and f.kprobes and ipvs_syms:
         items.append(PlanItem("service_nat", "kprobes ip_vs_conn_new + ip_vs_nat_xmit",
-                              "IPVS and kprobes present: kube-proxy IPVS mode measured directly"))
+                              "IPVS and kprobes present: kube-proxy IPVS mode could be measured "
+                              "directly (not built yet, issue 7: until then the proxy's write "
+                              "-> first upstream byte, as with iptables)"))
     else:
         reasons = []
         if not f.ipvs_config:
@@ -1343,8 +1382,8 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
             reasons.append("IPVS in use: its time is inside the same interval")
         items.append(PlanItem(
             "service_nat",
-            "iptables DNAT: sock:inet_sock_set_state SYN_SENT (ClusterIP) -> tc egress on "
-            "flannel.1/cni0 (pod IP), matched via conntrack",
+            "iptables DNAT: the proxy's write -> its first upstream byte at tc egress on "
+            "flannel.1/cni0 (pod IP, after DNAT and masquerade)",
             "; ".join(reasons) or "no IPVS symbols"))
 
     if tp.get("skb:kfree_skb"):

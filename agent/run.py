@@ -99,7 +99,6 @@ class LiveShip:
         self.q: queue.Queue[tuple[list[Observation], list[tuple[int, int]], dict[str, int]] | None] \
             = queue.Queue(maxsize=256)
         self.dropped = 0
-        self.error: BaseException | None = None
         self.t = threading.Thread(target=self._main, name="hopscope-ship", daemon=True)
         self.t.start()
 
@@ -117,8 +116,7 @@ class LiveShip:
     def _main(self) -> None:
         try:
             asyncio.run(self._run())
-        except BaseException as exc:  # reported by the agent loop
-            self.error = exc
+        except BaseException as exc:  # the agent goes on stitching/recording locally
             log.error("shipping stopped: %s", exc)
 
     async def _run(self) -> None:
@@ -178,7 +176,11 @@ class Agent:
         self.pending: list[Observation] = []
         self.stitcher = Stitcher([cfg.node])
         self.tracker = self.stitcher.tracker(cfg.node)
+        #: stitch here (for --local and --out); requests are kept only for --out
+        self._stitching = cfg.local or bool(cfg.out)
         self.requests: list[dict[str, Any]] = []
+        self.nrequests = 0
+        self.final_stats: dict[str, int] = {}
         self.decode_errors = 0
         self.observations = 0
         self.ship: LiveShip | None = None
@@ -194,9 +196,7 @@ class Agent:
     # -- set-up ------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        removed = bpfprog.remove_stale()
-        if removed:
-            log.warning("%d tc filter(s) of an earlier hopscope agent removed", removed)
+        bpfprog.remove_stale()
         fmt = ft.find_tracefs()
         reasons: dict[int, str] = {}
         if fmt:
@@ -212,9 +212,7 @@ class Agent:
 
         self.ring = RingReader(self.prog.ring_fd(), self.prog.ring_size)
         self._sample_clock()
-        self.decoder = ev.Decoder(cfg.node, self.ifaces, lambda: self.offset, reasons,
-                                  frozenset(i for i, f in self.ifaces.items()
-                                            if f.point in ("nic", ev.NIC_UNDERLAY)))
+        self.decoder = ev.Decoder(cfg.node, self.ifaces, lambda: self.offset, reasons)
         self.sources = {
             "packets": "tc clsact (bpf/tc.c) on " + ", ".join(
                 f"{f.name}={f.point}" for f in self.ifaces.values()),
@@ -310,20 +308,22 @@ class Agent:
         self.observations += len(ready)
         if self._record is not None:
             self._record.write(self._packer.pack(ready))
-        if self.cfg.local or self.cfg.out:
+        if self._stitching:
             self.tracker.feed(ready)
         if self.ship is not None:
             clock, self.clock = self.clock, []
             self.ship.put(ready, clock, self.lost())
 
     def _take(self, final: bool = False) -> None:
-        if not (self.cfg.local or self.cfg.out):
+        if not self._stitching:
             return
         st = self.stitcher
         st.add(self.cfg.node, self.tracker.take(final=final))
         reqs = st.drain(final=final)
+        self.nrequests += len(reqs)
         for r in reqs:
-            self.requests.append(r)
+            if self.cfg.out:
+                self.requests.append(r)
             if self.emit is not None:
                 self.emit(r)
 
@@ -357,7 +357,7 @@ class Agent:
             reqs, drops = self.stitcher.finish()
             env = self.stitcher.envelope(self.requests + list(reqs), drops)
             env["agent"] = {"node": self.cfg.node, "sources": self.sources,
-                            "events": getattr(self, "final_stats", {}),
+                            "events": self.final_stats,
                             "observations": self.observations,
                             "decode_errors": self.decode_errors}
             tmp = self.cfg.out + ".tmp"
@@ -383,8 +383,7 @@ def _mono(o: Observation) -> int:
 
 def run_agent(cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None) -> Agent:
     """Set up the mounts, run until signalled (or ``duration``), detach. Returns the agent."""
-    env = bpfprog.prepare_kernel_env()
-    for n in env.notes:
+    for n in bpfprog.prepare_kernel_env():
         log.info("%s", n)
     agent = Agent(cfg, emit)
 

@@ -71,31 +71,18 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     bpf_probe_read_kernel(&data, sizeof(data), (char *)args->skbaddr + HS_SKB_DATA_OFF);
     if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
         return 0;
-    struct hs_event *e = hs_scratch();
+    struct hs_event *e = hs_event_new(HS_EV_KERNEL, HS_DIR_IN, inum);
     if (!e)
         return 0;
-    e->ts_mono_ns = bpf_ktime_get_ns();
-    e->aux_ns = 0;
-    e->netns = inum;
-    e->ifindex = 0;
-    e->seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
-    e->ack = ((__u32)th[8] << 24) | ((__u32)th[9] << 16) | ((__u32)th[10] << 8) | th[11];
+    e->seq = hs_be32(th + 4);
+    e->ack = hs_be32(th + 8);
     e->plen = args->data_len;
-    e->vni = 0xffffffff;
     e->saddr = remote; /* client -> server */
     e->daddr = local;
-    e->osaddr = 0;
-    e->odaddr = 0;
     e->sport = args->dport;
     e->dport = args->sport;
-    e->ip_id = 0;
-    e->reason = 0;
-    e->kind = HS_EV_KERNEL;
-    e->dir = HS_DIR_IN;
     e->tcp_flags = th[13];
     e->proto = 6;
-    e->why = 0;
-    e->pad = 0;
     hs_submit(e, 0, HS_STAT_KERNEL_SENT, HS_STAT_KERNEL_LOST);
     return 0;
 }
@@ -132,40 +119,27 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     __u8 l4[14] = {};
     if (bpf_probe_read_kernel(l4, sizeof(l4), (char *)head + nh + ihl) < 0)
         return 0;
-    struct hs_event *e = hs_scratch();
+    struct hs_event *e = hs_event_new(HS_EV_DROP, HS_DIR_IN, inum);
     if (!e)
         return 0;
     __u16 tot = (ip[2] << 8) | ip[3];
-    e->ts_mono_ns = bpf_ktime_get_ns();
     e->aux_ns = (__u64)args->location;
-    e->netns = inum;
-    e->ifindex = 0;
     if (dev)
         bpf_probe_read_kernel(&e->ifindex, sizeof(e->ifindex), (char *)dev + HS_DEV_IFINDEX_OFF);
     __builtin_memcpy(&e->saddr, ip + 12, 4);
     __builtin_memcpy(&e->daddr, ip + 16, 4);
-    e->osaddr = 0;
-    e->odaddr = 0;
     e->sport = (l4[0] << 8) | l4[1];
     e->dport = (l4[2] << 8) | l4[3];
-    e->vni = 0xffffffff;
     e->ip_id = (ip[4] << 8) | ip[5];
     e->reason = reason;
-    e->kind = HS_EV_DROP;
-    e->dir = HS_DIR_IN;
     e->proto = proto;
-    e->why = 0;
-    e->pad = 0;
     if (proto == 6) {
-        e->seq = ((__u32)l4[4] << 24) | ((__u32)l4[5] << 16) | ((__u32)l4[6] << 8) | l4[7];
-        e->ack = ((__u32)l4[8] << 24) | ((__u32)l4[9] << 16) | ((__u32)l4[10] << 8) | l4[11];
+        e->seq = hs_be32(l4 + 4);
+        e->ack = hs_be32(l4 + 8);
         e->tcp_flags = l4[13];
         __u32 doff = (l4[12] >> 4) * 4;
         e->plen = tot > ihl + doff ? tot - ihl - doff : 0;
     } else {
-        e->seq = 0;
-        e->ack = 0;
-        e->tcp_flags = 0;
         e->plen = tot > ihl + 8 ? tot - ihl - 8 : 0;
     }
     hs_submit(e, 0, HS_STAT_DROP_SENT, HS_STAT_DROP_LOST);
@@ -183,31 +157,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     __u32 inum = hs_sock_netns(args->skaddr);
     if (!hs_netns_wanted(inum))
         return 0;
-    struct hs_event *e = hs_scratch();
+    struct hs_event *e = hs_event_new(HS_EV_STATE, HS_DIR_OUT, inum);
     if (!e)
         return 0;
-    e->ts_mono_ns = bpf_ktime_get_ns();
-    e->aux_ns = 0;
-    e->netns = inum;
-    e->ifindex = 0;
-    e->seq = 0;
-    e->ack = 0;
-    e->plen = 0;
-    e->vni = 0xffffffff;
     __builtin_memcpy(&e->saddr, args->saddr, 4);
     __builtin_memcpy(&e->daddr, args->daddr, 4);
-    e->osaddr = 0;
-    e->odaddr = 0;
     e->sport = args->sport;
     e->dport = args->dport;
-    e->ip_id = 0;
     e->reason = ((__u16)args->oldstate << 8) | (args->newstate & 0xff);
-    e->kind = HS_EV_STATE;
-    e->dir = HS_DIR_OUT;
-    e->tcp_flags = 0;
     e->proto = 6;
-    e->why = 0;
-    e->pad = 0;
     hs_submit(e, 0, HS_STAT_STATE_SENT, HS_STAT_STATE_LOST);
     return 0;
 }

@@ -9,10 +9,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getpid)
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (tgid != HS_FLOOD_TGID)
         return 0;
-    struct hs_event *e = hs_scratch();
+    struct hs_event *e = hs_event_new(HS_EV_PKT, HS_DIR_IN, 0);
     if (!e)
         return 0;
-    e->kind = HS_EV_PKT;
     for (int i = 0; i < HS_FLOOD_BURST; i++) {
         e->ts_mono_ns = bpf_ktime_get_ns();
         e->seq = i;

@@ -47,6 +47,9 @@
 #define HS_STAT_FLOOD_LOST   12
 #define HS_STAT_MAX          13
 
+/* hs_event.vni of a packet that is not VXLAN-encapsulated */
+#define HS_NO_VNI 0xffffffff
+
 /* bytes of payload an event can carry (a power of two) */
 #ifndef HS_PAYLOAD_MAX
 #define HS_PAYLOAD_MAX 1024
@@ -61,7 +64,7 @@ struct hs_event {
     __u32 seq;
     __u32 ack;
     __u32 plen;        /* TCP payload length (from the IP header) */
-    __u32 vni;         /* VXLAN network identifier, 0xffffffff when not encapsulated */
+    __u32 vni;         /* VXLAN network identifier, HS_NO_VNI when not encapsulated */
     __u32 saddr;       /* inner IPv4 addresses, network byte order */
     __u32 daddr;
     __u32 osaddr;      /* outer addresses of a VXLAN packet, else 0 */

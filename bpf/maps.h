@@ -56,10 +56,26 @@ static __always_inline void hs_count(int idx)
         *v += 1;
 }
 
-static __always_inline struct hs_event *hs_scratch(void)
+/* The per-CPU scratch event, its header zeroed, the fields every event has set. */
+static __always_inline struct hs_event *hs_event_new(__u8 kind, __u8 dir, __u32 netns)
 {
     int zero = 0;
-    return scratch.lookup(&zero);
+    struct hs_event *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, HS_EVENT_HDR);
+    e->ts_mono_ns = bpf_ktime_get_ns();
+    e->netns = netns;
+    e->vni = HS_NO_VNI;
+    e->kind = kind;
+    e->dir = dir;
+    return e;
+}
+
+/* A big-endian (network order) 32-bit number at b. */
+static __always_inline __u32 hs_be32(const __u8 *b)
+{
+    return ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
 }
 
 /* Send the first HS_EVENT_HDR + caplen bytes of e; count it as sent or lost. */

@@ -55,8 +55,8 @@ static __always_inline int hs_tcp(struct __sk_buff *skb, __u32 off, __u32 l4len,
         return -1;
     p->sport = (hdr[0] << 8) | hdr[1];
     p->dport = (hdr[2] << 8) | hdr[3];
-    p->seq = ((__u32)hdr[4] << 24) | ((__u32)hdr[5] << 16) | ((__u32)hdr[6] << 8) | hdr[7];
-    p->ack = ((__u32)hdr[8] << 24) | ((__u32)hdr[9] << 16) | ((__u32)hdr[10] << 8) | hdr[11];
+    p->seq = hs_be32(hdr + 4);
+    p->ack = hs_be32(hdr + 8);
     __u32 doff = (hdr[12] >> 4) * 4;
     p->flags = hdr[13];
     if (doff < 20 || doff > l4len)
@@ -111,12 +111,10 @@ static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32
 static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
                                         __u64 aux)
 {
-    struct hs_event *e = hs_scratch();
+    struct hs_event *e = hs_event_new(HS_EV_PKT, dir, 0);
     if (!e)
         return;
-    e->ts_mono_ns = bpf_ktime_get_ns();
     e->aux_ns = aux;
-    e->netns = 0;
     e->ifindex = skb->ifindex;
     e->seq = p->seq;
     e->ack = p->ack;
@@ -129,13 +127,9 @@ static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p,
     e->sport = p->sport;
     e->dport = p->dport;
     e->ip_id = p->ip_id;
-    e->reason = 0;
-    e->kind = HS_EV_PKT;
-    e->dir = dir;
     e->tcp_flags = p->flags;
     e->proto = p->proto;
     e->why = why;
-    e->pad = 0;
     __u32 n = 0;
     if (why == HS_WHY_START || why == HS_WHY_FOLLOW) {
         n = p->plen;
@@ -161,7 +155,7 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_OK;
     }
     struct hs_pkt p = {};
-    p.vni = 0xffffffff;
+    p.vni = HS_NO_VNI;
     __u32 l4len = 0;
     int off = hs_ipv4(skb, HS_ETH_HLEN, &p, &l4len);
     if (off < 0)
@@ -185,7 +179,7 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
     }
     if (p.proto != HS_IPPROTO_TCP || hs_tcp(skb, off, l4len, &p) < 0)
         return TC_ACT_OK;
-    int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == 0xffffffff);
+    int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == HS_NO_VNI);
     if (p.flags & 0x07) { /* SYN, FIN, RST */
         if (nic && dir == HS_DIR_OUT && (p.flags & 0x12) == 0x12) {
             struct hs_flowkey k = {};

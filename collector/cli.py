@@ -201,9 +201,9 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                       interfaces=override, duration=parse_duration(duration) / 1e9,
                       ship=shipcfg, ready_file=ready_file, record=record)
     agent = run_agent(cfg, print_request if local else None)
-    st = getattr(agent, "final_stats", {})
+    st = agent.final_stats
     click.echo(f"agent {node}: {agent.observations} observations, "
-               f"{len(agent.requests)} requests; events sent/lost: tc "
+               f"{agent.nrequests} requests; events sent/lost: tc "
                f"{st.get('tc_sent', 0)}/{st.get('tc_lost', 0)}, kernel "
                f"{st.get('kernel_sent', 0)}/{st.get('kernel_lost', 0)}, drop "
                f"{st.get('drop_sent', 0)}/{st.get('drop_lost', 0)}", err=True)

@@ -64,7 +64,6 @@ KIND_WRITE = "write"
 KIND_DROP = "drop"
 #: eBPF: a TCP socket changed state: ``ack`` old state, ``seq`` new state (kernel numbers).
 KIND_STATE = "state"
-KINDS = (KIND_PACKET, KIND_QUEUED, KIND_WRITE, KIND_DROP, KIND_STATE)
 
 # TCP flag bits
 FIN = 0x01

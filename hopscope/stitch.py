@@ -161,8 +161,9 @@ class Stitcher:
         self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
         self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self._pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
-        #: eBPF drops: (node, point, flow, reason) -> [first ts (node clock), packets]
-        self._kdrops: dict[tuple[str, str, tuple[bytes, int, bytes, int], str], list[int]] = {}
+        #: eBPF drops: (node, flow) -> {(point, reason): [first ts (node clock), packets]}
+        self._kdrops: dict[tuple[str, tuple[bytes, int, bytes, int]],
+                           dict[tuple[str, str], list[int]]] = {}
         self.drops = []
         for n in nodes:
             self._node(n)
@@ -227,13 +228,10 @@ class Stitcher:
                     self._no_id[(s.method, s.path)].append(g)
         for r in st.syns:
             self._syns[(r.flow, r.isn)].append(r)
-        for ts, point, dflow, reason, n in st.kdrops:
-            kd = self._kdrops.get((node, point, dflow, reason))
-            if kd is None:
-                self._kdrops[(node, point, dflow, reason)] = [ts, n]
-            else:
-                kd[0] = min(kd[0], ts)
-                kd[1] += n
+        for ts, point, dflow, reason in st.kdrops:
+            kd = self._kdrops.setdefault((node, dflow), {}).setdefault((point, reason), [ts, 0])
+            kd[0] = min(kd[0], ts)
+            kd[1] += 1
         for (hflow, kind), lst in st.handshakes.items():
             d = self._hs[(hflow, kind)]
             for point, ifname, ts in lst:
@@ -742,25 +740,26 @@ class Stitcher:
         return drops
 
     def _kernel_reason(self, node: str, flow: tuple[bytes, int, bytes, int]) -> str:
-        """The drop reason eBPF saw for a flow's packets on ``node`` (used up)."""
-        for key in [k for k in self._kdrops if k[0] == node and k[2] == flow]:
-            del self._kdrops[key]
-            return key[3]
-        return ""
+        """The drop reason eBPF saw first for a flow's packets on ``node`` (used up)."""
+        by = self._kdrops.pop((node, flow), None)
+        if not by:
+            return ""
+        return min(by.items(), key=lambda kv: kv[1][0])[0][1]
 
     def _kernel_drops(self, final: bool, horizon: int) -> list[dict[str, Any]]:
         """Drops eBPF saw that no unanswered connection explains, once past the horizon."""
         out: list[dict[str, Any]] = []
         sh = self._sh
         wait = self.HORIZON_NS + self.LINGER_NS
-        for key, (ts, n) in list(self._kdrops.items()):
-            node, point, flow, reason = key
-            first = ts - sh.get(node, 0)
+        for (node, flow), by in list(self._kdrops.items()):
+            first = min(ts for ts, _n in by.values()) - sh.get(node, 0)
             if not final and first + wait > horizon:
                 continue
-            del self._kdrops[key]
-            out.append({"node": node, "point": point, "kind": "dropped", "reason": reason,
-                        "flow": flow_str(*flow), "packets": n, "first_ns": first})
+            del self._kdrops[(node, flow)]
+            for (point, reason), (ts, n) in by.items():
+                out.append({"node": node, "point": point, "kind": "dropped", "reason": reason,
+                            "flow": flow_str(*flow), "packets": n,
+                            "first_ns": ts - sh.get(node, 0)})
         return out
 
     def _drop_unanswered(self, c: Sighting, g: _Group | None,

@@ -168,8 +168,8 @@ class TrackerState:
     packets: int
     passed_over: int
     last_ts: int  # the tracker's watermark: it has seen everything up to here
-    #: eBPF drop events: (ts, point, flow as sent, reason, packets)
-    kdrops: list[tuple[int, str, tuple[bytes, int, bytes, int], str, int]] = field(
+    #: eBPF drop events: (ts, point, flow as sent, reason)
+    kdrops: list[tuple[int, str, tuple[bytes, int, bytes, int], str]] = field(
         default_factory=list)
 
 
@@ -287,7 +287,7 @@ class NodeTracker:
         self._queued: dict[tuple[bytes, int, bytes, int], list[tuple[int, int, int]]] = {}
         self._writes: dict[tuple[object, ...], int] = {}
         self._ev_order: deque[tuple[int, int, object]] = deque()  # (ts, which, key) to expire
-        self._kdrops: dict[tuple[str, tuple[bytes, int, bytes, int], str], list[int]] = {}
+        self._kdrops: list[tuple[int, str, tuple[bytes, int, bytes, int], str]] = []
 
     # -- the hot path --------------------------------------------------------
     def feed(self, batch: Iterable[Observation]) -> None:
@@ -362,13 +362,8 @@ class NodeTracker:
                 self._writes[key] = ts
                 self._ev_order.append((ts, 1, key))
         elif kind == KIND_DROP:
-            reason = ob.payload.decode("ascii", "replace")
-            dkey = (ob.point, (ob.src, ob.sport, ob.dst, ob.dport), reason)
-            d = self._kdrops.get(dkey)
-            if d is None:
-                self._kdrops[dkey] = [ts, 1]
-            else:
-                d[1] += 1
+            self._kdrops.append((ts, ob.point, (ob.src, ob.sport, ob.dst, ob.dport),
+                                 ob.payload.decode("ascii", "replace")))
         # other kinds (socket states) are counted by their source, not stitched
 
     def _join_events(self, s: Sighting) -> None:
@@ -532,8 +527,7 @@ class NodeTracker:
         self.sightings = keep
         if self._ev_order:
             self._expire_events(low - EVENT_KEEP_NS if not final else 1 << 62)
-        kdrops = [(v[0], k[0], k[1], k[2], v[1]) for k, v in self._kdrops.items()]
-        self._kdrops = {}
+        kdrops, self._kdrops = self._kdrops, []
         state = TrackerState(done, self.syns, self.handshakes,
                              self.packets - self._taken_packets,
                              self.passed_over - self._taken_passed, low, kdrops)

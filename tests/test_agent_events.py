@@ -69,7 +69,7 @@ def _raw(**kw: object) -> bytes:
 
 def test_decode_packets_writes_and_socket_events() -> None:
     ifaces = {3: ev.Iface("eth0", "nic+underlay"), 5: ev.Iface("flannel.1", "overlay")}
-    dec = ev.Decoder("node1", ifaces, lambda: 1_000, {12: "NETFILTER_DROP"}, frozenset({3}))
+    dec = ev.Decoder("node1", ifaces, lambda: 1_000, {12: "NETFILTER_DROP"})
     a, b = bytes([203, 0, 113, 9]), bytes([203, 0, 113, 11])
     recs = [
         _raw(ts_mono_ns=100, kind=ev.EV_PKT, ifindex=3, saddr=a, daddr=b, sport=40000, dport=80,

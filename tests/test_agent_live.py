@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hopscope.agent.run import read_record
 
 from hopscope.replay import replay
-from hopscope.stitch import Stitcher
 from hopscope.testbed import faults
-from hopscope.testbed.agents import running_agents, start_agent, stop_agent
+from hopscope.testbed.agents import running_agents, start_agent, stitch_records, stop_agent
 from hopscope.testbed.capture import capturing
 from hopscope.testbed.topology import Instance
 from hopscope.testbed.traffic import TrafficConfig, run_traffic
@@ -29,14 +27,6 @@ pytestmark = pytest.mark.privileged
 
 TOL_NS = 50_000
 NODES = ["node1", "node2", "node3"]
-
-
-def _stitch_records(paths: dict[str, Path]) -> dict[str, Any]:
-    st = Stitcher(NODES)
-    for node in NODES:
-        obs = sorted(read_record(str(paths[node])), key=lambda o: o.ts_mono_ns)
-        st.feed(node, obs)
-    return st.result()
 
 
 def _children(r: dict[str, Any]) -> dict[str, int]:
@@ -53,7 +43,7 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
     assert len(recs) == 90 and all(r["status"] in (200, 201) for r in recs)
     assert cap.result is not None
     rep = replay([(f.name.split(".")[0], f) for f in cap.result.files], progress=False).envelope
-    live = _stitch_records({n: a.record for n, a in agents.agents.items()})
+    live = stitch_records(agents, NODES)
     want = {r["cf_ray"] for r in recs}
     got_live = {r["request_id"]: r for r in live["requests"]}
     got_rep = {r["request_id"]: r for r in rep["requests"]}

@@ -8,7 +8,6 @@ classifiers are attached to the interfaces of that namespace only.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hopscope.errors import HopscopeError
 from hopscope.testbed.topology import Instance
@@ -36,15 +36,11 @@ class AgentProc:
     out: Path
     record: Path
     log: Path
-    ready: Path
 
 
 @dataclass
 class AgentSet:
     agents: dict[str, AgentProc] = field(default_factory=dict)
-
-    def outputs(self) -> dict[str, Path]:
-        return {n: a.out for n, a in self.agents.items()}
 
 
 def start_agent(inst: Instance, node: str, out_dir: Path, extra: Iterable[str] = ()
@@ -61,7 +57,7 @@ def start_agent(inst: Instance, node: str, out_dir: Path, extra: Iterable[str] =
             *extra]
     with open(logf, "wb") as lf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
-    a = AgentProc(node, ns, proc, out, rec, logf, ready)
+    a = AgentProc(node, ns, proc, out, rec, logf)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -110,5 +106,13 @@ def running_agents(inst: Instance, out_dir: Path, nodes: Iterable[str] | None = 
                 remove_stale_in(a.ns)
 
 
-def load_envelope(path: Path) -> dict[str, object]:
-    return dict(json.loads(path.read_text()))
+def stitch_records(agents: AgentSet, nodes: Iterable[str]) -> dict[str, Any]:
+    """One envelope from what every agent recorded (``--record``), stitched together."""
+    from hopscope.agent.run import read_record
+    from hopscope.stitch import Stitcher
+
+    names = list(nodes)
+    st = Stitcher(names)
+    for n in names:
+        st.feed(n, sorted(read_record(str(agents.agents[n].record)), key=lambda o: o.ts_mono_ns))
+    return st.result()

@@ -151,10 +151,8 @@ def agents_cmd(prefix: str, out_dir: str, count: int, node: str, as_json: bool) 
     import time
     from pathlib import Path
 
-    from hopscope.agent.run import read_record
     from hopscope.render import render_envelope
-    from hopscope.stitch import Stitcher
-    from hopscope.testbed.agents import running_agents
+    from hopscope.testbed.agents import running_agents, stitch_records
     from hopscope.testbed.traffic import TrafficConfig, run_traffic
 
     inst = load_instance(prefix)
@@ -171,10 +169,7 @@ def agents_cmd(prefix: str, out_dir: str, count: int, node: str, as_json: bool) 
             signal.signal(signal.SIGINT, lambda *_: stop.append(1))
             while not stop:
                 time.sleep(0.2)
-    st = Stitcher(names)
-    for n in names:
-        st.feed(n, sorted(read_record(str(agents.agents[n].record)), key=lambda o: o.ts_mono_ns))
-    env = st.result()
+    env = stitch_records(agents, names)
     if as_json:
         click.echo(json.dumps(env))
     else:
