@@ -194,9 +194,14 @@ class AgentProgram:
         self.ring_size = settings.ringbuf_pages * 4096
 
     # config maps
-    def allow_netns(self, inodes: Iterable[int]) -> None:
+    def set_netns(self, inodes: Iterable[int]) -> None:
+        """The network namespaces (inodes) whose socket events and drops are this agent's."""
         t = self.bpf["netns_ok"]
-        for ino in inodes:
+        want = set(inodes)
+        for k in list(t.keys()):
+            if k.value not in want:
+                del t[k]
+        for ino in want:
             t[t.Key(ino)] = t.Leaf(1)
 
     def set_proxy_tgids(self, tgids: Iterable[int]) -> None:

@@ -1129,6 +1129,59 @@ def discover_interfaces(netns: str | None = None) -> tuple[list[Interface], dict
     return ifaces, {str(link["ifname"]): int(link["ifindex"]) for link in links}
 
 
+def pod_peer_nsids(links: Sequence[Mapping[str, Any]]) -> set[int]:
+    """The namespace ids (as this namespace numbers them) at the other end of its pod veths."""
+    ifaces = classify_interfaces(links, [])
+    pods = {i.name for i in ifaces if i.role == ROLE_POD_VETH}
+    return {int(link["link_netnsid"]) for link in links
+            if link.get("ifname") in pods and link.get("link_netnsid") is not None}
+
+
+def netns_candidates() -> dict[int, str]:
+    """Network namespaces that can be opened: inode -> a path (``/run/netns/*``, then the
+    namespaces of processes, ``/proc/PID/ns/net``)."""
+    out: dict[int, str] = {}
+    paths: list[str] = []
+    for d in ("/run/netns", "/var/run/netns"):
+        with contextlib.suppress(OSError):
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d))]
+    with contextlib.suppress(OSError):
+        paths += [f"/proc/{n}/ns/net" for n in os.listdir("/proc") if n.isdigit()]
+    for path in paths:
+        try:
+            out.setdefault(os.stat(path).st_ino, path)
+        except OSError:
+            continue  # gone, or not a namespace
+    return out
+
+
+def namespaces_with_nsids(nsids: set[int], own_inode: int) -> set[int]:
+    """The inodes of the namespaces that this one calls ``nsids`` (RTM_GETNSID on each
+    namespace that can be opened): its pods, when ``nsids`` are its veths' peers."""
+    if not nsids:
+        return set()
+    from pyroute2 import IPRoute
+
+    found: set[int] = set()
+    with IPRoute() as ipr:
+        for ino, path in netns_candidates().items():
+            if ino == own_inode:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                r = ipr.get_netnsid(fd=fd)
+            except Exception:  # the namespace went away meanwhile
+                continue
+            finally:
+                os.close(fd)
+            if r and r.get("nsid") in nsids:
+                found.add(ino)
+    return found
+
+
 def classify_interfaces(links: Sequence[Mapping[str, Any]], default_devs: Sequence[str],
                         addrs: Sequence[Mapping[str, Any]] = (),
                         route_devs: Mapping[str, Sequence[str]] | None = None

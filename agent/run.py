@@ -34,6 +34,7 @@ from typing import Any
 from hopscope.agent import bpfprog
 from hopscope.agent import events as ev
 from hopscope.agent import features as ft
+from hopscope.agent.pktbuf import PacketBuffer
 
 from hopscope.model import Observation
 from hopscope.stitch import Stitcher
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 
 #: events are fed once they are this old: the ring buffer interleaves CPUs
 REORDER_NS = 3_000_000
+#: a slow request's packets are written this long after it was stitched (its response's
+#: last segments and the connection's close may follow the first byte of the response)
+EXPORT_TAIL_NS = 1_000_000_000
+#: AF_PACKET hands over a block when full or after its timeout: wait that long too
+CAPTURE_REORDER_NS = 10_000_000
+SOURCES = ("auto", "tc", "capture")
 RESCAN_S = 2.0
 CLOCK_EVERY_S = 1.0
 POINTS_ATTACHED = {"nic", "overlay", "underlay", "pod", "nic+underlay"}
@@ -59,6 +66,13 @@ class AgentConfig:
     ship: Any = None  # a ShipConfig-like object for the collector, or None
     ready_file: str | None = None  # written once everything is attached
     record: str | None = None  # append every observation batch here (msgpack)
+    #: where packets come from: "tc" (BPF classifiers), "capture" (AF_PACKET, no BPF at
+    #: all), "auto" (tc, or capture when the BPF programs cannot be loaded)
+    source: str = "auto"
+    #: recent packets kept (0: none) for exporting slow requests' packets
+    packet_buffer: int = 20_000
+    slow_pcap: str | None = None  # write the packets of slow requests here (pcapng)
+    slower_than_ns: int = 500_000_000
     settings: bpfprog.Settings = field(default_factory=bpfprog.Settings)
 
 
@@ -75,11 +89,16 @@ def clock_sample() -> tuple[int, int]:
     return best[1], best[2]
 
 
-def wanted_interfaces(override: dict[str, str]) -> dict[int, ev.Iface]:
+def wanted_interfaces(override: dict[str, str], links: list[dict[str, Any]] | None = None
+                      ) -> dict[int, ev.Iface]:
     """ifindex -> interface to attach to, by role (or as ``override`` names them)."""
-    ifaces, by_name = ft.discover_interfaces()
+    if links is None:
+        links = ft.ip_links()
+    by_name = {str(link["ifname"]): int(link["ifindex"]) for link in links}
     if override:
         return {by_name[n]: ev.Iface(n, p) for n, p in override.items() if n in by_name}
+    ifaces = ft.classify_interfaces(links, ft.default_route_devs(), ft.ip_addrs(),
+                                    ft.vxlan_route_devs(links))
     out: dict[int, ev.Iface] = {}
     for i in ifaces:
         if i.point in POINTS_ATTACHED and i.state.upper() != "DOWN":
@@ -170,14 +189,18 @@ class Agent:
         self.netns = bpfprog.netns_inode()
         self.prog: bpfprog.AgentProgram | None = None
         self.ring: Any = None
+        self.cap: Any = None  # the AF_PACKET source, when packets come from capture
+        self.reorder_ns = REORDER_NS
+        self.pod_netns: list[int] = []
+        self.sources: dict[str, str] = {}
         self.ifaces: dict[int, ev.Iface] = {}
         self.offset = 0
         self.clock: list[tuple[int, int]] = []
         self.pending: list[Observation] = []
         self.stitcher = Stitcher([cfg.node])
         self.tracker = self.stitcher.tracker(cfg.node)
-        #: stitch here (for --local and --out); requests are kept only for --out
-        self._stitching = cfg.local or bool(cfg.out)
+        #: stitch here (for --local, --out, --slow-pcap); requests are kept only for --out
+        self._stitching = cfg.local or bool(cfg.out) or bool(cfg.slow_pcap)
         self.requests: list[dict[str, Any]] = []
         self.nrequests = 0
         self.final_stats: dict[str, int] = {}
@@ -185,8 +208,13 @@ class Agent:
         self.observations = 0
         self.ship: LiveShip | None = None
         self._stop = False
-        self.sources: dict[str, str] = {}
         self._record: Any = None
+        self.pktbuf: PacketBuffer | None = None
+        if cfg.packet_buffer and cfg.slow_pcap:
+            self.pktbuf = PacketBuffer(cfg.packet_buffer)
+        #: (due, request id, until) of slow requests whose packets are still to be written
+        self._exports: list[tuple[float, str, int]] = []
+        self.exported = 0
         if cfg.record:
             import msgpack
 
@@ -196,45 +224,92 @@ class Agent:
     # -- set-up ------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        bpfprog.remove_stale()
-        fmt = ft.find_tracefs()
-        reasons: dict[int, str] = {}
-        if fmt:
-            text = ft._read_text(os.path.join(ft.tracepoint_dir(fmt, "skb:kfree_skb"), "format"))
-            reasons = ft.parse_drop_reasons(text) if text else {}
-        not_specified = next((k for k, v in reasons.items() if v == "NOT_SPECIFIED"), 2)
-        cfg.settings.drop_reason_min = not_specified
-        cfg.settings.entry_port = cfg.entry_port
-        self.prog = bpfprog.AgentProgram(cfg.settings)
-        self.prog.allow_netns([self.netns])
-        self._rescan(first=True)
-        from hopscope.agent.ringbuf import RingReader
-
-        self.ring = RingReader(self.prog.ring_fd(), self.prog.ring_size)
+        if cfg.source not in SOURCES:
+            raise bpfprog.AgentError(f"unknown packet source {cfg.source!r}: "
+                                     f"one of {', '.join(SOURCES)}")
         self._sample_clock()
-        self.decoder = ev.Decoder(cfg.node, self.ifaces, lambda: self.offset, reasons)
-        self.sources = {
-            "packets": "tc clsact (bpf/tc.c) on " + ", ".join(
-                f"{f.name}={f.point}" for f in self.ifaces.values()),
-            "kernel_in": "tracepoint tcp:tcp_probe on entry-port sockets",
-            "proxy": f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread",
-            "drops": "tracepoint skb:kfree_skb (reasons from its format file)",
-        }
+        self.reasons: dict[int, str] = {}
+        if cfg.source != "capture":
+            try:
+                self._start_bpf()
+            except Exception as exc:
+                if cfg.source == "tc":
+                    raise
+                log.warning("the BPF programs cannot be used here (%s): packets come from "
+                            "AF_PACKET capture instead, without the kernel_in/proxy/"
+                            "service_nat sub-hops and kernel drop reasons", exc)
+                self._close_bpf()
+        if self.prog is None:
+            self._start_capture()
+        self.decoder = ev.Decoder(cfg.node, self.ifaces, lambda: self.offset, self.reasons)
         for k, v in self.sources.items():
             log.info("source %s: %s", k, v)
         if cfg.ship is not None:
             self.ship = LiveShip(cfg.ship)
         if cfg.ready_file:
-            Path(cfg.ready_file).write_text(json.dumps({"pid": os.getpid(),
-                                                        "sources": self.sources}))
+            Path(cfg.ready_file).write_text(json.dumps({
+                "pid": os.getpid(), "sources": self.sources, "netns": self.netns,
+                "pod_netns": self.pod_netns}))
+
+    def _start_bpf(self) -> None:
+        cfg = self.cfg
+        bpfprog.remove_stale()
+        fmt = ft.find_tracefs()
+        if fmt:
+            text = ft._read_text(os.path.join(ft.tracepoint_dir(fmt, "skb:kfree_skb"), "format"))
+            self.reasons = ft.parse_drop_reasons(text) if text else {}
+        not_specified = next((k for k, v in self.reasons.items() if v == "NOT_SPECIFIED"), 2)
+        cfg.settings.drop_reason_min = not_specified
+        cfg.settings.entry_port = cfg.entry_port
+        self.prog = bpfprog.AgentProgram(cfg.settings)
+        self._pod_nsids: set[int] | None = None
+        self._rescan(first=True)
+        from hopscope.agent.ringbuf import RingReader
+
+        self.ring = RingReader(self.prog.ring_fd(), self.prog.ring_size)
+        self.sources = {
+            "packets": "tc clsact (bpf/tc.c) on " + self._iface_list(),
+            "kernel_in": "tracepoint tcp:tcp_probe on entry-port sockets",
+            "proxy": f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread",
+            "drops": "tracepoint skb:kfree_skb (reasons from its format file)",
+        }
+
+    def _start_capture(self) -> None:
+        from hopscope.agent.afpacket import CaptureSource
+
+        self.cap = CaptureSource(self.cfg.node, lambda: self.offset)
+        self.reorder_ns = CAPTURE_REORDER_NS
+        self._rescan(first=True)
+        self.sources = {"packets": "AF_PACKET capture (TPACKET_V3, socket filter) on "
+                        + self._iface_list()}
+
+    def _iface_list(self) -> str:
+        return ", ".join(f"{f.name}={f.point}" for f in self.ifaces.values()) or "(none yet)"
+
+    def _close_bpf(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self.prog is not None:
+            self.prog.close()
+            self.prog = None
+        self.ifaces.clear()
 
     def _rescan(self, first: bool = False) -> None:
-        assert self.prog is not None
         try:
-            want = wanted_interfaces(self.cfg.interfaces)
+            links = ft.ip_links()
+            want = wanted_interfaces(self.cfg.interfaces, links)
         except Exception as exc:
             log.warning("interface scan failed: %s", exc)
             return
+        if self.cap is not None:
+            if want != self.ifaces:
+                self.ifaces.clear()
+                self.ifaces.update(want)
+                self.cap.set_interfaces(want)
+                log.info("capturing on %s", self._iface_list())
+            return
+        assert self.prog is not None
         for idx in list(self.prog.attached):
             if idx not in want:
                 log.info("interface %s gone", self.prog.attached[idx].name)
@@ -247,11 +322,26 @@ class Agent:
                     self.ifaces[idx] = itf
                 except bpfprog.AgentError as exc:
                     log.warning("%s", exc)
+        self._pods_netns(links)
         tg = proxy_tgids(self.cfg.proxy, self.netns)
         self.prog.set_proxy_tgids(tg)
         if first and not tg:
             log.warning("no %s process in this network namespace yet: the proxy sub-hop "
                         "waits for it", self.cfg.proxy)
+
+    def _pods_netns(self, links: list[dict[str, Any]]) -> None:
+        """Socket events and drops of the node's pods are the node's: allow their
+        namespaces (found again only when the pod veths' peers change)."""
+        assert self.prog is not None
+        nsids = ft.pod_peer_nsids(links)
+        if nsids == self._pod_nsids:
+            return
+        pods = ft.namespaces_with_nsids(nsids, self.netns)
+        self.prog.set_netns([self.netns, *pods])
+        self._pod_nsids = nsids
+        self.pod_netns = sorted(pods)
+        log.info("namespaces: the node's %d and %d of pods %s", self.netns, len(pods),
+                 self.pod_netns)
 
     def _sample_clock(self) -> None:
         mono, real = clock_sample()
@@ -272,8 +362,7 @@ class Agent:
                 now = time.monotonic()
                 if t_end is not None and now >= t_end:
                     break
-                self.ring.wait(0.05)
-                self.ring.drain(self._handle)
+                self._drain(0.05)
                 self._feed(final=False)
                 if now >= next_clock:
                     self._sample_clock()
@@ -287,6 +376,16 @@ class Agent:
         finally:
             self.close()
 
+    def _drain(self, timeout: float) -> None:
+        if self.cap is not None:
+            if timeout:
+                self.cap.wait(timeout)
+            self.cap.drain(self.pending)
+        elif self.ring is not None:
+            if timeout:
+                self.ring.wait(timeout)
+            self.ring.drain(self._handle)
+
     def _handle(self, buf: Any, recs: list[tuple[int, int]]) -> None:
         self.decode_errors += self.decoder.decode(buf, recs, self.pending)
 
@@ -298,7 +397,7 @@ class Agent:
         if final:
             ready, self.pending = p, []
         else:
-            cut = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - REORDER_NS
+            cut = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self.reorder_ns
             i = len(p)
             while i and p[i - 1].ts_mono_ns > cut:
                 i -= 1
@@ -310,6 +409,8 @@ class Agent:
             self._record.write(self._packer.pack(ready))
         if self._stitching:
             self.tracker.feed(ready)
+        if self.pktbuf is not None:
+            self.pktbuf.add(ready)
         if self.ship is not None:
             clock, self.clock = self.clock, []
             self.ship.put(ready, clock, self.lost())
@@ -326,29 +427,62 @@ class Agent:
                 self.requests.append(r)
             if self.emit is not None:
                 self.emit(r)
+            if self.pktbuf is not None and (r["total_ns"] or 0) >= self.cfg.slower_than_ns:
+                # its response's last packets may still be on their way: write it a bit later
+                until = r["start_ns"] + r["total_ns"] + EXPORT_TAIL_NS
+                self._exports.append((time.monotonic() + EXPORT_TAIL_NS / 1e9, r["request_id"],
+                                      until))
+        self._export(final)
+
+    def _export(self, final: bool = False) -> None:
+        """Write the packets of the slow requests that are due (all of them when final)."""
+        from hopscope.pcapwrite import write_pcapng
+
+        if self.pktbuf is None or not self._exports:
+            return
+        now = time.monotonic()
+        due = [e for e in self._exports if final or e[0] <= now]
+        self._exports = [e for e in self._exports if not (final or e[0] <= now)]
+        for _t, rid, until in due:
+            pkts = self.pktbuf.request(rid, until)
+            if not pkts:
+                log.info("request %s: its packets are no longer in the buffer", rid)
+                continue
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in rid)
+            path = Path(self.cfg.slow_pcap or ".") / f"{self.cfg.node}-{name}.pcapng"
+            try:
+                write_pcapng(path, pkts, _comment(rid))
+                self.exported += 1
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+
+    def stats(self) -> dict[str, int]:
+        """Events sent and lost, per source (the kernel's counters)."""
+        if self.prog is not None:
+            return self.prog.stats()
+        if self.cap is not None:
+            return self.cap.stats()
+        return dict(self.final_stats)
 
     def lost(self) -> dict[str, int]:
-        s = self.prog.stats() if self.prog is not None else {}
+        s = self.stats()
         out = {k: v for k, v in s.items() if k.endswith("_lost")}
         out["decode_errors"] = self.decode_errors
         return out
 
     def close(self) -> None:
         try:
-            if self.ring is not None:
-                self.ring.drain(self._handle)
+            self._drain(0)
             self._feed(final=True)
             self._take(final=True)
         finally:
-            if self.prog is not None:
-                stats = self.prog.stats()
-                self.prog.close()
-                self.prog = None
-                log.info("detached; events %s", json.dumps(stats, sort_keys=True))
-                self.final_stats = stats
-            if self.ring is not None:
-                self.ring.close()
-                self.ring = None
+            if self.prog is not None or self.cap is not None:
+                self.final_stats = self.stats()
+                log.info("detached; events %s", json.dumps(self.final_stats, sort_keys=True))
+            self._close_bpf()
+            if self.cap is not None:
+                self.cap.close()
+                self.cap = None
             if self.ship is not None:
                 self.ship.close()
             if self._record is not None:
@@ -357,6 +491,7 @@ class Agent:
             reqs, drops = self.stitcher.finish()
             env = self.stitcher.envelope(self.requests + list(reqs), drops)
             env["agent"] = {"node": self.cfg.node, "sources": self.sources,
+                            "netns": self.netns, "pod_netns": self.pod_netns,
                             "events": self.final_stats,
                             "observations": self.observations,
                             "decode_errors": self.decode_errors}
@@ -364,6 +499,10 @@ class Agent:
             with open(tmp, "w") as f:
                 json.dump(env, f)
             os.replace(tmp, self.cfg.out)
+
+
+def _comment(rid: str) -> Callable[[Observation], str]:
+    return lambda _o: f"request {rid}"
 
 
 def read_record(path: str) -> list[Observation]:
@@ -383,8 +522,15 @@ def _mono(o: Observation) -> int:
 
 def run_agent(cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None) -> Agent:
     """Set up the mounts, run until signalled (or ``duration``), detach. Returns the agent."""
-    for n in bpfprog.prepare_kernel_env():
-        log.info("%s", n)
+    if cfg.source != "capture":
+        try:
+            for n in bpfprog.prepare_kernel_env():
+                log.info("%s", n)
+        except bpfprog.AgentError as exc:
+            if cfg.source == "tc":
+                raise
+            log.warning("%s: packets come from AF_PACKET capture instead", exc)
+            cfg.source = "capture"
     agent = Agent(cfg, emit)
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -24,7 +24,7 @@ from hopscope.collector.server import Collector, CollectorConfig, api_get, parse
 from hopscope.collector.store import SqliteStore, parse_duration
 
 from hopscope.errors import HopscopeError, UsageError
-from hopscope.render import fmt_ns, render_envelope, waterfall
+from hopscope.render import drop_lines, fmt_ns, render_envelope, waterfall
 from hopscope.replay import parse_cidrs
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,23 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
               help="Stop after this long (0: until SIGTERM/SIGINT).")
 @click.option("--record", default=None, type=click.Path(dir_okay=False),
               help="Also write every observation here (msgpack), for offline stitching.")
+@click.option("--source", type=click.Choice(["auto", "tc", "capture"]), default="auto",
+              show_default=True,
+              help="Where packets come from: tc classifiers (BPF), AF_PACKET capture (no BPF "
+                   "at all), or auto: tc, and capture when the BPF programs cannot load.")
+@click.option("--slow-pcap", default=None, type=click.Path(file_okay=False),
+              help="Write the packets of every request slower than --slower-than, from the "
+                   "rolling packet buffer, to DIR/NODE-REQUESTID.pcapng.")
+@click.option("--slower-than", default="500ms", show_default=True,
+              help="What --slow-pcap calls slow (the request's total).")
+@click.option("--packet-buffer", default=20_000, show_default=True,
+              type=click.IntRange(100, 10_000_000),
+              help="Recent packets kept for --slow-pcap (headers; payload of message starts).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
             token_file: str | None, spool_dir: str | None, proxy: str, entry_port: int,
-            ifaces: tuple[str, ...], duration: str, record: str | None,
+            ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
+            slow_pcap: str | None, slower_than: str, packet_buffer: int,
             ready_file: str | None) -> None:
     """Probe this node with eBPF (tc classifiers and tracepoints) until stopped.
 
@@ -194,19 +207,26 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
         host, port = parse_hostport(collector_addr, "--collector")
         shipcfg = ShipConfig(capture="", node=node, host=host, port=port,
                              token=wire.read_token(token_file), spool_dir=spool_dir)
-    if not (local or out or shipcfg or record):
-        raise UsageError("say where the observations go: --local, --out FILE, --record FILE "
-                         "or --collector")
+    if not (local or out or shipcfg or record or slow_pcap):
+        raise UsageError("say where the observations go: --local, --out FILE, --record FILE, "
+                         "--slow-pcap DIR or --collector")
+    if slow_pcap:
+        try:
+            os.makedirs(slow_pcap, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--slow-pcap {slow_pcap}: {exc.strerror}") from None
     cfg = AgentConfig(node=node, local=local, out=out, proxy=proxy, entry_port=entry_port,
                       interfaces=override, duration=parse_duration(duration) / 1e9,
-                      ship=shipcfg, ready_file=ready_file, record=record)
+                      ship=shipcfg, ready_file=ready_file, record=record, source=source,
+                      slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),
+                      packet_buffer=packet_buffer)
     agent = run_agent(cfg, print_request if local else None)
     st = agent.final_stats
+    per = ", ".join(f"{k[:-5]} {v}/{st.get(k[:-5] + '_lost', 0)}" for k, v in st.items()
+                    if k.endswith("_sent") and k != "flood_sent")
+    pcaps = f"; {agent.exported} slow requests written to {slow_pcap}" if slow_pcap else ""
     click.echo(f"agent {node}: {agent.observations} observations, "
-               f"{agent.nrequests} requests; events sent/lost: tc "
-               f"{st.get('tc_sent', 0)}/{st.get('tc_lost', 0)}, kernel "
-               f"{st.get('kernel_sent', 0)}/{st.get('kernel_lost', 0)}, drop "
-               f"{st.get('drop_sent', 0)}/{st.get('drop_lost', 0)}", err=True)
+               f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}", err=True)
 
 
 # --------------------------------------------------------------------------
@@ -370,11 +390,7 @@ def drops(collector_url: str | None, db: str | None, as_json: bool, since: str,
     if not ds:
         click.echo("No drops in that window.")
         return
-    click.echo(f"Drops ({len(ds)}):")
-    for d in ds:
-        extra = "".join(f" {k}={d[k]}" for k in ("reason", "rule", "request_id") if d.get(k))
-        click.echo(f"  {d['kind']:<19} {d['node']}/{d['point']:<9} {d['flow']}  "
-                   f"packets={d['packets']}{extra}")
+    click.echo(drop_lines(ds))
 
 
 QUERY_COMMANDS = (trace, requests, stats, drops)

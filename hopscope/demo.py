@@ -1,19 +1,27 @@
-"""``hopscope demo``: the replica, traffic with faults, captures, replay, a report.
+"""``hopscope demo``: the replica, live agents, traffic with faults, a report.
 
 What it does, in about a minute (root):
 
 1. builds the network replica (:mod:`hopscope.testbed`) under its own prefix;
-2. captures every node's interfaces while it sends Cloudflare-style traffic:
-   a clean phase, then a phase with a 20 ms hold in node2's INPUT chain
-   before UFW (``fault delay --at ufw``), then a few connection attempts
-   to node3 while UFW denies HTTP there (``fault ufw-deny-http``);
-3. replays the captures through the stitcher, prints a few waterfalls, the
-   per-hop table and the drops, and says in two lines what they show;
-4. tears the replica down, whatever happened.
+2. starts the live agent (``hopscope agent run``) on every node, inside the
+   node's namespace, and captures every node's interfaces beside it;
+3. sends Cloudflare-style traffic: a clean phase, then a phase with a 20 ms
+   hold in node2's INPUT chain before UFW (``fault delay --at ufw``), then a
+   few connection attempts to node3 while UFW denies HTTP there
+   (``fault ufw-deny-http``);
+4. stitches what the agents saw (with the ``kernel_in``/``proxy``/
+   ``service_nat`` sub-hops and the kernel's drop reasons), replays the
+   captures through the same stitcher as a cross-check, prints a few
+   waterfalls, the per-hop table and the drops, and says what they show;
+5. tears the replica down, whatever happened.
+
+When the agents cannot run here (no BPF, say), the report comes from the
+captures alone and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -26,7 +34,7 @@ from typing import Any
 import click
 
 from hopscope.errors import HopscopeError, PrivilegeError, TestbedError
-from hopscope.render import fmt_ns, hop_table, waterfall
+from hopscope.render import drop_lines, fmt_ns, hop_table, waterfall
 from hopscope.replay import replay
 
 log = logging.getLogger(__name__)
@@ -43,11 +51,13 @@ def _say(msg: str) -> None:
 
 def run_demo(out_dir: Path, prefix: str = DEMO_PREFIX, requests: int = 150,
              say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run the whole demo; return the replay envelope and what was injected."""
+    """Run the whole demo. Returns ``{"agents": envelope | None, "replay": envelope,
+    "agents_error": str}``: what the live agents stitched, and the captures' replay."""
     if os.geteuid() != 0:
         raise PrivilegeError("hopscope demo builds network namespaces: run it as root "
                              "(sudo ./dev.sh demo)")
     from hopscope.testbed import build, faults
+    from hopscope.testbed.agents import AgentSet, running_agents, stitch_records
     from hopscope.testbed.capture import capturing
     from hopscope.testbed.traffic import TrafficConfig, run_traffic
 
@@ -55,10 +65,22 @@ def run_demo(out_dir: Path, prefix: str = DEMO_PREFIX, requests: int = 150,
     build.down(prefix)
     t0 = time.monotonic()
     say("building the replica: edge, 3 nodes (UFW, Traefik, kube-proxy, flannel VXLAN), 3 api pods")
+    agents_env: dict[str, Any] | None = None
+    agents_error = ""
     with build.replica(prefix, access_log=False) as inst:
-        say(f"replica up in {time.monotonic() - t0:.1f} s; capturing every node's interfaces")
+        say(f"replica up in {time.monotonic() - t0:.1f} s; starting the agent on every node")
         topo = inst.topology
-        with capturing(inst, out_dir) as cap:
+        nodes = [n.name for n in topo.nodes]
+        with contextlib.ExitStack() as stack:
+            agents: AgentSet | None = None
+            try:
+                agents = stack.enter_context(running_agents(inst, out_dir / "agents"))
+                say("agents attached (tc classifiers, tracepoints); capturing every node's "
+                    "interfaces beside them")
+            except HopscopeError as exc:
+                agents_error = str(exc)
+                say(f"the agents could not start ({exc}); going on with captures alone")
+            cap = stack.enter_context(capturing(inst, out_dir))
             say(f"phase 1: {requests} requests from the edge to all nodes, no fault")
             run_traffic(topo, TrafficConfig(count=requests, concurrency=4, new_conn_ratio=0.2,
                                             seed=1))
@@ -79,15 +101,38 @@ def run_demo(out_dir: Path, prefix: str = DEMO_PREFIX, requests: int = 150,
                                                 connect_timeout=3.5, seed=3))
             finally:
                 faults.clear(inst)
+        # the agents have stopped (detached) and the captures are closed here
+        if agents is not None:
+            say("stitching what the agents saw")
+            agents_env = stitch_records(agents, nodes)
         files = cap.result.files if cap.result is not None else []
-        say("replaying the captures: " + ", ".join(str(f) for f in files))
-        res = replay([(f.name.split(".")[0], f) for f in files], progress=False)
+        say("replaying the captures as a cross-check: " + ", ".join(str(f) for f in files))
+        rep = replay([(f.name.split(".")[0], f) for f in files], progress=False).envelope
     say(f"replica torn down; {time.monotonic() - t0:.1f} s in all")
-    return res.envelope
+    return {"agents": agents_env, "replay": rep, "agents_error": agents_error}
 
 
-def report(env: dict[str, Any]) -> str:
-    """Waterfalls worth seeing, the per-hop table, drops, and two lines of explanation."""
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int, int]:
+    """(requests compared, hops compared, largest difference in ns) of two envelopes' shared
+    requests, over the top-level hops both have in the same order."""
+    by_b = {r["request_id"]: r for r in b["requests"]}
+    nreq = nhops = worst = 0
+    for r in a["requests"]:
+        o = by_b.get(r["request_id"])
+        if o is None or [(h["name"], h["node"]) for h in r["hops"]] != [
+                (h["name"], h["node"]) for h in o["hops"]]:
+            continue
+        nreq += 1
+        for x, y in zip(r["hops"], o["hops"], strict=True):
+            nhops += 1
+            worst = max(worst, abs(x["duration_ns"] - y["duration_ns"]))
+    return nreq, nhops, worst
+
+
+def report(res: dict[str, Any]) -> str:
+    """Waterfalls worth seeing, the per-hop table, drops, and what they show."""
+    env = res["agents"] or res["replay"]
+    live = res["agents"] is not None
     reqs = env["requests"]
     parts: list[str] = []
 
@@ -105,14 +150,15 @@ def report(env: dict[str, Any]) -> str:
     same = [r for r in reqs if r["pod_node"] == r["ingress_node"] and r not in shown]
     if same:
         shown.append(same[0])
+    src = ("the agents (eBPF: tc classifiers and tracepoints)" if live
+           else "the captures (the agents did not run: " + res.get("agents_error", "") + ")")
+    parts.append(f"Requests as stitched from {src}:")
     for r in shown:
         parts.append(waterfall(r))
     parts.append(f"Per-hop latency over {len(reqs)} requests:\n{hop_table(reqs)}")
     drops = env["drops"]
     if drops:
-        parts.append("Drops:\n" + "\n".join(
-            f"  {d['kind']:<16} at {d['node']}/{d['point']:<8} {d['flow']}  packets={d['packets']}"
-            for d in drops))
+        parts.append(drop_lines(drops))
     others = [r for r in reqs if r["ingress_node"] != DELAY_NODE]
     lines = []
     if delayed and others:
@@ -122,17 +168,32 @@ def report(env: dict[str, Any]) -> str:
             f"entered {DELAY_NODE} (median {fmt_ns(_median(delayed, 'ingress'))} vs "
             f"{fmt_ns(_median(others, 'ingress'))} elsewhere); the other hops' medians moved by "
             f"{fmt_ns(moved)} at most.")
+        if live:
+            lines.append(
+                f"Inside `ingress`, the agents put it in `kernel_in` (NIC to the proxy's socket: "
+                f"median {fmt_ns(_median(delayed, 'kernel_in'))} vs "
+                f"{fmt_ns(_median(others, 'kernel_in'))} elsewhere), not in the proxy "
+                f"({fmt_ns(_median(delayed, 'proxy'))} vs {fmt_ns(_median(others, 'proxy'))}).")
     syn = [d for d in drops if d["kind"] == "syn_unanswered"]
     if syn:
+        why = {d["reason"] for d in syn if d.get("reason")}
         lines.append(f"The connection attempts to {DENY_NODE} died at its NIC: SYNs never answered "
-                     f"({sum(d['packets'] for d in syn)} packets), which is what a UFW deny looks like.")
+                     f"({sum(d['packets'] for d in syn)} packets), which is what a UFW deny looks "
+                     "like" + (f"; the kernel's drop reason: {', '.join(sorted(why))}." if why
+                               else "."))
+    if live:
+        nreq, nhops, worst = agreement(env, res["replay"])
+        lines.append(f"Cross-check: the replay of the captures agrees with the agents on {nreq} "
+                     f"requests ({nhops} hops), within {fmt_ns(worst)} at most.")
     if lines:
         parts.append("What this shows:\n  " + "\n  ".join(lines))
     return "\n\n".join(parts)
 
 
 def _median(reqs: list[dict[str, Any]], hop: str) -> int:
-    vals = [h["duration_ns"] for r in reqs for h in r["hops"] if h["name"] == hop]
+    """The median of a hop (or of a sub-hop of ``ingress``) over requests."""
+    vals = [h["duration_ns"] for r in reqs for top in r["hops"]
+            for h in (top, *(top.get("children") or ())) if h["name"] == hop]
     return int(statistics.median(vals)) if vals else 0
 
 
@@ -146,10 +207,12 @@ def _largest_other_shift(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> in
 @click.command()
 @click.option("--requests", default=150, show_default=True, help="Requests in the clean phase.")
 @click.option("--keep", "keep_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the captures in this directory (default: a temporary one, removed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the replay's JSON envelope instead.")
+              help="Keep the captures and the agents' records and logs in this directory "
+                   "(default: a temporary one, removed).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"agents": envelope, "replay": envelope, "agents_error": ""} '
+                   "as JSON instead.")
 def demo(requests: int, keep_dir: Path | None, as_json: bool) -> None:
-    """Build the replica, send traffic with two faults, capture, replay, explain (root, ~1 min)."""
+    """Build the replica, run the agents, send traffic with two faults, explain (root, ~1 min)."""
     import json
 
     if not 10 <= requests <= 5000:
@@ -157,15 +220,15 @@ def demo(requests: int, keep_dir: Path | None, as_json: bool) -> None:
     try:
         if keep_dir is not None:
             keep_dir.mkdir(parents=True, exist_ok=True)
-            env = run_demo(keep_dir, requests=requests)
+            res = run_demo(keep_dir, requests=requests)
         else:
             with tempfile.TemporaryDirectory(prefix="hopscope-demo-") as tmp:
-                env = run_demo(Path(tmp), requests=requests)
+                res = run_demo(Path(tmp), requests=requests)
     except HopscopeError:
         raise
     except OSError as exc:
         raise TestbedError(f"demo failed: {exc}") from None
     if as_json:
-        click.echo(json.dumps(env))
+        click.echo(json.dumps(res))
         return
-    click.echo(report(env))
+    click.echo(report(res))

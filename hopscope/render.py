@@ -62,9 +62,11 @@ def waterfall(req: dict[str, Any], width: int = BAR) -> str:
 
 
 def hop_table(requests: Iterable[dict[str, Any]]) -> str:
-    """Per hop (name, direction): count, p50, p90, p99, max."""
+    """Per hop (name, direction): count, p50, p90, p99, max; sub-hops (eBPF's split of
+    ``ingress``) indented under their hop."""
     vals: dict[tuple[str, str], list[int]] = defaultdict(list)
     order: list[tuple[str, str]] = []
+    subs: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     totals: list[int] = []
     for r in requests:
         if r.get("total_ns") is not None:
@@ -74,6 +76,12 @@ def hop_table(requests: Iterable[dict[str, Any]]) -> str:
             if k not in vals:
                 order.append(k)
             vals[k].append(h["duration_ns"])
+            for c in h.get("children") or ():
+                ck = ("  " + c["name"], c["dir"])
+                if ck not in vals:
+                    subs[k].append(ck)
+                vals[ck].append(c["duration_ns"])
+    order = [x for k in order for x in (k, *subs[k])]
     rows = [("hop", "dir", "count", "p50", "p90", "p99", "max")]
     for k in order:
         v = sorted(vals[k])
@@ -93,6 +101,16 @@ def hop_table(requests: Iterable[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def drop_lines(drops: Sequence[dict[str, Any]]) -> str:
+    """The drops, one line each: kind, where, flow, packets, and what explains them."""
+    lines = [f"Drops ({len(drops)}):"]
+    for d in drops:
+        extra = "".join(f" {k}={d[k]}" for k in ("reason", "rule", "request_id") if d.get(k))
+        lines.append(f"  {d['kind']:<19} {d['node']}/{d['point']:<9} {d['flow']}  "
+                     f"packets={d['packets']}{extra}")
+    return "\n".join(lines)
+
+
 def render_envelope(env: dict[str, Any], *, max_requests: int | None = 20,
                     width: int = BAR) -> str:
     """The whole human report of an envelope."""
@@ -110,12 +128,7 @@ def render_envelope(env: dict[str, Any], *, max_requests: int | None = 20,
         parts.append("No HTTP requests found.")
     drops = env.get("drops") or []
     if drops:
-        lines = [f"Drops ({len(drops)}):"]
-        for d in drops:
-            extra = "".join(f" {k}={d[k]}" for k in ("reason", "rule", "request_id") if d.get(k))
-            lines.append(f"  {d['kind']:<19} {d['node']}/{d['point']:<9} {d['flow']}  "
-                         f"packets={d['packets']}{extra}")
-        parts.append("\n".join(lines))
+        parts.append(drop_lines(drops))
     offs = env.get("clock_offsets") or {}
     if offs:
         ref = env.get("reference", "")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hopscope.capture import read_all
 from hopscope.replay import replay
 from hopscope.testbed import faults
 from hopscope.testbed.agents import running_agents, start_agent, stitch_records, stop_agent
@@ -74,6 +75,33 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
         assert ev["tc_sent"] > 0 and env["agent"]["decode_errors"] == 0
 
 
+def test_capture_source_gives_the_same_hops_as_tc(testbed: Instance, tmp_path: Path) -> None:
+    """Agents on AF_PACKET capture (no BPF) beside agents on tc, seeing the same requests."""
+    with running_agents(testbed, tmp_path / "tc") as tc, \
+            running_agents(testbed, tmp_path / "cap", extra=["--source", "capture"]) as cap:
+        recs = run_traffic(testbed.topology, TrafficConfig(
+            count=60, concurrency=3, new_conn_ratio=0.3, seed=23), keep=True).records
+    assert len(recs) == 60 and all(r["status"] in (200, 201) for r in recs)
+    by_tc = {r["request_id"]: r for r in stitch_records(tc, NODES)["requests"]}
+    by_cap = {r["request_id"]: r for r in stitch_records(cap, NODES)["requests"]}
+    compared = 0
+    for rid in {r["cf_ray"] for r in recs}:
+        a, b = by_tc[rid], by_cap[rid]
+        assert not {"incomplete", "no_response"} & set(b["flags"]), (rid, b["flags"])
+        assert [(h["name"], h["node"]) for h in a["hops"]] == [
+            (h["name"], h["node"]) for h in b["hops"]], rid
+        for x, y in zip(a["hops"], b["hops"], strict=True):
+            assert abs(x["duration_ns"] - y["duration_ns"]) <= TOL_NS, (
+                rid, x["name"], x["node"], x["duration_ns"], y["duration_ns"])
+            compared += 1
+    assert compared >= 60 * 4
+    for node, a in cap.agents.items():
+        env = json.loads(a.out.read_text())["agent"]
+        assert env["sources"]["packets"].startswith("AF_PACKET"), (node, env["sources"])
+        assert set(env["sources"]) == {"packets"}
+        assert env["events"]["capture_sent"] > 0 and env["events"]["capture_lost"] == 0, node
+
+
 def _median_children(env: dict[str, Any]) -> dict[str, float]:
     reqs = [r for r in env["requests"] if r["status"] in (200, 201)]
     out: dict[str, float] = {}
@@ -88,8 +116,10 @@ def _median_children(env: dict[str, Any]) -> dict[str, float]:
 def test_ufw_delay_lands_in_kernel_in(testbed: Instance, tmp_path: Path) -> None:
     node = "node1"
     meds = []
+    slow_dir = tmp_path / "slow"
     for i, delay in enumerate((False, True)):
-        with running_agents(testbed, tmp_path / f"run{i}", nodes=[node]) as agents:
+        extra = ["--slow-pcap", str(slow_dir), "--slower-than", "15ms"]
+        with running_agents(testbed, tmp_path / f"run{i}", nodes=[node], extra=extra) as agents:
             if delay:
                 faults.add_delay(testbed, "ufw", node, 20)
             try:
@@ -97,7 +127,19 @@ def test_ufw_delay_lands_in_kernel_in(testbed: Instance, tmp_path: Path) -> None
                     count=30, concurrency=2, new_conn_ratio=0.2, nodes=[node], seed=31 + i))
             finally:
                 faults.clear(testbed)
-        meds.append(_median_children(json.loads(agents.agents[node].out.read_text())))
+        env = json.loads(agents.agents[node].out.read_text())
+        meds.append(_median_children(env))
+        if not delay:
+            assert not slow_dir.exists() or not list(slow_dir.iterdir())
+    # the packets of every slow request were written from the rolling buffer
+    slow_ids = {r["request_id"] for r in env["requests"] if r["total_ns"] >= 15_000_000}
+    written = {p.name for p in slow_dir.iterdir()}
+    assert len(slow_ids) >= 25 and written == {f"{node}-{rid}.pcapng" for rid in slow_ids}
+    for rid in slow_ids:
+        pkts, _st = read_all(slow_dir / f"{node}-{rid}.pcapng", node)
+        carrying = {o.ifname.split("/")[1] for o in pkts if rid.encode() in o.payload}
+        assert {"eth0", "flannel.1"} <= carrying or {"eth0", "cni0"} <= carrying, (rid, carrying)
+        assert any(o.payload.startswith(b"HTTP/1.1 ") for o in pkts), rid
     base, slow = meds
     moved = slow["kernel_in"] - base["kernel_in"]
     assert 19_000_000 <= moved <= 21_000_000, (base, slow)
@@ -119,6 +161,34 @@ def test_ufw_deny_http_drops_at_the_nic_with_the_reason(testbed: Instance, tmp_p
     assert drops, env["drops"]
     assert all(d.get("reason") == "NETFILTER_DROP" for d in drops), drops
     assert any(d["kind"] == "syn_unanswered" and d["flow"].endswith(":80") for d in drops)
+
+
+def test_drops_in_a_pods_namespace_are_its_nodes(testbed: Instance, tmp_path: Path) -> None:
+    """Pods are namespaces too: the node's agent allows its pods' and no other's."""
+    node = "node1"
+    pod = testbed.topology.pods_on(node)[0]
+    other = next(p for p in testbed.topology.pods if p.node != node)
+    with running_agents(testbed, tmp_path, nodes=[node]) as agents:
+        ready = json.loads((tmp_path / f"agent-{node}.ready").read_text())
+        inode = {p.name: Path(f"/run/netns/{testbed.topology.ns(p.name)}").stat().st_ino
+                 for p in (pod, other)}
+        assert ready["pod_netns"] == [inode[pod.name]], (ready, inode)
+        # SYNs to a closed port of each pod, from the node: the pod's kernel answers with a
+        # RST and drops the SYN (NO_SOCKET) inside the pod's namespace
+        for p in (pod, other):
+            code = ("import socket\ns = socket.socket(); s.settimeout(3)\n"
+                    f"print(s.connect_ex(('{p.ip}', 9)))")
+            out = subprocess.run(["ip", "netns", "exec", testbed.ns(node), "python3", "-c",
+                                  code], capture_output=True, text=True, timeout=30).stdout
+            assert out.strip() == "111", out  # ECONNREFUSED
+    env = json.loads(agents.agents[node].out.read_text())
+    # both are refused connections (the RSTs cross node1's interfaces); the kernel's reason
+    # comes with the one whose pod is node1's only
+    mine = [d for d in env["drops"] if d["flow"].endswith(f"{pod.ip}:9")]
+    theirs = [d for d in env["drops"] if d["flow"].endswith(f"{other.ip}:9")]
+    assert [(d["kind"], d["node"], d.get("reason")) for d in mine] == [
+        ("refused", node, "NO_SOCKET")], env["drops"]
+    assert [(d["kind"], d.get("reason")) for d in theirs] == [("refused", None)], env["drops"]
 
 
 def _hopscope_filters(ns: str) -> list[str]:

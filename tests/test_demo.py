@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,15 +15,34 @@ from hopscope.testbed import netns
 pytestmark = pytest.mark.privileged
 
 
-def test_demo_runs_explains_and_leaves_nothing_behind() -> None:
-    r = subprocess.run([sys.executable, "-m", "hopscope", "demo", "--requests", "60"],
-                       capture_output=True, text=True, timeout=300)
+def test_demo_runs_explains_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "hopscope", "demo", "--requests", "60",
+                        "--keep", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     out = r.stdout
+    assert "Requests as stitched from the agents" in out
     assert "Per-hop latency over" in out and "█" in out
-    # the two faults, each found where it was injected
+    # the two faults, each found where it was injected, and the agents' finer view
     assert "UFW's 20 ms hold on node2 shows up in `ingress`" in out
-    assert "syn_unanswered   at node3/nic" in out
-    assert "died at its NIC" in out
+    assert "the agents put it in `kernel_in`" in out
+    assert "  kernel_in" in out  # sub-hop rows in the waterfalls and the table
+    assert "syn_unanswered      node3/nic" in out and "reason=NETFILTER_DROP" in out
+    assert "died at its NIC" in out and "drop reason: NETFILTER_DROP" in out
+    assert "Cross-check: the replay of the captures agrees with the agents on" in out
     assert netns.list_namespaces(DEMO_PREFIX) == []
+    # the agents detached: their logs end with what they sent and lost
+    for n in ("node1", "node2", "node3"):
+        log = (tmp_path / "agents" / f"agent-{n}.log").read_text()
+        assert "detached; events" in log
+
+
+def test_demo_json_has_both_envelopes(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "hopscope", "demo", "--requests", "10", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["agents_error"] == ""
+    live = {q["request_id"] for q in res["agents"]["requests"]}
+    rep = {q["request_id"] for q in res["replay"]["requests"]}
+    assert len(live) >= 15 and live == rep
