@@ -73,7 +73,10 @@ def prepare_kernel_env(release: str | None = None) -> list[str]:
                      "(the programs read kernel structs only at BTF offsets)")
     elif not info.matches:
         notes.append(f"headers are {info.version}, kernel is {release}")
-    ft.private_mounts(tracefs=tracefs, stage=stage, release=release)
+    if tracefs or stage:
+        # only then: a private mount namespace needs CAP_SYS_ADMIN, which the systemd unit
+        # does not grant (it gets tracefs and, when needed, the headers from systemd)
+        ft.private_mounts(tracefs=tracefs, stage=stage, release=release)
     return notes
 
 

@@ -34,9 +34,10 @@ from typing import Any
 from hopscope.agent import bpfprog
 from hopscope.agent import events as ev
 from hopscope.agent import features as ft
+from hopscope.agent.nfrules import RuleNamer
 from hopscope.agent.pktbuf import PacketBuffer
 
-from hopscope.model import Observation
+from hopscope.model import KIND_DROP, Observation
 from hopscope.stitch import Stitcher
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ EXPORT_TAIL_NS = 1_000_000_000
 #: AF_PACKET hands over a block when full or after its timeout: wait that long too
 CAPTURE_REORDER_NS = 10_000_000
 SOURCES = ("auto", "tc", "capture")
+NF_DROP = b"NETFILTER_DROP"
 RESCAN_S = 2.0
 CLOCK_EVERY_S = 1.0
 POINTS_ATTACHED = {"nic", "overlay", "underlay", "pod", "nic+underlay"}
@@ -192,6 +194,7 @@ class Agent:
         self.cap: Any = None  # the AF_PACKET source, when packets come from capture
         self.reorder_ns = REORDER_NS
         self.pod_netns: list[int] = []
+        self.rules: RuleNamer | None = None  # names the rules behind NETFILTER_DROP drops
         self.sources: dict[str, str] = {}
         self.ifaces: dict[int, ev.Iface] = {}
         self.offset = 0
@@ -262,6 +265,7 @@ class Agent:
         cfg.settings.drop_reason_min = not_specified
         cfg.settings.entry_port = cfg.entry_port
         self.prog = bpfprog.AgentProgram(cfg.settings)
+        self.rules = RuleNamer()
         self._pod_nsids: set[int] | None = None
         self._rescan(first=True)
         from hopscope.agent.ringbuf import RingReader
@@ -271,7 +275,8 @@ class Agent:
             "packets": "tc clsact (bpf/tc.c) on " + self._iface_list(),
             "kernel_in": "tracepoint tcp:tcp_probe on entry-port sockets",
             "proxy": f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread",
-            "drops": "tracepoint skb:kfree_skb (reasons from its format file)",
+            "drops": "tracepoint skb:kfree_skb (reasons from its format file); the rule behind "
+                     "NETFILTER_DROP from iptables-save -c counters",
         }
 
     def _start_capture(self) -> None:
@@ -405,6 +410,8 @@ class Agent:
         if not ready:
             return
         self.observations += len(ready)
+        if self.rules is not None:
+            self._name_rules(ready)
         if self._record is not None:
             self._record.write(self._packer.pack(ready))
         if self._stitching:
@@ -414,6 +421,18 @@ class Agent:
         if self.ship is not None:
             clock, self.clock = self.clock, []
             self.ship.put(ready, clock, self.lost())
+
+    def _name_rules(self, obs: list[Observation]) -> None:
+        """Add the iptables rule to NETFILTER_DROP drops (payload ``REASON<TAB>rule``)."""
+        assert self.rules is not None
+        at = [i for i, o in enumerate(obs) if o.kind == KIND_DROP and o.payload == NF_DROP]
+        if not at:
+            return
+        names = self.rules.name([(obs[i].proto, obs[i].src, obs[i].sport, obs[i].dst,
+                                  obs[i].dport) for i in at])
+        for i, name in zip(at, names, strict=True):
+            if name:
+                obs[i] = obs[i]._replace(payload=NF_DROP + b"\t" + name.encode())
 
     def _take(self, final: bool = False) -> None:
         if not self._stitching:

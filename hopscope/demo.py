@@ -177,10 +177,12 @@ def report(res: dict[str, Any]) -> str:
     syn = [d for d in drops if d["kind"] == "syn_unanswered"]
     if syn:
         why = {d["reason"] for d in syn if d.get("reason")}
+        rules = {d["rule"] for d in syn if d.get("rule")}
         lines.append(f"The connection attempts to {DENY_NODE} died at its NIC: SYNs never answered "
                      f"({sum(d['packets'] for d in syn)} packets), which is what a UFW deny looks "
-                     "like" + (f"; the kernel's drop reason: {', '.join(sorted(why))}." if why
-                               else "."))
+                     "like" + (f"; the kernel's drop reason: {', '.join(sorted(why))}" if why
+                               else "")
+                     + (f", by the rule {'; '.join(sorted(rules))}." if rules else "."))
     if live:
         nreq, nhops, worst = agreement(env, res["replay"])
         lines.append(f"Cross-check: the replay of the captures agrees with the agents on {nreq} "

@@ -59,8 +59,10 @@ KIND_QUEUED = "queued"
 #: Flow, ``seq`` and ``plen`` as the segment left at ``ifname``.
 KIND_WRITE = "write"
 #: eBPF: the kernel freed a packet with a drop reason; ``payload`` holds the reason's
-#: name (ASCII, e.g. ``b"NETFILTER_DROP"``), ``point`` where it was (``nic`` when the
-#: packet came in through the public NIC, else ``kernel``).
+#: name (ASCII, e.g. ``b"NETFILTER_DROP"``), then, when the agent could name the firewall
+#: rule, a tab and the rule (``b"NETFILTER_DROP\tufw-user-input: -p tcp ... -j DROP"``);
+#: ``point`` where it was (``nic`` when the packet came in through the public NIC, else
+#: ``kernel``).
 KIND_DROP = "drop"
 #: eBPF: a TCP socket changed state: ``ack`` old state, ``seq`` new state (kernel numbers).
 KIND_STATE = "state"

@@ -731,7 +731,7 @@ class Stitcher:
             }
             reason = self._kernel_reason(node, last.flow)
             if reason:
-                drop["reason"] = reason
+                drop.update(_reason_rule(reason))
             drops.append(drop)
         drops += self._kernel_drops(final, horizon)
         if final:
@@ -757,8 +757,8 @@ class Stitcher:
                 continue
             del self._kdrops[(node, flow)]
             for (point, reason), (ts, n) in by.items():
-                out.append({"node": node, "point": point, "kind": "dropped", "reason": reason,
-                            "flow": flow_str(*flow), "packets": n,
+                out.append({"node": node, "point": point, "kind": "dropped",
+                            **_reason_rule(reason), "flow": flow_str(*flow), "packets": n,
                             "first_ns": ts - sh.get(node, 0)})
         return out
 
@@ -783,6 +783,12 @@ class Stitcher:
 
 
 # -- helpers ----------------------------------------------------------------
+
+def _reason_rule(text: str) -> dict[str, str]:
+    """A kernel drop's ``reason`` (and ``rule``, after a tab, when the agent named it)."""
+    reason, _, rule = text.partition("\t")
+    return {"reason": reason, "rule": rule} if rule else {"reason": reason}
+
 
 def _last(times: dict[tuple[str, str], int], node: str) -> int:
     """When a segment left ``node``: its underlay copy, else its overlay copy, else the pod's."""

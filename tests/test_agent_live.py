@@ -161,6 +161,10 @@ def test_ufw_deny_http_drops_at_the_nic_with_the_reason(testbed: Instance, tmp_p
     assert drops, env["drops"]
     assert all(d.get("reason") == "NETFILTER_DROP" for d in drops), drops
     assert any(d["kind"] == "syn_unanswered" and d["flow"].endswith(":80") for d in drops)
+    # and the UFW rule that dropped them, from iptables' counters
+    for d in drops:
+        assert d.get("rule", "").startswith("ufw-user-input: "), drops
+        assert "--dport 80" in d["rule"] and d["rule"].endswith(("-j DROP", "-j REJECT")), d
 
 
 def test_drops_in_a_pods_namespace_are_its_nodes(testbed: Instance, tmp_path: Path) -> None:

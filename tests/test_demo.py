@@ -29,6 +29,7 @@ def test_demo_runs_explains_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "  kernel_in" in out  # sub-hop rows in the waterfalls and the table
     assert "syn_unanswered      node3/nic" in out and "reason=NETFILTER_DROP" in out
     assert "died at its NIC" in out and "drop reason: NETFILTER_DROP" in out
+    assert "by the rule ufw-user-input: " in out and "--dport 80 -j DROP." in out
     assert "Cross-check: the replay of the captures agrees with the agents on" in out
     assert netns.list_namespaces(DEMO_PREFIX) == []
     # the agents detached: their logs end with what they sent and lost
