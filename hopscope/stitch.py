@@ -621,6 +621,11 @@ class Stitcher:
         if known != sorted(known):
             return  # out of order: a mismatched event; better no split than a wrong one
         ing["children"] = _tile(chain, sh)[0]
+        ep = _endpoint(g)
+        if ep:
+            for h in ing["children"]:
+                if h["name"] == "service_nat":
+                    h["endpoint"] = ep
 
     def _chain(self, a: str, b: str, g: _Group, c: Sighting) -> list[tuple[str, str, str, int]]:
         """The boundaries of a request's path: (hop ending here, dir, node, local time)."""
@@ -783,6 +788,18 @@ class Stitcher:
 
 
 # -- helpers ----------------------------------------------------------------
+
+def _endpoint(g: _Group | None) -> str:
+    """The pod address the Service rewrite chose (``ip:port``): the upstream flow's
+    destination where it was seen past the rewrite (at a pod or overlay point)."""
+    if g is None:
+        return ""
+    for point in (POD, OVERLAY):
+        for s in g.sightings:
+            if s.point == point:
+                return flow_str(*s.flow).split(" -> ")[1]
+    return ""
+
 
 def _reason_rule(text: str) -> dict[str, str]:
     """A kernel drop's ``reason`` (and ``rule``, after a tab, when the agent named it)."""

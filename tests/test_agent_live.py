@@ -46,6 +46,7 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
     rep = replay([(f.name.split(".")[0], f) for f in cap.result.files], progress=False).envelope
     live = stitch_records(agents, NODES)
     want = {r["cf_ray"] for r in recs}
+    served = {r["cf_ray"]: r["served_by"] for r in recs}
     got_live = {r["request_id"]: r for r in live["requests"]}
     got_rep = {r["request_id"]: r for r in rep["requests"]}
     assert want <= set(got_live) and want <= set(got_rep)
@@ -64,6 +65,10 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
         # the sub-hops captures cannot see, tiling ingress exactly
         ch = _children(a)
         assert list(ch) == ["kernel_in", "proxy", "service_nat"], (rid, ch)
+        # the Service's choice named: the pod that served it (traffic's ground truth)
+        nat = next(c for h in a["hops"] for c in h["children"] if c["name"] == "service_nat")
+        pod = testbed.topology.pod(served[rid].split("@")[0])
+        assert nat["endpoint"] == f"{pod.ip}:{pod.port}", (rid, nat)
         ing = next(h for h in a["hops"] if h["name"] == "ingress")
         assert sum(ch.values()) == ing["duration_ns"] and min(ch.values()) >= 0
     assert compared >= 90 * 4

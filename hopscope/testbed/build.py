@@ -12,7 +12,10 @@ file so that ``down`` can undo a partial ``up``:
    NICs, ``cni0`` + pod veths, ``flannel.1`` + fdb/neigh/routes.
 3. ``ufw``: UFW on every node (allow 22, 80, 443/tcp; 8472/udp from the
    other nodes' underlay addresses).
-4. ``iptables``: kube-proxy (iptables mode) and flannel chains.
+4. ``iptables``: kube-proxy (iptables mode: DNAT chains; or IPVS mode:
+   ``kube-ipvs0`` with the ClusterIP, an IPVS NAT virtual service with the
+   pods as real servers, the ``KUBE-CLUSTER-IP`` ipset and masquerading
+   rules, as kube-proxy sets them up) and flannel chains.
 5. ``pods``: the api pod servers. 6. ``traefik``: Traefik on every node.
 7. ``ready``: every node answered a request from the edge.
 
@@ -67,6 +70,9 @@ Progress = Callable[[str], None]
 
 REQUIRED_TOOLS = ("ip", "bridge", "iptables-restore", "iptables-save", "ufw", "unshare",
                   "mount")
+IPVS_TOOLS = ("ipvsadm", "ipset")
+SERVICE_PROXIES = ("iptables", "ipvs")
+KUBE_IPVS_DEV = "kube-ipvs0"
 UP_CHECK_TIMEOUT = 20.0
 
 
@@ -99,12 +105,12 @@ def find_traefik() -> str:
     )
 
 
-def check_tools() -> None:
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+def check_tools(extra: tuple[str, ...] = ()) -> None:
+    missing = [t for t in (*REQUIRED_TOOLS, *extra) if shutil.which(t) is None]
     if missing:
         raise TestbedError(
             f"the testbed needs {', '.join(missing)}: install iproute2, iptables, ufw, "
-            "util-linux (./dev.sh setup does)"
+            "util-linux" + (", ipvsadm, ipset" if extra else "") + " (./dev.sh setup does)"
         )
 
 
@@ -196,6 +202,116 @@ def kube_proxy_rules(topo: Topology, node: str) -> str:
         "COMMIT",
     ]
     return "\n".join(nat + filt) + "\n"
+
+
+def kube_proxy_ipvs_rules(topo: Topology, node: str) -> str:
+    """iptables-restore input (``--noflush``): kube-proxy IPVS mode + flannel chains.
+
+    IPVS does the rewrite; iptables only marks what must be masqueraded (a
+    ClusterIP reached from outside the cluster CIDR, Traefik on the host
+    network included) and lets ClusterIP traffic through, as kube-proxy's
+    IPVS proxier does (``KUBE-CLUSTER-IP`` is an ipset of ``ip,proto:port``).
+    """
+    me = topo.node(node)
+    nat = [
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-POSTROUTING - [0:0]",
+        ":KUBE-MARK-MASQ - [0:0]",
+        ":KUBE-NODE-PORT - [0:0]",
+        ":FLANNEL-POSTRTG - [0:0]",
+        '-I PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-I OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-I POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        '-A KUBE-POSTROUTING -m comment --comment "Kubernetes endpoints dst ip:port, source ip '
+        'for solving hairpin purpose" -m set --match-set KUBE-LOOP-BACK dst,dst,src '
+        "-j MASQUERADE",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully",
+        f'-A KUBE-SERVICES ! -s {CLUSTER_CIDR} -m comment --comment "Kubernetes service cluster '
+        'ip + port for masquerade purpose" -m set --match-set KUBE-CLUSTER-IP dst,dst '
+        "-j KUBE-MARK-MASQ",
+        "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT",
+        "-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT",
+    ]
+    fm = '-m comment --comment "flanneld masq"'
+    nat += [
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {me.pod_cidr} -d {CLUSTER_CIDR} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} ! -d 224.0.0.0/4 {fm} -j MASQUERADE --random-fully",
+        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR} {fm} "
+        "-j MASQUERADE --random-fully",
+        "COMMIT",
+    ]
+    ff = '-m comment --comment "flanneld forward"'
+    filt = [
+        "*filter",
+        ":KUBE-FORWARD - [0:0]",
+        ":FLANNEL-FWD - [0:0]",
+        '-I FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        f"-A FORWARD {ff} -j FLANNEL-FWD",
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
+        "-m mark --mark 0x4000/0x4000 -j ACCEPT",
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A FLANNEL-FWD -s {CLUSTER_CIDR} {ff} -j ACCEPT",
+        f"-A FLANNEL-FWD -d {CLUSTER_CIDR} {ff} -j ACCEPT",
+        "COMMIT",
+    ]
+    return "\n".join(nat + filt) + "\n"
+
+
+def ipvs_commands(topo: Topology, node: str) -> list[list[str]]:
+    """What kube-proxy's IPVS proxier sets up for the api Service on ``node``."""
+    cip, port = topo.cluster_ip, topo.service_port
+    vs = f"{cip}:{port}"
+    cmds = [
+        ["ip", "link", "add", KUBE_IPVS_DEV, "type", "dummy"],
+        ["ip", "addr", "add", f"{cip}/32", "dev", KUBE_IPVS_DEV],
+        ["ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port", "-exist"],
+        ["ipset", "add", "KUBE-CLUSTER-IP", f"{cip},tcp:{port}", "-exist"],
+        ["ipset", "create", "KUBE-LOOP-BACK", "hash:ip,port,ip", "-exist"],
+        ["ipvsadm", "-A", "-t", vs, "-s", "rr"],
+    ]
+    for p in topo.pods:
+        cmds.append(["ipvsadm", "-a", "-t", vs, "-r", f"{p.ip}:{p.port}", "-m"])
+        if p.node == node:
+            cmds.append(["ipset", "add", "KUBE-LOOP-BACK", f"{p.ip},tcp:{p.port},{p.ip}",
+                         "-exist"])
+    return cmds
+
+
+#: sysctls kube-proxy's IPVS proxier sets (``vs.conntrack`` lets iptables masquerade
+#: IPVS-NATed connections); written through /proc (minimal systems have no sysctl)
+IPVS_SYSCTLS = {
+    "net/ipv4/vs/conntrack": "1",
+    "net/ipv4/vs/expire_nodest_conn": "1",
+    "net/ipv4/vs/expire_quiescent_template": "1",
+    "net/ipv4/conf/all/arp_ignore": "1",
+    "net/ipv4/conf/all/arp_announce": "2",
+}
+
+
+def _setup_ipvs(topo: Topology) -> None:
+    if not Path("/proc/net/ip_vs").exists():
+        r = netns.run(["modprobe", "ip_vs"], check=False)
+        if r.returncode != 0 or not Path("/proc/net/ip_vs").exists():
+            raise TestbedError("this kernel has no IPVS (ip_vs does not load): build the "
+                               "replica with --service-proxy iptables, or use the test VM "
+                               "(docs/vm.md)")
+    for node in topo.node_names():
+        ns = topo.ns(node)
+        for cmd in ipvs_commands(topo, node):
+            netns.run(cmd, ns=ns)
+        for key, val in IPVS_SYSCTLS.items():
+            netns.run(["sh", "-c", f"echo {val} > /proc/sys/{key}"], ns=ns)
+        netns.run(["iptables-restore", "--noflush"], ns=ns, input=kube_proxy_ipvs_rules(topo, node))
 
 
 # -- UFW -------------------------------------------------------------------------------
@@ -604,12 +720,15 @@ DIAL_TIMEOUT_S = 5.0
 
 def up(prefix: str = DEFAULT_PREFIX, *, service_ms: float = 0.0, access_log: bool = True,
        progress: Progress | None = None, cleanup_on_error: bool = True,
-       dial_timeout_s: float = DIAL_TIMEOUT_S) -> Instance:
+       dial_timeout_s: float = DIAL_TIMEOUT_S, service_proxy: str = "iptables") -> Instance:
     """Build the replica. Raises TestbedError (after tearing down what was built)."""
     netns.require_root("hopscope testbed up")
     prefix = normalize_prefix(prefix)
     say = progress or _quiet
-    check_tools()
+    if service_proxy not in SERVICE_PROXIES:
+        raise TestbedError(f"unknown service proxy {service_proxy!r}: one of "
+                           f"{', '.join(SERVICE_PROXIES)}")
+    check_tools(IPVS_TOOLS if service_proxy == "ipvs" else ())
     find_traefik()
     existing = netns.list_namespaces(prefix)
     if existing or state_path(prefix).exists():
@@ -638,7 +757,11 @@ def up(prefix: str = DEFAULT_PREFIX, *, service_ms: float = 0.0, access_log: boo
         phase("namespaces", lambda: _create_namespaces(topo))
         phase("links", lambda: _create_links(topo))
         inst.extra["ufw_dirs"] = phase("ufw", lambda: _setup_ufw(topo, rdir))
-        phase("iptables", lambda: _setup_iptables(topo))
+        inst.extra["service_proxy"] = service_proxy
+        if service_proxy == "ipvs":
+            phase("ipvs", lambda: _setup_ipvs(topo))
+        else:
+            phase("iptables", lambda: _setup_iptables(topo))
         phase("pods", lambda: _start_pods(inst, service_ms))
         phase("traefik", lambda: _start_traefik(inst, access_log, dial_timeout_s))
         phase("check", lambda: _check_end_to_end(topo))

@@ -42,11 +42,15 @@ def testbed() -> None:
 @click.option("--dial-timeout", type=click.FloatRange(0.1, 300), default=build.DIAL_TIMEOUT_S,
               show_default=True, help="Traefik's upstream dial timeout, seconds (Traefik's own "
               "default, as on the cluster, is 30).")
+@click.option("--service-proxy", type=click.Choice(build.SERVICE_PROXIES), default="iptables",
+              show_default=True, help="kube-proxy's mode: iptables DNAT chains, or IPVS "
+              "(a kernel with ip_vs: the test VM, production nodes).")
 def up(prefix: str, as_json: bool, service_ms: float, access_log: bool,
-       dial_timeout: float) -> None:
+       dial_timeout: float, service_proxy: str) -> None:
     """Build the replica (root). Refuses when one with this prefix is already up."""
     inst = build.up(prefix, service_ms=service_ms, access_log=access_log,
-                    progress=build._stderr_progress, dial_timeout_s=dial_timeout)
+                    progress=build._stderr_progress, dial_timeout_s=dial_timeout,
+                    service_proxy=service_proxy)
     if as_json:
         click.echo(json.dumps(inst.to_dict(), indent=2))
     else:
