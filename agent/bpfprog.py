@@ -92,6 +92,19 @@ BTF_OFFSETS = (
     ("HS_DEV_IFINDEX_OFF", "net_device", "ifindex"),
     ("HS_NET_INUM_OFF", "net", "ns.inum"),
     ("HS_SK_NET_OFF", "sock_common", "skc_net"),
+    ("HS_SKB_SK_OFF", "sk_buff", "sk"),
+)
+#: offsets only the kprobe programs need (netfilter may be absent from a kernel)
+KPROBE_BTF_OFFSETS = (
+    ("HS_NFSTATE_HOOK_OFF", "nf_hook_state", "hook"),
+    ("HS_NFSTATE_PF_OFF", "nf_hook_state", "pf"),
+)
+#: (BPF function, kernel function, on return?): attached when the function is in kallsyms
+KPROBES = (
+    ("hs_nf_enter", "nf_hook_slow", False),
+    ("hs_nf_return", "nf_hook_slow", True),
+    ("hs_ipvs_schedule", "ip_vs_schedule", False),
+    ("hs_ipvs_conn_new", "ip_vs_conn_new", False),
 )
 
 
@@ -102,11 +115,12 @@ class Settings:
     ringbuf_pages: int = 1024
     follow: int = 2
     drop_reason_min: int = 2  # NOT_SPECIFIED and below are not drops worth reporting
+    kprobes: bool = False  # compile bpf/kprobes.c in (the kernel has kprobes)
 
 
-def btf_offsets(btf: ft.Btf) -> dict[str, int]:
+def btf_offsets(btf: ft.Btf, kprobes: bool = False) -> dict[str, int]:
     out = {}
-    for define, struct_name, path in BTF_OFFSETS:
+    for define, struct_name, path in (*BTF_OFFSETS, *(KPROBE_BTF_OFFSETS if kprobes else ())):
         out[define] = btf.member_offset(struct_name, path)
     return out
 
@@ -123,6 +137,7 @@ def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, i
         "HS_RINGBUF_PAGES": pages,
         "HS_FOLLOW": settings.follow,
         "HS_DROP_REASON_MIN": settings.drop_reason_min,
+        **({"HS_KPROBES": 1} if settings.kprobes else {}),
         **offsets, **extra,
     }
     return [f"-I{BPF_DIR}", *(f"-D{k}={int(v)}" for k, v in defs.items())]
@@ -184,7 +199,7 @@ class AgentProgram:
         self.settings = settings
         self._BPF = BPF
         btf = btf or ft.Btf.load()
-        flags = cflags(settings, btf_offsets(btf), extra)
+        flags = cflags(settings, btf_offsets(btf, settings.kprobes), extra)
         try:
             self.bpf = BPF(text=program_text(source), cflags=flags)
         except Exception as exc:  # bcc raises bare Exception
@@ -195,6 +210,29 @@ class AgentProgram:
         self._fn_out: Any = None
         self._ipr: Any = None
         self.ring_size = settings.ringbuf_pages * 4096
+        #: kernel function -> BPF functions attached to it (kprobes)
+        self.kprobes: dict[str, list[str]] = {}
+
+    def attach_kprobes(self, have: Mapping[str, bool]) -> list[str]:
+        """Attach the kprobes whose functions the kernel has (``have``: kallsyms lookup)
+        and are not attached yet; returns what was newly attached."""
+        if not self.settings.kprobes:
+            return []
+        done = []
+        for fn, event, ret in KPROBES:
+            if not have.get(event) or fn in self.kprobes.get(event, []):
+                continue
+            try:
+                if ret:
+                    self.bpf.attach_kretprobe(event=event, fn_name=fn)
+                else:
+                    self.bpf.attach_kprobe(event=event, fn_name=fn)
+            except Exception as exc:  # bcc raises bare Exception
+                log.warning("cannot attach %s to %s: %s", fn, event, exc)
+                continue
+            self.kprobes.setdefault(event, []).append(fn)
+            done.append(f"{'kretprobe' if ret else 'kprobe'} {event}")
+        return done
 
     # config maps
     def set_netns(self, inodes: Iterable[int]) -> None:

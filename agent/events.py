@@ -20,6 +20,8 @@ from hopscope.model import (
     IN,
     KERNEL,
     KIND_DROP,
+    KIND_IPVS,
+    KIND_NF,
     KIND_PACKET,
     KIND_QUEUED,
     KIND_STATE,
@@ -31,11 +33,29 @@ from hopscope.model import (
     Observation,
 )
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+def find_bpf_dir(here: Path | None = None) -> Path:
+    """The directory of the BPF C sources (``hopscope.h``, ``agent.c``, ...).
+
+    An installed wheel carries them as package data, ``hopscope/agent/bpf/``;
+    a source checkout (and its editable install) has them in the repository's
+    ``bpf/``, beside ``agent/``. The first that holds ``hopscope.h`` wins; when
+    neither does, the wheel's place is returned (and loading names it).
+    """
+    here = here or Path(__file__).resolve().parent
+    for cand in (here / "bpf", here.parent / "bpf"):
+        if (cand / "hopscope.h").is_file():
+            return cand
+    return here / "bpf"
+
+
+BPF_DIR = find_bpf_dir()
 HEADER = BPF_DIR / "hopscope.h"
 
 # kinds, directions, roles, counters: as in bpf/hopscope.h
-EV_PKT, EV_KERNEL, EV_DROP, EV_STATE = 1, 2, 3, 4
+EV_PKT, EV_KERNEL, EV_DROP, EV_STATE, EV_NF, EV_IPVS = 1, 2, 3, 4, 5, 6
+#: nf_hook_slow verdicts (HS_NF_*)
+NF_VERDICTS = {1: b"ACCEPT", 2: b"QUEUED", 3: b"DROP"}
 DIR_IN, DIR_OUT = 0, 1
 ROLE_NIC, ROLE_OVERLAY, ROLE_UNDERLAY, ROLE_POD, ROLE_NIC_UNDERLAY = 1, 2, 3, 4, 5
 WHY_CONTROL, WHY_HS_ACK, WHY_START, WHY_FOLLOW = 1, 2, 3, 4
@@ -48,6 +68,7 @@ STATS = (
     ("state", "sent"), ("state", "lost"),
     ("tc", "proxy_writes"), ("tc", "ipv6_skipped"),
     ("flood", "sent"), ("flood", "lost"),
+    ("nf", "sent"), ("nf", "lost"), ("ipvs", "sent"), ("ipvs", "lost"),
 )
 STAT_INDEX = {f"{src}_{what}": i for i, (src, what) in enumerate(STATS)}
 
@@ -160,6 +181,16 @@ class Decoder:
                 out.append(new(Observation, (
                     ts + off, ts, node, "", KERNEL, OUT, KIND_STATE, proto, saddr, daddr, sport,
                     dport, reason & 0xFF, reason >> 8, 0, 0, -1, b"", -1, b"", b"")))
+            elif kind == EV_NF:
+                out.append(new(Observation, (
+                    ts + off, ts, node, "", KERNEL, IN, KIND_NF, proto, saddr, daddr, sport,
+                    dport, seq, min(aux, 0xFFFFFFFF), flags, plen, ip_id,
+                    NF_VERDICTS.get(reason, b"?"), -1, b"", b"")))
+            elif kind == EV_IPVS:
+                rs = f"{osaddr[0]}.{osaddr[1]}.{osaddr[2]}.{osaddr[3]}:{reason}"
+                out.append(new(Observation, (
+                    ts + off, ts, node, "", KERNEL, OUT, KIND_IPVS, proto, saddr, daddr, sport,
+                    dport, seq, 0, flags, plen, ip_id, rs.encode(), -1, b"", b"")))
             else:
                 bad += 1
         return bad

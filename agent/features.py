@@ -78,8 +78,8 @@ KPROBE_TARGETS = (
     "nf_hook_slow",
     "ipt_do_table",
     "nft_do_chain",
+    "ip_vs_schedule",
     "ip_vs_conn_new",
-    "ip_vs_nat_xmit",
     "tcp_v4_connect",
     "vxlan_xmit",
 )
@@ -1391,8 +1391,8 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
         why = ("tc ingress at the nic to the segment reaching the entry-port socket: UFW and "
                "the stack in between")
         if f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
-            why += ("; kprobes on nf_hook_slow could split out netfilter's own time "
-                    "(not built yet)")
+            why += ("; kprobe+kretprobe on nf_hook_slow split out netfilter's INPUT hook "
+                    "(UFW's own time) and its verdict, as a child of kernel_in")
         items.append(PlanItem("kernel_in", "tc ingress (nic) -> tracepoint tcp:tcp_probe", why))
     elif f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
         items.append(PlanItem("kernel_in", "kprobe nf_hook_slow (+ nft_do_chain/ipt_do_table)",
@@ -1419,12 +1419,13 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
         items.append(PlanItem("proxy", "raw_syscalls:sys_enter filtered by syscall number",
                               f"missing {', '.join(missing)}", True))
 
-    ipvs_syms = f.kprobe_symbols.get("ip_vs_conn_new") and f.kprobe_symbols.get("ip_vs_nat_xmit")
-    if f.ipvs_config and f.kprobes and ipvs_syms:
-        items.append(PlanItem("service_nat", "kprobes ip_vs_conn_new + ip_vs_nat_xmit",
-                              "IPVS and kprobes present: kube-proxy IPVS mode could be measured "
-                              "directly (not built yet, issue 7: until then the proxy's write "
-                              "-> first upstream byte, as with iptables)"))
+    ipvs_syms = f.kprobe_symbols.get("ip_vs_schedule") and f.kprobe_symbols.get("ip_vs_conn_new")
+    if f.ipvs_config and f.kprobes and (ipvs_syms or not f.ipvs_active):
+        items.append(PlanItem("service_nat", "kprobes ip_vs_schedule + ip_vs_conn_new",
+                              "IPVS and kprobes present: the real server IPVS chose for each "
+                              "upstream connection (matched by its SYN's sequence number) is "
+                              "named on service_nat; attached once ip_vs is loaded"
+                              + ("" if ipvs_syms else " (not loaded yet)")))
     else:
         reasons = []
         if not f.ipvs_config:

@@ -51,6 +51,13 @@ EXPORT_TAIL_NS = 1_000_000_000
 CAPTURE_REORDER_NS = 10_000_000
 SOURCES = ("auto", "tc", "capture")
 NF_DROP = b"NETFILTER_DROP"
+IPVS_FUNCS = {"ip_vs_schedule", "ip_vs_conn_new"}
+
+
+def kprobes_available(tracefs: str | None) -> bool:
+    """Can kprobes be attached here (kprobe_events in tracefs, or the kprobe PMU)?"""
+    return bool((tracefs and os.path.exists(os.path.join(tracefs, "kprobe_events")))
+                or os.path.isdir("/sys/bus/event_source/devices/kprobe"))
 RESCAN_S = 2.0
 CLOCK_EVERY_S = 1.0
 POINTS_ATTACHED = {"nic", "overlay", "underlay", "pod", "nic+underlay"}
@@ -75,6 +82,7 @@ class AgentConfig:
     packet_buffer: int = 20_000
     slow_pcap: str | None = None  # write the packets of slow requests here (pcapng)
     slower_than_ns: int = 500_000_000
+    kprobes: bool = True  # use kprobes where the kernel has them
     settings: bpfprog.Settings = field(default_factory=bpfprog.Settings)
 
 
@@ -264,6 +272,7 @@ class Agent:
         not_specified = next((k for k, v in self.reasons.items() if v == "NOT_SPECIFIED"), 2)
         cfg.settings.drop_reason_min = not_specified
         cfg.settings.entry_port = cfg.entry_port
+        cfg.settings.kprobes = cfg.kprobes and kprobes_available(fmt)
         self.prog = bpfprog.AgentProgram(cfg.settings)
         self.rules = RuleNamer()
         self._pod_nsids: set[int] | None = None
@@ -278,6 +287,23 @@ class Agent:
             "drops": "tracepoint skb:kfree_skb (reasons from its format file); the rule behind "
                      "NETFILTER_DROP from iptables-save -c counters",
         }
+        self._attach_kprobes()
+
+    def _attach_kprobes(self) -> None:
+        """kprobes for the functions the kernel has now (ip_vs's appear when IPVS is
+        loaded: looked for again at each rescan until attached)."""
+        prog = self.prog
+        if prog is None or not prog.settings.kprobes:
+            return
+        want = [ev for _fn, ev, _r in bpfprog.KPROBES if ev not in prog.kprobes]
+        if not want or (set(want) <= IPVS_FUNCS and not os.path.isdir("/sys/module/ip_vs")):
+            return
+        for what in prog.attach_kprobes(ft.kallsyms_find(want)):
+            log.info("attached %s", what)
+        if "nf_hook_slow" in prog.kprobes:
+            self.sources["netfilter"] = "kprobe+kretprobe nf_hook_slow (INPUT hook, entry port)"
+        if "ip_vs_conn_new" in prog.kprobes and "ip_vs_schedule" in prog.kprobes:
+            self.sources["ipvs"] = "kprobes ip_vs_schedule + ip_vs_conn_new (real server chosen)"
 
     def _start_capture(self) -> None:
         from hopscope.agent.afpacket import CaptureSource
@@ -328,6 +354,8 @@ class Agent:
                 except bpfprog.AgentError as exc:
                     log.warning("%s", exc)
         self._pods_netns(links)
+        if not first:
+            self._attach_kprobes()
         tg = proxy_tgids(self.cfg.proxy, self.netns)
         self.prog.set_proxy_tgids(tg)
         if first and not tg:

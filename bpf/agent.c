@@ -48,6 +48,8 @@ static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
     return a;
 }
 
+#include "kprobes.c"
+
 /* A data segment reached a socket on the entry port: "queued on the proxy's socket". */
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {

@@ -13,6 +13,8 @@
 #define HS_EV_KERNEL 2  /* a data segment reached the proxy's socket (tcp:tcp_probe) */
 #define HS_EV_DROP   3  /* skb:kfree_skb with a drop reason */
 #define HS_EV_STATE  4  /* sock:inet_sock_set_state of a socket the node cares about */
+#define HS_EV_NF     5  /* kprobe: a segment to the entry port through netfilter's INPUT hook */
+#define HS_EV_IPVS   6  /* kprobe: IPVS scheduled a new connection to a real server */
 
 /* directions */
 #define HS_DIR_IN  0
@@ -45,7 +47,16 @@
 #define HS_STAT_TC_IPV6      10
 #define HS_STAT_FLOOD_SENT   11
 #define HS_STAT_FLOOD_LOST   12
-#define HS_STAT_MAX          13
+#define HS_STAT_NF_SENT      13
+#define HS_STAT_NF_LOST      14
+#define HS_STAT_IPVS_SENT    15
+#define HS_STAT_IPVS_LOST    16
+#define HS_STAT_MAX          17
+
+/* verdicts of nf_hook_slow (hs_event.reason of HS_EV_NF) */
+#define HS_NF_ACCEPT 1  /* returned 1: the packet goes on */
+#define HS_NF_QUEUED 2  /* returned 0: stolen or queued (NFQUEUE), reinjected later */
+#define HS_NF_DROP   3  /* returned < 0: dropped */
 
 /* hs_event.vni of a packet that is not VXLAN-encapsulated */
 #define HS_NO_VNI 0xffffffff
@@ -58,7 +69,8 @@
 struct hs_event {
     __u64 ts_mono_ns;  /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __u64 aux_ns;      /* PKT: when the proxy entered the write that sent it (0: none);
-                          DROP: the kernel address that dropped it */
+                          DROP: the kernel address that dropped it;
+                          NF: how long the INPUT hook took (ns) */
     __u32 netns;       /* network namespace inode */
     __u32 ifindex;
     __u32 seq;
@@ -67,12 +79,13 @@ struct hs_event {
     __u32 vni;         /* VXLAN network identifier, HS_NO_VNI when not encapsulated */
     __u32 saddr;       /* inner IPv4 addresses, network byte order */
     __u32 daddr;
-    __u32 osaddr;      /* outer addresses of a VXLAN packet, else 0 */
+    __u32 osaddr;      /* outer addresses of a VXLAN packet, else 0; IPVS: the real server */
     __u32 odaddr;
     __u16 sport;       /* host byte order */
     __u16 dport;
     __u16 ip_id;
-    __u16 reason;      /* DROP: enum skb_drop_reason; STATE: old << 8 | new */
+    __u16 reason;      /* DROP: enum skb_drop_reason; STATE: old << 8 | new; NF: HS_NF_*;
+                          IPVS: the real server's port */
     __u16 caplen;      /* payload bytes that follow the header */
     __u8 kind;
     __u8 dir;

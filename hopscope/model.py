@@ -66,6 +66,14 @@ KIND_WRITE = "write"
 KIND_DROP = "drop"
 #: eBPF: a TCP socket changed state: ``ack`` old state, ``seq`` new state (kernel numbers).
 KIND_STATE = "state"
+#: eBPF kprobe: a segment to the entry port went through netfilter's INPUT hook
+#: (``nf_hook_slow``: UFW): ``ts_*`` when it entered, ``ack`` how long it took (ns),
+#: ``payload`` the verdict (``b"ACCEPT"``, ``b"QUEUED"`` (NFQUEUE), ``b"DROP"``).
+KIND_NF = "netfilter"
+#: eBPF kprobe: IPVS scheduled a new connection (``ip_vs_schedule``/``ip_vs_conn_new``):
+#: the flow before the rewrite (client -> virtual service), ``seq`` its SYN's sequence
+#: number, ``payload`` the real server chosen (``b"10.42.2.5:8000"``).
+KIND_IPVS = "ipvs"
 
 # TCP flag bits
 FIN = 0x01

@@ -56,9 +56,19 @@ def waterfall(req: dict[str, Any], width: int = BAR) -> str:
                 b = max(a + 1, min(width, b))
                 bar = " " * a + "█" * (b - a) + " " * (width - b)
             lines.append(f"  {h['name']:<18} {h['node']:<14} {fmt_ns(h['duration_ns']):>11} |{bar}|")
-            for c in h.get("children") or ():
-                lines.append(f"    {c['name']:<16} {c['node']:<14} {fmt_ns(c['duration_ns']):>11} |")
+            lines += _child_lines(h, 4)
     return "\n".join(lines)
+
+
+def _child_lines(h: dict[str, Any], indent: int) -> list[str]:
+    """Sub-hops under a hop, indented, with what they name (endpoint, verdict)."""
+    out = []
+    for c in h.get("children") or ():
+        note = "".join(f" {k}={c[k]}" for k in ("endpoint", "verdict") if c.get(k))
+        name = " " * indent + c["name"]
+        out.append(f"{name:<20} {c['node']:<14} {fmt_ns(c['duration_ns']):>11} |{note}")
+        out += _child_lines(c, indent + 2)
+    return out
 
 
 def hop_table(requests: Iterable[dict[str, Any]]) -> str:
@@ -76,12 +86,18 @@ def hop_table(requests: Iterable[dict[str, Any]]) -> str:
             if k not in vals:
                 order.append(k)
             vals[k].append(h["duration_ns"])
-            for c in h.get("children") or ():
-                ck = ("  " + c["name"], c["dir"])
+            todo = [(k, c, 1) for c in h.get("children") or ()]
+            while todo:
+                pk, c, depth = todo.pop(0)
+                ck = ("  " * depth + c["name"], c["dir"])
                 if ck not in vals:
-                    subs[k].append(ck)
+                    subs[pk].append(ck)
                 vals[ck].append(c["duration_ns"])
-    order = [x for k in order for x in (k, *subs[k])]
+                todo += [(ck, cc, depth + 1) for cc in c.get("children") or ()]
+    def tree(k: tuple[str, str]) -> list[tuple[str, str]]:
+        return [k] + [x for ck in subs[k] for x in tree(ck)]
+
+    order = [x for k in order for x in tree(k)]
     rows = [("hop", "dir", "count", "p50", "p90", "p99", "max")]
     for k in order:
         v = sorted(vals[k])

@@ -621,11 +621,18 @@ class Stitcher:
         if known != sorted(known):
             return  # out of order: a mismatched event; better no split than a wrong one
         ing["children"] = _tile(chain, sh)[0]
-        ep = _endpoint(g)
-        if ep:
-            for h in ing["children"]:
-                if h["name"] == "service_nat":
-                    h["endpoint"] = ep
+        ep, by = _endpoint(g, a)
+        for h in ing["children"]:
+            parts = h["name"].split("+")  # merged where a boundary was not seen
+            if parts[-1] == "service_nat" and ep:
+                h["endpoint"] = ep
+                if by:
+                    h["endpoint_by"] = by
+            if parts[0] == "kernel_in" and c.nf_ts >= 0 and c.nf_ns >= 0:
+                # UFW's own time: the completing segment in netfilter's INPUT hook (kprobe)
+                nf = _hop("netfilter", "request", a, c.nf_ts - sh.get(a, 0), c.nf_ns)
+                nf["verdict"] = c.nf_verdict
+                h["children"] = [nf]
 
     def _chain(self, a: str, b: str, g: _Group, c: Sighting) -> list[tuple[str, str, str, int]]:
         """The boundaries of a request's path: (hop ending here, dir, node, local time)."""
@@ -789,16 +796,21 @@ class Stitcher:
 
 # -- helpers ----------------------------------------------------------------
 
-def _endpoint(g: _Group | None) -> str:
-    """The pod address the Service rewrite chose (``ip:port``): the upstream flow's
-    destination where it was seen past the rewrite (at a pod or overlay point)."""
+def _endpoint(g: _Group | None, a: str) -> tuple[str, str]:
+    """The pod address the Service rewrite chose (``ip:port``) and how it is known:
+    ``"ipvs"`` when IPVS's scheduling was seen on the ingress node ``a`` (kprobe), else
+    ``""``: the upstream flow's destination past the rewrite (at a pod or overlay point,
+    iptables DNAT or IPVS alike)."""
     if g is None:
-        return ""
+        return "", ""
+    for s in g.sightings:
+        if s.node == a and s.ipvs_endpoint:
+            return s.ipvs_endpoint, "ipvs"
     for point in (POD, OVERLAY):
         for s in g.sightings:
             if s.point == point:
-                return flow_str(*s.flow).split(" -> ")[1]
-    return ""
+                return flow_str(*s.flow).split(" -> ")[1], ""
+    return "", ""
 
 
 def _reason_rule(text: str) -> dict[str, str]:

@@ -24,6 +24,8 @@ from functools import lru_cache
 
 from hopscope.model import (
     KIND_DROP,
+    KIND_IPVS,
+    KIND_NF,
     KIND_PACKET,
     KIND_QUEUED,
     KIND_WRITE,
@@ -129,6 +131,15 @@ class Sighting:
         self.kernel_ts = -1
         #: eBPF: the proxy entered the write that sent this (upstream) request
         self.proxy_ts = -1
+        #: eBPF kprobe: the completing segment in netfilter's INPUT hook: entry, ns, verdict
+        self.nf_ts = -1
+        self.nf_ns = -1
+        self.nf_verdict = ""
+        #: the connection's SYN sequence number (-1: handshake not seen)
+        self.isn = -1
+        #: eBPF kprobe: the real server IPVS chose for this (upstream) connection, and when
+        self.ipvs_endpoint = ""
+        self.ipvs_ts = -1
         #: nothing will change it any more (response headers seen, or the connection ended)
         self.settled = False
 
@@ -286,6 +297,9 @@ class NodeTracker:
         # eBPF events, joined to sightings when they are handed over
         self._queued: dict[tuple[bytes, int, bytes, int], list[tuple[int, int, int]]] = {}
         self._writes: dict[tuple[object, ...], int] = {}
+        #: kprobes: flow -> [(seq, plen, entry ts, ns, verdict)]; SYN seq -> (server, ts)
+        self._nf: dict[tuple[bytes, int, bytes, int], list[tuple[int, int, int, int, str]]] = {}
+        self._ipvs: dict[int, tuple[str, int]] = {}
         self._ev_order: deque[tuple[int, int, object]] = deque()  # (ts, which, key) to expire
         self._kdrops: list[tuple[int, str, tuple[bytes, int, bytes, int], str]] = []
 
@@ -364,6 +378,16 @@ class NodeTracker:
         elif kind == KIND_DROP:
             self._kdrops.append((ts, ob.point, (ob.src, ob.sport, ob.dst, ob.dport),
                                  ob.payload.decode("ascii", "replace")))
+        elif kind == KIND_NF:
+            flow = (ob.src, ob.sport, ob.dst, ob.dport)
+            nl = self._nf.get(flow)
+            if nl is None:
+                nl = self._nf[flow] = []
+            nl.append((ob.seq, ob.plen, ts, ob.ack, ob.payload.decode("ascii", "replace")))
+            self._ev_order.append((ts, 2, flow))
+        elif kind == KIND_IPVS:
+            self._ipvs[ob.seq] = (ob.payload.decode("ascii", "replace"), ts)
+            self._ev_order.append((ts, 3, ob.seq))
         # other kinds (socket states) are counted by their source, not stitched
 
     def _join_events(self, s: Sighting) -> None:
@@ -376,9 +400,17 @@ class NodeTracker:
                     if ((last - seq) & M32) < plen and (best < 0 or ts < best):
                         best = ts
                 s.kernel_ts = best
+            nl = self._nf.get(s.flow) if s.complete_end >= 0 else None
+            if nl:
+                last = (s.complete_end - 1) & M32
+                for seq, plen, ts, ns, verdict in nl:
+                    if ((last - seq) & M32) < plen and (s.nf_ts < 0 or ts < s.nf_ts):
+                        s.nf_ts, s.nf_ns, s.nf_verdict = ts, ns, verdict
         else:
             f = s.flow
             s.proxy_ts = self._writes.get((f[0], f[1], f[2], f[3], s.seq0), -1)
+            if s.isn >= 0 and s.isn in self._ipvs:
+                s.ipvs_endpoint, s.ipvs_ts = self._ipvs[s.isn]
 
     def _expire_events(self, before: int) -> None:
         order = self._ev_order
@@ -386,6 +418,14 @@ class NodeTracker:
             _ts, which, key = order.popleft()
             if which == 1:
                 self._writes.pop(key, None)  # type: ignore[call-overload]
+            elif which == 3:
+                self._ipvs.pop(key, None)  # type: ignore[call-overload]
+            elif which == 2:
+                nl = self._nf.get(key)  # type: ignore[call-overload]
+                if nl is not None:
+                    del nl[0]
+                    if not nl:
+                        del self._nf[key]  # type: ignore[arg-type]
             else:
                 lst = self._queued.get(key)  # type: ignore[call-overload]
                 if lst is not None:
@@ -508,7 +548,7 @@ class NodeTracker:
         done: list[Sighting] = []
         low = self.last_ts
         old = self.last_ts - SETTLE_NS
-        events = bool(self._queued or self._writes)
+        events = bool(self._queued or self._writes or self._nf or self._ipvs)
         for s in self.sightings:
             if s.settled or final or s.first < old:
                 s.settled = True
@@ -816,6 +856,8 @@ class NodeTracker:
                     h.state = st.halves[1 - d].state = DEAD
                 return
             s = Sighting(self.node, st.ifname, st.point, st.flow, seq, ts)
+            if st.syn_count:
+                s.isn = st.isn
             if st.synack >= 0:
                 if st.hs_ack < 0:
                     st.hs_ack = ts  # the handshake's ACK carried the request

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from hopscope.agent import events as ev
 
-from hopscope.model import KIND_PACKET, KIND_QUEUED, KIND_WRITE, NIC, PROXY, UNDERLAY
+from hopscope.model import (
+    KIND_IPVS,
+    KIND_NF,
+    KIND_PACKET,
+    KIND_QUEUED,
+    KIND_WRITE,
+    NIC,
+    PROXY,
+    UNDERLAY,
+)
 
 
 def _offsets() -> dict[str, int]:
@@ -100,3 +109,26 @@ def test_decode_packets_writes_and_socket_events() -> None:
     assert (up.kind, up.ts_mono_ns, up.point) == (KIND_PACKET, 300, "overlay")
     assert (queued.kind, queued.seq, queued.plen, queued.ts_real_ns) == (KIND_QUEUED, 7, 18, 1_400)
     assert drop.payload == b"NETFILTER_DROP" and drop.point == NIC
+
+
+def test_decode_kprobe_events() -> None:
+    dec = ev.Decoder("node1", {}, lambda: 0, {})
+    a, b, rs = bytes([203, 0, 113, 9]), bytes([10, 43, 0, 10]), bytes([10, 42, 2, 5])
+    recs = [
+        _raw(ts_mono_ns=100, aux_ns=2_500, kind=ev.EV_NF, saddr=a, daddr=b, sport=40000,
+             dport=80, seq=7, plen=18, proto=6, reason=2),
+        _raw(ts_mono_ns=200, kind=ev.EV_IPVS, saddr=a, daddr=b, sport=41000, dport=8000,
+             seq=99, proto=6, osaddr=rs, reason=8000, dir=ev.DIR_OUT),
+    ]
+    spans = [(0, len(recs[0])), (len(recs[0]), len(recs[1]))]
+    out: list = []
+    assert dec.decode(b"".join(recs), spans, out) == 0
+    nf, ipvs = out
+    assert (nf.kind, nf.ts_mono_ns, nf.ack, nf.payload, nf.seq, nf.plen) == (
+        KIND_NF, 100, 2_500, b"QUEUED", 7, 18)
+    assert (ipvs.kind, ipvs.seq, ipvs.payload, ipvs.dport) == (KIND_IPVS, 99, b"10.42.2.5:8000",
+                                                               8000)
+    d = ev.header_defines()
+    assert (d["HS_EV_NF"], d["HS_EV_IPVS"]) == (ev.EV_NF, ev.EV_IPVS)
+    assert {d["HS_NF_ACCEPT"]: b"ACCEPT", d["HS_NF_QUEUED"]: b"QUEUED",
+            d["HS_NF_DROP"]: b"DROP"} == ev.NF_VERDICTS

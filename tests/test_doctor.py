@@ -340,10 +340,14 @@ def test_probe_plan_choices() -> None:
     assert p["kernel_in"].source.endswith("sock:inet_sock_set_state")
     assert "sk_data_ready absent" in p["kernel_in"].reason
 
-    syms = {"nf_hook_slow": True, "ip_vs_conn_new": True, "ip_vs_nat_xmit": True}
+    syms = {"nf_hook_slow": True, "ip_vs_schedule": True, "ip_vs_conn_new": True}
     p = _plan(kprobes=True, kprobe_symbols=syms, ipvs_config=True, ipvs_active=True)
-    assert "nf_hook_slow" in p["kernel_in"].reason
-    assert p["service_nat"].source == "kprobes ip_vs_conn_new + ip_vs_nat_xmit"
+    assert "nf_hook_slow" in p["kernel_in"].reason and "verdict" in p["kernel_in"].reason
+    assert p["service_nat"].source == "kprobes ip_vs_schedule + ip_vs_conn_new"
+    # IPVS in use but its functions not traceable: the packets' view
+    p = _plan(kprobes=True, kprobe_symbols={"nf_hook_slow": True}, ipvs_config=True,
+              ipvs_active=True)
+    assert p["service_nat"].source.startswith("iptables DNAT")
 
     p = _plan(tc_clsact=False)
     assert p["pod packets"].source == "AF_PACKET socket"

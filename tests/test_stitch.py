@@ -468,3 +468,40 @@ def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[
         assert bd.lo is not None and bd.hi is not None
         if offs[a].error_ns >= 0 and offs[b].error_ns >= 0:
             assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
+
+
+def test_kprobe_events_split_kernel_in_and_name_the_ipvs_endpoint() -> None:
+    """netfilter's INPUT hook time (nf_hook_slow) under kernel_in, and IPVS's choice
+    (matched by the upstream SYN's sequence number, which the rewrite keeps)."""
+    from hopscope.model import KERNEL, KIND_IPVS, KIND_NF, KIND_QUEUED, Observation
+
+    tl = Timeline()
+    cross_node_request(tl)
+    obs = tl.obs["node1"]
+    req = next(o for o in obs if o.ifname == "eth0" and o.dport == 80 and o.plen)
+    syn = next(o for o in obs if o.ifname == "flannel.1" and o.flags == SYN)
+    t = req.ts_real_ns
+
+    def event(kind: str, ts: int, o: Observation, **kw: Any) -> Observation:
+        return o._replace(**{"ts_real_ns": ts, "kind": kind, "point": KERNEL, "ifname": "",
+                             "payload": b"", **kw})
+
+    tl.obs["node1"] += [
+        event(KIND_NF, t + 2_000, req, ack=7_000, payload=b"ACCEPT"),
+        event(KIND_QUEUED, t + 15_000, req),
+        # IPVS saw Traefik's SYN to the ClusterIP, before the rewrite: another flow, same ISN
+        event(KIND_IPVS, syn.ts_real_ns - 5_000, syn, src=bytes([178, 104, 247, 152]),
+              dst=bytes([10, 43, 0, 10]), payload=b"10.42.1.5:8000"),
+    ]
+    r = stitch(tl)["requests"][0]
+    ing = r["hops"][0]
+    kin, nat = ing["children"][0], ing["children"][-1]  # (no write seen: proxy+service_nat)
+    assert (kin["name"], kin["duration_ns"]) == ("kernel_in", 15_000)
+    assert [(c["name"], c["start_ns"] - kin["start_ns"], c["duration_ns"], c["verdict"])
+            for c in kin["children"]] == [("netfilter", 2_000, 7_000, "ACCEPT")]
+    assert (nat["name"], nat["endpoint"], nat["endpoint_by"]) == (
+        "proxy+service_nat", "10.42.1.5:8000", "ipvs")
+    # without the IPVS event the endpoint still comes from the rewritten packets
+    tl.obs["node1"] = [o for o in tl.obs["node1"] if o.kind != KIND_IPVS]
+    nat = stitch(tl)["requests"][0]["hops"][0]["children"][-1]
+    assert nat["endpoint"] == f"{POD_IP['node2']}:8000" and "endpoint_by" not in nat
