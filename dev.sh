@@ -13,8 +13,9 @@ venv="$here/.venv"
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make
   python3-bpfcc bpfcc-tools bpftool linux-headers-amd64
-  iproute2 iptables ufw tcpdump tshark procps kmod
+  iproute2 iptables ufw tcpdump tshark procps kmod ipvsadm ipset
   libnetfilter-queue-dev
+  qemu-system-x86 debootstrap e2fsprogs
 )
 
 need_root() {

@@ -573,7 +573,7 @@ def run_agent(cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = 
         try:
             for n in bpfprog.prepare_kernel_env():
                 log.info("%s", n)
-        except bpfprog.AgentError as exc:
+        except (bpfprog.AgentError, ft.PrivateMountError) as exc:
             if cfg.source == "tc":
                 raise
             log.warning("%s: packets come from AF_PACKET capture instead", exc)

@@ -20,9 +20,11 @@ from typing import Any
 
 import click
 from hopscope.collector import wire
+from hopscope.collector.otlp import otlp_config
 from hopscope.collector.server import Collector, CollectorConfig, api_get, parse_hostport
 from hopscope.collector.store import SqliteStore, parse_duration
 
+from hopscope.config import config_option
 from hopscope.errors import HopscopeError, UsageError
 from hopscope.render import drop_lines, fmt_ns, render_envelope, waterfall
 from hopscope.replay import parse_cidrs
@@ -40,6 +42,7 @@ def collector() -> None:
 
 
 @collector.command("serve")
+@config_option
 @click.option("--listen", default="127.0.0.1:7000", show_default=True, metavar="HOST:PORT",
               help="Where agents connect.")
 @click.option("--token-file", required=True, type=click.Path(dir_okay=False),
@@ -66,10 +69,17 @@ def collector() -> None:
               help="Prune the oldest requests beyond this database size.")
 @click.option("--raw-keep", default="15m", show_default=True,
               help="Keep the agents' raw batches this long (re-stitched after a restart).")
+@click.option("--otlp-endpoint", default=None, metavar="URL",
+              help="Export every stitched request as a trace, OTLP/HTTP protobuf (e.g. "
+                   "http://tempo:4318; no path: /v1/traces). Off by default.")
+@click.option("--otlp-header", "otlp_headers", multiple=True, metavar="KEY=VALUE",
+              help="An HTTP header for the OTLP endpoint (repeatable), e.g. "
+                   "'Authorization=Bearer TOKEN'.")
 def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str | None,
           tls_key: str | None, tls_client_ca: str | None, reference: str | None,
           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], idle_flush: str,
-          retention: str, max_db_bytes: int, raw_keep: str) -> None:
+          retention: str, max_db_bytes: int, raw_keep: str, otlp_endpoint: str | None,
+          otlp_headers: tuple[str, ...]) -> None:
     """Receive agents' batches, stitch requests, store them, serve the JSON API.
 
         hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\
@@ -85,7 +95,8 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
         reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
         entry_ports=entry_ports, idle_flush=parse_duration(idle_flush) / 1e9,
         max_age_ns=parse_duration(retention), max_bytes=max_db_bytes,
-        raw_keep_ns=parse_duration(raw_keep))
+        raw_keep_ns=parse_duration(raw_keep),
+        otlp=otlp_config(otlp_endpoint, otlp_headers))
     logging.getLogger("hopscope").setLevel(min(logging.getLogger().level, logging.INFO))
     asyncio.run(Collector(cfg).serve_forever())
 
@@ -137,6 +148,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 
 
 @agent.command("run")
+@config_option
 @click.option("--node", default=None, help="This node's name (default: the host name).")
 @click.option("--local", is_flag=True, help="Stitch this node's requests here and print their "
               "waterfalls as they complete.")
@@ -170,11 +182,14 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--packet-buffer", default=20_000, show_default=True,
               type=click.IntRange(100, 10_000_000),
               help="Recent packets kept for --slow-pcap (headers; payload of message starts).")
+@click.option("--no-kprobes", is_flag=True,
+              help="Do not use kprobes even where the kernel has them (netfilter time and "
+                   "verdict, IPVS's choice).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
             token_file: str | None, spool_dir: str | None, proxy: str, entry_port: int,
             ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
-            slow_pcap: str | None, slower_than: str, packet_buffer: int,
+            slow_pcap: str | None, slower_than: str, packet_buffer: int, no_kprobes: bool,
             ready_file: str | None) -> None:
     """Probe this node with eBPF (tc classifiers and tracepoints) until stopped.
 
@@ -219,7 +234,7 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                       interfaces=override, duration=parse_duration(duration) / 1e9,
                       ship=shipcfg, ready_file=ready_file, record=record, source=source,
                       slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),
-                      packet_buffer=packet_buffer)
+                      packet_buffer=packet_buffer, kprobes=not no_kprobes)
     agent = run_agent(cfg, print_request if local else None)
     st = agent.final_stats
     per = ", ".join(f"{k[:-5]} {v}/{st.get(k[:-5] + '_lost', 0)}" for k, v in st.items()
@@ -227,6 +242,21 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
     pcaps = f"; {agent.exported} slow requests written to {slow_pcap}" if slow_pcap else ""
     click.echo(f"agent {node}: {agent.observations} observations, "
                f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}", err=True)
+
+
+@agent.command("cleanup")
+def cleanup_cmd() -> None:
+    """Remove the tc filters a killed agent left in this network namespace.
+
+    Found by name (hopscope-in/hopscope-out); other filters are not touched.
+    The agent does this at start, and the systemd unit after every stop
+    (ExecStopPost), so that a crashed agent leaves no classifier behind.
+    """
+    from hopscope.agent.bpfprog import remove_stale
+
+    n = remove_stale()
+    click.echo(f"removed {n} hopscope tc filter(s) a previous agent left" if n
+               else "no hopscope tc filters left", err=True)
 
 
 # --------------------------------------------------------------------------

@@ -31,7 +31,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from hopscope.collector import wire
-from hopscope.collector.store import SqliteStore, parse_duration, resolve_since
+from hopscope.collector.metrics import CollectorMetrics
+from hopscope.collector.otlp import OtlpConfig, OtlpExporter
+from hopscope.collector.store import SqliteStore, _drop_key, parse_duration, resolve_since
 
 from hopscope.errors import HopscopeError, UsageError
 from hopscope.stitch import Stitcher
@@ -60,6 +62,18 @@ class CollectorConfig:
     raw_keep_ns: int = 15 * 60_000_000_000
     prune_every: float = 60.0
     hello_timeout: float = 10.0
+    otlp: OtlpConfig | None = None  # export stitched requests as OTLP traces (off: None)
+
+
+def _first_new(keys: list[str], items: list[dict[str, Any]], have: set[str]
+               ) -> list[dict[str, Any]]:
+    """The items whose key is not in ``have``, each key once (``have`` grows)."""
+    out = []
+    for k, it in zip(keys, items, strict=True):
+        if k not in have:
+            have.add(k)
+            out.append(it)
+    return out
 
 
 def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
@@ -88,6 +102,10 @@ class Collector:
         self._tasks: list[asyncio.Task[None]] = []
         self._conns: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.metrics = CollectorMetrics()
+        self.exporter = OtlpExporter(cfg.otlp, collector=cfg.name) if cfg.otlp else None
+        if self.exporter is not None:
+            self.metrics.registry.register(self.exporter)
 
     def _new_stitcher(self) -> Stitcher:
         return Stitcher([self.cfg.reference] if self.cfg.reference else [],
@@ -107,6 +125,8 @@ class Collector:
         self.batches += 1
         self.last_seen[batch.node] = time.monotonic()
         self.flushed.discard(batch.node)
+        self.metrics.observe_batch(batch.agent, batch.node, len(batch.obs), batch.clock,
+                                   batch.lost)
         if batch.obs:
             self._tracker(batch.node).feed(batch.obs)
 
@@ -140,12 +160,21 @@ class Collector:
         final = bool(self.trackers) and self.flushed >= set(self.trackers)
         reqs = st.drain(final=final)
         drops, st.drops = st.drops, []
+        fresh = self._unstored(reqs)  # metrics and traces: once per request, also on restarts
+        fresh_drops = self._unstored_drops(drops)
         new = self.store.put_requests(reqs) if reqs else 0
         if drops:
             self.store.put_drops(drops)
         if reqs or drops:
             env = st.envelope([], [])
             self.store.put_offsets(env)
+            self.metrics.set_offsets(env)
+        if fresh:
+            self.metrics.observe_requests(fresh)
+            if self.exporter is not None:
+                self.exporter.submit(fresh)
+        if fresh_drops:
+            self.metrics.observe_drops(fresh_drops)
         self.stored_requests += new
         if reqs:
             log.info("event=stored requests=%d new=%d drops=%d total=%d", len(reqs), new,
@@ -154,6 +183,16 @@ class Collector:
             log.warning("event=stitch_warning msg=%s", json.dumps(w))
         st.warnings.clear()
         return new
+
+    def _unstored(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The requests whose id is not stored yet (the first of a repeated id)."""
+        keys = [r["request_id"] for r in reqs]
+        return _first_new(keys, reqs, self.store.stored_keys("requests", keys))
+
+    def _unstored_drops(self, drops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The drops not stored yet (by the store's key)."""
+        keys = [_drop_key(d) for d in drops]
+        return _first_new(keys, drops, self.store.stored_keys("drops", keys))
 
     async def _drain_loop(self) -> None:
         last_prune = time.monotonic()
@@ -185,17 +224,26 @@ class Collector:
     # -- HTTP --------------------------------------------------------------------
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 500, {"error": "internal error"}
+        payload: bytes | None = None  # not JSON: /metrics
+        ctype = "application/json"
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
-            while True:  # headers: read and ignore
+            accept = ""
+            while True:  # headers: only Accept matters (for /metrics)
                 h = await asyncio.wait_for(reader.readline(), 10)
                 if h in (b"\r\n", b"\n", b""):
                     break
+                name, _, value = h.decode("latin-1").partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
                 status, body = 400, {"error": "bad request line"}
             elif parts[0] != "GET":
                 status, body = 405, {"error": "only GET"}
+            elif (urlsplit(parts[1]).path.rstrip("/") or "/") == "/metrics":
+                payload, ctype = self.metrics.exposition(accept)
+                status = 200
             else:
                 status, body = self.handle(parts[1])
         except HopscopeError as exc:
@@ -204,9 +252,10 @@ class Collector:
             status, body = 400, {"error": "bad request"}
         except Exception:
             log.exception("event=http_failed")
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        if payload is None:
+            payload = json.dumps(body, separators=(",", ":")).encode()
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-        head = (f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\nContent-Type: application/json"
+        head = (f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\nContent-Type: {ctype}"
                 f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
         with contextlib.suppress(OSError):
             writer.write(head + payload)
@@ -235,6 +284,8 @@ class Collector:
             self._servers.append(h)
             self.http_port = h.sockets[0].getsockname()[1]
             log.info("event=listen what=http addr=%s:%d", self.cfg.http[0], self.http_port)
+        if self.exporter is not None:
+            self.exporter.start()
         self._tasks.append(asyncio.create_task(self._drain_loop()))
 
     async def stop(self) -> None:
@@ -259,6 +310,8 @@ class Collector:
             self.step()
         finally:
             self.store.close()
+            if self.exporter is not None:  # what is queued gets a few seconds to go out
+                await asyncio.to_thread(self.exporter.close, 5.0)
         log.info("event=stopped requests=%d batches=%d", self.stored_requests, self.batches)
 
     async def serve_forever(self) -> None:

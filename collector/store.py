@@ -129,7 +129,8 @@ class Store(Protocol):
     def hop_stats(self, since_ns: int | None = None,
                   by: str | None = None) -> list[dict[str, Any]]: ...
     def query_drops(self, since_ns: int | None = None) -> list[dict[str, Any]]: ...
-    def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None) -> int: ...
+    def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None,
+              raw_max_age_ns: int | None = None) -> int: ...
 
 
 def _drop_key(d: dict[str, Any]) -> str:
@@ -228,6 +229,20 @@ class SqliteStore:
                     [(rowid, h["name"], h["dir"], h["node"], int(h["duration_ns"]))
                      for h in r.get("hops") or []])
         return n
+
+    _KEY_COLUMNS = {"requests": "request_id", "drops": "key"}
+
+    def stored_keys(self, table: str, keys: list[str]) -> set[str]:
+        """Which of ``keys`` are stored in ``table`` (``requests`` by id, ``drops`` by key)."""
+        col = self._KEY_COLUMNS[table]
+        uniq = list(set(keys))
+        have: set[str] = set()
+        for i in range(0, len(uniq), 500):
+            chunk = uniq[i:i + 500]
+            have.update(x for (x,) in self.db.execute(
+                f"SELECT {col} FROM {table} WHERE {col} IN ({','.join('?' * len(chunk))})",
+                chunk))
+        return have
 
     def put_drops(self, drops: list[dict[str, Any]]) -> int:
         n = 0

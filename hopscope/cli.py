@@ -56,15 +56,20 @@ def _register() -> None:
     from hopscope.agent.doctor import doctor
     from hopscope.collector.cli import QUERY_COMMANDS, agent, collector
     from hopscope.demo import demo
+    from hopscope.install import install, uninstall
+    from hopscope.pcap_cli import pcap
     from hopscope.replay_cli import replay
     from hopscope.testbed.cli import testbed
 
     main.add_command(replay)
+    main.add_command(pcap)
     main.add_command(demo)
     main.add_command(testbed)
     main.add_command(doctor)
     main.add_command(collector)
     main.add_command(agent)
+    main.add_command(install)
+    main.add_command(uninstall)
     for cmd in QUERY_COMMANDS:
         main.add_command(cmd)
 
