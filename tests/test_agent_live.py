@@ -11,6 +11,8 @@ import json
 import signal
 import statistics
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,54 @@ def test_capture_source_gives_the_same_hops_as_tc(testbed: Instance, tmp_path: P
         assert env["sources"]["packets"].startswith("AF_PACKET"), (node, env["sources"])
         assert set(env["sources"]) == {"packets"}
         assert env["events"]["capture_sent"] > 0 and env["events"]["capture_lost"] == 0, node
+
+
+def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
+                                                         tmp_path: Path) -> None:
+    """Live agents -> collector (in the replica's 'internet', as on a node) -> trace."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-replica-only-0123456789")
+    token.chmod(0o600)
+    db = tmp_path / "hs.db"
+    gw = testbed.topology.public_gw
+    ns = testbed.topology.ns("inet")
+    log = open(tmp_path / "collector.log", "wb")  # noqa: SIM115 - closed below
+    coll = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "hopscope", "collector", "serve",
+         "--listen", f"{gw}:7000", "--token-file", str(token), "--db", str(db),
+         "--reference", "node1", "--idle-flush", "1s"], stdout=log, stderr=log)
+    try:
+        extra = ["--collector", f"{gw}:7000", "--token-file", str(token)]
+        with running_agents(testbed, tmp_path / "agents", extra=extra) as agents:
+            recs = run_traffic(testbed.topology, TrafficConfig(
+                count=40, concurrency=2, new_conn_ratio=0.3, seed=25), keep=True).records
+        local = stitch_records(agents, NODES)  # the same observations, stitched here
+        deadline = time.monotonic() + 30
+        want = {r["cf_ray"] for r in recs}
+        while True:
+            r = subprocess.run([sys.executable, "-m", "hopscope", "requests", "--db", str(db),
+                                "--since", "1h", "--json", "--limit", "1000"],
+                               capture_output=True, text=True, timeout=60)
+            got = {q["request_id"]: q for q in json.loads(r.stdout or "{}").get("requests", [])}
+            if want <= set(got) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    finally:
+        coll.terminate()
+        coll.wait(30)
+        log.close()
+    assert want <= set(got), (len(want - set(got)), (tmp_path / "collector.log").read_text()[-2000:])
+    by_local = {q["request_id"]: q for q in local["requests"]}
+    for rid in want:
+        a, b = got[rid], by_local[rid]
+        assert [(h["name"], h["node"], h["duration_ns"]) for h in a["hops"]] == [
+            (h["name"], h["node"], h["duration_ns"]) for h in b["hops"]], rid
+        assert [c["name"] for c in a["hops"][0]["children"]] == [
+            "kernel_in", "proxy", "service_nat"]
+    rid = sorted(want)[0]
+    t = subprocess.run([sys.executable, "-m", "hopscope", "trace", rid, "--db", str(db)],
+                       capture_output=True, text=True, timeout=60)
+    assert t.returncode == 0 and rid in t.stdout and "kernel_in" in t.stdout, t.stderr
 
 
 def _median_children(env: dict[str, Any]) -> dict[str, float]:
