@@ -157,7 +157,7 @@ class LiveShip:
 
         spool_dir = self.cfg.spool_dir or tempfile.mkdtemp(prefix="hopscope-spool-")
         loop = asyncio.get_running_loop()
-        with Spool(Path(spool_dir)) as spool:
+        with Spool(Path(spool_dir), max_bytes=self.cfg.spool_max) as spool:
             sh = Shipper(self.cfg, spool)
             while True:
                 item = await loop.run_in_executor(None, self._get)
@@ -167,11 +167,7 @@ class LiveShip:
                     await sh.pump()
                     continue
                 obs, clock, lost = item
-                lost = {**lost, **sh.spool_lost(), "ship_queue": self.dropped}
-                frame = wire.encode_batch(sh.agent, sh.seq, self.cfg.node, time.time_ns(), obs,
-                                          clock=clock, lost=lost, max_frame=sh.max_frame)
-                spool.append(sh.seq, frame)
-                sh.seq += 1
+                sh.append(obs, clock, {**lost, "ship_queue": self.dropped})
                 await sh.pump()
             deadline = time.monotonic() + 10
             while len(spool) and time.monotonic() < deadline:

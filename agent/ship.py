@@ -17,7 +17,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ class ShipConfig:
     token: bytes
     agent: str = ""
     spool_dir: str | None = None
+    spool_max: int = 256 << 20  # bytes; past that the oldest batches go (counted)
     batch: int = 1000
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
@@ -177,10 +178,7 @@ class Shipper:
     async def run(self) -> ShipResult:
         reader = CaptureReader(self.cfg.capture, self.cfg.node, directions=False)
         for obs in _chunks(reader, self.cfg.batch):
-            frame = wire.encode_batch(self.agent, self.seq, self.cfg.node, time.time_ns(), obs,
-                                      lost=self.spool_lost(), max_frame=self.max_frame, check=True)
-            self.spool.append(self.seq, frame)
-            self.seq += 1
+            self.append(obs)
             self.res.batches += 1
             self.res.observations += len(obs)
             await self.pump()
@@ -201,6 +199,23 @@ class Shipper:
         self.res.acked = self.acked
         return self.res
 
+    def append(self, obs: list[Observation], clock: Sequence[tuple[int, int]] = (),
+               lost: Mapping[str, int] | None = None) -> None:
+        """Encode one batch and spool it under the next seq. Its ``lost`` map (``lost``
+        and the spool's own drop counters) counts the batches spooling it drops too."""
+        def encode() -> bytes:
+            return wire.encode_batch(self.agent, self.seq, self.cfg.node, time.time_ns(), obs,
+                                     clock=list(clock), lost={**(lost or {}), **self.spool_lost()},
+                                     max_frame=self.max_frame, check=True)
+
+        frame = encode()
+        # room first (16 bytes of slack: the counters may grow a byte or two), then the
+        # counters, so that they include what making room dropped
+        if self.spool.make_room(len(frame) + 16):
+            frame = encode()
+        self.spool.append(self.seq, frame)
+        self.seq += 1
+
     def spool_lost(self) -> dict[str, int]:
         """The spool's drop counters, for the batch's cumulative ``lost`` map."""
         return {"spool_batches": self.spool.dropped_batches,
@@ -215,7 +230,7 @@ async def ship(cfg: ShipConfig) -> ShipResult:
         tmp = tempfile.TemporaryDirectory(prefix="hopscope-spool-")
         spool_dir = os.path.join(tmp.name, "spool")
     try:
-        with Spool(Path(spool_dir)) as spool:
+        with Spool(Path(spool_dir), max_bytes=cfg.spool_max) as spool:
             res = await Shipper(cfg, spool).run()
     finally:
         if tmp is not None:

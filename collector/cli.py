@@ -119,6 +119,10 @@ def agent() -> None:
 @click.option("--agent-id", default=None, help="Stable agent id (default hopscope-agent@NODE).")
 @click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
               help="Spool directory (default: a temporary one, lost at exit).")
+@click.option("--spool-max", "spool_max", default=256 << 20, show_default=True,
+              type=click.IntRange(1 << 16, None),
+              help="Bytes the spool may hold; past that the oldest batches are dropped "
+                   "(counted, and reported to the collector as lost).")
 @click.option("--batch", default=1000, show_default=True, type=click.IntRange(1, 100_000),
               help="Observations per batch.")
 @click.option("--wait", default="300s", show_default=True,
@@ -129,7 +133,7 @@ def agent() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Client key.")
 @click.option("--server-name", default=None, help="The collector's name in its certificate.")
 def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id: str | None,
-         spool_dir: str | None, batch: int, wait: str, pace: str, tls_ca: str | None,
+         spool_dir: str | None, spool_max: int, batch: int, wait: str, pace: str, tls_ca: str | None,
          tls_cert: str | None, tls_key: str | None, server_name: str | None) -> None:
     """Read a capture and send it to the collector, spooling while it is unreachable."""
     from hopscope.agent.ship import ShipConfig
@@ -139,7 +143,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
     ctx = wire.client_ssl_context(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
     cfg = ShipConfig(capture=capture, node=node, host=host, port=port,
                      token=wire.read_token(token_file), agent=agent_id or "",
-                     spool_dir=spool_dir, batch=batch, ssl_context=ctx,
+                     spool_dir=spool_dir, spool_max=spool_max, batch=batch, ssl_context=ctx,
                      server_hostname=server_name, wait=parse_duration(wait) / 1e9,
                      pace=parse_duration(pace) / 1e9)
     res = asyncio.run(run_ship(cfg))
@@ -160,6 +164,10 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
               help="The shared token (with --collector).")
 @click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
               help="Spool directory for batches the collector has not taken yet.")
+@click.option("--spool-max", "spool_max", default=256 << 20, show_default=True,
+              type=click.IntRange(1 << 16, None),
+              help="Bytes the spool may hold; past that the oldest batches are dropped "
+                   "(counted, and reported to the collector as lost).")
 @click.option("--proxy", default="traefik", show_default=True,
               help="The proxy's process name (followed across restarts).")
 @click.option("--entry-port", default=80, show_default=True, type=click.IntRange(1, 65535))
@@ -187,7 +195,8 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
                    "verdict, IPVS's choice).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
-            token_file: str | None, spool_dir: str | None, proxy: str, entry_port: int,
+            token_file: str | None, spool_dir: str | None, spool_max: int, proxy: str,
+            entry_port: int,
             ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
             slow_pcap: str | None, slower_than: str, packet_buffer: int, no_kprobes: bool,
             ready_file: str | None) -> None:
@@ -221,7 +230,8 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
             raise UsageError("--collector needs --token-file")
         host, port = parse_hostport(collector_addr, "--collector")
         shipcfg = ShipConfig(capture="", node=node, host=host, port=port,
-                             token=wire.read_token(token_file), spool_dir=spool_dir)
+                             token=wire.read_token(token_file), spool_dir=spool_dir,
+                             spool_max=spool_max)
     if not (local or out or shipcfg or record or slow_pcap):
         raise UsageError("say where the observations go: --local, --out FILE, --record FILE, "
                          "--slow-pcap DIR or --collector")

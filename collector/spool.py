@@ -247,6 +247,15 @@ class Spool:
         finally:
             os.close(fd)
 
+    def make_room(self, nbytes: int) -> int:
+        """Drop the oldest batches (counted) until a batch of ``nbytes`` fits; returns how
+        many went. A shipper calls it before it writes the drop counters into that
+        batch, so that the batch reports its own drops too."""
+        before = self.dropped_batches
+        if HEADER_SIZE + nbytes <= self.max_bytes:
+            self._enforce(HEADER_SIZE + nbytes)
+        return self.dropped_batches - before
+
     def _enforce(self, incoming: int) -> None:
         """Drop the oldest until ``incoming`` more bytes (and one more file, if any) fit."""
         n = 0

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 import urllib.request
 from collections import Counter
@@ -342,3 +343,51 @@ def test_since_anchor(tmp_path: Path) -> None:
         assert s.put_requests([{"request_id": "a", "start_ns": old, "hops": []}]) == 0
     finally:
         s.close()
+
+
+def test_spool_overflow_drops_the_oldest_and_the_collector_is_told(tmp_path: Path) -> None:
+    """The collector is down while an agent reads its whole capture into a small spool:
+    the oldest batches go, the rest arrive once it is up, and the count of what went
+    reaches the collector (the last batch's lost map, and /metrics)."""
+    from hopscope.agent.ship import Shipper
+    from hopscope.collector.spool import Spool
+
+    from hopscope.capture import read_all
+
+    capture = PCAPS / "replica-clean" / "node1.pcapng"
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+
+    async def go() -> tuple[int, int, int, str]:
+        cfg = ShipConfig(capture=str(capture), node="node1", host="127.0.0.1", port=port,
+                         token=TOKEN, batch=20, backoff_min=0.05, backoff_max=0.2, wait=30.0)
+        with Spool(tmp_path / "spool", max_bytes=8 << 10) as spool:
+            sh = Shipper(cfg, spool)
+            task = asyncio.create_task(sh.run())
+            want = len(read_all(capture, "node1")[0])
+            while sh.res.observations < want:
+                await asyncio.sleep(0.02)  # nobody listens: it all goes to the spool
+            c = Collector(_cfg(tmp_path, port=port))
+            await c.start()
+            try:
+                res = await task
+                await _settled(c, {"node1"})
+                body = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                    f"http://127.0.0.1:{c.http_port}/metrics", timeout=10).read().decode())
+            finally:
+                await c.stop()
+            return res.batches, spool.dropped_batches, res.spooled_left, body
+
+    total, dropped, left, metrics = _run(go)
+    assert 0 < dropped < total and left == 0
+    s = SqliteStore(tmp_path / "collector.db", readonly=True)
+    try:
+        stored = s.db.execute("SELECT count(*) FROM batches").fetchone()[0]
+    finally:
+        s.close()
+    assert stored == total - dropped  # the oldest went, every other batch arrived once
+    line = next(ln for ln in metrics.splitlines() if ln.startswith(
+        "hopscope_agent_lost_events_total") and 'source="spool_batches"' in ln)
+    assert float(line.rsplit(" ", 1)[1]) == dropped
