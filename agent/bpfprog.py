@@ -94,6 +94,8 @@ BTF_OFFSETS = (
     ("HS_SK_NET_OFF", "sock_common", "skc_net"),
     ("HS_SKB_SK_OFF", "sk_buff", "sk"),
 )
+#: the roles array's size (bpf/maps.h HS_MAX_IFINDEX): interfaces beyond are not watched
+MAX_IFINDEX = 65536
 #: offsets only the kprobe programs need (netfilter may be absent from a kernel)
 KPROBE_BTF_OFFSETS = (
     ("HS_NFSTATE_HOOK_OFF", "nf_hook_state", "hook"),
@@ -279,6 +281,9 @@ class AgentProgram:
         role = ROLE_CODES.get(point)
         if role is None:
             raise AgentError(f"{name}: no observation point for role {point!r}")
+        if not 0 < ifindex < MAX_IFINDEX:
+            raise AgentError(f"{name}: ifindex {ifindex} is beyond the roles array "
+                             f"({MAX_IFINDEX}): not watched")
         if self._fn_in is None:
             self._fn_in = self.bpf.load_func("hs_tc_ingress", self._BPF.SCHED_CLS)
             self._fn_out = self.bpf.load_func("hs_tc_egress", self._BPF.SCHED_CLS)
@@ -309,8 +314,7 @@ class AgentProgram:
         if a is None:
             return
         roles = self.bpf["ifroles"]
-        with contextlib.suppress(KeyError):
-            del roles[roles.Key(ifindex)]
+        roles[roles.Key(ifindex)] = roles.Leaf(0)
         remove_filters(self._iproute(), ifindex, drop_empty_clsact=a.created_clsact)
 
     def close(self) -> None:

@@ -25,6 +25,17 @@
 #define HS_FOLLOW 2
 #endif
 
+/* interface roles by ifindex (an array: its lookup is inlined, a hash's is a call) */
+#ifndef HS_MAX_IFINDEX
+#define HS_MAX_IFINDEX 65536
+#endif
+
+/* ring buffer submit flags: BPF_RB_NO_WAKEUP (1) by default, the reader drains on a timer
+ * (a wake-up per event cost the agent half its CPU) */
+#ifndef HS_RB_FLAGS
+#define HS_RB_FLAGS 1
+#endif
+
 struct hs_flowkey {
     __u32 saddr;
     __u32 daddr;
@@ -38,7 +49,7 @@ BPF_RINGBUF_OUTPUT(events, HS_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, HS_STAT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct hs_event, 1);
 /* ifindex -> role, for the interfaces the agent attached to */
-BPF_HASH(ifroles, __u32, __u8, 1024);
+BPF_ARRAY(ifroles, __u8, HS_MAX_IFINDEX);
 /* network namespaces whose drops and socket events belong to this node */
 BPF_HASH(netns_ok, __u32, __u8, 1024);
 /* the proxy's processes (tgid), and its threads inside a write-like syscall */
@@ -84,7 +95,7 @@ static __always_inline void hs_submit(struct hs_event *e, __u32 caplen, int sent
     if (caplen > HS_PAYLOAD_MAX)
         caplen = HS_PAYLOAD_MAX;
     e->caplen = caplen;
-    if (events.ringbuf_output(e, HS_EVENT_HDR + caplen, 0) == 0)
+    if (events.ringbuf_output(e, HS_EVENT_HDR + caplen, HS_RB_FLAGS) == 0)
         hs_count(sent);
     else
         hs_count(lost);

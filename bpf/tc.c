@@ -20,39 +20,34 @@ struct hs_pkt {
     __u8 proto, flags;
 };
 
-/* The IPv4 header at off: addresses, protocol, id; returns the L4 offset or -1. */
-static __always_inline int hs_ipv4(struct __sk_buff *skb, __u32 off, struct hs_pkt *p, __u32 *l4len)
+/* The IPv4 header at off and the first 20 bytes of its L4 header (into l4), in one load
+ * when the IP header has no options (two otherwise): addresses, protocol, id, L4 length.
+ * Returns the L4 offset, or -1 (not IPv4, a later fragment, too short). */
+static __always_inline int hs_ipv4(struct __sk_buff *skb, __u32 off, struct hs_pkt *p,
+                                   __u32 *l4len, __u8 *l4)
 {
-    __u8 vihl;
-    __u16 tot, frag;
-    if (bpf_skb_load_bytes(skb, off, &vihl, 1) < 0 || (vihl >> 4) != 4)
+    __u8 h[40];
+    if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0 || (h[0] >> 4) != 4)
         return -1;
-    __u32 ihl = (vihl & 0xf) * 4;
-    if (ihl < 20)
-        return -1;
-    if (bpf_skb_load_bytes(skb, off + 2, &tot, 2) < 0 ||
-        bpf_skb_load_bytes(skb, off + 4, &p->ip_id, 2) < 0 ||
-        bpf_skb_load_bytes(skb, off + 6, &frag, 2) < 0 ||
-        bpf_skb_load_bytes(skb, off + 9, &p->proto, 1) < 0 ||
-        bpf_skb_load_bytes(skb, off + 12, &p->saddr, 4) < 0 ||
-        bpf_skb_load_bytes(skb, off + 16, &p->daddr, 4) < 0)
-        return -1;
-    if (bpf_ntohs(frag) & 0x1fff)
+    __u32 ihl = (h[0] & 0xf) * 4;
+    __u16 tot = ((__u16)h[2] << 8) | h[3];
+    if (ihl < 20 || tot < ihl || (((h[6] << 8) | h[7]) & 0x1fff))
         return -1; /* a later fragment: no L4 header */
-    p->ip_id = bpf_ntohs(p->ip_id);
-    tot = bpf_ntohs(tot);
-    if (tot < ihl)
-        return -1;
+    p->ip_id = ((__u16)h[4] << 8) | h[5];
+    p->proto = h[9];
+    __builtin_memcpy(&p->saddr, h + 12, 4);
+    __builtin_memcpy(&p->daddr, h + 16, 4);
     *l4len = tot - ihl;
+    if (ihl == 20)
+        __builtin_memcpy(l4, h + 20, 20);
+    else if (bpf_skb_load_bytes(skb, off + ihl, l4, 20) < 0)
+        return -1;
     return off + ihl;
 }
 
-/* The TCP header at off (l4len bytes of L4): ports, seq, ack, flags, payload. */
-static __always_inline int hs_tcp(struct __sk_buff *skb, __u32 off, __u32 l4len, struct hs_pkt *p)
+/* The TCP header (its first 20 bytes in hdr) at off: ports, seq, ack, flags, payload. */
+static __always_inline int hs_tcp(__u32 off, __u32 l4len, const __u8 *hdr, struct hs_pkt *p)
 {
-    __u8 hdr[14];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
-        return -1;
     p->sport = (hdr[0] << 8) | hdr[1];
     p->dport = (hdr[2] << 8) | hdr[3];
     p->seq = hs_be32(hdr + 4);
@@ -144,40 +139,36 @@ static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p,
 static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
 {
     hs_count(HS_STAT_TC_SEEN);
-    __u32 ifindex = skb->ifindex;
-    __u8 *rolep = ifroles.lookup(&ifindex);
-    if (!rolep)
-        return TC_ACT_OK;
-    __u8 role = *rolep;
     if (skb->protocol != bpf_htons(0x0800)) {
         if (skb->protocol == bpf_htons(0x86DD))
             hs_count(HS_STAT_TC_IPV6);
         return TC_ACT_OK;
     }
+    __u32 ifindex = skb->ifindex;
+    __u8 *rolep = ifroles.lookup(&ifindex);
+    if (!rolep || !*rolep)
+        return TC_ACT_OK;
+    __u8 role = *rolep;
     struct hs_pkt p = {};
     p.vni = HS_NO_VNI;
     __u32 l4len = 0;
-    int off = hs_ipv4(skb, HS_ETH_HLEN, &p, &l4len);
+    __u8 l4[20];
+    int off = hs_ipv4(skb, HS_ETH_HLEN, &p, &l4len, l4);
     if (off < 0)
         return TC_ACT_OK;
     if (p.proto == HS_IPPROTO_UDP && (role == HS_ROLE_UNDERLAY || role == HS_ROLE_NIC_UNDERLAY)) {
-        __u16 ports[2];
-        if (bpf_skb_load_bytes(skb, off, ports, 4) < 0)
+        /* UDP header and VXLAN header: the first 16 bytes of l4 */
+        __u16 dp = (l4[2] << 8) | l4[3];
+        if ((dp != HS_VXLAN_PORT && dp != HS_VXLAN_PORT2) || !(l4[8] & 0x08))
             return TC_ACT_OK;
-        __u16 dp = bpf_ntohs(ports[1]);
-        if (dp != HS_VXLAN_PORT && dp != HS_VXLAN_PORT2)
-            return TC_ACT_OK;
-        __u8 vx[8];
-        if (bpf_skb_load_bytes(skb, off + 8, vx, 8) < 0 || !(vx[0] & 0x08))
-            return TC_ACT_OK;
-        p.vni = ((__u32)vx[4] << 16) | ((__u32)vx[5] << 8) | vx[6];
+        p.vni = ((__u32)l4[12] << 16) | ((__u32)l4[13] << 8) | l4[14];
         p.osaddr = p.saddr;
         p.odaddr = p.daddr;
-        off = hs_ipv4(skb, off + 16 + HS_ETH_HLEN, &p, &l4len);
+        off = hs_ipv4(skb, off + 16 + HS_ETH_HLEN, &p, &l4len, l4);
         if (off < 0)
             return TC_ACT_OK;
     }
-    if (p.proto != HS_IPPROTO_TCP || hs_tcp(skb, off, l4len, &p) < 0)
+    if (p.proto != HS_IPPROTO_TCP || hs_tcp(off, l4len, l4, &p) < 0)
         return TC_ACT_OK;
     int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == HS_NO_VNI);
     if (p.flags & 0x07) { /* SYN, FIN, RST */
