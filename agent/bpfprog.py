@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hopscope.agent import bpfsys
 from hopscope.agent import events as ev
 from hopscope.agent import features as ft
 
@@ -94,6 +95,14 @@ BTF_OFFSETS = (
     ("HS_SK_NET_OFF", "sock_common", "skc_net"),
     ("HS_SKB_SK_OFF", "sk_buff", "sk"),
 )
+#: maps the agent updates or reads after loading: name -> (key size, value size, per CPU)
+MAPS: dict[str, tuple[int, int, bool]] = {
+    "netns_ok": (4, 1, False),
+    "proxy_tgids": (4, 1, False),
+    "ifroles": (4, 1, False),
+    "stats": (4, 8, True),
+    "events": (0, 0, False),  # the ring buffer: only its fd (agent/ringbuf.py maps it)
+}
 #: the roles array's size (bpf/maps.h HS_MAX_IFINDEX): interfaces beyond are not watched
 MAX_IFINDEX = 65536
 #: offsets only the kprobe programs need (netfilter may be absent from a kernel)
@@ -195,30 +204,63 @@ class AgentProgram:
     """The loaded ``bpf/agent.c``: maps, tc attachments, counters."""
 
     def __init__(self, settings: Settings, btf: ft.Btf | None = None,
-                 source: Path = BPF_DIR / "agent.c", extra: Mapping[str, int] = {}) -> None:
-        from bcc import BPF  # after prepare_kernel_env
-
+                 source: Path = BPF_DIR / "agent.c", extra: Mapping[str, int] = {},
+                 handed: Mapping[str, Any] | None = None) -> None:
+        """Compile and load ``source`` with bcc, or take over the objects an earlier image
+        of this process loaded (``handed``: :meth:`handoff`'s description)."""
         self.settings = settings
-        self._BPF = BPF
-        btf = btf or ft.Btf.load()
-        flags = cflags(settings, btf_offsets(btf, settings.kprobes), extra)
-        try:
-            self.bpf = BPF(text=program_text(source), cflags=flags)
-        except Exception as exc:  # bcc raises bare Exception
-            raise AgentError(f"cannot compile/load {source.name}: {exc}") from exc
-        self.tracepoints = int(self.bpf.num_open_tracepoints())
         self.attached: dict[int, Attached] = {}
-        self._fn_in: Any = None
-        self._fn_out: Any = None
         self._ipr: Any = None
         self.ring_size = settings.ringbuf_pages * 4096
         #: kernel function -> BPF functions attached to it (kprobes)
         self.kprobes: dict[str, list[str]] = {}
+        self.bpf: Any = None
+        self._fds: dict[str, Any] = {}
+        if handed is not None:
+            self._fds = dict(handed["fds"])
+            self.kprobes = {k: list(v) for k, v in handed.get("kprobes", {}).items()}
+            self.tracepoints = len(self._fds.get("tracepoints", []))
+        else:
+            from bcc import BPF  # after prepare_kernel_env
+
+            self._BPF = BPF
+            btf = btf or ft.Btf.load()
+            flags = cflags(settings, btf_offsets(btf, settings.kprobes), extra)
+            try:
+                self.bpf = BPF(text=program_text(source), cflags=flags)
+            except Exception as exc:  # bcc raises bare Exception
+                raise AgentError(f"cannot compile/load {source.name}: {exc}") from exc
+            self.tracepoints = int(self.bpf.num_open_tracepoints())
+            for name in MAPS:
+                with contextlib.suppress(KeyError):
+                    self._fds[name] = int(self.bpf[name].map_fd)
+        self._maps = {name: bpfsys.Map(self._fds[name], *shape)
+                      for name, shape in MAPS.items() if name in self._fds and shape[0]}
+
+    def _tc_fds(self) -> tuple[int, int]:
+        if "tc_in" not in self._fds:
+            self._fds["tc_in"] = self.bpf.load_func("hs_tc_ingress", self._BPF.SCHED_CLS).fd
+            self._fds["tc_out"] = self.bpf.load_func("hs_tc_egress", self._BPF.SCHED_CLS).fd
+        return int(self._fds["tc_in"]), int(self._fds["tc_out"])
+
+    def handoff(self) -> dict[str, Any]:
+        """What a fresh image of this process (``exec``, without bcc and LLVM: about
+        60 MB less) needs to go on: the fds of the programs, maps, tracepoint and kprobe
+        attachments, made inheritable. bcc must not clean up after this."""
+        self._tc_fds()
+        fds = dict(self._fds)
+        fds["tracepoints"] = [int(fd) for fd in self.bpf.tracepoint_fds.values()]
+        fds["kprobe_links"] = [int(fd) for fd in self.bpf.kprobe_fds.values()]
+        for v in fds.values():
+            for fd in (v if isinstance(v, list) else [v]):
+                os.set_inheritable(int(fd), True)
+        return {"fds": fds, "kprobes": self.kprobes}
 
     def attach_kprobes(self, have: Mapping[str, bool]) -> list[str]:
         """Attach the kprobes whose functions the kernel has (``have``: kallsyms lookup)
-        and are not attached yet; returns what was newly attached."""
-        if not self.settings.kprobes:
+        and are not attached yet; returns what was newly attached (only before a
+        handoff: attaching needs bcc)."""
+        if not self.settings.kprobes or self.bpf is None:
             return []
         done = []
         for fn, event, ret in KPROBES:
@@ -237,34 +279,27 @@ class AgentProgram:
         return done
 
     # config maps
+    def _set_keys(self, name: str, want: set[int]) -> None:
+        m = self._maps[name]
+        for k in m.list_keys():
+            if k not in want:
+                m.delete(k)
+        for k in want:
+            m.set(k, 1)
+
     def set_netns(self, inodes: Iterable[int]) -> None:
         """The network namespaces (inodes) whose socket events and drops are this agent's."""
-        t = self.bpf["netns_ok"]
-        want = set(inodes)
-        for k in list(t.keys()):
-            if k.value not in want:
-                del t[k]
-        for ino in want:
-            t[t.Key(ino)] = t.Leaf(1)
+        self._set_keys("netns_ok", set(inodes))
 
     def set_proxy_tgids(self, tgids: Iterable[int]) -> None:
-        t = self.bpf["proxy_tgids"]
-        want = set(tgids)
-        for k in list(t.keys()):
-            if k.value not in want:
-                del t[k]
-        for tg in want:
-            t[t.Key(tg)] = t.Leaf(1)
+        self._set_keys("proxy_tgids", set(tgids))
 
     def ring_fd(self) -> int:
-        return int(self.bpf["events"].map_fd)
+        return int(self._fds["events"])
 
     def stats(self) -> dict[str, int]:
-        t = self.bpf["stats"]
-        out = {}
-        for i, (src, what) in enumerate(ev.STATS):
-            out[f"{src}_{what}"] = int(sum(t[t.Key(i)]))
-        return out
+        m = self._maps["stats"]
+        return {f"{src}_{what}": sum(m.get(i) or [0]) for i, (src, what) in enumerate(ev.STATS)}
 
     # tc
     def _iproute(self) -> Any:
@@ -284,11 +319,8 @@ class AgentProgram:
         if not 0 < ifindex < MAX_IFINDEX:
             raise AgentError(f"{name}: ifindex {ifindex} is beyond the roles array "
                              f"({MAX_IFINDEX}): not watched")
-        if self._fn_in is None:
-            self._fn_in = self.bpf.load_func("hs_tc_ingress", self._BPF.SCHED_CLS)
-            self._fn_out = self.bpf.load_func("hs_tc_egress", self._BPF.SCHED_CLS)
-        roles = self.bpf["ifroles"]
-        roles[roles.Key(ifindex)] = roles.Leaf(role)
+        fn_in, fn_out = self._tc_fds()
+        self._maps["ifroles"].set(ifindex, role)
         ipr = self._iproute()
         created = False
         try:
@@ -298,9 +330,9 @@ class AgentProgram:
             if getattr(exc, "code", None) != errno.EEXIST:
                 raise AgentError(f"cannot add clsact on {name}: {exc}") from exc
         try:
-            for fn, parent, fname in ((self._fn_in, TC_INGRESS, FILTER_IN),
-                                      (self._fn_out, TC_EGRESS, FILTER_OUT)):
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fn.fd, name=fname, parent=parent,
+            for fd, parent, fname in ((fn_in, TC_INGRESS, FILTER_IN),
+                                      (fn_out, TC_EGRESS, FILTER_OUT)):
+                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd, name=fname, parent=parent,
                        classid=1, direct_action=True, prio=FILTER_PRIO)
         except Exception as exc:
             self.attached[ifindex] = Attached(ifindex, name, point, created)
@@ -313,8 +345,7 @@ class AgentProgram:
         a = self.attached.pop(ifindex, None)
         if a is None:
             return
-        roles = self.bpf["ifroles"]
-        roles[roles.Key(ifindex)] = roles.Leaf(0)
+        self._maps["ifroles"].set(ifindex, 0)
         remove_filters(self._iproute(), ifindex, drop_empty_clsact=a.created_clsact)
 
     def close(self) -> None:
@@ -326,7 +357,14 @@ class AgentProgram:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        self.bpf.cleanup()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+        else:  # handed over: the attachments and programs go with their last fd
+            for v in self._fds.values():
+                for fd in (v if isinstance(v, list) else [v]):
+                    with contextlib.suppress(OSError):
+                        os.close(int(fd))
+            self._fds = {}
 
 
 def _filter_name(msg: Any) -> str:

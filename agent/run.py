@@ -27,8 +27,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from hopscope.agent import features as ft
 from hopscope.agent.nfrules import RuleNamer
 from hopscope.agent.pktbuf import PacketBuffer
 
+from hopscope.errors import HopscopeError
 from hopscope.model import KIND_DROP, Observation
 from hopscope.stitch import Stitcher
 
@@ -198,9 +199,11 @@ _TICK = object()
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None
-                 ) -> None:
+    def __init__(self, cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None,
+                 handed: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        #: the BPF objects an earlier image of this process loaded (run_agent's handoff)
+        self.handed = handed
         self.emit = emit
         self.netns = bpfprog.netns_inode()
         self.prog: bpfprog.AgentProgram | None = None
@@ -271,16 +274,12 @@ class Agent:
 
     def _start_bpf(self) -> None:
         cfg = self.cfg
-        bpfprog.remove_stale()
-        fmt = ft.find_tracefs()
-        if fmt:
-            text = ft._read_text(os.path.join(ft.tracepoint_dir(fmt, "skb:kfree_skb"), "format"))
-            self.reasons = ft.parse_drop_reasons(text) if text else {}
-        not_specified = next((k for k, v in self.reasons.items() if v == "NOT_SPECIFIED"), 2)
-        cfg.settings.drop_reason_min = not_specified
-        cfg.settings.entry_port = cfg.entry_port
-        cfg.settings.kprobes = cfg.kprobes and kprobes_available(fmt)
-        self.prog = bpfprog.AgentProgram(cfg.settings)
+        self.reasons = drop_reasons()
+        if self.handed is not None:  # loaded by this process's earlier image (run_agent)
+            cfg.settings = bpfprog.Settings(**self.handed["settings"])
+            self.prog = bpfprog.AgentProgram(cfg.settings, handed=self.handed)
+        else:
+            self.prog = load_program(cfg, self.reasons)
         self.rules = RuleNamer()
         self._pod_nsids: set[int] | None = None
         self._rescan(first=True)
@@ -630,18 +629,72 @@ def _mono(o: Observation) -> int:
     return o.ts_mono_ns
 
 
-def run_agent(cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None) -> Agent:
-    """Set up the mounts, run until signalled (or ``duration``), detach. Returns the agent."""
-    if cfg.source != "capture":
+def drop_reasons() -> dict[int, str]:
+    """The kernel's drop reason names by number, from the tracepoint's format file."""
+    fmt = ft.find_tracefs()
+    if not fmt:
+        return {}
+    text = ft._read_text(os.path.join(ft.tracepoint_dir(fmt, "skb:kfree_skb"), "format"))
+    return ft.parse_drop_reasons(text) if text else {}
+
+
+def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentProgram:
+    """Remove a killed agent's filters, compile and load bpf/agent.c (tracepoints attached),
+    and attach the kprobes the kernel has."""
+    bpfprog.remove_stale()
+    cfg.settings.drop_reason_min = next(
+        (k for k, v in reasons.items() if v == "NOT_SPECIFIED"), 2)
+    cfg.settings.entry_port = cfg.entry_port
+    cfg.settings.kprobes = cfg.kprobes and kprobes_available(ft.find_tracefs())
+    prog = bpfprog.AgentProgram(cfg.settings)
+    if cfg.settings.kprobes:
+        want = [ev for _fn, ev, _r in bpfprog.KPROBES
+                if ev not in IPVS_FUNCS or os.path.isdir("/sys/module/ip_vs")]
+        for what in prog.attach_kprobes(ft.kallsyms_find(want)):
+            log.info("attached %s", what)
+    return prog
+
+
+#: the environment variable that carries the loaded objects across the agent's exec
+HANDOFF_ENV = "HOPSCOPE_AGENT_HANDOFF"
+
+
+def _handoff(cfg: AgentConfig) -> None:
+    """Load the BPF programs here, then ``exec`` this same command without bcc: the new
+    image takes the programs, maps and attachments over by their (inherited) fds.
+    bcc's LLVM is about 60 MB of RSS that the hours after loading do not need."""
+    prog = load_program(cfg, drop_reasons())
+    desc = prog.handoff()
+    desc["settings"] = asdict(cfg.settings)
+    os.environ[HANDOFF_ENV] = json.dumps(desc)
+    argv = [sys.executable, "-m", "hopscope", *sys.argv[1:]]
+    log.info("programs loaded; continuing without bcc (exec)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def run_agent(cfg: AgentConfig, emit: Callable[[dict[str, Any]], None] | None = None,
+              handoff: bool = False) -> Agent:
+    """Set up the mounts, run until signalled (or ``duration``), detach. Returns the agent.
+
+    With ``handoff`` (the command line's way) the programs are loaded first and the
+    process re-executes itself without bcc (:func:`_handoff`); the new image comes back
+    here and goes on with what was loaded."""
+    raw = os.environ.pop(HANDOFF_ENV, None)
+    handed = json.loads(raw) if raw else None
+    if handed is None and cfg.source != "capture":
         try:
             for n in bpfprog.prepare_kernel_env():
                 log.info("%s", n)
-        except (bpfprog.AgentError, ft.PrivateMountError) as exc:
-            if cfg.source == "tc":
+            if handoff:
+                _handoff(cfg)  # does not return
+        except Exception as exc:  # bcc, BTF, mounts: with auto, capture instead
+            if cfg.source == "tc" or not isinstance(exc, HopscopeError | OSError):
                 raise
             log.warning("%s: packets come from AF_PACKET capture instead", exc)
             cfg.source = "capture"
-    agent = Agent(cfg, emit)
+    agent = Agent(cfg, emit, handed)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)

@@ -245,7 +245,7 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                       ship=shipcfg, ready_file=ready_file, record=record, source=source,
                       slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),
                       packet_buffer=packet_buffer, kprobes=not no_kprobes)
-    agent = run_agent(cfg, print_request if local else None)
+    agent = run_agent(cfg, print_request if local else None, handoff=True)
     st = agent.final_stats
     per = ", ".join(f"{k[:-5]} {v}/{st.get(k[:-5] + '_lost', 0)}" for k, v in st.items()
                     if k.endswith("_sent") and k != "flood_sent")

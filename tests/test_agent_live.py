@@ -275,6 +275,13 @@ def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path:
     ns = testbed.ns(node)
     a = start_agent(testbed, node, tmp_path / "first")
     assert _hopscope_filters(ns)  # attached on every role's interface
+    # it loaded with bcc, then went on without it (exec): LLVM is not in its memory
+    maps = Path(f"/proc/{a.proc.pid}/maps").read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps
+    rss = next(int(ln.split()[1]) for ln in Path(f"/proc/{a.proc.pid}/status").read_text()
+               .splitlines() if ln.startswith("VmRSS:"))
+    assert rss < 80 * 1024, f"agent RSS {rss} kB"
+    assert "continuing without bcc" in a.log.read_text()
     stop_agent(a, signal.SIGKILL)
     stale = _hopscope_filters(ns)
     assert stale, "a killed agent leaves its filters (the next one must remove them)"

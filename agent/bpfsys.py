@@ -1,0 +1,119 @@
+"""The bpf(2) map calls the agent needs once its programs are loaded, without bcc.
+
+bcc (with LLVM inside) compiles and loads the programs; what runs for hours
+afterwards only updates a few small maps (namespaces, the proxy's pids,
+interface roles) and reads the per-CPU counters. Doing that through the
+syscall directly lets the agent drop bcc from its process
+(:mod:`hopscope.agent.bpfprog` hands the loaded objects over across an
+``exec``): LLVM alone is about 60 MB of the agent's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from pathlib import Path
+
+from hopscope.errors import HopscopeError
+
+#: bpf(2) commands (include/uapi/linux/bpf.h)
+MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_NR_BPF = {"x86_64": 321, "aarch64": 280}
+_ATTR = struct.Struct("<I4xQQQ")  # map_fd, key, value | next_key, flags
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfSysError(HopscopeError):
+    """A bpf(2) call failed."""
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfSysError(f"no bpf(2) syscall number known for {platform.machine()}")
+    r = _libc.syscall(nr, cmd, attr, len(attr))
+    if r < 0:
+        return -ctypes.get_errno()
+    return int(r)
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPUs a per-CPU map has values for (``0-1,4-7`` -> 6)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+class Map:
+    """One map by its fd, with fixed-size integer keys and values (little-endian)."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False) -> None:
+        self.fd = fd
+        self.key_size = key_size
+        self.value_size = value_size
+        self.ncpu = possible_cpus() if per_cpu else 1
+        self._stride = (value_size + 7) & ~7 if per_cpu else value_size
+
+    def _call(self, cmd: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None,
+              flags: int = 0) -> int:
+        kbuf = ctypes.create_string_buffer(key, self.key_size)
+        attr = ctypes.create_string_buffer(_ATTR.pack(
+            self.fd, ctypes.addressof(kbuf), ctypes.addressof(value) if value is not None else 0,
+            flags), _ATTR.size)
+        return _bpf(cmd, attr)
+
+    def _key(self, k: int) -> bytes:
+        return k.to_bytes(self.key_size, "little")
+
+    def set(self, key: int, value: int) -> None:
+        val = ctypes.create_string_buffer(value.to_bytes(self.value_size, "little"),
+                                          self.value_size)
+        r = self._call(MAP_UPDATE_ELEM, self._key(key), val)
+        if r < 0:
+            raise BpfSysError(f"map fd {self.fd}: cannot set {key}: {os.strerror(-r)}")
+
+    def delete(self, key: int) -> bool:
+        r = self._call(MAP_DELETE_ELEM, self._key(key), None)
+        if r < 0 and r != -errno.ENOENT:
+            raise BpfSysError(f"map fd {self.fd}: cannot delete {key}: {os.strerror(-r)}")
+        return r == 0
+
+    def get(self, key: int) -> list[int] | None:
+        """The value (one per CPU for a per-CPU map), or None when the key is absent."""
+        buf = ctypes.create_string_buffer(self._stride * self.ncpu)
+        r = self._call(MAP_LOOKUP_ELEM, self._key(key), buf)
+        if r == -errno.ENOENT:
+            return None
+        if r < 0:
+            raise BpfSysError(f"map fd {self.fd}: cannot read {key}: {os.strerror(-r)}")
+        raw = buf.raw
+        return [int.from_bytes(raw[i * self._stride:i * self._stride + self.value_size],
+                               "little") for i in range(self.ncpu)]
+
+    def list_keys(self) -> list[int]:
+        out: list[int] = []
+        nxt = ctypes.create_string_buffer(self.key_size)
+        key: bytes | None = None
+        while True:
+            kbuf = ctypes.create_string_buffer(key or b"", self.key_size)
+            attr = ctypes.create_string_buffer(_ATTR.pack(
+                self.fd, ctypes.addressof(kbuf) if key is not None else 0,
+                ctypes.addressof(nxt), 0), _ATTR.size)
+            r = _bpf(MAP_GET_NEXT_KEY, attr)
+            if r == -errno.ENOENT:
+                return out
+            if r < 0:
+                raise BpfSysError(f"map fd {self.fd}: cannot list keys: {os.strerror(-r)}")
+            key = nxt.raw[:self.key_size]
+            out.append(int.from_bytes(key, "little"))
