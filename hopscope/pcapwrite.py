@@ -4,10 +4,11 @@ An observation keeps a packet's headers as fields and at most the first bytes
 of its payload, so the frames are rebuilt: Ethernet (zero MACs), IPv4 (with
 its id and a correct header checksum), TCP (ports, sequence numbers, flags;
 no options, checksum 0), the payload bytes that were kept; a VXLAN packet
-gets its outer Ethernet, IPv4 and UDP (port 8472, flannel's) and the VXLAN
-header around that. Each record's original length is the packet's full
-length, so truncation shows as such (``[Packet size limited during
-capture]``). One interface block per ``node/interface``; every packet has
+gets its outer Ethernet, IPv4 and UDP and the VXLAN header around that
+(outer UDP port 4789, IANA's VXLAN port, which Wireshark decodes as VXLAN
+without being told; an observation does not keep flannel's 8472). Each
+record's original length is the packet's full length, so truncation shows
+as such (``[Packet size limited during capture]``). One interface block per ``node/interface``; every packet has
 its direction (``epb_flags``) and a comment (its observation point, and
 whatever the caller adds).
 """
@@ -24,7 +25,7 @@ from hopscope.model import IN, Observation
 IPV4_LEN = 4
 
 LINKTYPE_ETHERNET = 1
-VXLAN_PORT = 8472
+VXLAN_PORT = 4789
 SNAPLEN = 0xFFFF
 
 _ETH = b"\0" * 12
