@@ -109,6 +109,11 @@ MAX_IFINDEX = 65536
 KPROBE_BTF_OFFSETS = (
     ("HS_NFSTATE_HOOK_OFF", "nf_hook_state", "hook"),
     ("HS_NFSTATE_PF_OFF", "nf_hook_state", "pf"),
+    ("HS_SKC_NUM_OFF", "sock_common", "skc_num"),
+    ("HS_SKC_DPORT_OFF", "sock_common", "skc_dport"),
+    ("HS_SKC_RCV_SADDR_OFF", "sock_common", "skc_rcv_saddr"),
+    ("HS_SKC_DADDR_OFF", "sock_common", "skc_daddr"),
+    ("HS_SKB_LEN_OFF", "sk_buff", "len"),
 )
 #: (BPF function, kernel function, on return?): attached when the function is in kallsyms
 KPROBES = (
@@ -116,6 +121,7 @@ KPROBES = (
     ("hs_nf_return", "nf_hook_slow", True),
     ("hs_ipvs_schedule", "ip_vs_schedule", False),
     ("hs_ipvs_conn_new", "ip_vs_conn_new", False),
+    ("hs_tcp_rcv", "tcp_rcv_established", False),  # only built where tcp_probe has no skb
 )
 
 
@@ -127,6 +133,13 @@ class Settings:
     follow: int = 2
     drop_reason_min: int = 2  # NOT_SPECIFIED and below are not drops worth reporting
     kprobes: bool = False  # compile bpf/kprobes.c in (the kernel has kprobes)
+    #: tracepoint fields this kernel has (from their format files): tcp:tcp_probe's
+    #: skaddr+skbaddr (else the kernel point needs the tcp_rcv_established kprobe) and
+    #: skb:kfree_skb's rx_sk
+    tp_probe_skb: bool = True
+    tp_kfree_rx_sk: bool = True
+    #: tc programs may call bpf_get_current_pid_tgid (6.10+): the proxy point
+    tc_pid_tgid: bool = True
 
 
 def btf_offsets(btf: ft.Btf, kprobes: bool = False) -> dict[str, int]:
@@ -149,6 +162,9 @@ def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, i
         "HS_FOLLOW": settings.follow,
         "HS_DROP_REASON_MIN": settings.drop_reason_min,
         **({"HS_KPROBES": 1} if settings.kprobes else {}),
+        "HS_TP_PROBE_SKB": int(settings.tp_probe_skb),
+        "HS_TP_KFREE_RX_SK": int(settings.tp_kfree_rx_sk),
+        "HS_TC_PID_TGID": int(settings.tc_pid_tgid),
         **offsets, **extra,
     }
     return [f"-I{BPF_DIR}", *(f"-D{k}={int(v)}" for k, v in defs.items())]
@@ -250,7 +266,9 @@ class AgentProgram:
         self._tc_fds()
         fds = dict(self._fds)
         fds["tracepoints"] = [int(fd) for fd in self.bpf.tracepoint_fds.values()]
-        fds["kprobe_links"] = [int(fd) for fd in self.bpf.kprobe_fds.values()]
+        # bcc keeps a kprobe's perf event fd per event, or per event and function
+        fds["kprobe_links"] = [int(fd) for v in self.bpf.kprobe_fds.values()
+                               for fd in (v.values() if isinstance(v, dict) else [v])]
         for v in fds.values():
             for fd in (v if isinstance(v, list) else [v]):
                 os.set_inheritable(int(fd), True)
@@ -266,6 +284,8 @@ class AgentProgram:
         for fn, event, ret in KPROBES:
             if not have.get(event) or fn in self.kprobes.get(event, []):
                 continue
+            if fn == "hs_tcp_rcv" and self.settings.tp_probe_skb:
+                continue  # the tracepoint gives the kernel point
             try:
                 if ret:
                     self.bpf.attach_kretprobe(event=event, fn_name=fn)

@@ -589,18 +589,31 @@ def bpf_create_ringbuf(size: int | None = None) -> BpfResult:
     return _result(fd, err)
 
 
+#: ``call bpf_get_current_pid_tgid; r0 = 0; exit``
+_PID_TGID_PROG = struct.pack("<BBhi", 0x85, 0, 0, 14) + _TRIVIAL_PROG
+
+
+def tc_helper_pid_tgid() -> bool:
+    """Can tc programs call ``bpf_get_current_pid_tgid`` (6.10+; not 6.1)? The agent's tc
+    egress uses it to tie the proxy's upstream packet to the write that sent it."""
+    return bpf_load_trivial(BPF_PROG_TYPE_SCHED_CLS, prog=_PID_TGID_PROG).ok
+
+
 def bpf_load_trivial(prog_type: int, expected_attach_type: int = 0,
-                     attach_btf_id: int = 0, keep_fd: bool = False) -> BpfResult:
-    """Load ``r0 = 0; exit`` as ``prog_type`` and close it at once (nothing is attached).
+                     attach_btf_id: int = 0, keep_fd: bool = False,
+                     prog: bytes = b"") -> BpfResult:
+    """Load ``r0 = 0; exit`` (or ``prog``) as ``prog_type`` and close it at once (nothing
+    is attached).
 
     ``keep_fd`` returns the program's descriptor instead (tests attach it in
     their own namespace); the caller must close it.
     """
-    insns = ctypes.create_string_buffer(_TRIVIAL_PROG, len(_TRIVIAL_PROG))
+    code = prog or _TRIVIAL_PROG
+    insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"GPL")
     logbuf = ctypes.create_string_buffer(4096)
     attr = ctypes.create_string_buffer(128)
-    struct.pack_into("<IIQQIIQII", attr, 0, prog_type, len(_TRIVIAL_PROG) // 8,
+    struct.pack_into("<IIQQIIQII", attr, 0, prog_type, len(code) // 8,
                      ctypes.addressof(insns), ctypes.addressof(lic), 1, len(logbuf),
                      ctypes.addressof(logbuf), 0, 0)
     struct.pack_into("16s", attr, 48, b"hopscope_probe")

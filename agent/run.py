@@ -288,8 +288,13 @@ class Agent:
         self.ring = RingReader(self.prog.ring_fd(), self.prog.ring_size)
         self.sources = {
             "packets": "tc clsact (bpf/tc.c) on " + self._iface_list(),
-            "kernel_in": "tracepoint tcp:tcp_probe on entry-port sockets",
-            "proxy": f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread",
+            "kernel_in": ("tracepoint tcp:tcp_probe on entry-port sockets"
+                          if cfg.settings.tp_probe_skb else
+                          "kprobe tcp_rcv_established on entry-port sockets (tcp:tcp_probe "
+                          "has no skb here)"),
+            "proxy": (f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread"
+                      if cfg.settings.tc_pid_tgid else "none: tc cannot tell the thread here "
+                      "(proxy+service_nat merged)"),
             "drops": "tracepoint skb:kfree_skb (reasons from its format file); the rule behind "
                      "NETFILTER_DROP from iptables-save -c counters",
         }
@@ -302,10 +307,10 @@ class Agent:
         if prog is None or not prog.settings.kprobes:
             return
         want = [ev for _fn, ev, _r in bpfprog.KPROBES if ev not in prog.kprobes]
-        if not want or (set(want) <= IPVS_FUNCS and not os.path.isdir("/sys/module/ip_vs")):
-            return
-        for what in prog.attach_kprobes(ft.kallsyms_find(want)):
-            log.info("attached %s", what)
+        if prog.bpf is not None and want and not (
+                set(want) <= IPVS_FUNCS and not os.path.isdir("/sys/module/ip_vs")):
+            for what in prog.attach_kprobes(ft.kallsyms_find(want)):
+                log.info("attached %s", what)
         if "nf_hook_slow" in prog.kprobes:
             self.sources["netfilter"] = "kprobe+kretprobe nf_hook_slow (INPUT hook, entry port)"
         if "ip_vs_conn_new" in prog.kprobes and "ip_vs_schedule" in prog.kprobes:
@@ -638,6 +643,14 @@ def drop_reasons() -> dict[int, str]:
     return ft.parse_drop_reasons(text) if text else {}
 
 
+def tracepoint_fields(tracefs: str | None, tracepoint: str) -> set[str]:
+    """The field names of a tracepoint's format file (empty when it cannot be read)."""
+    if not tracefs:
+        return set()
+    text = ft._read_text(os.path.join(ft.tracepoint_dir(tracefs, tracepoint), "format"))
+    return set(ft.parse_tracepoint_format(text).fields) if text else set()
+
+
 def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentProgram:
     """Remove a killed agent's filters, compile and load bpf/agent.c (tracepoints attached),
     and attach the kprobes the kernel has."""
@@ -645,7 +658,20 @@ def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentP
     cfg.settings.drop_reason_min = next(
         (k for k, v in reasons.items() if v == "NOT_SPECIFIED"), 2)
     cfg.settings.entry_port = cfg.entry_port
-    cfg.settings.kprobes = cfg.kprobes and kprobes_available(ft.find_tracefs())
+    fmt = ft.find_tracefs()
+    cfg.settings.kprobes = cfg.kprobes and kprobes_available(fmt)
+    probe, kfree = (tracepoint_fields(fmt, tp) for tp in ("tcp:tcp_probe", "skb:kfree_skb"))
+    cfg.settings.tp_probe_skb = {"skaddr", "skbaddr"} <= probe
+    cfg.settings.tp_kfree_rx_sk = "rx_sk" in kfree
+    cfg.settings.tc_pid_tgid = ft.tc_helper_pid_tgid()
+    if not cfg.settings.tc_pid_tgid:
+        log.warning("tc programs cannot call bpf_get_current_pid_tgid on this kernel (before "
+                    "6.10): the proxy's write is not tied to its upstream packet, so "
+                    "`proxy` and `service_nat` come merged (proxy+service_nat)")
+    if not cfg.settings.tp_probe_skb:
+        log.info("tcp:tcp_probe has no socket/skb fields here: the kernel point comes from "
+                 "a kprobe on tcp_rcv_established%s",
+                 "" if cfg.settings.kprobes else " (no kprobes: no kernel_in split)")
     prog = bpfprog.AgentProgram(cfg.settings)
     if cfg.settings.kprobes:
         want = [ev for _fn, ev, _r in bpfprog.KPROBES

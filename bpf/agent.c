@@ -48,9 +48,35 @@ static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
     return a;
 }
 
-#include "kprobes.c"
-
 /* A data segment reached a socket on the entry port: "queued on the proxy's socket". */
+/* The segment (skb->data: its TCP header) reached a socket on the entry port: the
+ * kernel event of "queued on the proxy's socket". */
+static __always_inline void hs_kernel_emit(__u32 inum, __u32 local, __u32 remote, __u16 lport,
+                                           __u16 rport, void *skb, __u32 plen)
+{
+    void *data = 0;
+    __u8 th[14] = {};
+    bpf_probe_read_kernel(&data, sizeof(data), (char *)skb + HS_SKB_DATA_OFF);
+    if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
+        return;
+    struct hs_event *e = hs_event_new(HS_EV_KERNEL, HS_DIR_IN, inum);
+    if (!e)
+        return;
+    e->seq = hs_be32(th + 4);
+    e->ack = hs_be32(th + 8);
+    e->plen = plen;
+    e->saddr = remote; /* client -> server */
+    e->daddr = local;
+    e->sport = rport;
+    e->dport = lport;
+    e->tcp_flags = th[13];
+    e->proto = 6;
+    hs_submit(e, 0, HS_STAT_KERNEL_SENT, HS_STAT_KERNEL_LOST);
+}
+
+#if HS_TP_PROBE_SKB
+/* Kernels whose tcp:tcp_probe carries the socket and the skb (6.x): the tracepoint.
+ * Elsewhere (6.1 has neither field) kprobes.c's tcp_rcv_established does the same. */
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
     if (args->data_len == 0 || args->sport != HS_ENTRY_PORT)
@@ -68,26 +94,13 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     if (!ok_l || !ok_r)
         return 0;
     /* in tcp_rcv_established skb->data is the TCP header */
-    void *data = 0;
-    __u8 th[14] = {};
-    bpf_probe_read_kernel(&data, sizeof(data), (char *)args->skbaddr + HS_SKB_DATA_OFF);
-    if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
-        return 0;
-    struct hs_event *e = hs_event_new(HS_EV_KERNEL, HS_DIR_IN, inum);
-    if (!e)
-        return 0;
-    e->seq = hs_be32(th + 4);
-    e->ack = hs_be32(th + 8);
-    e->plen = args->data_len;
-    e->saddr = remote; /* client -> server */
-    e->daddr = local;
-    e->sport = args->dport;
-    e->dport = args->sport;
-    e->tcp_flags = th[13];
-    e->proto = 6;
-    hs_submit(e, 0, HS_STAT_KERNEL_SENT, HS_STAT_KERNEL_LOST);
+    hs_kernel_emit(inum, local, remote, args->sport, args->dport, args->skbaddr,
+                   args->data_len);
     return 0;
 }
+#endif
+
+#include "kprobes.c"
 
 /* A packet freed with a drop reason, in a namespace of this node. */
 TRACEPOINT_PROBE(skb, kfree_skb)
@@ -100,8 +113,10 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     bpf_probe_read_kernel(&dev, sizeof(dev), (char *)skb + HS_SKB_DEV_OFF);
     if (dev)
         bpf_probe_read_kernel(&net, sizeof(net), (char *)dev + HS_DEV_NET_OFF);
+#if HS_TP_KFREE_RX_SK
     else if (args->rx_sk)
         bpf_probe_read_kernel(&net, sizeof(net), (char *)args->rx_sk + HS_SK_NET_OFF);
+#endif
     __u32 inum = hs_netns_of_net(net);
     if (!hs_netns_wanted(inum))
         return 0;

@@ -61,7 +61,8 @@
 /* hs_event.vni of a packet that is not VXLAN-encapsulated */
 #define HS_NO_VNI 0xffffffff
 
-/* bytes of payload an event can carry (a power of two) */
+/* the payload an event can carry: at most HS_PAYLOAD_MAX - 1 bytes (a power of two: the
+ * programs bound lengths with a mask, which every kernel's verifier follows) */
 #ifndef HS_PAYLOAD_MAX
 #define HS_PAYLOAD_MAX 1024
 #endif

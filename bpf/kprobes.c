@@ -8,6 +8,8 @@
  *   ip_vs_schedule (entry)         the packet IPVS schedules (its SYN: tuple, ISN)
  *   ip_vs_conn_new (entry)         ... and the real server it chose (HS_EV_IPVS);
  *                                  both arguments read are plain, no module structs
+ *   tcp_rcv_established (entry)    the kernel point where tcp:tcp_probe has no skb
+ *                                  (6.1): a segment reached an entry-port socket
  *
  * Kernel structs at BTF offsets (HS_*_OFF), like the rest of the agent.
  */
@@ -170,5 +172,37 @@ int hs_ipvs_conn_new(struct pt_regs *ctx)
     ipvs_open.delete(&tid);
     return 0;
 }
+
+#if !HS_TP_PROBE_SKB
+/* void tcp_rcv_established(struct sock *sk, struct sk_buff *skb): skb->data is the TCP
+ * header; the socket gives the addresses (IPv4, or IPv4-mapped: the v4 fields are set). */
+int hs_tcp_rcv(struct pt_regs *ctx)
+{
+    void *sk = (void *)PT_REGS_PARM1(ctx);
+    void *skb = (void *)PT_REGS_PARM2(ctx);
+    __u16 lport = 0, rport = 0;
+    bpf_probe_read_kernel(&lport, 2, (char *)sk + HS_SKC_NUM_OFF);
+    if (lport != HS_ENTRY_PORT)
+        return 0;
+    __u32 inum = hs_sock_netns(sk);
+    if (!hs_netns_wanted(inum))
+        return 0;
+    __u32 len = 0, local = 0, remote = 0;
+    void *data = 0;
+    __u8 doff = 0;
+    bpf_probe_read_kernel(&len, 4, (char *)skb + HS_SKB_LEN_OFF);
+    bpf_probe_read_kernel(&data, sizeof(data), (char *)skb + HS_SKB_DATA_OFF);
+    if (!data || bpf_probe_read_kernel(&doff, 1, (char *)data + 12) < 0)
+        return 0;
+    __u32 hl = (doff >> 4) * 4;
+    if (len <= hl)
+        return 0; /* no data */
+    bpf_probe_read_kernel(&rport, 2, (char *)sk + HS_SKC_DPORT_OFF);
+    bpf_probe_read_kernel(&local, 4, (char *)sk + HS_SKC_RCV_SADDR_OFF);
+    bpf_probe_read_kernel(&remote, 4, (char *)sk + HS_SKC_DADDR_OFF);
+    hs_kernel_emit(inum, local, remote, lport, bpf_ntohs(rport), skb, len - hl);
+    return 0;
+}
+#endif
 
 #endif /* HS_KPROBES */

@@ -92,8 +92,8 @@ static __always_inline __u32 hs_be32(const __u8 *b)
 /* Send the first HS_EVENT_HDR + caplen bytes of e; count it as sent or lost. */
 static __always_inline void hs_submit(struct hs_event *e, __u32 caplen, int sent, int lost)
 {
-    if (caplen > HS_PAYLOAD_MAX)
-        caplen = HS_PAYLOAD_MAX;
+    /* masked: a bound the verifier of every kernel keeps (caplen < HS_PAYLOAD_MAX) */
+    caplen &= HS_PAYLOAD_MAX - 1;
     e->caplen = caplen;
     if (events.ringbuf_output(e, HS_EVENT_HDR + caplen, HS_RB_FLAGS) == 0)
         hs_count(sent);

@@ -127,10 +127,12 @@ static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p,
     e->why = why;
     __u32 n = 0;
     if (why == HS_WHY_START || why == HS_WHY_FOLLOW) {
-        n = p->plen;
-        if (n > HS_PAYLOAD_MAX)
-            n = HS_PAYLOAD_MAX;
-        if (n > 0 && bpf_skb_load_bytes(skb, p->payoff, e->payload, n) < 0)
+        /* at most HS_PAYLOAD_MAX - 1 bytes, as 1 + a masked value: a bound every kernel's
+         * verifier keeps (6.1's loses one a comparison gave, once spilled) */
+        n = p->plen < HS_PAYLOAD_MAX ? p->plen : HS_PAYLOAD_MAX - 1;
+        if (n > 0 &&
+            bpf_skb_load_bytes(skb, p->payoff, e->payload,
+                               ((n - 1) & (HS_PAYLOAD_MAX - 1)) + 1) < 0)
             n = 0;
     }
     hs_submit(e, n, HS_STAT_TC_SENT, HS_STAT_TC_LOST);
@@ -198,6 +200,7 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
             follow.update(&k, &n);
         }
         __u64 aux = 0;
+#if HS_TC_PID_TGID /* tc programs may call it from 6.10 on */
         if (dir == HS_DIR_OUT && (role == HS_ROLE_OVERLAY || role == HS_ROLE_POD)) {
             /* sent inside the proxy's write (the overlay path runs in the syscall) */
             __u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -207,6 +210,7 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
                 hs_count(HS_STAT_PROXY_WRITES);
             }
         }
+#endif
         hs_emit_pkt(skb, &p, dir, HS_WHY_START, aux);
         return TC_ACT_OK;
     }
