@@ -73,7 +73,7 @@ case "$cmd" in
     exec "$venv/bin/hopscope" demo "$@" ;;
   test)
     need_root test; setup_apt; setup_venv
-    "$venv/bin/ruff" check hopscope agent collector tests bench
+    "$venv/bin/ruff" check hopscope agent collector tests bench vm
     "$venv/bin/mypy"
     exec "$venv/bin/pytest" "$@" ;;
   bench)
