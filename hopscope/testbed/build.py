@@ -174,25 +174,36 @@ def kube_proxy_rules(topo: Topology, node: str) -> str:
                    "-j KUBE-MARK-MASQ")
         nat.append(f'-A {sep} -p tcp -m comment --comment "{SERVICE_PORT_NAME}" -m tcp '
                    f"-j DNAT --to-destination {ep}")
+    nat += _flannel_masq(me.pod_cidr)
+    return "\n".join(nat + _forward_filter(invalid_drop=True)) + "\n"
+
+
+def _flannel_masq(pod_cidr: str) -> list[str]:
+    """flannel's FLANNEL-POSTRTG rules (nat), and the table's COMMIT."""
     fm = '-m comment --comment "flanneld masq"'
-    nat += [
+    return [
         f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {me.pod_cidr} -d {CLUSTER_CIDR} {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {pod_cidr} -d {CLUSTER_CIDR} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} -d {pod_cidr} {fm} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {pod_cidr} {fm} -j RETURN",
         f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} ! -d 224.0.0.0/4 {fm} -j MASQUERADE --random-fully",
         f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR} {fm} "
         "-j MASQUERADE --random-fully",
         "COMMIT",
     ]
+
+
+def _forward_filter(invalid_drop: bool) -> list[str]:
+    """The filter table's KUBE-FORWARD (kube-proxy; iptables mode drops INVALID first)
+    and FLANNEL-FWD chains."""
     ff = '-m comment --comment "flanneld forward"'
-    filt = [
+    return [
         "*filter",
         ":KUBE-FORWARD - [0:0]",
         ":FLANNEL-FWD - [0:0]",
         '-I FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
         f"-A FORWARD {ff} -j FLANNEL-FWD",
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        *(["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"] if invalid_drop else []),
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
         "-m mark --mark 0x4000/0x4000 -j ACCEPT",
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
@@ -201,7 +212,6 @@ def kube_proxy_rules(topo: Topology, node: str) -> str:
         f"-A FLANNEL-FWD -d {CLUSTER_CIDR} {ff} -j ACCEPT",
         "COMMIT",
     ]
-    return "\n".join(nat + filt) + "\n"
 
 
 def kube_proxy_ipvs_rules(topo: Topology, node: str) -> str:
@@ -238,33 +248,8 @@ def kube_proxy_ipvs_rules(topo: Topology, node: str) -> str:
         "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT",
         "-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT",
     ]
-    fm = '-m comment --comment "flanneld masq"'
-    nat += [
-        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {me.pod_cidr} -d {CLUSTER_CIDR} {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {me.pod_cidr} {fm} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {CLUSTER_CIDR} ! -d 224.0.0.0/4 {fm} -j MASQUERADE --random-fully",
-        f"-A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR} {fm} "
-        "-j MASQUERADE --random-fully",
-        "COMMIT",
-    ]
-    ff = '-m comment --comment "flanneld forward"'
-    filt = [
-        "*filter",
-        ":KUBE-FORWARD - [0:0]",
-        ":FLANNEL-FWD - [0:0]",
-        '-I FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
-        f"-A FORWARD {ff} -j FLANNEL-FWD",
-        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
-        "-m mark --mark 0x4000/0x4000 -j ACCEPT",
-        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-A FLANNEL-FWD -s {CLUSTER_CIDR} {ff} -j ACCEPT",
-        f"-A FLANNEL-FWD -d {CLUSTER_CIDR} {ff} -j ACCEPT",
-        "COMMIT",
-    ]
-    return "\n".join(nat + filt) + "\n"
+    nat += _flannel_masq(me.pod_cidr)
+    return "\n".join(nat + _forward_filter(invalid_drop=False)) + "\n"
 
 
 def ipvs_commands(topo: Topology, node: str) -> list[list[str]]:
