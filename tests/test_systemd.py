@@ -363,12 +363,20 @@ def dropin_mounts(dropin: Path | None) -> str:
     return " && ".join(cmds)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 SANDBOX = r"""
 set -e
 # sys-kernel-tracing.mount (ip netns exec mounted a new /sys)
 mount -t tracefs tracefs /sys/kernel/tracing
 # the headers drop-in (TemporaryFileSystem=, BindReadOnlyPaths=)
 %(dropin)s
+# the checkout under test (its .venv runs the agent) stands in for /opt/hopscope: when it
+# lies where PrivateTmp=/ProtectHome= put a fresh tmpfs (a CI clone in /tmp), keep it
+case "$REPO" in
+  /tmp/*|/var/tmp/*|/home/*|/root/*) mkdir -p /run/hopscope-repo
+                                     mount --bind "$REPO" /run/hopscope-repo ;;
+esac
 # ProtectSystem=strict with StateDirectory=: read-only but /dev, /proc, /sys and the state
 mount --bind "$STATE" "$STATE"
 for m in $(awk '{print $2}' /proc/self/mounts | sort -u); do
@@ -380,6 +388,13 @@ mount -t tmpfs -o mode=1777 hopscope-tmp /tmp
 mount -t tmpfs -o mode=1777 hopscope-tmp /var/tmp
 mount -t tmpfs -o ro,mode=755 hopscope-home /home
 mount -t tmpfs -o ro,mode=700 hopscope-home /root
+if mountpoint -q /run/hopscope-repo; then
+  for t in /tmp /var/tmp /home /root; do  # the tmpfs holding $REPO's path, made writable
+    case "$REPO" in "$t"/*) mount -o remount,rw "$t"; mkdir -p "$REPO"
+                            mount --bind /run/hopscope-repo "$REPO"
+                            mount -o remount,ro,bind "$REPO" ;; esac
+  done
+fi
 exec setpriv --bounding-set=-all%(caps)s --inh-caps=-all%(caps)s --ambient-caps=-all%(caps)s \
     --no-new-privs -- "$@"
 """
@@ -391,7 +406,7 @@ def sandboxed(ns: str, argv: list[str], state: Path, log: Path, caps: list[str],
                         "caps": "".join(f",+{c}" for c in caps)}
     if not tracefs:
         script = script.replace("mount -t tracefs tracefs /sys/kernel/tracing", ":")
-    env = {**os.environ, "STATE": str(state)}
+    env = {**os.environ, "STATE": str(state), "REPO": str(REPO_ROOT)}
     with open(log, "ab") as lf:
         return subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c", script, "sh", *argv],
                                 stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, env=env)

@@ -1,0 +1,1 @@
+"""Tests that run inside the test VM (a package: its conftest is not the host tests' one)."""
