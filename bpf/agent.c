@@ -26,6 +26,19 @@ static __always_inline int hs_netns_wanted(__u32 inum)
     return inum && netns_ok.lookup(&inum) != 0;
 }
 
+/* The IPv4 header (20 bytes, into ip) of an skb whose network header is set, and the
+ * first 14 bytes after it (into l4); 0 when it is not IPv4. */
+static __always_inline int hs_skb_ipv4(void *skb, __u8 *ip, __u8 *l4)
+{
+    void *head = 0;
+    __u16 nh = 0;
+    bpf_probe_read_kernel(&head, sizeof(head), (char *)skb + HS_SKB_HEAD_OFF);
+    bpf_probe_read_kernel(&nh, sizeof(nh), (char *)skb + HS_SKB_NH_OFF);
+    if (!head || bpf_probe_read_kernel(ip, 20, (char *)head + nh) < 0 || (ip[0] >> 4) != 4)
+        return 0;
+    return bpf_probe_read_kernel(l4, 14, (char *)head + nh + (ip[0] & 0xf) * 4) == 0;
+}
+
 /* An IPv4 address from a sockaddr_in / sockaddr_in6 (v4-mapped) as tracepoints store them. */
 static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
 {
@@ -120,21 +133,12 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     __u32 inum = hs_netns_of_net(net);
     if (!hs_netns_wanted(inum))
         return 0;
-    void *head = 0;
-    __u16 nh = 0;
-    bpf_probe_read_kernel(&head, sizeof(head), (char *)skb + HS_SKB_HEAD_OFF);
-    bpf_probe_read_kernel(&nh, sizeof(nh), (char *)skb + HS_SKB_NH_OFF);
-    if (!head)
-        return 0;
-    __u8 ip[20] = {};
-    if (bpf_probe_read_kernel(ip, sizeof(ip), (char *)head + nh) < 0 || (ip[0] >> 4) != 4)
+    __u8 ip[20] = {}, l4[14] = {};
+    if (!hs_skb_ipv4(skb, ip, l4))
         return 0;
     __u32 ihl = (ip[0] & 0xf) * 4;
     __u8 proto = ip[9];
     if (proto != 6 && proto != 17)
-        return 0;
-    __u8 l4[14] = {};
-    if (bpf_probe_read_kernel(l4, sizeof(l4), (char *)head + nh + ihl) < 0)
         return 0;
     struct hs_event *e = hs_event_new(HS_EV_DROP, HS_DIR_IN, inum);
     if (!e)

@@ -33,20 +33,10 @@ BPF_HASH(ipvs_open, __u32, struct hs_nf_pkt, 8192); /* tid -> packet ip_vs_sched
 /* IPv4 + TCP headers of an skb whose network header is set; 0 when not TCP over IPv4. */
 static __always_inline int hs_skb_tcp(void *skb, struct hs_nf_pkt *p)
 {
-    void *head = 0;
-    __u16 nh = 0;
-    bpf_probe_read_kernel(&head, sizeof(head), (char *)skb + HS_SKB_HEAD_OFF);
-    bpf_probe_read_kernel(&nh, sizeof(nh), (char *)skb + HS_SKB_NH_OFF);
-    if (!head)
-        return 0;
-    __u8 ip[20] = {};
-    if (bpf_probe_read_kernel(ip, sizeof(ip), (char *)head + nh) < 0 || (ip[0] >> 4) != 4 ||
-        ip[9] != 6)
+    __u8 ip[20] = {}, l4[14] = {};
+    if (!hs_skb_ipv4(skb, ip, l4) || ip[9] != 6)
         return 0;
     __u32 ihl = (ip[0] & 0xf) * 4;
-    __u8 l4[14] = {};
-    if (bpf_probe_read_kernel(l4, sizeof(l4), (char *)head + nh + ihl) < 0)
-        return 0;
     __builtin_memcpy(&p->saddr, ip + 12, 4);
     __builtin_memcpy(&p->daddr, ip + 16, 4);
     p->ip_id = (ip[4] << 8) | ip[5];

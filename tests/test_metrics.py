@@ -11,58 +11,20 @@ import asyncio
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from hopscope.agent.ship import ShipConfig, ShipResult, ship
 from hopscope.collector.metrics import BUCKETS_NS, CollectorMetrics
-from hopscope.collector.server import Collector, CollectorConfig
+from hopscope.collector.server import Collector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from test_collector import TOKEN, _cfg, _pairs, _replayed, _run, _settled
 
-from hopscope.replay import replay
+# -- helpers (test_otlp.py uses them too; the collector's tests' own, renamed) -------
 
-ROOT = Path(__file__).resolve().parent.parent
-PCAPS = ROOT / "pcaps"
-TOKEN = b"0123456789abcdef0123456789abcdef"
-T = TypeVar("T")
-
-
-# -- helpers (test_otlp.py uses them too) -------------------------------------------
-
-
-def pairs(case: str) -> list[tuple[str, Path]]:
-    return [(p.stem, p) for p in sorted((PCAPS / case).glob("*.pcapng"))]
-
-
-def replayed(case: str) -> dict[str, Any]:
-    return replay(pairs(case), jobs=1, reference="node1").envelope
-
-
-def run(coro_fn: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro_fn(), timeout)
-    return asyncio.run(bounded())
-
-
-def collector_cfg(tmp: Path, **kw: Any) -> CollectorConfig:
-    base: dict[str, Any] = dict(db=str(tmp / "collector.db"), token=TOKEN,
-                                listen=("127.0.0.1", 0), http=("127.0.0.1", 0),
-                                reference="node1", drain_every=0.05, idle_flush=0.5)
-    base.update(kw)
-    return CollectorConfig(**base)
-
-
-async def settled(c: Collector, nodes: set[str], timeout: float = 15) -> None:
-    """Until every node was flushed (idle) and a drain ran after that."""
-    t0 = time.monotonic()
-    while not nodes <= c.flushed:
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"nodes {nodes - c.flushed} never settled")
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(3 * c.cfg.drain_every)
+pairs, replayed, run, collector_cfg, settled = _pairs, _replayed, _run, _cfg, _settled
 
 
 async def ship_case(c: Collector, case: str) -> dict[str, ShipResult]:
