@@ -16,23 +16,27 @@ stage once, so that a drift of the machine's speed hits them all), best of
 * ``decode``: :class:`~hopscope.collector.wire.FrameDecoder` fed the stream
   in ``--read`` byte slices (as from a socket): framing, msgpack, the
   per-field checks, Observation tuples; each batch dropped once decoded;
-* ``  of which re-pack``: ``msgpack.packb`` of every batch's rows, which
-  :meth:`~hopscope.collector.store.SqliteStore.put_batch` does before it
-  writes (it stores the observations re-encoded, not the received bytes);
-* ``ingest``: decode + the collector's de-duplication
-  (:class:`~hopscope.collector.wire.SeqTracker`) + ``put_batch``: the raw
-  batch and the agent's seq in one SQLite (WAL, ``synchronous=NORMAL``)
-  transaction per batch, into a new database in a temporary directory.
-  What the collector does before it acks;
-* ``ingest + stitch``: decode, de-duplication, then
-  :meth:`Collector.store_batch <hopscope.collector.server.Collector.store_batch>`
-  (``put_batch``, then the node's :class:`~hopscope.tcpflow.NodeTracker`)
-  and, every ``--drain-every`` batches, :meth:`Collector.step
+* ``decode, then store``: decode + the collector's de-duplication
+  (:class:`~hopscope.collector.wire.SeqTracker`) + ``put_batches`` of the
+  received body, one SQLite (WAL, ``synchronous=NORMAL``) transaction per
+  batch, all on one thread: what the collector did before it had a writer
+  thread, for comparison;
+* ``ingest``: what the collector does before it acks, with its own code:
+  the stream written into one end of a socket pair (after a hello), the
+  other end served by :func:`wire.serve_agent
+  <hopscope.collector.wire.serve_agent>` storing through a
+  :class:`~hopscope.collector.writer.BatchWriter` (decode on the event
+  loop, the batch and the agent's seq committed by the writer thread
+  meanwhile); timed from the first byte sent to the last batch's ack, into a
+  new database in a temporary directory;
+* ``ingest + stitch``: the same, storing through :meth:`Collector.store_batch
+  <hopscope.collector.server.Collector.store_batch>` (the writer, then the
+  node's :class:`~hopscope.tcpflow.NodeTracker`) and, every
+  ``--drain-every`` batches, :meth:`Collector.step
   <hopscope.collector.server.Collector.step>` as the drain loop calls it
   (``take()``, ``Stitcher.add()``, ``drain()``, finished requests, drops
   and offsets stored); at the end the node is flushed as an idle node is
-  (``take(final=True)``, final drain), so every request is stored. Its
-  own breakdown (decode / store_batch / step) is printed below the table.
+  (``take(final=True)``, final drain), so every request is stored.
 
 Speeds are observations per second; ``stitched req/s`` is requests stored
 per second of the stage. ``x bare`` is the stage's speed over the bare
@@ -47,15 +51,18 @@ Unpacker's (1.00 = as fast as msgpack alone). Target (issue 5): ingest
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
 import os
 import platform
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,9 +73,11 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hopscope.collector import wire
 from hopscope.collector.server import Collector, CollectorConfig
 from hopscope.collector.store import SqliteStore
 from hopscope.collector.wire import Batch, FrameDecoder, SeqTracker, encode_batch
+from hopscope.collector.writer import BatchWriter
 
 from hopscope.capture import CaptureReader
 from hopscope.model import Observation
@@ -79,6 +88,7 @@ DEFAULT_PACKETS = 220_000
 AGENT = "agent-node1"
 NODE = "node1"
 TARGET = 500_000  # observations/s ingested (issue 5)
+TOKEN = b"bench-token-0123456789abcdef"
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +166,7 @@ class Bench:
         mv = memoryview(self.stream)
         self.reads = [mv[i:i + read] for i in range(0, len(self.stream), read)]
         self.db_bytes = 0
+        self.commits = 0
         self.requests = 0
         self.drops = 0
 
@@ -183,14 +194,8 @@ class Bench:
         assert k == self.n, (k, self.n)
         return {}
 
-    def repack(self, rows: list[tuple[Any, ...]]) -> Callable[[], None]:
-        def run() -> None:
-            for r in rows:
-                msgpack.packb(r, use_bin_type=True)
-        return run
-
-    # -- (3)
-    def ingest(self) -> dict[str, float]:
+    # -- (3) decode and store on one thread, no pipeline
+    def inline(self) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
             store = SqliteStore(Path(d) / "collector.db")
             seqs = SeqTracker(store.agent_seqs())
@@ -198,42 +203,146 @@ class Bench:
             t0 = time.perf_counter()
             for f in self.frames_in():
                 if seqs.is_new(f.agent, f.seq):
-                    store.put_batch(f.agent, f.seq, f.node, f.obs)
+                    store.put_batches([(f.agent, f.seq, f.node, f.body)])
                     seqs.commit(f.agent, f.seq)
             secs = time.perf_counter() - t0
             nb = store.db.execute("SELECT count(*) FROM batches").fetchone()[0]
             assert nb == self.nframes, (nb, self.nframes)
             store.close()
+        return {"seconds": secs}
+
+    # -- (4) and (5): the collector's own connection code, over a socket pair
+    async def _serve(self, store: Callable[[Batch], Any]) -> float:
+        """The stream through ``wire.serve_agent``, from the first byte sent to the last ack.
+
+        The agent's end is a plain blocking socket in a thread of its own (as an agent is
+        another process): it sends the hello and the stream, and reads the acks."""
+        a, b = socket.socketpair()
+        seqs = SeqTracker()
+        last = self.nframes - 1
+        times: dict[str, float] = {}
+
+        def agent() -> None:
+            b.sendall(wire.encode(wire.Hello(AGENT, NODE, TOKEN, 1)))
+            dec = FrameDecoder(wire.HELLO_MAX_FRAME)
+            got: list[Any] = []
+            while not got:
+                got = dec.feed(b.recv(65536))
+            assert isinstance(got[0], wire.Welcome) and got[0].acked == -1, got
+            times["t0"] = time.perf_counter()
+            sender = threading.Thread(target=b.sendall, args=(self.stream,))
+            sender.start()
+            acked = -1
+            while acked < last:
+                data = b.recv(65536)
+                assert data, "the collector closed the connection"
+                for f in dec.feed(data):
+                    assert isinstance(f, wire.Ack), f
+                    acked = f.seq
+            times["t1"] = time.perf_counter()
+            sender.join()
+            b.sendall(wire.encode(wire.Bye("done")))
+
+        try:
+            sr, sw = await asyncio.open_connection(sock=a, limit=wire.STREAM_LIMIT)
+            server = asyncio.create_task(wire.serve_agent(
+                sr, sw, token=TOKEN, store=store, seqs=seqs, collector="bench"))
+            await asyncio.to_thread(agent)
+            await server
+        finally:
+            a.close()
+            b.close()
+        return times["t1"] - times["t0"]
+
+    def ingest(self) -> dict[str, float]:
+        """Decode here, store in the writer thread: what the collector does before it acks,
+        on the stream in memory (as the bare Unpacker reads it)."""
+        with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
+            db = Path(d) / "collector.db"
+            SqliteStore(db).close()
+            writer = BatchWriter(db)
+            seqs = SeqTracker()
+            left = [self.nframes]
+            errors: list[BaseException] = []
+            all_done = threading.Event()
+            room = threading.Semaphore(wire.MAX_INFLIGHT)  # as one agent's connection
+
+            def done(exc: BaseException | None) -> None:  # in the writer thread
+                if exc is not None:
+                    errors.append(exc)
+                room.release()
+                left[0] -= 1
+                if not left[0]:
+                    all_done.set()
+
+            try:
+                gc.collect()
+                t0 = time.perf_counter()
+                for f in self.frames_in():
+                    if seqs.is_new(f.agent, f.seq):
+                        seqs.submitted(f.agent, f.seq)
+                        room.acquire()
+                        writer.submit(f, done)
+                all_done.wait()
+                secs = time.perf_counter() - t0
+            finally:
+                writer.close()
+            assert not errors, errors
+            self.commits = writer.commits
+            self._check_stored(db)
             self.db_bytes = db_size(Path(d))
         return {"seconds": secs}
 
-    # -- (4)
+    def _check_stored(self, db: Path) -> None:
+        store = SqliteStore(db, readonly=True)
+        nb = store.db.execute("SELECT count(*) FROM batches").fetchone()[0]
+        assert nb == self.nframes, (nb, self.nframes)
+        store.close()
+
+    def socket_ingest(self) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
+            db = Path(d) / "collector.db"
+            SqliteStore(db).close()  # the schema, as the collector's own connection makes it
+            writer = BatchWriter(db)
+            try:
+                gc.collect()
+                secs = asyncio.run(self._serve(writer.queue))
+            finally:
+                writer.close()
+            self._check_stored(db)
+        return {"seconds": secs}
+
     def stitch(self) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
-            col = Collector(CollectorConfig(db=str(Path(d) / "collector.db"), token=b"b" * 32))
-            seqs = col.seqs
+            col = Collector(CollectorConfig(db=str(Path(d) / "collector.db"), token=TOKEN))
+            col.writer = BatchWriter(col.cfg.db)
             every = self.drain_every
-            t_dec = t_store = t_step = 0.0
+            t_step = 0.0
             k = 0
-            gc.collect()
-            t0 = time.perf_counter()
-            frames = self.frames_in()
-            while True:
-                a = time.perf_counter()
-                f = next(frames, None)
-                b = time.perf_counter()
-                t_dec += b - a
-                if f is None:
-                    break
-                if seqs.is_new(f.agent, f.seq):
-                    col.store_batch(f)
-                    seqs.commit(f.agent, f.seq)
-                c = time.perf_counter()
-                t_store += c - b
+
+            def stepped(f: Batch) -> None:
+                nonlocal k, t_step
+                col.took(f)
                 k += 1
-                if k % every == 0:
+                if k % every == 0:  # as the drain loop would, between batches
+                    c = time.perf_counter()
                     col.step()
                     t_step += time.perf_counter() - c
+
+            async def when(fut: asyncio.Future[None], f: Batch) -> None:
+                await fut
+                stepped(f)
+
+            def store(f: Batch) -> Any:  # Collector.store_batch, with the steps counted
+                assert col.writer is not None
+                return when(col.writer.queue(f), f)
+
+            gc.collect()
+            t0 = time.perf_counter()
+            try:
+                t_serve = asyncio.run(self._serve(store))
+            finally:
+                col.writer.close()
             a = time.perf_counter()
             col.cfg.idle_flush = 0.0  # end of input: flush the node as an idle one
             col.step()
@@ -243,12 +352,13 @@ class Bench:
             assert col.store.count_requests() == self.requests
             self.drops = int(col.store.db.execute("SELECT count(*) FROM drops").fetchone()[0])
             col.store.close()
-        return {"seconds": secs, "decode": t_dec, "store_batch": t_store, "step": t_step,
+        return {"seconds": secs, "serve": t_serve, "step": t_step,
                 "requests": float(self.requests)}
 
 
 def db_size(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+    """Bytes under ``d``: the database, its WAL, the batch segments."""
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------
@@ -273,16 +383,15 @@ def report(res: dict[str, Any], out: TextIO) -> None:
         p(f"{name:24} {s:9.4f} {n / s:12,.0f} {res['wire_bytes'] / s / 1e6:10.1f} {rq}"
           f" {bare / s:7.2f}", file=out)
     st = res["stages"]["ingest + stitch"]
-    p(f"ingest + stitch, best run: decode {st['decode']:.3f} s, store_batch (put_batch +"
-      f" tracker feed) {st['store_batch']:.3f} s, step (take/add/drain/store requests)"
-      f" {st['step']:.3f} s; {int(st['requests']):,} requests, {res['drops']:,} drops stored",
-      file=out)
+    p(f"ingest + stitch, best run: through serve_agent {st['serve']:.3f} s (of which step"
+      f" {st['step']:.3f} s: take/add/drain/store requests); {int(st['requests']):,}"
+      f" requests, {res['drops']:,} drops stored", file=out)
     ing = res["stages"]["ingest"]["seconds"]
     dec = res["stages"]["decode"]["seconds"]
-    rp = res["stages"]["  of which re-pack"]["seconds"]
-    p(f"ingest = decode {dec / ing:.0%} + re-pack {rp / ing:.0%} + SQLite and the rest"
-      f" {max(0.0, ing - dec - rp) / ing:.0%} (by difference); database"
-      f" {res['db_bytes'] / 1e6:.1f} MB", file=out)
+    inl = res["stages"]["decode, then store"]["seconds"]
+    p(f"ingest: {res['batches']} batches in {res['commits']} commits; decode alone is"
+      f" {dec / ing:.0%} of it, decode then store on one thread {inl / ing:.0%};"
+      f" database {res['db_bytes'] / 1e6:.1f} MB", file=out)
     ok = n / ing >= TARGET
     p(f"target ingest >= {TARGET:,} obs/s: {'met' if ok else 'NOT met'}"
       f" ({n / ing:,.0f}); ingest + stitch: {n / st['seconds']:,.0f} obs/s,"
@@ -318,16 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     prep = time.perf_counter() - t0
     b = Bench(frames, n, a.read, a.drain_every, a.dir)
-    rows = [msgpack.unpackb(f[4:], use_list=False, raw=False)["obs"] for f in frames]
-    assert sum(map(len, rows)) == n
     nframes = len(frames)
     del frames  # the bench keeps the stream and the bodies only
 
     stages = [
         Stage("bare Unpacker", timed(b.bare)),
         Stage("decode", timed(b.decode)),
-        Stage("  of which re-pack", timed(b.repack(rows))),
+        Stage("decode, then store", b.inline),
         Stage("ingest", b.ingest),
+        Stage("ingest over a socket", b.socket_ingest),
         Stage("ingest + stitch", b.stitch),
     ]
     for _ in range(a.repeat):
@@ -343,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "read": a.read, "prepare_seconds": round(prep, 3),
         "python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
         "sqlite": sqlite3.sqlite_version, "db_dir": a.dir or tempfile.gettempdir(),
-        "db_bytes": b.db_bytes, "drops": b.drops, "target_obs_per_s": TARGET,
+        "db_bytes": b.db_bytes, "commits": b.commits, "drops": b.drops, "target_obs_per_s": TARGET,
         "cpus": os.cpu_count(),
         "stages": {s.name: {**s.best, "obs_per_s": n / s.best["seconds"],
                             "runs": [round(x, 4) for x in s.runs]} for s in stages},

@@ -1,13 +1,16 @@
 """The collector: agents' batches in, stitched requests out, a small HTTP JSON API.
 
-Per batch (``serve_agent`` calls :meth:`Collector.store_batch` under the
-agent's lock): the observations and the agent's new seq are written to the
-``batches`` and ``agents`` tables in **one transaction**, then the batch is
-fed to its node's :class:`~hopscope.tcpflow.NodeTracker`; the ack goes out
-after that commit. Every ``drain_every`` seconds the trackers hand over what
-they settled to one :class:`~hopscope.stitch.Stitcher`, whose finished
-requests, drops and clock offsets are stored (``request_id`` unique, so a
-request stitched twice is stored once). A restarted collector first
+Per batch (``serve_agent`` calls :meth:`Collector.store_batch` as each new
+batch is decoded): the :class:`~hopscope.collector.writer.BatchWriter`
+thread appends the batch as received to a segment file (synced), then
+writes its row and the agent's new seq in **one statement** (batches that
+wait meanwhile share the write), while the event loop reads and decodes the
+next frames; then, in seq order, the batch is fed to its node's
+:class:`~hopscope.tcpflow.NodeTracker`. The ack goes out after the commit.
+Every ``drain_every`` seconds the trackers hand over what they settled to
+one :class:`~hopscope.stitch.Stitcher`, whose finished requests, drops and
+clock offsets are stored (``request_id`` unique, so a request stitched
+twice is stored once). A restarted collector first
 re-stitches the raw batches it kept (``raw_keep``), so that what it acked
 before a crash but had not finished stitching is not lost.
 
@@ -26,6 +29,7 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -34,6 +38,7 @@ from hopscope.collector import wire
 from hopscope.collector.metrics import CollectorMetrics
 from hopscope.collector.otlp import OtlpConfig, OtlpExporter
 from hopscope.collector.store import SqliteStore, _drop_key, parse_duration, resolve_since
+from hopscope.collector.writer import BatchWriter
 
 from hopscope.errors import HopscopeError, UsageError
 from hopscope.stitch import Stitcher
@@ -89,6 +94,7 @@ class Collector:
     def __init__(self, cfg: CollectorConfig) -> None:
         self.cfg = cfg
         self.store = SqliteStore(cfg.db)
+        self.writer: BatchWriter | None = None  # started by start(); without it, inline
         self.seqs = wire.SeqTracker(self.store.agent_seqs())
         self.stitcher = self._new_stitcher()
         self.trackers: dict[str, NodeTracker] = {}
@@ -119,9 +125,27 @@ class Collector:
             t = self.trackers[node] = NodeTracker(node, self.stitcher.cidrs)
         return t
 
-    def store_batch(self, batch: wire.Batch) -> None:
-        """Durable first (batch + seq in one transaction), then into the node's tracker."""
-        self.store.put_batch(batch.agent, batch.seq, batch.node, batch.obs)
+    def store_batch(self, batch: wire.Batch) -> Awaitable[None] | None:
+        """Durable first (batch + seq in one transaction), then into the node's tracker.
+
+        With the writer thread running, the batch is queued now and the awaitable
+        returned completes once it is durable and fed (``serve_agent`` awaits them
+        in order); without it (before ``start``), it is stored and fed at once."""
+        if self.writer is None:
+            if batch.body:
+                self.store.put_batches([(batch.agent, batch.seq, batch.node, batch.body)])
+            else:
+                self.store.put_batch(batch.agent, batch.seq, batch.node, batch.obs)
+            self.took(batch)
+            return None
+        return self._took_when(self.writer.queue(batch), batch)
+
+    async def _took_when(self, durable: asyncio.Future[None], batch: wire.Batch) -> None:
+        await durable
+        self.took(batch)
+
+    def took(self, batch: wire.Batch) -> None:
+        """A stored batch: counted, and fed to its node's tracker."""
         self.batches += 1
         self.last_seen[batch.node] = time.monotonic()
         self.flushed.discard(batch.node)
@@ -273,8 +297,10 @@ class Collector:
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
         self.restore()
+        self.writer = BatchWriter(self.cfg.db)
         host, port = self.cfg.listen
-        srv = await asyncio.start_server(self._agent, host, port, ssl=self.cfg.ssl_context)
+        srv = await asyncio.start_server(self._agent, host, port, ssl=self.cfg.ssl_context,
+                                         limit=wire.STREAM_LIMIT)
         self._servers.append(srv)
         self.agent_port = srv.sockets[0].getsockname()[1]
         log.info("event=listen what=agents addr=%s:%d tls=%s db=%s", host, self.agent_port,
@@ -307,6 +333,8 @@ class Collector:
         self._servers.clear()
         self._tasks.clear()
         try:
+            if self.writer is not None:
+                await asyncio.to_thread(self.writer.close)
             self.step()
         finally:
             self.store.close()

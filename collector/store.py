@@ -14,9 +14,16 @@ Tables (all times integer nanoseconds):
 ``offsets``   per node, the latest clock offset against the reference
 ``agents``    per agent id, the highest batch seq stored (de-duplication
               by (agent, seq) survives restarts)
-``batches``   the raw observations of every batch, stored in the same
+``batches``   every batch as the agent sent it (the frame's msgpack body:
+              observations, clock samples, loss counters): its bytes in a
+              segment file beside the database (``<db>.batches/``, see
+              :mod:`~hopscope.collector.batchlog`), synced before this row
+              (segment, offset, length) is committed in the same
               transaction that advances ``agents``: what the collector acks
-              is durable, and a restarted collector re-stitches from them
+              is durable, and a restarted collector re-stitches from them.
+              (Stores written before kept the observations in the row's
+              ``obs`` column, re-encoded as one msgpack array; both read
+              back.)
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
+from hopscope.collector import wire
+from hopscope.collector.batchlog import BatchLog, log_dir
 
 from hopscope.errors import UsageError
 from hopscope.model import Observation
@@ -90,9 +99,17 @@ CREATE TABLE IF NOT EXISTS batches (
     node TEXT NOT NULL,
     received_ns INTEGER NOT NULL,
     obs BLOB NOT NULL,
+    seg INTEGER,
+    off INTEGER,
+    len INTEGER,
     PRIMARY KEY (agent, seq)
 );
 CREATE INDEX IF NOT EXISTS batches_received ON batches(received_ns);
+-- a batch stored advances its agent's seq in the same statement (so: atomically)
+CREATE TRIGGER IF NOT EXISTS batches_seq AFTER INSERT ON batches BEGIN
+    INSERT INTO agents(agent, seq) VALUES (NEW.agent, NEW.seq)
+        ON CONFLICT(agent) DO UPDATE SET seq = max(seq, excluded.seq);
+END;
 """
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d)?\s*$")
@@ -149,6 +166,18 @@ def _status_filter(status_class: str) -> tuple[str, list[int]]:
     raise UsageError(f"bad status {status_class!r}: use a class like 5xx or a code like 503")
 
 
+def _batch_observations(blob: bytes) -> list[Observation]:
+    """The observations of a stored batch: a frame body (a msgpack map), or, in stores
+    written by earlier versions, the observations alone (a msgpack array)."""
+    if blob[:1] and (0x80 <= blob[0] <= 0x8F or blob[0] in (0xDE, 0xDF)):
+        frame = wire.decode_body(blob)
+        if not isinstance(frame, wire.Batch):
+            raise wire.BadFrame(f"a stored batch decodes to a {type(frame).__name__} frame")
+        return frame.obs
+    rows = msgpack.unpackb(blob, raw=False)
+    return [tuple.__new__(Observation, r) for r in rows]
+
+
 class SqliteStore:
     """:class:`Store` on SQLite (WAL). One instance per thread; integer ns everywhere."""
 
@@ -165,11 +194,20 @@ class SqliteStore:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.executescript(_SCHEMA)
+                cols = {r[1] for r in self.db.execute("PRAGMA table_info(batches)")}
+                for c in ("seg", "off", "len"):  # a store from before the segment files
+                    if c not in cols:
+                        self.db.execute(f"ALTER TABLE batches ADD COLUMN {c} INTEGER")
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise UsageError(f"database {self.path}: {exc}") from None
 
+        self.batch_log = BatchLog(log_dir(self.path))
+        self._seg_cols = "seg, off, len" if "seg" in {
+            r[1] for r in self.db.execute("PRAGMA table_info(batches)")} else "NULL, NULL, NULL"
+
     def close(self) -> None:
+        self.batch_log.close()
         self.db.close()
 
     # -- the agents' batches (durable before the ack) --------------------------
@@ -178,21 +216,42 @@ class SqliteStore:
 
     def put_batch(self, agent: str, seq: int, node: str, obs: list[Observation],
                   received_ns: int | None = None) -> None:
-        """Store one batch's observations and advance the agent's seq, in one transaction."""
-        blob = msgpack.packb(obs, use_bin_type=True)
+        """Store one batch's observations and advance the agent's seq, in one transaction.
+
+        (Observations built here, not received: they are encoded as a batch body.)"""
+        body = wire.encode_batch(agent, seq, node, 0, obs)[wire.HEADER_SIZE:]
+        self.put_batches([(agent, seq, node, body)], received_ns)
+
+    def put_batches(self, batches: list[tuple[str, int, str, bytes]],
+                    received_ns: int | None = None) -> None:
+        """Store received batches, ``(agent, seq, node, frame body)`` each, and advance
+        their agents' seqs: the bodies appended to the segment files and synced, then
+        their rows in one statement, which advances the seqs too (a trigger): a group
+        commit.
+
+        The bodies must have been decoded and checked (``wire.decode_body``) first:
+        they are stored as they are."""
+        if not batches:
+            return
         now = time.time_ns() if received_ns is None else received_ns
-        with self._tx():
-            self.db.execute("INSERT OR IGNORE INTO batches(agent, seq, node, received_ns, obs) "
-                            "VALUES (?, ?, ?, ?, ?)", (agent, seq, node, now, blob))
-            self.db.execute("INSERT INTO agents(agent, seq) VALUES (?, ?) ON CONFLICT(agent) "
-                            "DO UPDATE SET seq = max(seq, excluded.seq)", (agent, seq))
+        where = self.batch_log.append([b[3] for b in batches])
+        # one statement: atomic on its own (the trigger advances ``agents``), and one
+        # step of SQLite for the GIL to be given up and taken back
+        rows = ",".join(["(?, ?, ?, ?, x'', ?, ?, ?)"] * len(batches))
+        self.db.execute(
+            "INSERT OR IGNORE INTO batches(agent, seq, node, received_ns, obs, seg, off, len)"
+            f" VALUES {rows}",
+            [x for (agent, seq, node, _body), loc in zip(batches, where, strict=True)
+             for x in (agent, seq, node, now, *loc)])
 
     def iter_batches(self) -> Iterator[tuple[str, int, str, list[Observation]]]:
         """Every retained batch, per agent in seq order: (agent, seq, node, observations)."""
-        cur = self.db.execute("SELECT agent, seq, node, obs FROM batches ORDER BY agent, seq")
-        for agent, seq, node, blob in cur:
-            rows = msgpack.unpackb(blob, raw=False)
-            yield agent, seq, node, [tuple.__new__(Observation, r) for r in rows]
+        for agent, seq, node, blob, seg, off, n in self.db.execute(
+                f"SELECT agent, seq, node, obs, {self._seg_cols} FROM batches"
+                " ORDER BY agent, seq"):
+            if seg is not None:
+                blob = self.batch_log.read(seg, off, n)
+            yield agent, seq, node, _batch_observations(blob)
 
     # -- results ----------------------------------------------------------------
     class _Tx:
@@ -395,7 +454,13 @@ class SqliteStore:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pc - fl) * ps)
+        return int((pc - fl) * ps) + self.batch_log.size()
+
+    def _remove_segments(self) -> None:
+        """The segment files no stored batch points into any more."""
+        used = {seg for (seg,) in self.db.execute(
+            "SELECT DISTINCT seg FROM batches WHERE seg IS NOT NULL")}
+        self.batch_log.remove_unreferenced(used)
 
     def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None,
               raw_max_age_ns: int | None = None) -> int:
@@ -414,6 +479,7 @@ class SqliteStore:
                 self.db.execute("DELETE FROM drops WHERE stored_ns < ?", (cut,))
             if raw_age is not None:
                 self.db.execute("DELETE FROM batches WHERE received_ns < ?", (now - raw_age,))
+        self._remove_segments()
         if max_bytes is not None:
             for _ in range(64):
                 if self.used_bytes() <= max_bytes:
@@ -431,6 +497,8 @@ class SqliteStore:
                         deleted += self.db.execute(
                             "DELETE FROM requests WHERE id IN (SELECT id FROM requests "
                             "ORDER BY start_ns LIMIT ?)", (max(1, n // 10),)).rowcount
+                if nb:
+                    self._remove_segments()
         if deleted:
             log.info("event=pruned requests=%d db=%s", deleted, self.path)
         return deleted

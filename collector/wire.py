@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -46,7 +47,9 @@ from hopscope.errors import (
     BadFrame,
     BadVersion,
     FrameTooLarge,
+    HopscopeError,
     PeerClosed,
+    StoreSkipped,
     UsageError,
     WireError,
 )
@@ -64,6 +67,10 @@ MAX_FRAME = 8 << 20
 HELLO_MAX_FRAME = 64 << 10
 #: Bytes of the length prefix.
 HEADER_SIZE = 4
+#: The collector's StreamReader limit for agent connections: it reads ahead up to
+#: twice this, so that a batch of up to that size arrives without a pause and resume
+#: of the transport per 64 KiB (asyncio's default limit)
+STREAM_LIMIT = 1 << 20
 #: Longest agent id / node / collector name, in characters.
 MAX_NAME = 255
 #: Longest token read from a token file, in bytes.
@@ -126,6 +133,9 @@ class Batch:
     obs: list[Observation]
     clock: list[tuple[int, int]] = field(default_factory=list)  # (ts_mono_ns, ts_real_ns)
     lost: dict[str, int] = field(default_factory=dict)  # cumulative since started_ns
+    #: the frame's body as received (empty when built locally): what the store keeps,
+    #: so that it is not encoded again
+    body: bytes = field(default=b"", compare=False)
 
     def __repr__(self) -> str:  # never dump thousands of observations into a log line
         return (f"Batch(agent={self.agent!r}, seq={self.seq}, node={self.node!r}, "
@@ -342,7 +352,7 @@ def _lost(d: dict[Any, Any], what: str) -> dict[str, int]:
     return lost
 
 
-def _decode_map(d: dict[Any, Any]) -> Frame:
+def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -> Frame:
     t = d.get("t")
     v = d.get("v")
     if v is None:
@@ -360,7 +370,7 @@ def _decode_map(d: dict[Any, Any]) -> Frame:
         what = f"batch {seq}"
         return Batch(_str(d, "agent", "batch", name=True), seq,
                      _str(d, "node", "batch", name=True), _int(d, "ts_real_ns", "batch"),
-                     _observations(d, what), _clock(d, what), _lost(d, what))
+                     _observations(d, what), _clock(d, what), _lost(d, what), bytes(body))
     if t == "ack":
         return Ack(_int(d, "seq", "ack", lo=-1))
     if t == "hello":
@@ -396,7 +406,7 @@ def decode_body(body: bytes | bytearray | memoryview) -> Frame:
         raise BadFrame(f"frame body is not valid msgpack ({len(body)} bytes): {msg}") from None
     if type(d) is not dict:
         raise BadFrame(f"frame body must be a msgpack map, got {_tname(d)}")
-    return _decode_map(d)
+    return _decode_map(d, body)
 
 
 def _hint(head: bytes) -> str:
@@ -682,32 +692,44 @@ class SeqTracker:
     """The collector's de-duplication state: per agent, the highest seq stored.
 
     An agent sends its batches in seq order (a replay from its spool too),
-    so "already seen" is ``seq <= highest stored``: a high-water mark per
-    agent id, O(1) memory, is exactly de-duplication by (agent, seq).
+    so "already seen" is ``seq <= highest stored or being stored``: a
+    high-water mark per agent id, O(1) memory, is exactly de-duplication by
+    (agent, seq). Batches are handed to the store as they arrive (several may
+    be in flight), and finish in that order: each agent's last batch in
+    flight is its ``tail``, which the next one waits for, also across two
+    connections of one agent (an old one not yet seen dead, and its
+    replacement).
     """
 
     def __init__(self, initial: Mapping[str, int] | None = None) -> None:
         self._hw: dict[str, int] = dict(initial or {})
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def lock(self, agent: str) -> asyncio.Lock:
-        """Held around check-store-commit, so that two connections of one agent
-        (an old one not yet seen dead, and its replacement) cannot both store a
-        batch while an asynchronous ``store`` is in progress."""
-        lk = self._locks.get(agent)
-        if lk is None:
-            lk = self._locks[agent] = asyncio.Lock()
-        return lk
+        self._sub: dict[str, int] = {}
+        self._tail: dict[str, asyncio.Task[None]] = {}
 
     def acked(self, agent: str) -> int:
         return self._hw.get(agent, -1)
 
     def is_new(self, agent: str, seq: int) -> bool:
-        return seq > self._hw.get(agent, -1)
+        """Neither stored nor being stored."""
+        return seq > max(self._hw.get(agent, -1), self._sub.get(agent, -1))
+
+    def submitted(self, agent: str, seq: int) -> None:
+        self._sub[agent] = max(seq, self._sub.get(agent, -1))
+
+    def withdrawn(self, agent: str) -> None:
+        """A batch failed to store: what is not stored is new again."""
+        self._sub[agent] = self._hw.get(agent, -1)
 
     def commit(self, agent: str, seq: int) -> None:
         if seq > self._hw.get(agent, -1):
             self._hw[agent] = seq
+
+    def tail(self, agent: str) -> asyncio.Task[None] | None:
+        t = self._tail.get(agent)
+        return None if t is None or t.done() else t
+
+    def set_tail(self, agent: str, task: asyncio.Task[None]) -> None:
+        self._tail[agent] = task
 
     def snapshot(self) -> dict[str, int]:
         return dict(self._hw)
@@ -758,6 +780,16 @@ async def serve_agent(
     (peer, agent, reason), an ``error`` frame, close. Never raises for what
     the peer does; an exception from ``store`` is logged and closes the
     connection with an ``internal`` error.
+
+    ``store(batch)`` is called as each new batch is decoded, in arrival
+    order, while the next frames are read (up to :data:`MAX_INFLIGHT` at
+    once); it may return an awaitable. The awaitables are awaited one after
+    the other per agent (a coroutine function's body therefore runs only
+    after the batch before it is stored); a batch is acked once its own is
+    done. A store that queues the batch when called and completes the
+    awaitable once it is durable (:meth:`Collector.store_batch
+    <hopscope.collector.server.Collector.store_batch>`) stores batch N+1
+    while N is still in flight.
     """
     try:
         hello = await accept_hello(reader, writer, token, timeout=hello_timeout)
@@ -770,31 +802,85 @@ async def serve_agent(
     who = f"agent {_show(hello.agent)} on {_show(hello.node)}"
     peer = peer_name(writer)
     seq = -1
+    agent = hello.agent
+    # batches in flight: the next frame is read and decoded while the ones before it
+    # are being stored; each is acked as soon as it is stored, in order
+    inflight: list[asyncio.Task[None]] = []
+    failed: list[tuple[int, BaseException]] = []  # the first batch the store refused
+    reading = False
+    me = asyncio.current_task()
+
+    async def finish(prev: asyncio.Task[None] | None, pending: Awaitable[None] | None,
+                     seq: int) -> None:
+        """After the agent's batch before it: this batch's store, then its seq."""
+        if prev is not None:
+            await asyncio.wait([prev])
+            if prev.cancelled() or prev.exception() is not None:
+                # not stored after a batch that was not: that would leave a hole behind
+                # the agent's seq (the agent sends both again)
+                if asyncio.iscoroutine(pending):
+                    pending.close()
+                seqs.withdrawn(agent)
+                raise StoreSkipped(f"batch {seq} was not stored: an earlier batch of"
+                                   f" {_show(agent)} failed to store")
+        if pending is None:
+            log.debug("%s: batch %d is a duplicate (acked %d)", who, seq, seqs.acked(agent))
+            return
+        try:
+            await pending
+        except BaseException:
+            seqs.withdrawn(agent)
+            raise
+        seqs.commit(agent, seq)
+
+    def stored(t: asyncio.Task[None], seq: int) -> None:
+        inflight.remove(t)
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:
+            if not failed:
+                failed.append((seq, exc))
+                if reading and me is not None:
+                    me.cancel()  # out of read_frame: the connection is refused
+        elif not failed and not writer.is_closing():
+            writer.write(encode(Ack(seqs.acked(agent))))
+
+    refusal: BaseException | None = None
     try:
-        await write_frame(writer, Welcome(collector, seqs.acked(hello.agent), max_frame))
-        log.info("%s connected from %s (acked %d)", who, peer, seqs.acked(hello.agent))
-        while True:
+        await write_frame(writer, Welcome(collector, seqs.acked(agent), max_frame))
+        log.info("%s connected from %s (acked %d)", who, peer, seqs.acked(agent))
+        while not failed:
             seq = -1
+            reading = True
             try:
                 frame = await asyncio.wait_for(read_frame(reader, max_frame), idle_timeout)
             except TimeoutError:
                 raise BadFrame(f"idle for {idle_timeout:g} s") from None
+            finally:
+                reading = False
             if isinstance(frame, Batch):
                 seq = frame.seq
-                if frame.agent != hello.agent or frame.node != hello.node:
+                if frame.agent != agent or frame.node != hello.node:
                     raise BadFrame(f"batch {seq} is from agent {_show(frame.agent)} on"
                                    f" {_show(frame.node)}, not from this connection's {who}")
-                async with seqs.lock(frame.agent):
-                    if seqs.is_new(frame.agent, seq):
-                        r = store(frame)
-                        if r is not None:
-                            await r
-                        seqs.commit(frame.agent, seq)
-                    else:
-                        log.debug("%s: batch %d is a duplicate (acked %d)", who, seq,
-                                  seqs.acked(frame.agent))
-                await write_frame(writer, Ack(seqs.acked(frame.agent)))
+                pending: Awaitable[None] | None = None
+                if seqs.is_new(agent, seq):
+                    seqs.submitted(agent, seq)
+                    try:  # handed over now, in arrival order; awaited in that order
+                        pending = store(frame) or _DONE
+                    except Exception:
+                        seqs.withdrawn(agent)
+                        raise
+                t = asyncio.create_task(finish(seqs.tail(agent), pending, seq))
+                seqs.set_tail(agent, t)
+                inflight.append(t)
+                t.add_done_callback(functools.partial(stored, seq=seq))
+                if len(inflight) >= MAX_INFLIGHT:
+                    await asyncio.wait([inflight[0]])
+                await writer.drain()
             elif isinstance(frame, Bye):
+                await _settle(inflight)
                 log.info("%s said bye%s", who, f": {frame.reason}" if frame.reason else "")
                 break
             elif isinstance(frame, ErrorFrame):
@@ -802,18 +888,53 @@ async def serve_agent(
                 break
             else:
                 raise BadFrame(f"unexpected {type(frame).__name__.lower()} frame from an agent")
+    except asyncio.CancelledError:
+        if not failed:  # the collector is stopping
+            await _settle(inflight)  # what is being stored is stored (and acked)
+            raise
     except PeerClosed as exc:
         log.info("%s: %s", who, exc)
     except WireError as exc:
-        await refuse(writer, exc, who=who, seq=seq)
-        return
+        refusal = exc  # logged by refuse(); what came before the bad frame is stored
     except OSError as exc:  # ssl.SSLError included
         log.info("%s: connection lost: %s", who, exc)
+    except HopscopeError as exc:  # the store's own errors say what failed
+        log.error("%s: storing batch %d failed: %s", who, seq, exc)
+        refusal = exc
     except Exception as exc:
         log.exception("%s: storing batch %d failed", who, seq)
-        await refuse(writer, exc, who=who, seq=seq)
+        refusal = exc
+    await _settle(inflight)
+    if failed:
+        seq, why = failed[0]
+        log.error("%s: storing batch %d failed: %s", who, seq, why)
+        refusal = why
+    if refusal is not None:
+        await refuse(writer, refusal, who=who, seq=seq)
         return
     await close_writer(writer)
+
+
+#: batches of one connection being stored at once (the next is read meanwhile)
+MAX_INFLIGHT = 8
+
+
+class _Done:
+    """An awaitable that is already done (a store that returned None)."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+_DONE = _Done()
+
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for the batches in flight (never cancelled: a batch handed to the store is
+    stored, and its seq committed, or the collector would feed it twice on a resend).
+    Their errors are the done callback's business."""
+    if tasks:
+        await asyncio.wait(list(tasks))
 
 
 async def client_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -19,6 +19,10 @@ with the error's ``exit_code``.
     |   +-- AuthFailed            wrong or missing token
     |   +-- PeerClosed            the connection ended between two frames
     +-- SpoolError                the agent's on-disk spool is unusable    (exit 1)
+    +-- StoreError                the collector could not store a batch    (exit 1)
+        +-- WriterFailed          its writer stopped after a write failed for good
+        +-- WriterClosed          its writer was closed (the collector is stopping)
+        +-- StoreSkipped          an earlier batch of the same agent was not stored
 
 Messages say what failed, on what, and what to do.
 """
@@ -89,3 +93,19 @@ class PeerClosed(WireError):
 
 class SpoolError(HopscopeError):
     """The on-disk spool cannot be used (directory, lock, sequence order)."""
+
+
+class StoreError(HopscopeError):
+    """The collector could not store an agent's batch (it is refused, not acked)."""
+
+
+class WriterFailed(StoreError):
+    """The batch writer stopped after a write failed for good (see the collector's log)."""
+
+
+class WriterClosed(StoreError):
+    """A batch was submitted to a batch writer that is closed."""
+
+
+class StoreSkipped(StoreError):
+    """A batch not stored because an earlier batch of its agent failed to store."""

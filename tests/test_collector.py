@@ -391,3 +391,108 @@ def test_spool_overflow_drops_the_oldest_and_the_collector_is_told(tmp_path: Pat
     line = next(ln for ln in metrics.splitlines() if ln.startswith(
         "hopscope_agent_lost_events_total") and 'source="spool_batches"' in ln)
     assert float(line.rsplit(" ", 1)[1]) == dropped
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigkill_mid_stream_every_observation_stored_once(tmp_path: Path) -> None:
+    """``hopscope collector serve`` killed with SIGKILL while three agents ship at a steady
+    pace, then started again: every observation read is stored exactly once, and every
+    request replay finds is stitched and stored once."""
+    import signal
+    import subprocess
+    import sys
+
+    from hopscope.capture import CaptureReader
+
+    want = _replayed("replica-clean")
+    pairs = _pairs("replica-clean")
+    token = tmp_path / "token"
+    token.write_bytes(TOKEN)
+    token.chmod(0o600)
+    port, hport = _free_port(), _free_port()
+    db = tmp_path / "collector.db"
+    argv = [sys.executable, "-m", "hopscope", "collector", "serve", "--listen",
+            f"127.0.0.1:{port}", "--http", f"127.0.0.1:{hport}", "--token-file", str(token),
+            "--db", str(db), "--reference", "node1", "--idle-flush", "1s"]
+
+    def health() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{hport}/health", timeout=2) as r:
+                return dict(json.loads(r.read()))
+        except OSError:
+            return None
+
+    def start(n: int) -> subprocess.Popen[bytes]:
+        logf = open(tmp_path / f"collector-{n}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen(argv, stdout=logf, stderr=logf)
+        logf.close()
+        t0 = time.monotonic()
+        while health() is None:
+            assert p.poll() is None, (tmp_path / f"collector-{n}.log").read_text()
+            assert time.monotonic() - t0 < 20, "the collector did not come up"
+            time.sleep(0.05)
+        return p
+
+    procs = [start(1)]
+    try:
+        async def go() -> dict[str, int]:
+            ships = {n: asyncio.create_task(ship(ShipConfig(
+                capture=str(p), node=n, host="127.0.0.1", port=port, token=TOKEN, batch=20,
+                pace=0.01, backoff_max=0.2, wait=30.0, spool_dir=str(tmp_path / f"spool-{n}"))))
+                for n, p in pairs}
+            t0 = time.monotonic()
+            while True:  # mid-stream: every agent has batches acked, none has finished
+                h = await asyncio.to_thread(health)
+                acked = (h or {}).get("agents", {})
+                if len(acked) == len(pairs) and min(acked.values()) >= 4:
+                    break
+                assert time.monotonic() - t0 < 20, acked
+                await asyncio.sleep(0.02)
+            assert not any(t.done() for t in ships.values())
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait(10)
+            await asyncio.sleep(0.3)
+            procs.append(await asyncio.to_thread(start, 2))
+            results = {n: await t for n, t in ships.items()}
+            t0 = time.monotonic()
+            while True:
+                h = await asyncio.to_thread(health)
+                if h and h["requests"] >= len(want["requests"]) and len(h["nodes"]) == 3:
+                    break
+                assert time.monotonic() - t0 < 30, h
+                await asyncio.sleep(0.1)
+            assert all(r.spooled_left == 0 and r.connects >= 2 for r in results.values()), \
+                results
+            return {n: r.observations for n, r in results.items()}
+
+        shipped = _run(go, timeout=120)
+        procs[-1].send_signal(signal.SIGTERM)
+        assert procs[-1].wait(20) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    s = SqliteStore(db, readonly=True)
+    try:
+        stored: dict[str, Counter[tuple[Any, ...]]] = {n: Counter() for n, _ in pairs}
+        seqs: dict[str, list[int]] = {n: [] for n, _ in pairs}
+        for agent, seq, node, obs in s.iter_batches():
+            assert agent == f"hopscope-agent@{node}"
+            seqs[node].append(seq)
+            stored[node].update(tuple(o) for o in obs)
+        ids = [r["request_id"] for r in s.query_requests(limit=100000)]
+    finally:
+        s.close()
+    for node, path in pairs:
+        read = Counter(tuple(o) for b in CaptureReader(str(path), node, directions=False)
+                       for o in b)
+        assert sum(read.values()) == shipped[node]
+        assert stored[node] == read, node  # each observation once: none lost, none twice
+        assert seqs[node] == list(range(len(seqs[node]))), node
+    assert sorted(ids) == sorted(r["request_id"] for r in want["requests"])

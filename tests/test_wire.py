@@ -923,3 +923,86 @@ def test_tls_setup_errors_are_usage_errors(tmp_path: Path) -> None:
         wire.server_ssl_context(tmp_path / "missing.pem", tmp_path / "missing.key")
     with pytest.raises(UsageError, match="TLS client set-up"):
         wire.client_ssl_context(tmp_path / "missing-ca.pem")
+
+
+def test_batches_are_handed_over_while_earlier_ones_are_stored_and_acked_in_order() -> None:
+    """The store is called for batch N+1 while N is still in flight; whatever order the
+    store finishes them in, they are committed and acked in seq order."""
+    seqs = SeqTracker()
+    handed: list[int] = []
+    pending: dict[int, asyncio.Future[None]] = {}
+
+    def store(b: Batch) -> asyncio.Future[None]:
+        handed.append(b.seq)
+        pending[b.seq] = asyncio.get_running_loop().create_future()
+        return pending[b.seq]
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await wire.serve_agent(r, w, token=TOKEN, store=store, seqs=seqs)
+
+    async def main() -> list[int]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w, _ = await wire.open_agent_connection("127.0.0.1", port, hello())
+            for seq in range(3):
+                w.write(encode_batch("agent-node1", seq, "node1", T0, obs(2)))
+            while len(handed) < 3:  # all three handed over, none stored yet
+                await asyncio.sleep(0.01)
+            assert seqs.acked("agent-node1") == -1
+            pending[2].set_result(None)
+            pending[1].set_result(None)
+            await asyncio.sleep(0.05)
+            assert seqs.acked("agent-node1") == -1  # 1 and 2 wait for 0
+            pending[0].set_result(None)
+            acks = [await wire.read_frame(r) for _ in range(3)]
+            await wire.close_writer(w)
+            return [a.seq for a in acks if isinstance(a, Ack)]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert run(main()) == [0, 1, 2]
+    assert handed == [0, 1, 2] and seqs.acked("agent-node1") == 2
+
+
+def test_a_failed_batch_stops_the_ones_after_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Batch 0's store fails after 1's was handed over: 1 is not stored either (no hole
+    behind the agent's seq), nothing is acked, the connection is refused."""
+    seqs = SeqTracker()
+    stored: list[int] = []
+    gate: asyncio.Future[None] | None = None
+
+    async def store(b: Batch) -> None:
+        if b.seq == 0:
+            assert gate is not None
+            await gate
+            raise RuntimeError("disk on fire")
+        stored.append(b.seq)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await wire.serve_agent(r, w, token=TOKEN, store=store, seqs=seqs)
+
+    async def main() -> Any:
+        nonlocal gate
+        gate = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w, _ = await wire.open_agent_connection("127.0.0.1", port, hello())
+            for seq in range(2):
+                w.write(encode_batch("agent-node1", seq, "node1", T0, obs(1)))
+            await asyncio.sleep(0.1)
+            gate.set_result(None)
+            f = await wire.read_frame(r)
+            await wire.close_writer(w)
+            return f
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    f = run(main())
+    assert f == ErrorFrame("internal", "internal error: see the collector's log", 0)
+    assert stored == [] and seqs.acked("agent-node1") == -1
+    assert seqs.is_new("agent-node1", 0)  # withdrawn: sent again, it is new
+    assert "disk on fire" in caplog.text

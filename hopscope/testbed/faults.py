@@ -494,15 +494,23 @@ def _undo_kill_pod(inst: Instance, f: Fault) -> None:
                            f"{rdir / f'pod-{f.pod}.stderr'}")
 
 
-def _read_control(path: str) -> tuple[str | None, float]:
+def _read_control(path: str) -> tuple[str | None, dict[str, Any]]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        return None, 0.0
+        return None, {}
     try:
-        return text, float(json.loads(text).get("service_ms", 0.0))
-    except (ValueError, AttributeError, TypeError):
-        return text, 0.0
+        data = json.loads(text)
+    except ValueError:
+        return text, {}
+    return text, data if isinstance(data, dict) else {}
+
+
+def _service_ms(data: dict[str, Any]) -> float:
+    try:
+        return float(data.get("service_ms", 0.0))
+    except (ValueError, TypeError):
+        return 0.0
 
 
 def _write_control(inst: Instance, pod: str, path: str, text: str | None) -> None:
@@ -518,6 +526,20 @@ def _write_control(inst: Instance, pod: str, path: str, text: str | None) -> Non
         os.kill(pid, signal.SIGUSR1)
 
 
+def set_pod_close_every(inst: Instance, n: int) -> None:
+    """Make every pod end every ``n``-th response's connection (0: never).
+
+    Not a fault (``clear`` leaves it): a test's way to make the proxy open new
+    upstream connections while it watches."""
+    for p in inst.topology.pods:
+        ctl = inst.pod_control(p.name)
+        if not ctl:
+            raise TestbedError(f"pod {p.name} has no control file in the replica state: "
+                               "bring the replica up again")
+        _text, data = _read_control(ctl)
+        _write_control(inst, p.name, ctl, json.dumps({**data, "close_every": n}) + "\n")
+
+
 def add_slow_app(inst: Instance, ms: float, pod: str | None = None) -> list[Fault]:
     """Add ``ms`` to the service time of ``pod`` (or of every pod)."""
     if not 0 < ms <= 60_000:
@@ -531,8 +553,9 @@ def add_slow_app(inst: Instance, ms: float, pod: str | None = None) -> list[Faul
                                "bring the replica up again")
 
         def apply(f: Fault, _faults: list[Fault], name: str = p.name, ctl: str = ctl) -> None:
-            old_text, old_ms = _read_control(ctl)
-            _write_control(inst, name, ctl, json.dumps({"service_ms": old_ms + ms}) + "\n")
+            old_text, data = _read_control(ctl)
+            old_ms = _service_ms(data)
+            _write_control(inst, name, ctl, json.dumps({**data, "service_ms": old_ms + ms}) + "\n")
             f.undo = {"control": ctl, "old_text": old_text}
             f.params["service_ms"] = old_ms + ms
 

@@ -17,8 +17,11 @@ clock when the request was complete), ``cf_ray``, ``method``, ``path``,
 ``node``, ``service_ms``.
 
 Service time: ``--service-ms`` at start; at run time write
-``{"service_ms": N}`` to the ``--control`` file. The server re-reads it on
-SIGUSR1 and also notices a changed mtime within 0.25 s.
+``{"service_ms": N}`` to the ``--control`` file. ``"close_every": N`` makes
+every Nth response end its connection (``Connection: close``), so that the
+proxy in front has to open new upstream connections (0, the default: never).
+The server re-reads the file on SIGUSR1 and also notices a changed mtime
+within 0.25 s.
 
 Sockets use TCP_NODELAY (a keep-alive server without it stalls 40 ms per
 response on delayed ACKs).
@@ -56,6 +59,7 @@ class PodServer:
         self.node = node
         self.control = control
         self.service_ms = service_ms
+        self.close_every = 0
         self._control_mtime = 0.0
         self._control_checked = 0.0
         self.tasks: deque[dict[str, Any]] = deque(maxlen=20)
@@ -82,12 +86,14 @@ class PodServer:
             with open(self.control) as f:
                 data = json.load(f)
             ms = float(data.get("service_ms", self.service_ms))
+            close_every = int(data.get("close_every", 0))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("control file %s unreadable: %s", self.control, exc)
             return
         if ms != self.service_ms:
             log.warning("%s: service time %.3f ms -> %.3f ms", self.name, self.service_ms, ms)
         self.service_ms = max(0.0, ms)
+        self.close_every = max(0, close_every)
 
     # -- HTTP ----------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -174,6 +180,8 @@ class PodServer:
             status, payload = 404, {"error": "not found"}
 
         self.count += 1
+        if self.close_every and self.count % self.close_every == 0:
+            keep = False
         if self.logf is not None:
             rec = {"ts_ns": ts_ns, "cf_ray": headers.get("cf-ray", ""), "method": method,
                    "path": path, "status": status, "peer": peer, "pod": self.name,

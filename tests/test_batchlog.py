@@ -1,0 +1,198 @@
+"""The collector's raw batches: segment files, their rows, old stores, the writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hopscope.collector import wire
+from hopscope.collector.batchlog import BatchLog, log_dir
+from hopscope.collector.store import SqliteStore
+from hopscope.collector.writer import BatchWriter
+
+from hopscope.errors import WriterFailed
+from hopscope.model import Observation, make_packet
+
+T0 = 1_764_000_000_000_000_000
+
+
+def obs(n: int, tag: int = 0) -> list[Observation]:
+    return [make_packet(T0 + 1000 * i + tag, "node1", "eth0", "162.158.1.2", 40000 + i,
+                        "178.104.247.152", 80, seq=i, ack=tag, payload=b"x" * (i % 50),
+                        point="nic", direction="in", ip_id=i, ts_mono_ns=i)
+            for i in range(n)]
+
+
+def batch(seq: int, n: int = 20, agent: str = "a1", node: str = "node1") -> wire.Batch:
+    """A batch as the collector decodes it off the wire (with its body)."""
+    frame = wire.encode_batch(agent, seq, node, T0 + seq, obs(n, seq), [(1, T0)], {"ring": seq})
+    b = wire.decode_body(frame[wire.HEADER_SIZE:])
+    assert isinstance(b, wire.Batch) and b.body
+    return b
+
+
+def rows(b: wire.Batch) -> tuple[str, int, str, bytes]:
+    return (b.agent, b.seq, b.node, b.body)
+
+
+def test_segments_roll_read_back_and_a_second_writer_starts_its_own(tmp_path: Path) -> None:
+    lg = BatchLog(tmp_path / "seg", segment_max=500)
+    bodies = [bytes([i]) * (300 + i) for i in range(10)]
+    where = [w for i in range(0, 10, 3) for w in lg.append(bodies[i:i + 3])]
+    assert [n for _s, _o, n in where] == [len(b) for b in bodies]
+    # a new segment once the one being written is past segment_max
+    assert sorted({s for s, _o, _n in where}) == [1, 2, 3, 4]
+    assert [lg.read(*w) for w in where] == bodies
+    other = BatchLog(tmp_path / "seg")
+    (s, o, n), = other.append([b"yz"])
+    assert (s, o) == (5, 0) and other.read(s, o, n) == b"yz"
+    assert lg.read(*where[0]) == bodies[0]  # readers of any instance
+    with pytest.raises(OSError, match="wanted"):
+        lg.read(5, 0, 3)
+    lg.close()
+    other.close()
+
+
+def test_remove_unreferenced_keeps_what_rows_point_into_and_the_newest(tmp_path: Path) -> None:
+    lg = BatchLog(tmp_path / "seg", segment_max=10)
+    for i in range(4):
+        lg.append([b"0123456789" + bytes([i])])
+    assert lg.segments() == [1, 2, 3, 4]
+    assert lg.remove_unreferenced({2}) == 2
+    assert lg.segments() == [2, 4]  # 4: being written, never removed
+    assert lg.size() == 22
+    lg.close()
+
+
+def test_store_keeps_bodies_in_segments_and_seqs_in_one_statement(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    bs = [batch(i) for i in range(5)]
+    s.put_batches([rows(b) for b in bs[:3]])
+    s.put_batches([rows(bs[4]), rows(bs[3])])
+    s.put_batches([rows(batch(1, n=3))])  # a duplicate: ignored, and the seq does not go back
+    assert s.agent_seqs() == {"a1": 4}
+    got = list(s.iter_batches())
+    assert [(a, q, nd) for a, q, nd, _o in got] == [("a1", i, "node1") for i in range(5)]
+    assert [o for *_x, o in got] == [b.obs for b in bs]
+    assert log_dir(tmp_path / "c.db").is_dir()
+    # the database holds where the bytes are, not the bytes
+    assert s.db.execute("SELECT max(length(obs)) FROM batches").fetchone()[0] == 0
+    assert s.used_bytes() > sum(len(b.body) for b in bs)
+    s.close()
+
+
+def test_prune_removes_old_batches_and_their_segments(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    s.batch_log.segment_max = 1
+    for i in range(4):
+        s.put_batches([rows(batch(i))], received_ns=T0 + i)
+    assert s.batch_log.segments() == [1, 2, 3, 4]
+    s.prune(raw_max_age_ns=1)  # every batch is older than that
+    assert s.db.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
+    assert s.batch_log.segments() == [4]  # the one being written stays
+    assert s.agent_seqs() == {"a1": 3}  # the seq outlives its batches
+    s.close()
+
+
+def test_a_store_from_before_the_segment_files_reads_back(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    old = obs(3)
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE agents (agent TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+        CREATE TABLE batches (agent TEXT NOT NULL, seq INTEGER NOT NULL, node TEXT NOT NULL,
+            received_ns INTEGER NOT NULL, obs BLOB NOT NULL, PRIMARY KEY (agent, seq));
+    """)
+    con.execute("INSERT INTO batches VALUES ('a1', 0, 'node1', 1, ?)",
+                (msgpack.packb(old, use_bin_type=True),))
+    con.execute("INSERT INTO agents VALUES ('a1', 0)")
+    con.commit()
+    con.close()
+    ro = SqliteStore(db, readonly=True)  # read-only: no columns added, still read
+    assert [o for *_x, o in ro.iter_batches()] == [old]
+    ro.close()
+    s = SqliteStore(db)
+    s.put_batches([rows(batch(1))])
+    got = [o for *_x, o in s.iter_batches()]
+    assert got == [old, batch(1).obs] and s.agent_seqs() == {"a1": 1}
+    s.close()
+
+
+def _collect(w: BatchWriter, bs: list[wire.Batch]) -> list[BaseException | None]:
+    results: list[BaseException | None] = []
+    done = threading.Event()
+
+    def cb(exc: BaseException | None) -> None:
+        results.append(exc)
+        if len(results) == len(bs):
+            done.set()
+
+    for b in bs:
+        w.submit(b, cb)
+    assert done.wait(30)
+    return results
+
+
+def test_writer_groups_batches_and_reports_each(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    SqliteStore(db).close()
+    w = BatchWriter(db)
+    bs = [batch(i, n=200) for i in range(40)]
+    assert _collect(w, bs) == [None] * 40
+    w.close()
+    assert w.batches == 40 and w.commits < 40  # queued meanwhile: written together
+    s = SqliteStore(db, readonly=True)
+    assert [q for _a, q, _n, _o in s.iter_batches()] == list(range(40))
+    s.close()
+    with pytest.raises(Exception, match="closed"):
+        w.submit(bs[0], lambda e: None)
+
+
+def test_writer_retries_then_stops_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "c.db"
+    SqliteStore(db).close()
+    calls: list[int] = []
+    real = SqliteStore.put_batches
+
+    def flaky(self: SqliteStore, batches: Any, received_ns: Any = None) -> None:
+        calls.append(len(batches))
+        if len(calls) in (1, 3, 4, 5, 6):  # the first once; the second for good (4 tries)
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, batches, received_ns)
+
+    monkeypatch.setattr(SqliteStore, "put_batches", flaky)
+    w = BatchWriter(db, retry_wait=0.01)
+    assert _collect(w, [batch(0)]) == [None]  # failed once, stored on the retry
+    res = _collect(w, [batch(1)])
+    assert isinstance(res[0], WriterFailed) and "disk is full" in str(res[0])
+    with pytest.raises(WriterFailed):  # nothing after it: no hole behind an agent's seq
+        w.submit(batch(2), lambda e: None)
+    w.close()
+    assert calls == [1, 1, 1, 1, 1, 1]
+    assert "event=batch_writer_failed" in caplog.text
+    s = SqliteStore(db, readonly=True)
+    assert s.agent_seqs() == {"a1": 0}
+    s.close()
+
+
+def test_writer_queue_future_in_the_event_loop(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    SqliteStore(db).close()
+    w = BatchWriter(db)
+
+    async def go() -> None:
+        futs = [w.queue(batch(i)) for i in range(3)]
+        await asyncio.gather(*futs)
+        await w.put(batch(3))
+
+    asyncio.run(go())
+    w.close()
+    s = SqliteStore(db, readonly=True)
+    assert s.agent_seqs() == {"a1": 3}
+    s.close()
