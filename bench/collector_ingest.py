@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -80,7 +80,7 @@ from hopscope.collector.wire import Batch, FrameDecoder, SeqTracker, encode_batc
 from hopscope.collector.writer import BatchWriter
 
 from hopscope.capture import CaptureReader
-from hopscope.model import KIND_PACKET, Observation
+from hopscope.model import Observation
 
 HERE = Path(__file__).resolve().parent
 GENCAP = HERE / "_gencap.py"
@@ -103,8 +103,7 @@ def ensure_capture(packets: int) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def chunks(reader: Iterable[list[Observation]], size: int, limit: int | None
-           ) -> Iterator[list[Observation]]:
+def chunks(reader: CaptureReader, size: int, limit: int | None) -> Iterator[list[Observation]]:
     """The reader's observations in lists of ``size`` (as the agent cuts them)."""
     buf: list[Observation] = []
     left = limit if limit is not None else -1
@@ -122,63 +121,12 @@ def chunks(reader: Iterable[list[Observation]], size: int, limit: int | None
         yield buf
 
 
-#: what bpf/tc.c sends of a segment that starts an HTTP message: its first four bytes
-_STARTS = frozenset((b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN",
-                     b"TRAC", b"HTTP"))
-_PAYLOAD_MAX = 1023  # HS_PAYLOAD_MAX - 1 (bpf/hopscope.h)
-_FOLLOW = 2  # HS_FOLLOW (bpf/maps.h)
-
-
-def agent_shaped(batches: Iterator[list[Observation]]) -> Iterator[list[Observation]]:
-    """The packets a live agent's tc programs would send, as ``bpf/tc.c`` chooses them:
-    SYN/FIN/RST (no payload); the first bare ACK after a SYN-ACK (the handshake's end;
-    tc.c does this at the public NIC only, here at every interface); a segment that
-    starts an HTTP message with up to 1,023 bytes of it, and up to two segments after
-    it while its head has not ended. Everything else (body segments, ACKs) stays in
-    the kernel."""
-    follow: dict[tuple[Any, ...], int] = {}
-    wait: set[tuple[Any, ...]] = set()
-    for b in batches:
-        out = []
-        for o in b:
-            if o.kind != KIND_PACKET or o.proto != 6:
-                continue
-            key = (o.ifname, o.vni, o.src, o.sport, o.dst, o.dport)
-            if o.flags & 0x07:
-                if o.flags & 0x12 == 0x12:
-                    wait.add((o.ifname, o.vni, o.dst, o.dport, o.src, o.sport))
-                out.append(o._replace(payload=b""))
-                continue
-            if not o.plen:
-                if key in wait:
-                    wait.discard(key)
-                    out.append(o)
-                continue
-            if o.payload[:4] in _STARTS:
-                if o.payload.endswith(b"\r\n\r\n"):
-                    follow.pop(key, None)
-                else:
-                    follow[key] = _FOLLOW
-                out.append(o._replace(payload=o.payload[:_PAYLOAD_MAX]))
-            elif key in follow:
-                follow[key] -= 1
-                if not follow[key]:
-                    del follow[key]
-                out.append(o._replace(payload=o.payload[:_PAYLOAD_MAX]))
-        if out:
-            yield out
-
-
-def build_frames(path: Path, batch: int, limit: int | None,
-                 shape: str = "capture") -> tuple[list[bytes], int]:
+def build_frames(path: Path, batch: int, limit: int | None) -> tuple[list[bytes], int]:
     """Framed batches as the agent spools them, and the observation count."""
     frames: list[bytes] = []
     n = 0
     t0 = time.time_ns()
-    src: Iterator[list[Observation]] = iter(CaptureReader(path, NODE, directions=False))
-    if shape == "agent":
-        src = agent_shaped(src)
-    for seq, obs in enumerate(chunks(src, batch, limit)):
+    for seq, obs in enumerate(chunks(CaptureReader(path, NODE, directions=False), batch, limit)):
         frames.append(encode_batch(AGENT, seq, NODE, t0 + seq * 1_000_000, obs,
                                    lost={"ring": 0}, check=True))
         n += len(obs)
@@ -420,8 +368,7 @@ def db_size(d: Path) -> int:
 def report(res: dict[str, Any], out: TextIO) -> None:
     n = res["observations"]
     p = print
-    p(f"{n:,} observations ({res['shape']}-shaped) from {res['capture']} in {res['batches']}"
-      f" batches of"
+    p(f"{n:,} observations from {res['capture']} in {res['batches']} batches of"
       f" {res['batch']:,}; {res['wire_bytes']:,} bytes on the wire"
       f" ({res['wire_bytes'] / n:.0f} per observation); best of {res['repeat']};"
       f" step every {res['drain_every']} batches", file=out)
@@ -458,9 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packets", type=int, default=DEFAULT_PACKETS,
                     help="packets of the generated capture (default %(default)s)")
     ap.add_argument("--limit", type=int, help="use only the first N observations")
-    ap.add_argument("--shape", choices=("capture", "agent"), default="capture",
-                    help="capture: every packet, whole (as `agent ship --from-pcap` sends);"
-                         " agent: only what a live agent's tc programs send (default capture)")
     ap.add_argument("--batch", type=int, default=1000, help="observations per batch (default 1000)")
     ap.add_argument("--drain-every", type=int, default=25,
                     help="Collector.step() every N batches (default 25)")
@@ -477,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = a.capture or ensure_capture(a.packets)
     t0 = time.perf_counter()
-    frames, n = build_frames(path, a.batch, a.limit, a.shape)
+    frames, n = build_frames(path, a.batch, a.limit)
     if not n:
         print(f"{path}: no observations", file=sys.stderr)
         return 1
@@ -502,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.best = r
 
     res: dict[str, Any] = {
-        "capture": str(path), "shape": a.shape, "observations": n, "batches": nframes, "batch": a.batch,
+        "capture": str(path), "observations": n, "batches": nframes, "batch": a.batch,
         "wire_bytes": len(b.stream), "repeat": a.repeat, "drain_every": a.drain_every,
         "read": a.read, "prepare_seconds": round(prep, 3),
         "python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
