@@ -196,3 +196,31 @@ def test_writer_queue_future_in_the_event_loop(tmp_path: Path) -> None:
     s = SqliteStore(db, readonly=True)
     assert s.agent_seqs() == {"a1": 3}
     s.close()
+
+
+def _request(i: int) -> dict[str, Any]:
+    return {"request_id": f"r{i:04d}", "start_ns": T0 + i, "total_ns": 1000, "status": 200,
+            "path": "/api/tasks/", "ingress_node": "node1", "pod_node": "node2",
+            "hops": [{"name": "ingress", "dir": "request", "node": "node1",
+                      "duration_ns": 500}], "pad": "x" * 2000}
+
+
+def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    s.batch_log.segment_max = 1  # a segment per write: the oldest can go one by one
+    for i in range(12):
+        s.put_batches([rows(batch(i, n=200))], received_ns=T0 + i)
+    s.put_requests([_request(i) for i in range(200)])
+    before = s.used_bytes()
+    assert 0 < s.batch_log.size() < before  # the segments count
+    cap = before // 2
+    deleted = s.prune(max_bytes=cap)
+    assert s.used_bytes() <= cap, (s.used_bytes(), cap)
+    kept = [q for _a, q, _n, _o in s.iter_batches()]
+    assert kept and kept == list(range(12 - len(kept), 12))  # the newest stay
+    assert len(s.batch_log.segments()) == len(kept)
+    ids = [r["request_id"] for r in s.query_requests(limit=1000)]
+    assert deleted == 200 - len(ids) and ids == sorted(ids)
+    assert ids[-1] == "r0199"  # the oldest went first
+    assert s.agent_seqs() == {"a1": 11}
+    s.close()
