@@ -28,7 +28,11 @@ the ``--seconds`` in the middle. In it:
 * BPF: with ``kernel.bpf_stats_enabled=1`` (set for the run, restored
   after), ``run_time_ns`` and ``run_cnt`` of every program the agents hold
   (``/proc/PID/fdinfo``; names from ``bpftool prog show``);
-* memory: each agent's VmRSS, VmHWM and RssAnon at the end of the window.
+* memory: each agent's VmRSS, VmHWM and RssAnon at the end of the window;
+* the floor: an empty classifier (``bench/_noop_tc.py``) attached in front of
+  the agents' filters on the same interfaces during the agents phases (it
+  hands every packet on): its run time per run is what any classifier costs
+  there before doing anything (``--no-noop-beside`` leaves it out).
 
 After an agents phase every agent's ``--record`` file is stitched together
 (``hopscope.testbed.agents.stitch_records``) and every request a generator
@@ -71,6 +75,8 @@ from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _noop_tc  # bench/, beside this script
+
 from hopscope.errors import HopscopeError
 from hopscope.testbed import build, netns
 from hopscope.testbed.agents import (
@@ -86,6 +92,8 @@ from hopscope.testbed.topology import Instance
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+#: the empty classifier attached in front of the agents' in their phases (None: not)
+NOOP_FD: int | None = None
 OK_STATUS = (200, 201)
 BAD_FLAGS = {"incomplete", "no_response"}
 ARMS = ("baseline", "agents")
@@ -378,6 +386,7 @@ class Phase:
     agent_sys_s: float = 0.0  # of all agents, system time
     agent_wakeups: int = 0  # voluntary context switches of all agents
     bpf: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (ns, runs)
+    noop: tuple[int, int] = (0, 0)  # the empty classifier beside the agents' (ns, runs)
     memory_kb: dict[str, dict[str, int]] = field(default_factory=dict)
     events: dict[str, dict[str, int]] = field(default_factory=dict)
     sent_ok: int = 0  # the whole phase: 200/201 answers
@@ -465,19 +474,30 @@ def run_phase(inst: Instance, arm: str, rnd: int, load: Load, d: Path, seed: int
     """One arm's phase; the agents' and generators' files go to ``d``."""
     d.mkdir(parents=True)
     agents = start_agents(inst, d, stitch_in_agent) if arm == "agents" else None
+    beside = None
+    noop = (0, 0)
     try:
+        if agents is not None and NOOP_FD is not None:
+            beside = _noop_tc.NoopBeside(NOOP_FD, [inst.ns(n) for n in agents.agents])
+            beside.__enter__()
         time.sleep(SETTLE_S)
         clients = start_clients(inst, load, d, seed)
         try:
             time.sleep(load.warmup)
             a = snapshot(inst, clients, agents)
+            n0 = _noop_tc.run_stats(NOOP_FD) if beside is not None else (0, 0)
             time.sleep(load.seconds)
             b = snapshot(inst, clients, agents, end=True)
+            if beside is not None:
+                n1 = _noop_tc.run_stats(NOOP_FD)  # type: ignore[arg-type]
+                noop = (n1[0] - n0[0], n1[1] - n0[1])
         except BaseException:
             kill_clients(clients)
             raise
         per_client = wait_clients(clients, load.seconds + TAIL_S + CLIENT_GRACE_S)
     finally:
+        if beside is not None:
+            beside.__exit__()
         if agents is not None:
             stop_agents(agents)
     recs = [r for rs in per_client for r in rs]
@@ -500,6 +520,7 @@ def run_phase(inst: Instance, arm: str, rnd: int, load: Load, d: Path, seed: int
             ns, cnt = ph.bpf.get(b.names[prog], (0, 0))
             ph.bpf[b.names[prog]] = (ns + ns1 - ns0, cnt + cnt1 - cnt0)
         ph.events = {n: agent_events(x) for n, x in agents.agents.items()}
+        ph.noop = noop
         check_stitched(agents, recs, ph)
     return ph
 
@@ -547,6 +568,8 @@ def summarize(rounds: Sequence[tuple[Phase, Phase]]) -> dict[str, Any]:
     bpf = {name: {"ns_per_run": ns / cnt if cnt else None, "runs_per_request": cnt / req,
                   "ns_per_request": ns / req, "runs": cnt}
            for name, (ns, cnt) in sorted(progs.items(), key=lambda kv: -kv[1][0])}
+    noop_ns = sum(p.noop[0] for p in agent_phases)
+    noop_runs = sum(p.noop[1] for p in agent_phases)
     # no runs counted: kernel.bpf_stats_enabled was off (--no-bpf-stats)
     worst = max((v["ns_per_run"] for v in bpf.values() if v["ns_per_run"] is not None),
                 default=None)
@@ -579,7 +602,8 @@ def summarize(rounds: Sequence[tuple[Phase, Phase]]) -> dict[str, Any]:
                 "other_share_max": max(p.other_share for p in base_phases + agent_phases),
                 "target": TARGET_CPU_SHARE, "pass": share <= TARGET_CPU_SHARE},
         "bpf": {"programs": bpf if worst is not None else {}, "worst_ns_per_run": worst,
-                "target": TARGET_BPF_NS,
+                "noop_ns_per_run": noop_ns / noop_runs if noop_runs else None,
+                "noop_runs": noop_runs, "target": TARGET_BPF_NS,
                 "pass": worst <= TARGET_BPF_NS if worst is not None else None},
         "rss": {"max_vmrss_mb": rss_mb, "max_vmhwm_mb": mem_mb("VmHWM"),
                 "max_rssanon_mb": mem_mb("RssAnon"), "target": TARGET_RSS_MB,
@@ -646,6 +670,11 @@ def report(res: dict[str, Any], rounds: Sequence[tuple[Phase, Phase]], out: Text
         nsr = f"{v['ns_per_run']:7.0f}" if v["ns_per_run"] is not None else f"{'-':>7}"
         flag = "  > target" if v["ns_per_run"] and v["ns_per_run"] > b["target"] else ""
         p(f"  {name:36} {v['runs_per_request']:9.2f} {nsr} {v['ns_per_request']:7.0f}{flag}")
+    if b.get("noop_ns_per_run") is not None:
+        p(f"  an empty classifier in front of the agents' on the same interfaces and packets:"
+          f" {b['noop_ns_per_run']:.0f} ns per run ({b['noop_runs']:,} runs): what any"
+          " classifier costs here before it does anything (bench/tc_paths.py: the programs'"
+          " own cost per path)")
     p(f"agent RSS (largest, end of window): VmRSS {m['max_vmrss_mb']:.1f} MB (RssAnon"
       f" {m['max_rssanon_mb']:.1f}, peak VmHWM {m['max_vmhwm_mb']:.1f}); target <="
       f" {m['target']:.0f} MB: {verdict(m['pass'])}")
@@ -742,6 +771,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run the agents with --out too (they stitch in-process)")
     ap.add_argument("--no-bpf-stats", action="store_true",
                     help="leave kernel.bpf_stats_enabled alone (no BPF run times)")
+    ap.add_argument("--no-noop-beside", action="store_true",
+                    help="do not attach the empty classifier in front of the agents' (the"
+                         " floor of a classifier's run, measured in place)")
     ap.add_argument("--calibrate", action="store_true",
                     help="baseline only: req/s with 1..--clients generators, then exit")
     ap.add_argument("--keep", type=Path,
@@ -758,6 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stderr if a.json else sys.stdout
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
+    global NOOP_FD
+    if not (a.no_noop_beside or a.no_bpf_stats or a.calibrate):
+        NOOP_FD = _noop_tc.load()  # before any namespace handle: inherited by all
     prefix = f"hsbo{os.urandom(2).hex()}-"
     load = Load(a.clients, a.concurrency, a.new_conn_ratio, a.warmup, a.seconds)
     work_ctx = (contextlib.nullcontext(str(a.keep / prefix.rstrip("-"))) if a.keep
