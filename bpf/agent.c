@@ -72,7 +72,7 @@ static __always_inline void hs_kernel_emit(__u32 inum, __u32 local, __u32 remote
     bpf_probe_read_kernel(&data, sizeof(data), (char *)skb + HS_SKB_DATA_OFF);
     if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
         return;
-    struct hs_event *e = hs_event_new(HS_EV_KERNEL, HS_DIR_IN, inum);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_KERNEL, HS_DIR_IN, inum);
     if (!e)
         return;
     e->seq = hs_be32(th + 4);
@@ -140,7 +140,7 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     __u8 proto = ip[9];
     if (proto != 6 && proto != 17)
         return 0;
-    struct hs_event *e = hs_event_new(HS_EV_DROP, HS_DIR_IN, inum);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_DROP, HS_DIR_IN, inum);
     if (!e)
         return 0;
     __u16 tot = (ip[2] << 8) | ip[3];
@@ -178,7 +178,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     __u32 inum = hs_sock_netns(args->skaddr);
     if (!hs_netns_wanted(inum))
         return 0;
-    struct hs_event *e = hs_event_new(HS_EV_STATE, HS_DIR_OUT, inum);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_STATE, HS_DIR_OUT, inum);
     if (!e)
         return 0;
     __builtin_memcpy(&e->saddr, args->saddr, 4);

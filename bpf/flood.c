@@ -9,7 +9,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getpid)
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (tgid != HS_FLOOD_TGID)
         return 0;
-    struct hs_event *e = hs_event_new(HS_EV_PKT, HS_DIR_IN, 0);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_PKT, HS_DIR_IN, 0);
     if (!e)
         return 0;
     for (int i = 0; i < HS_FLOOD_BURST; i++) {

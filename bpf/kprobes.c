@@ -105,7 +105,7 @@ int hs_nf_return(struct pt_regs *ctx)
         return 0;
     int ret = (int)PT_REGS_RC(ctx);
     __u64 now = bpf_ktime_get_ns();
-    struct hs_event *e = hs_event_new(HS_EV_NF, HS_DIR_IN, p->inum);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_NF, HS_DIR_IN, p->inum);
     if (e) {
         hs_fill(e, p);
         e->ts_mono_ns = p->ts;
@@ -151,7 +151,7 @@ int hs_ipvs_conn_new(struct pt_regs *ctx)
     const void *daddr = (const void *)PT_REGS_PARM3(ctx);
     __u16 dport = (__u16)PT_REGS_PARM4(ctx);
     if (af == 2) {
-        struct hs_event *e = hs_event_new(HS_EV_IPVS, HS_DIR_OUT, p->inum);
+        struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_IPVS, HS_DIR_OUT, p->inum);
         if (e) {
             hs_fill(e, p);
             bpf_probe_read_kernel(&e->osaddr, 4, daddr);

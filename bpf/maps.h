@@ -47,7 +47,14 @@ struct hs_flowkey {
 
 BPF_RINGBUF_OUTPUT(events, HS_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, HS_STAT_MAX);
-BPF_PERCPU_ARRAY(scratch, struct hs_event, 1);
+/* The per-CPU scratch events: one for the tc classifiers (in a softirq, or in the sending
+ * task with bottom halves off) and one for the tracing programs (tracepoints and kprobes,
+ * which the kernel runs one at a time per CPU). A classifier can run inside a tracing
+ * program on the same CPU (a softirq on the way out of an interrupt that came while a
+ * process-context tracepoint ran): sharing one would let it overwrite a half-built event. */
+#define HS_SCRATCH_TC    0
+#define HS_SCRATCH_TRACE 1
+BPF_PERCPU_ARRAY(scratch, struct hs_event, 2);
 /* ifindex -> role, for the interfaces the agent attached to */
 BPF_ARRAY(ifroles, __u8, HS_MAX_IFINDEX);
 /* network namespaces whose drops and socket events belong to this node */
@@ -67,11 +74,12 @@ static __always_inline void hs_count(int idx)
         *v += 1;
 }
 
-/* The per-CPU scratch event, its header zeroed, the fields every event has set. */
-static __always_inline struct hs_event *hs_event_new(__u8 kind, __u8 dir, __u32 netns)
+/* The caller's per-CPU scratch event (HS_SCRATCH_*), its header zeroed, the fields every
+ * event has set. */
+static __always_inline struct hs_event *hs_event_new(int slot, __u8 kind, __u8 dir,
+                                                     __u32 netns)
 {
-    int zero = 0;
-    struct hs_event *e = scratch.lookup(&zero);
+    struct hs_event *e = scratch.lookup(&slot);
     if (!e)
         return 0;
     __builtin_memset(e, 0, HS_EVENT_HDR);

@@ -106,7 +106,7 @@ static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32
 static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
                                         __u64 aux)
 {
-    struct hs_event *e = hs_event_new(HS_EV_PKT, dir, 0);
+    struct hs_event *e = hs_event_new(HS_SCRATCH_TC, HS_EV_PKT, dir, 0);
     if (!e)
         return;
     e->aux_ns = aux;
