@@ -166,6 +166,10 @@ def _status_filter(status_class: str) -> tuple[str, list[int]]:
     raise UsageError(f"bad status {status_class!r}: use a class like 5xx or a code like 503")
 
 
+#: rows of one multi-row INSERT (SQLite allows 500 in a VALUES list, 32766 parameters)
+_ROWS_PER_INSERT = 256
+
+
 def _batch_observations(blob: bytes) -> list[Observation]:
     """The observations of a stored batch: a frame body (a msgpack map), or, in stores
     written by earlier versions, the observations alone (a msgpack array)."""
@@ -235,14 +239,22 @@ class SqliteStore:
             return
         now = time.time_ns() if received_ns is None else received_ns
         where = self.batch_log.append([b[3] for b in batches])
-        # one statement: atomic on its own (the trigger advances ``agents``), and one
-        # step of SQLite for the GIL to be given up and taken back
-        rows = ",".join(["(?, ?, ?, ?, x'', ?, ?, ?)"] * len(batches))
+        rows = [(agent, seq, node, now, *loc)
+                for (agent, seq, node, _body), loc in zip(batches, where, strict=True)]
+        if len(rows) <= _ROWS_PER_INSERT:
+            # one statement: atomic on its own (the trigger advances ``agents``), and one
+            # step of SQLite for the GIL to be given up and taken back
+            self._insert_batches(rows)
+            return
+        with self._tx():
+            for i in range(0, len(rows), _ROWS_PER_INSERT):
+                self._insert_batches(rows[i:i + _ROWS_PER_INSERT])
+
+    def _insert_batches(self, rows: list[tuple[Any, ...]]) -> None:
+        values = ",".join(["(?, ?, ?, ?, x'', ?, ?, ?)"] * len(rows))
         self.db.execute(
             "INSERT OR IGNORE INTO batches(agent, seq, node, received_ns, obs, seg, off, len)"
-            f" VALUES {rows}",
-            [x for (agent, seq, node, _body), loc in zip(batches, where, strict=True)
-             for x in (agent, seq, node, now, *loc)])
+            f" VALUES {values}", [x for r in rows for x in r])
 
     def iter_batches(self) -> Iterator[tuple[str, int, str, list[Observation]]]:
         """Every retained batch, per agent in seq order: (agent, seq, node, observations)."""

@@ -1,14 +1,15 @@
 """The collector's batch writer: agents' batches made durable in a thread of their own.
 
 Decoding a batch (msgpack, the checks) needs the interpreter; writing it
-(``sqlite3`` with the GIL released, the WAL, its checkpoints) mostly does
-not. So the event loop decodes the next batch while this thread commits the
-last ones, on its own connection to the store: what the collector does
-before it acks is spread over two CPUs instead of one.
+(its body appended to a segment file with one ``pwritev``, then its row in
+one SQLite statement, both with the GIL released) mostly does not. So the
+event loop decodes the next batch while this thread writes the last ones,
+on its own connection to the store: what the collector does before it acks
+is spread over two CPUs instead of one.
 
-Batches queued while a commit runs go into the next transaction together (a
-group commit, at most ``max_group`` batches); each submitter is told when
-its batch is durable, in submission order. The thread holds the only
+Batches queued while a write runs go into the next one together (a group
+commit, at most ``max_group`` batches); each submitter is told when its
+batch is durable, in submission order. The thread holds the only
 connection that writes ``batches`` and ``agents``; the rest of the store is
 written from the event loop's connection (SQLite serializes the two).
 
@@ -48,12 +49,11 @@ class BatchWriter:
     """A thread that stores batches (``SqliteStore.put_batches``) in group commits."""
 
     def __init__(self, db: str | Path, *, max_group: int = 64, retries: int = 3,
-                 retry_wait: float = 0.5, wal_autocheckpoint: int | None = None) -> None:
+                 retry_wait: float = 0.5) -> None:
         self.db = str(db)
         self.max_group = max_group
         self.retries = retries
         self.retry_wait = retry_wait
-        self.wal_autocheckpoint = wal_autocheckpoint
         self.failed: BaseException | None = None  # set when the writer stopped for good
         self.commits = 0
         self.batches = 0
@@ -111,8 +111,6 @@ class BatchWriter:
     def _run(self) -> None:
         try:
             store = SqliteStore(self.db)
-            if self.wal_autocheckpoint is not None:
-                store.db.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         except BaseException as exc:  # raised again in __init__
             self._error = exc
             self._ready.set()

@@ -224,3 +224,12 @@ def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> 
     assert ids[-1] == "r0199"  # the oldest went first
     assert s.agent_seqs() == {"a1": 11}
     s.close()
+
+
+def test_a_large_group_is_stored_in_one_transaction(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    b = batch(0, n=2)
+    s.put_batches([("a1", i, "node1", b.body) for i in range(600)])  # > one INSERT's rows
+    assert s.agent_seqs() == {"a1": 599}
+    assert s.db.execute("SELECT count(*) FROM batches").fetchone()[0] == 600
+    s.close()

@@ -925,6 +925,20 @@ def test_tls_setup_errors_are_usage_errors(tmp_path: Path) -> None:
         wire.client_ssl_context(tmp_path / "missing-ca.pem")
 
 
+@asynccontextmanager
+async def serving(store: Any, seqs: SeqTracker) -> AsyncIterator[int]:
+    """``serve_agent`` with this store on an ephemeral port of 127.0.0.1: the port."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await wire.serve_agent(r, w, token=TOKEN, store=store, seqs=seqs)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_batches_are_handed_over_while_earlier_ones_are_stored_and_acked_in_order() -> None:
     """The store is called for batch N+1 while N is still in flight; whatever order the
     store finishes them in, they are committed and acked in seq order."""
@@ -937,13 +951,8 @@ def test_batches_are_handed_over_while_earlier_ones_are_stored_and_acked_in_orde
         pending[b.seq] = asyncio.get_running_loop().create_future()
         return pending[b.seq]
 
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await wire.serve_agent(r, w, token=TOKEN, store=store, seqs=seqs)
-
     async def main() -> list[int]:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with serving(store, seqs) as port:
             r, w, _ = await wire.open_agent_connection("127.0.0.1", port, hello())
             for seq in range(3):
                 w.write(encode_batch("agent-node1", seq, "node1", T0, obs(2)))
@@ -958,9 +967,6 @@ def test_batches_are_handed_over_while_earlier_ones_are_stored_and_acked_in_orde
             acks = [await wire.read_frame(r) for _ in range(3)]
             await wire.close_writer(w)
             return [a.seq for a in acks if isinstance(a, Ack)]
-        finally:
-            server.close()
-            await server.wait_closed()
 
     assert run(main()) == [0, 1, 2]
     assert handed == [0, 1, 2] and seqs.acked("agent-node1") == 2
@@ -980,15 +986,10 @@ def test_a_failed_batch_stops_the_ones_after_it(caplog: pytest.LogCaptureFixture
             raise RuntimeError("disk on fire")
         stored.append(b.seq)
 
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await wire.serve_agent(r, w, token=TOKEN, store=store, seqs=seqs)
-
     async def main() -> Any:
         nonlocal gate
         gate = asyncio.get_running_loop().create_future()
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
+        async with serving(store, seqs) as port:
             r, w, _ = await wire.open_agent_connection("127.0.0.1", port, hello())
             for seq in range(2):
                 w.write(encode_batch("agent-node1", seq, "node1", T0, obs(1)))
@@ -997,9 +998,6 @@ def test_a_failed_batch_stops_the_ones_after_it(caplog: pytest.LogCaptureFixture
             f = await wire.read_frame(r)
             await wire.close_writer(w)
             return f
-        finally:
-            server.close()
-            await server.wait_closed()
 
     f = run(main())
     assert f == ErrorFrame("internal", "internal error: see the collector's log", 0)
