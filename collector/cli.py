@@ -48,7 +48,7 @@ def collector() -> None:
 @click.option("--token-file", required=True, type=click.Path(dir_okay=False),
               help="The shared token (chmod 600).")
 @click.option("--db", "db", required=True, type=click.Path(dir_okay=False),
-              help="The SQLite store (created if missing).")
+              help="The SQLite store (created if missing); raw batches go in DB.batches/.")
 @click.option("--http", "http", default=None, metavar="HOST:PORT",
               help="Serve the JSON API here (e.g. 127.0.0.1:7001).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (PEM).")
@@ -66,7 +66,8 @@ def collector() -> None:
 @click.option("--retention", default="7d", show_default=True,
               help="Keep stored requests and drops this long.")
 @click.option("--max-db-bytes", default=1 << 30, show_default=True, type=int,
-              help="Prune the oldest requests beyond this database size.")
+              help="Prune the oldest requests and raw batches beyond this size (the"
+                   " database and its segment files).")
 @click.option("--raw-keep", default="15m", show_default=True,
               help="Keep the agents' raw batches this long (re-stitched after a restart).")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
