@@ -95,11 +95,6 @@ class BatchLog:
             os.close(dfd)
         log.debug("event=segment_opened path=%s", self._path(seg))
 
-    @property
-    def writing(self) -> int:
-        """The segment this instance writes (0: none yet)."""
-        return self._seg
-
     # -- reading ---------------------------------------------------------------------
     def read(self, seg: int, off: int, length: int) -> bytes:
         if seg != self._rseg or self._rfd < 0:

@@ -125,17 +125,12 @@ class CollectorMetrics:
         hops, totals, counts, flags = self.hops, self.totals, self.requests, self.flags
         for r in requests:
             for h in r.get("hops") or ():
-                key = (h["name"], h["dir"], h["node"])
-                hist = hops.get(key)
-                if hist is None:
-                    hist = hops[key] = _Hist()
-                hist.observe(int(h["duration_ns"]))
-                for c in h.get("children") or ():
-                    ckey = (c["name"], c["dir"], c["node"])
-                    chist = hops.get(ckey)
-                    if chist is None:
-                        chist = hops[ckey] = _Hist()
-                    chist.observe(int(c["duration_ns"]))
+                for x in (h, *(h.get("children") or ())):  # a hop, then its sub-hops
+                    key = (x["name"], x["dir"], x["node"])
+                    hist = hops.get(key)
+                    if hist is None:
+                        hist = hops[key] = _Hist()
+                    hist.observe(int(x["duration_ns"]))
             ingress = str(r.get("ingress_node") or "none")
             total = r.get("total_ns")
             if total is not None:

@@ -132,10 +132,7 @@ class Collector:
         returned completes once it is durable and fed (``serve_agent`` awaits them
         in order); without it (before ``start``), it is stored and fed at once."""
         if self.writer is None:
-            if batch.body:
-                self.store.put_batches([(batch.agent, batch.seq, batch.node, batch.body)])
-            else:
-                self.store.put_batch(batch.agent, batch.seq, batch.node, batch.obs)
+            self.store.put_batches([(batch.agent, batch.seq, batch.node, wire.batch_body(batch))])
             self.took(batch)
             return None
         return self._took_when(self.writer.queue(batch), batch)

@@ -219,6 +219,12 @@ def encode_batch(
                    ": send smaller batches")
 
 
+def batch_body(b: Batch) -> bytes:
+    """The batch's frame body: as received, or encoded when it was built locally."""
+    return b.body or encode_batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs, b.clock,
+                                  b.lost)[HEADER_SIZE:]
+
+
 def encode(frame: Frame, *, max_frame: int = MAX_FRAME) -> bytes:
     """Any frame object -> framed bytes."""
     if isinstance(frame, Batch):

@@ -76,10 +76,6 @@ class BatchWriter:
             raise self.failed
         self._q.put((batch, done))
 
-    async def put(self, batch: Batch) -> None:
-        """Store ``batch``; returns once it is durable (raises what the store raised)."""
-        await self.queue(batch)
-
     def queue(self, batch: Batch) -> asyncio.Future[None]:
         """Queue ``batch`` now; the future is done once it is durable (call from the loop)."""
         loop = asyncio.get_running_loop()
@@ -143,7 +139,7 @@ class BatchWriter:
             if err is not None:
                 break
             try:
-                store.put_batches([(b.agent, b.seq, b.node, b.body or _body(b))
+                store.put_batches([(b.agent, b.seq, b.node, wire.batch_body(b))
                                    for b, _ in group])
                 self.commits += 1
                 self.batches += len(group)
@@ -164,8 +160,3 @@ class BatchWriter:
             except Exception:  # a submitter's callback must not stop the writer
                 log.exception("event=batch_callback_failed")
 
-
-def _body(b: Batch) -> bytes:
-    """A batch built locally (no received body), encoded as an agent would send it."""
-    return wire.encode_batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs, b.clock,
-                             b.lost)[wire.HEADER_SIZE:]

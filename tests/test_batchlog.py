@@ -189,7 +189,7 @@ def test_writer_queue_future_in_the_event_loop(tmp_path: Path) -> None:
     async def go() -> None:
         futs = [w.queue(batch(i)) for i in range(3)]
         await asyncio.gather(*futs)
-        await w.put(batch(3))
+        await w.queue(batch(3))
 
     asyncio.run(go())
     w.close()
