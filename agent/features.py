@@ -1450,7 +1450,7 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
         items.append(PlanItem(
             "service_nat",
             "iptables DNAT: the proxy's write -> its first upstream byte at tc egress on "
-            "flannel.1/cni0 (pod IP, after DNAT and masquerade)",
+            "flannel.1 or the pod's veth (pod IP, after DNAT and masquerade)",
             "; ".join(reasons) or "no IPVS symbols"))
 
     if tp.get("skb:kfree_skb"):

@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 from hopscope.agent import doctor
 from hopscope.agent import features as ft
+from hopscope.agent.run import attached_interfaces
 
 from hopscope.cli import main
 from hopscope.errors import UsageError
@@ -192,6 +193,19 @@ def test_interface_roles_from_ip_json() -> None:
     assert ifaces["veth1a2b3c4d"].role == ft.ROLE_POD_VETH
     assert ifaces["eth1"].role == ft.ROLE_OTHER
     assert ifaces["lo"].role == ft.ROLE_LOOPBACK
+
+
+def test_pod_point_watched_once_at_the_veths() -> None:
+    """cni0 and its veths carry the same packets: the veths are watched, the bridge only
+    when none of its veths is up."""
+    ifaces = ft.classify_interfaces(IP_LINK, ["enp1s0"], IP_ADDR)
+    names = {i.name for i in attached_interfaces(ifaces)}
+    assert {"enp1s0", "flannel.1", "veth1a2b3c4d"} <= names and "cni0" not in names
+    down = [dict(x) for x in IP_LINK]
+    down[5] = {**down[5], "operstate": "DOWN"}
+    names = {i.name for i in attached_interfaces(ft.classify_interfaces(down, ["enp1s0"],
+                                                                        IP_ADDR))}
+    assert {"enp1s0", "flannel.1", "cni0"} <= names and "veth1a2b3c4d" not in names
 
 
 def test_underlay_found_by_local_address() -> None:
