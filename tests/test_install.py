@@ -337,7 +337,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Staged]:
 
 
 def _cmd(group: str, name: str) -> click.Command:
-    g = main.commands[group]
+    g = main.get_command(click.Context(main), group)
     assert isinstance(g, click.Group)
     return g.commands[name]
 

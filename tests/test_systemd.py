@@ -179,7 +179,7 @@ def test_systemd_analyze_verify_passes_on_both_units(tmp_path: Path) -> None:
 def _command(path: list[str]) -> click.Command:
     cmd: Any = main
     for p in path:
-        cmd = cmd.commands[p]
+        cmd = cmd.get_command(click.Context(cmd), p)
     assert isinstance(cmd, click.Command)
     return cmd
 
