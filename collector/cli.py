@@ -433,5 +433,3 @@ def drops(collector_url: str | None, db: str | None, as_json: bool, since: str,
         return
     click.echo(drop_lines(ds))
 
-
-QUERY_COMMANDS = (trace, requests, stats, drops)

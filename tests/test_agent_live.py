@@ -192,8 +192,8 @@ def _median_children(env: dict[str, Any]) -> dict[str, float]:
 def test_ufw_delay_lands_in_kernel_in(testbed: Instance, tmp_path: Path) -> None:
     node = "node1"
     meds = []
-    slow_dir = tmp_path / "slow"
     for i, delay in enumerate((False, True)):
+        slow_dir = tmp_path / f"slow{i}"
         extra = ["--slow-pcap", str(slow_dir), "--slower-than", "15ms"]
         with running_agents(testbed, tmp_path / f"run{i}", nodes=[node], extra=extra) as agents:
             if delay:
@@ -205,16 +205,22 @@ def test_ufw_delay_lands_in_kernel_in(testbed: Instance, tmp_path: Path) -> None
                 faults.clear(testbed)
         env = json.loads(agents.agents[node].out.read_text())
         meds.append(_median_children(env))
+        # the packets of every slow request, and of no other, were written from the
+        # rolling buffer
+        slow_ids = {r["request_id"] for r in env["requests"] if r["total_ns"] >= 15_000_000}
+        written = {p.name for p in slow_dir.iterdir()} if slow_dir.exists() else set()
+        assert written == {f"{node}-{rid}.pcapng" for rid in slow_ids}, i
         if not delay:
-            assert not slow_dir.exists() or not list(slow_dir.iterdir())
-    # the packets of every slow request were written from the rolling buffer
-    slow_ids = {r["request_id"] for r in env["requests"] if r["total_ns"] >= 15_000_000}
-    written = {p.name for p in slow_dir.iterdir()}
-    assert len(slow_ids) >= 25 and written == {f"{node}-{rid}.pcapng" for rid in slow_ids}
+            # without the fault a request is slow only when this 2-CPU machine stalls the
+            # replica (seen once in CI: Traefik's write 3.3 ms, the response 6.4 ms late)
+            assert len(slow_ids) <= 2, sorted(r["total_ns"] for r in env["requests"])
+    assert len(slow_ids) >= 25
     for rid in slow_ids:
         pkts, _st = read_all(slow_dir / f"{node}-{rid}.pcapng", node)
         carrying = {o.ifname.split("/")[1] for o in pkts if rid.encode() in o.payload}
-        assert {"eth0", "flannel.1"} <= carrying or {"eth0", "cni0"} <= carrying, (rid, carrying)
+        # on its way to a pod: flannel.1, or the pod's veth (the agent watches the veths)
+        assert "eth0" in carrying and ("flannel.1" in carrying or any(
+            n.startswith("veth") for n in carrying)), (rid, carrying)
         assert any(o.payload.startswith(b"HTTP/1.1 ") for o in pkts), rid
     base, slow = meds
     moved = slow["kernel_in"] - base["kernel_in"]

@@ -148,7 +148,7 @@ def test_workers_end_with_the_parent(tmp_path: Path) -> None:
 
 def test_cli_loads_only_the_command_it_runs() -> None:
     """Every subcommand resolves to a command of its own name, and ``hopscope replay``
-    imports neither the collector nor the agent (0.37 s of every start when it did)."""
+    imports neither the collector nor the agent (0.35 s of every start when it did)."""
     from hopscope import cli
 
     ctx = click.Context(cli.main)
