@@ -278,6 +278,15 @@ class CaptureSource:
             self._next = (self._next + 1) % self.block_nr
         return n
 
+    def flush(self, out: list[Observation]) -> int:
+        """:meth:`drain`, the block still being filled included: the kernel hands a block
+        over when it is full or BLOCK_TIMEOUT_MS after its first packet, so the last
+        packets before a stop wait for that (at most twice the timeout here)."""
+        n = self.drain(out)
+        if self.wait(2 * BLOCK_TIMEOUT_MS / 1000):
+            n += self.drain(out)
+        return n
+
     def _block(self, ring: mmap.mmap, base: int, num: int, first: int,
                out: list[Observation]) -> None:
         off = self.mono_to_real()

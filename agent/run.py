@@ -510,8 +510,11 @@ class Agent:
                 links.close()
             self.close()
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, final: bool = False) -> None:
         if self.cap is not None:
+            if final:  # the packets of the block the kernel is still filling too
+                self.cap.flush(self.pending)
+                return
             if timeout:
                 self.cap.wait(timeout)
             self.cap.drain(self.pending)
@@ -621,7 +624,7 @@ class Agent:
 
     def close(self) -> None:
         try:
-            self._drain(0)
+            self._drain(0, final=True)
             self._feed(final=True)
             self._take(final=True)
         finally:
