@@ -528,13 +528,19 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
     ifaces = ft.classify_interfaces(links, defaults, addrs, route_devs)
     for i in ifaces:
         i.tc = hooks.get(i.name, ft.TcHook())
+    watched = {i.name for i in ft.attached_interfaces(ifaces)}
     details: dict[str, Any] = {"netns": netns, "default_route_devs": defaults,
-                               "interfaces": [asdict(i) for i in ifaces]}
+                               "interfaces": [asdict(i) for i in ifaces],
+                               "watched": sorted(watched)}
     lines = []
     for i in ifaces:
         if i.role == ft.ROLE_LOOPBACK:
             continue
         extra = []
+        if i.name in watched:
+            extra.append("watched")
+        elif i.role == ft.ROLE_POD_BRIDGE:
+            extra.append("not watched: its pod veths are (the same packets, next to the pods)")
         if i.vxlan:
             extra.append(f"vni {i.vxlan['id']} port {i.vxlan['port']} "
                          f"local {i.vxlan['local'] or '-'} "

@@ -75,7 +75,6 @@ CLOCK_EVERY_S = 1.0
 #: often (with what was lost since the last one, and how far the loop fell behind)
 LOSS_CHECK_S = 1.0
 LOSS_WARN_EVERY_S = 10.0
-POINTS_ATTACHED = {"nic", "overlay", "underlay", "pod", "nic+underlay"}
 
 
 class LossWatch:
@@ -161,26 +160,8 @@ def wanted_interfaces(override: dict[str, str], links: list[dict[str, Any]] | No
         return {by_name[n]: ev.Iface(n, p) for n, p in override.items() if n in by_name}
     ifaces = ft.classify_interfaces(links, ft.default_route_devs(), ft.ip_addrs(),
                                     ft.vxlan_route_devs(links))
-    return {by_name[i.name]: ev.Iface(i.name, i.point) for i in attached_interfaces(ifaces)}
-
-
-def attached_interfaces(ifaces: list[ft.Interface]) -> list[ft.Interface]:
-    """The interfaces the agent watches, of those classified.
-
-    Every point of the hop model that a packet crosses, once: at the ``pod``
-    point a packet between the node and a pod crosses both the bridge
-    (``cni0``) and the pod's veth, one right after the other in the same
-    call; the veth, the one next to the pod, is watched and the bridge only
-    when no veth of it is up (a CNI whose pods this does not recognise).
-    Watching both doubled the pod point's events and classifier runs for a
-    copy no hop uses (a hop starts and ends at the first copy seen at its
-    point: the veth's is first from the pod, and towards the pod it differs
-    from the bridge's by the bridge's forwarding, a few µs, now counted in
-    ``deliver`` instead of ``app``).
-    """
-    up = [i for i in ifaces if i.point in POINTS_ATTACHED and i.state.upper() != "DOWN"]
-    with_veths = {i.master for i in up if i.role == ft.ROLE_POD_VETH and i.master}
-    return [i for i in up if not (i.role == ft.ROLE_POD_BRIDGE and i.name in with_veths)]
+    return {by_name[i.name]: ev.Iface(i.name, i.point)
+            for i in ft.attached_interfaces(ifaces)}
 
 
 def proxy_tgids(name: str, netns: int) -> list[int]:

@@ -29,7 +29,6 @@ import pytest
 from click.testing import CliRunner
 from hopscope.agent import doctor
 from hopscope.agent import features as ft
-from hopscope.agent.run import attached_interfaces
 
 from hopscope.cli import main
 from hopscope.errors import UsageError
@@ -199,11 +198,11 @@ def test_pod_point_watched_once_at_the_veths() -> None:
     """cni0 and its veths carry the same packets: the veths are watched, the bridge only
     when none of its veths is up."""
     ifaces = ft.classify_interfaces(IP_LINK, ["enp1s0"], IP_ADDR)
-    names = {i.name for i in attached_interfaces(ifaces)}
+    names = {i.name for i in ft.attached_interfaces(ifaces)}
     assert {"enp1s0", "flannel.1", "veth1a2b3c4d"} <= names and "cni0" not in names
     down = [dict(x) for x in IP_LINK]
     down[5] = {**down[5], "operstate": "DOWN"}
-    names = {i.name for i in attached_interfaces(ft.classify_interfaces(down, ["enp1s0"],
+    names = {i.name for i in ft.attached_interfaces(ft.classify_interfaces(down, ["enp1s0"],
                                                                         IP_ADDR))}
     assert {"enp1s0", "flannel.1", "cni0"} <= names and "veth1a2b3c4d" not in names
 
@@ -508,6 +507,9 @@ def own_netns() -> Iterator[tuple[str, str, bool]]:
                     ["ip", "-n", ns, "link", "add", veth, "type", "veth", "peer", "name",
                      "podside0"],
                     ["ip", "-n", ns, "link", "set", veth, "master", "cni0"],
+                    ["ip", "-n", ns, "link", "set", "podside0", "up"],
+                    ["ip", "-n", ns, "link", "set", veth, "up"],
+                    ["ip", "-n", ns, "link", "set", "cni0", "up"],
                     ["tc", "-n", ns, "qdisc", "add", "dev", veth, "clsact"]):
             subprocess.run(cmd, check=True, capture_output=True, timeout=10)
         res = ft.bpf_load_trivial(ft.BPF_PROG_TYPE_SCHED_CLS, keep_fd=True)
@@ -548,3 +550,8 @@ def test_netns_roles(own_netns: tuple[str, str, bool]) -> None:
         assert sec["status"] == "degraded" and "hopscope tc filters" in sec["summary"]
     # exactly the namespace's interfaces: none of the root namespace's
     assert set(by_name) == {"lo", "cni0", veth, "podside0"}
+    # the pod point is watched at the veth, not at the bridge too
+    assert veth in sec["details"]["watched"] and "cni0" not in sec["details"]["watched"]
+    text = runner.invoke(main, ["doctor", "--netns", ns]).stdout
+    cni = next(line for line in text.splitlines() if line.strip().startswith("cni0 "))
+    assert "not watched: its pod veths are" in cni, text
