@@ -1101,7 +1101,7 @@ def attached_interfaces(ifaces: Sequence[Interface]) -> list[Interface]:
     Watching both doubled the pod point's events and classifier runs for a
     copy no hop uses (a hop starts and ends at the first copy seen at its
     point: the veth's is first from the pod, and towards the pod it differs
-    from the bridge's by the bridge's forwarding, a few µs, now counted in
+    from the bridge's by the bridge's forwarding, a few µs, counted in
     ``deliver`` instead of ``app``).
     """
     up = [i for i in ifaces if i.point in POINTS_ATTACHED and i.state.upper() != "DOWN"]

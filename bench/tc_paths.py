@@ -9,7 +9,7 @@ This bench isolates the programs themselves: ``BPF_PROG_TEST_RUN`` runs
 settings by :class:`~hopscope.agent.bpfprog.AgentProgram`) on crafted frames,
 ``--repeat`` times in the kernel per call, and reports the kernel's own
 average per run, the best of ``--calls`` calls. Beside it, in the same run,
-an empty classifier (``return TC_ACT_OK``) on the same frames: the floor of
+an empty classifier (``bench/_noop_tc.py``: two instructions) on the same frames: the floor of
 the test-run harness itself. Nothing is attached to any interface; the
 interface-role map gets one entry for the loopback device's index (the
 test run's skb is on ``lo``), set per case.
@@ -46,14 +46,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _noop_tc  # bench/, beside this script (the same empty classifier as agent_overhead's)
 from hopscope.agent import bpfprog, bpfsys
 
 BPF_PROG_TEST_RUN = 10
 _TEST = struct.Struct("<IIIIQQII")  # prog_fd, retval, size in, size out, data in, out, repeat, ns
-NOOP = """
-#include <linux/pkt_cls.h>
-int hs_noop(struct __sk_buff *skb) { return TC_ACT_OK; }
-"""
 
 
 def test_run(fd: int, frame: bytes, repeat: int) -> tuple[int, int]:
@@ -118,14 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print("tc_paths: needs root (it loads BPF programs)", file=sys.stderr)
         return 2
     bpfprog.prepare_kernel_env()
-    from bcc import BPF
-
     # a ring large enough that no run of this bench finds it full (a full ring is
     # the cheap path: the reserve fails and a counter goes up)
     pages = 1 << max(10, (a.repeat * a.calls * 12 * 1100 // 4096).bit_length())
     prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=pages))
     tc_in, tc_out = prog._tc_fds()
-    noop = BPF(text=NOOP).load_func("hs_noop", BPF.SCHED_CLS)
+    noop_fd = _noop_tc.load()
     roles = prog._maps["ifroles"]
     lo = 1  # the test run's skb device
     rows: list[dict[str, Any]] = []
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if rv != 0:  # TC_ACT_OK: every frame passes unchanged
                 raise SystemExit(f"{name}: the classifier returned {rv}, not TC_ACT_OK")
             best = min(best, ns)
-            base = min(base, test_run(noop.fd, frame, a.repeat)[1])
+            base = min(base, test_run(noop_fd, frame, a.repeat)[1])
         after = prog.stats()
         sent = after["tc_sent"] - before["tc_sent"]
         lost = after["tc_lost"] - before["tc_lost"]
