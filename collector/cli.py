@@ -63,6 +63,9 @@ def collector() -> None:
               show_default=True)
 @click.option("--idle-flush", default="5s", show_default=True,
               help="Flush a node that sent nothing for this long.")
+@click.option("--late-window", default="5m", show_default=True,
+              help="Keep a request stored incomplete this long: a node's data that comes "
+                   "later (an agent that was cut off) completes it.")
 @click.option("--retention", default="7d", show_default=True,
               help="Keep stored requests and drops this long.")
 @click.option("--max-db-bytes", default=1 << 30, show_default=True, type=int,
@@ -79,7 +82,7 @@ def collector() -> None:
 def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str | None,
           tls_key: str | None, tls_client_ca: str | None, reference: str | None,
           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], idle_flush: str,
-          retention: str, max_db_bytes: int, raw_keep: str, otlp_endpoint: str | None,
+          late_window: str, retention: str, max_db_bytes: int, raw_keep: str, otlp_endpoint: str | None,
           otlp_headers: tuple[str, ...]) -> None:
     """Receive agents' batches, stitch requests, store them, serve the JSON API.
 
@@ -95,6 +98,7 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
         http=parse_hostport(http, "--http") if http else None, ssl_context=ctx,
         reference=reference, cidrs=parse_cidrs(pod_cidr, service_cidr),
         entry_ports=entry_ports, idle_flush=parse_duration(idle_flush) / 1e9,
+        late_ns=parse_duration(late_window),
         max_age_ns=parse_duration(retention), max_bytes=max_db_bytes,
         raw_keep_ns=parse_duration(raw_keep),
         otlp=otlp_config(otlp_endpoint, otlp_headers))

@@ -10,7 +10,7 @@ next frames; then, in seq order, the batch is fed to its node's
 Every ``drain_every`` seconds the trackers hand over what they settled to
 one :class:`~hopscope.stitch.Stitcher`, whose finished requests, drops and
 clock offsets are stored (``request_id`` unique, so a request stitched
-twice is stored once). A restarted collector first
+twice is stored once, the more complete stitch kept: see ``late_ns``). A restarted collector first
 re-stitches the raw batches it kept (``raw_keep``), so that what it acked
 before a crash but had not finished stitching is not lost.
 
@@ -62,6 +62,7 @@ class CollectorConfig:
     name: str = "hopscope-collector"
     drain_every: float = 0.5
     idle_flush: float = 5.0
+    late_ns: int = 5 * 60_000_000_000  # see Stitcher(late_ns=)
     max_age_ns: int | None = 7 * 86_400_000_000_000
     max_bytes: int | None = 1 << 30
     raw_keep_ns: int = 15 * 60_000_000_000
@@ -116,7 +117,7 @@ class Collector:
     def _new_stitcher(self) -> Stitcher:
         return Stitcher([self.cfg.reference] if self.cfg.reference else [],
                         reference=self.cfg.reference, cidrs=self.cfg.cidrs,
-                        entry_ports=self.cfg.entry_ports)
+                        entry_ports=self.cfg.entry_ports, late_ns=self.cfg.late_ns)
 
     # -- batches -----------------------------------------------------------------
     def _tracker(self, node: str) -> NodeTracker:
@@ -183,7 +184,9 @@ class Collector:
         drops, st.drops = st.drops, []
         fresh = self._unstored(reqs)  # metrics and traces: once per request, also on restarts
         fresh_drops = self._unstored_drops(drops)
+        replaced = self.store.replaced
         new = self.store.put_requests(reqs) if reqs else 0
+        replaced = self.store.replaced - replaced
         if drops:
             self.store.put_drops(drops)
         if reqs or drops:
@@ -198,8 +201,8 @@ class Collector:
             self.metrics.observe_drops(fresh_drops)
         self.stored_requests += new
         if reqs:
-            log.info("event=stored requests=%d new=%d drops=%d total=%d", len(reqs), new,
-                     len(drops), self.stored_requests)
+            log.info("event=stored requests=%d new=%d completed=%d drops=%d total=%d",
+                     len(reqs), new, replaced, len(drops), self.stored_requests)
         for w in st.warnings:
             log.warning("event=stitch_warning msg=%s", json.dumps(w))
         st.warnings.clear()

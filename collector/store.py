@@ -150,6 +150,16 @@ class Store(Protocol):
               raw_max_age_ns: int | None = None) -> int: ...
 
 
+def completeness(r: dict[str, Any]) -> tuple[int, int, int]:
+    """How much of a request was seen, to keep the better of two stitches of one id:
+    whether it is whole (no ``incomplete``, an upstream request), how many of its ends
+    (ingress node, pod node) are known, how many hops it has."""
+    flags = r.get("flags") or ()
+    return (("incomplete" not in flags) + ("no_upstream" not in flags),
+            (r.get("ingress_node") is not None) + (r.get("pod_node") is not None),
+            len(r.get("hops") or ()))
+
+
 def _drop_key(d: dict[str, Any]) -> str:
     return "|".join(str(d.get(k, "")) for k in ("node", "point", "kind", "flow", "first_ns"))
 
@@ -207,6 +217,7 @@ class SqliteStore:
             raise UsageError(f"database {self.path}: {exc}") from None
 
         self.batch_log = BatchLog(log_dir(self.path))
+        self.replaced = 0  # stored requests replaced by a more complete stitch
         self._seg_cols = "seg, off, len" if "seg" in {
             r[1] for r in self.db.execute("PRAGMA table_info(batches)")} else "NULL, NULL, NULL"
 
@@ -280,21 +291,36 @@ class SqliteStore:
         return SqliteStore._Tx(self.db)
 
     def put_requests(self, requests: list[dict[str, Any]]) -> int:
-        """Store finished requests; a request id already stored is skipped. Returns new rows."""
+        """Store finished requests; returns the new rows.
+
+        A request id already stored keeps its row, unless the new request is more
+        complete (:func:`completeness`: a node's data came late and the stitcher
+        completed it), which then replaces the row and its hops (counted in
+        :attr:`replaced`)."""
         n = 0
         now = time.time_ns()
         with self._tx():
             for r in requests:
+                row = (r["request_id"], int(r["start_ns"]), r.get("total_ns"), r.get("status"),
+                       r.get("path"), r.get("ingress_node"), r.get("pod_node"), now,
+                       json.dumps(r, separators=(",", ":")))
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO requests(request_id, start_ns, total_ns, status, path, "
-                    "ingress_node, pod_node, stored_ns, json) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (r["request_id"], int(r["start_ns"]), r.get("total_ns"), r.get("status"),
-                     r.get("path"), r.get("ingress_node"), r.get("pod_node"), now,
-                     json.dumps(r, separators=(",", ":"))))
-                if cur.rowcount != 1:
-                    continue
-                n += 1
-                rowid = cur.lastrowid
+                    "ingress_node, pod_node, stored_ns, json) VALUES (?,?,?,?,?,?,?,?,?)", row)
+                if cur.rowcount == 1:
+                    n += 1
+                    rowid = cur.lastrowid
+                else:
+                    (rowid, old), = self.db.execute(
+                        "SELECT id, json FROM requests WHERE request_id = ?", (r["request_id"],))
+                    if completeness(r) <= completeness(json.loads(old)):
+                        continue
+                    self.db.execute(
+                        "UPDATE requests SET start_ns=?, total_ns=?, status=?, path=?, "
+                        "ingress_node=?, pod_node=?, stored_ns=?, json=? WHERE id=?",
+                        (*row[1:], rowid))
+                    self.db.execute("DELETE FROM hops WHERE req = ?", (rowid,))
+                    self.replaced += 1
                 self.db.executemany(
                     "INSERT INTO hops(req, name, dir, node, duration_ns) VALUES (?,?,?,?,?)",
                     [(rowid, h["name"], h["dir"], h["node"], int(h["duration_ns"]))

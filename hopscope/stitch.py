@@ -106,6 +106,20 @@ class _Group:
         return v[i] if v is not None else -1
 
 
+class _Late:
+    """A request that came out incomplete, kept for a node's late data (``late_ns``)."""
+
+    __slots__ = ("c", "due", "g", "keys", "rid", "t")
+
+    def __init__(self, c: Sighting | None, g: _Group | None, rid: str, t: int) -> None:
+        self.c = c  # the client request (None: an orphan upstream request)
+        self.g = g  # its upstream request (None: none was seen yet)
+        self.rid = rid
+        self.t = t  # when it started, reference time (kept until t + late_ns)
+        self.due = -(1 << 62)  # late data: the latest of it, reference time
+        self.keys: list[tuple[object, ...]] = []
+
+
 @dataclass
 class StitchStats:
     nodes: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -133,10 +147,12 @@ class Stitcher:
     #: An upstream request nobody claimed is given up (or reported without its
     #: client side) this long after it was seen; connection attempts likewise.
     HORIZON_NS = 60_000_000_000
+    #: At most this many incomplete requests are kept for late data (``late_ns``).
+    LATE_MAX = 20_000
 
     def __init__(self, nodes: Iterable[str] = (), *, reference: str | None = None,
                  cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
-                 grace_ns: int = GRACE_NS) -> None:
+                 grace_ns: int = GRACE_NS, late_ns: int = 0) -> None:
         self.cidrs = cidrs or Cidrs()
         self.trackers: dict[str, NodeTracker] = {}
         self.nodes: list[str] = []
@@ -164,6 +180,15 @@ class Stitcher:
         #: eBPF drops: (node, flow) -> {(point, reason): [first ts (node clock), packets]}
         self._kdrops: dict[tuple[str, tuple[bytes, int, bytes, int]],
                            dict[tuple[str, str], list[int]]] = {}
+        #: a request that came out ``incomplete`` (or without its upstream request) is
+        #: kept this long (reference time, 0: not kept); when a node's sightings of it
+        #: come after all (an agent that was cut off ships its spool), it comes out
+        #: again, more complete, with the same id (the collector keeps the better one)
+        self.late_ns = late_ns
+        self._late: dict[tuple[object, ...], _Late] = {}  # by the upstream request's key
+        self._late_rid: dict[str, _Late] = {}
+        self._late_all: dict[_Late, None] = {}  # oldest first
+        self._revived: dict[_Late, None] = {}  # late data came: to come out again
         self.drops = []
         for n in nodes:
             self._node(n)
@@ -218,6 +243,8 @@ class Stitcher:
                 key = (s.flow, s.seq0)
                 g = self._groups.get(key)
                 if g is None:
+                    if self._late_all and self._revive(s, key):
+                        continue
                     g = self._groups[key] = _Group()
                     g.key = key
                 g.sightings.append(s)
@@ -312,7 +339,9 @@ class Stitcher:
                 keep.append(c)
         self._clients = keep
         ready.sort(key=lambda c: c.complete)
-        linked: list[tuple[Sighting, _Group | None]] = [(c, self._link(c)) for c in ready]
+        linked: list[tuple[Sighting, _Group | None]] = [
+            (c, self._link(c) or self._link_late(c)) for c in ready]
+        revived = self._due(final, horizon)
         # orphans: upstream requests with an id that no client request claimed
         orphans: list[_Group] = []
         for key, g in list(self._groups.items()):
@@ -330,6 +359,9 @@ class Stitcher:
                 self._samples(lg)
         for og in orphans:
             self._samples(og)
+        for late in revived:
+            if late.g is not None:
+                self._samples(late.g)
         self._offs = self._offsets()
         self._sh = sh = {n: o.offset_ns for n, o in self._offs.items()}
         drops = self._drops_syn(final, horizon)
@@ -340,14 +372,29 @@ class Stitcher:
         order += [(self._orphan_start(g, sh), 1, g.sightings[0], g) for g in orphans]
         order.sort(key=lambda x: (x[0], x[1], x[2].rid))
         self.stats.requests += len(order)
+        keep_late = self.late_ns > 0
 
         def requests() -> Iterator[dict[str, Any]]:
             for _start, orphan, c, g in order:
                 if orphan:
                     assert g is not None
-                    yield self._orphan(g, sh)
+                    rec = self._orphan(g, sh)
+                    if keep_late:
+                        self._keep_late(None, g, rec)
                 else:
-                    yield self._request(c, g, sh)
+                    rec = self._request(c, g, sh)
+                    if keep_late:
+                        self._keep_late(c, g, rec)
+                yield rec
+            for late in revived:  # once more, with the late data
+                if late.g is None:
+                    continue
+                rec = (self._request(late.c, late.g, sh) if late.c is not None
+                       else self._orphan(late.g, sh))
+                self._forget_late(late)
+                if keep_late:
+                    self._keep_late(late.c, late.g, rec)
+                yield rec
 
         if lazy:
             return requests(), drops
@@ -390,6 +437,90 @@ class Stitcher:
         self._groups.pop(found.key, None)
         self._unindex(found)
         return found
+
+    # -- late data (late_ns) ---------------------------------------------------
+    def _keep_late(self, c: Sighting | None, g: _Group | None, rec: dict[str, Any]) -> None:
+        """Keep a request that came out without some node's part of it, for a while."""
+        flags = rec["flags"]
+        if "incomplete" not in flags and "no_upstream" not in flags:
+            return
+        rid = c.rid if c is not None else (g.rid if g is not None else "")
+        if g is None and not rid:
+            return  # nothing that late data could be matched by
+        late = _Late(c, g, rid, int(rec["start_ns"]))
+        if g is not None:
+            late.keys.append(g.key)
+            self._late[g.key] = late
+        if rid:
+            old = self._late_rid.get(rid)
+            if old is not None:
+                self._forget_late(old)
+            self._late_rid[rid] = late
+        self._late_all[late] = None
+        while len(self._late_all) > self.LATE_MAX:
+            self._forget_late(next(iter(self._late_all)))
+
+    def _forget_late(self, late: _Late) -> None:
+        self._late_all.pop(late, None)
+        self._revived.pop(late, None)
+        for k in late.keys:
+            if self._late.get(k) is late:
+                del self._late[k]
+        if late.rid and self._late_rid.get(late.rid) is late:
+            del self._late_rid[late.rid]
+
+    def _revive(self, s: Sighting, key: tuple[object, ...]) -> bool:
+        """A late sighting of a request that came out incomplete: it joins that request."""
+        late = self._late.get(key)
+        if late is None:
+            if not s.rid:
+                return False
+            # by id only for a client request that came out without any upstream request
+            # (one with the same id and another key is another message: a retry)
+            late = self._late_rid.get(s.rid)
+            if late is None or late.g is not None or late.c is None:
+                return False
+            g = late.g = _Group()
+            g.key, g.rid, g.claimed, g.a = key, s.rid, True, late.c.node
+            late.keys.append(key)
+            self._late[key] = late
+        assert late.g is not None
+        late.g.sightings.append(s)
+        t = s.resp_first if s.resp_first >= 0 else s.first
+        late.due = max(late.due, t - self._sh.get(s.node, 0))
+        self._revived[late] = None
+        return True
+
+    def _link_late(self, c: Sighting) -> _Group | None:
+        """A client request whose upstream request came out earlier without it (an orphan)."""
+        late = self._late_rid.get(c.rid) if c.rid and self._late_rid else None
+        if late is None or late.c is not None or late.g is None:
+            return None
+        g = late.g
+        self._forget_late(late)
+        g.claimed = True
+        g.a = c.node
+        self._settle_group(g)
+        return g
+
+    def _due(self, final: bool, horizon: int) -> list[_Late]:
+        """The kept requests whose late data is settled (settled now); expire the old."""
+        out: list[_Late] = []
+        for late in list(self._revived):
+            if final or late.due + self.LINGER_NS <= horizon:
+                del self._revived[late]
+                if late.g is not None:
+                    self._settle_group(late.g)
+                out.append(late)
+        if self._late_all:
+            sh = self._sh
+            now = max(t - sh.get(n, 0) for n, t in self._last.items())
+            for late in list(self._late_all):
+                if late.t + self.late_ns > now:
+                    break
+                if late not in self._revived:
+                    self._forget_late(late)
+        return out
 
     def _unindex(self, g: _Group) -> None:
         """Forget a group in the look-up indexes (an id may have shown up only later)."""
@@ -746,10 +877,32 @@ class Stitcher:
                 drop.update(_reason_rule(reason))
             drops.append(drop)
         drops += self._kernel_drops(final, horizon)
-        if final:
+        if final and not self.late_ns:
             self._synacks.clear()
             self._hs.clear()
+        else:
+            self._expire_handshakes()
         return drops
+
+    def _expire_handshakes(self) -> None:
+        """Forget handshakes older than ``2 * HORIZON_NS`` (or ``late_ns``): a connection's
+        clock samples are taken when its first request settles, SYNs are judged after
+        ``HORIZON_NS``. Oldest first (insertion order), so each drain costs what expires."""
+        hs = self._hs
+        if not hs:
+            return
+        sh = self._sh
+        now = max(t - sh.get(n, 0) for n, t in self._last.items())
+        keep = max(2 * self.HORIZON_NS, self.late_ns)
+        while hs:
+            key = next(iter(hs))
+            d = hs[key]
+            if d and min(ts - sh.get(n, 0) for (n, _p), ts in d.items()) + keep > now:
+                break
+            del hs[key]
+            if key[1] == "synack":
+                for n, _p in d:
+                    self._synacks.pop((n, key[0]), None)
 
     def _kernel_reason(self, node: str, flow: tuple[bytes, int, bytes, int]) -> str:
         """The drop reason eBPF saw first for a flow's packets on ``node`` (used up)."""

@@ -156,6 +156,40 @@ def test_replica_three_agents_match_replay(tmp_path: Path) -> None:
         assert g == r
 
 
+@pytest.mark.parametrize("late", ["node2", "node1"])
+def test_a_node_that_ships_late_completes_the_stored_requests(tmp_path: Path,
+                                                              late: str) -> None:
+    """One node's agent ships only after the other's requests were stored without it (its
+    node was idle, so they were finished): the late data completes them, and what is
+    stored is what replay gives with every capture at once (not the first, partial stitch
+    kept for good)."""
+    want = _replayed("cross-node-public")
+    pairs = dict(_pairs("cross-node-public"))
+    early = "node1" if late == "node2" else "node2"
+
+    async def go() -> tuple[list[Any], list[Any], int]:
+        c = Collector(_cfg(tmp_path))
+        await c.start()
+        try:
+            await ship(_ship_cfg(c, early, pairs[early]))
+            await _settled(c, {early})
+            first = (await _get(c, "/requests?since=10m&limit=1000"))["requests"]
+            await ship(_ship_cfg(c, late, pairs[late]))
+            await _settled(c, {early, late})
+            env = await _get(c, "/requests?since=10m&limit=1000")
+        finally:
+            await c.stop()
+        return first, env["requests"], c.store.replaced
+
+    first, got, replaced = _run(go)
+    cross = [r for r in want["requests"] if r["ingress_node"] != r["pod_node"]]
+    assert cross and all("incomplete" in r["flags"] for r in first
+                         if r["request_id"] in {x["request_id"] for x in cross})
+    assert sorted(got, key=lambda r: r["request_id"]) == sorted(
+        want["requests"], key=lambda r: r["request_id"])
+    assert replaced == len(cross)
+
+
 def test_requests_filters_stats_counts(tmp_path: Path) -> None:
     want = _replayed("replica-clean")
 
@@ -320,6 +354,24 @@ def test_garbage_refused_with_a_log_line(tmp_path: Path,
     assert isinstance(frame, wire.ErrorFrame) and frame.code == "too-large"
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(refused) == 1 and "not a hopscope peer" in refused[0]
+
+
+def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
+    whole = next(r for r in _replayed("cross-node-public")["requests"]
+                 if r["ingress_node"] != r["pod_node"])
+    part = replay([_pairs("cross-node-public")[0]], jobs=1).envelope["requests"]
+    part = next(r for r in part if r["request_id"] == whole["request_id"])
+    assert "incomplete" in part["flags"]
+    st = SqliteStore(tmp_path / "s.db")
+    try:
+        assert st.put_requests([part]) == 1
+        assert st.put_requests([whole]) == 0 and st.replaced == 1  # completed
+        assert st.put_requests([part]) == 0 and st.replaced == 1  # never the other way
+        assert st.get_request(whole["request_id"]) == whole
+        hops = st.db.execute("SELECT name, node, duration_ns FROM hops").fetchall()
+        assert hops == [(h["name"], h["node"], h["duration_ns"]) for h in whole["hops"]]
+    finally:
+        st.close()
 
 
 def test_durations_and_since() -> None:

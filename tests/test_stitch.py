@@ -137,6 +137,83 @@ def test_pod_node_alone_reports_orphan_upstream_request() -> None:
     assert [h["name"] for h in r["hops"]] == ["decap", "deliver", "app", "route", "encap"]
 
 
+def _drain_node(s: Stitcher, node: str, tl: Timeline) -> list[dict[str, Any]]:
+    """``node``'s whole stream handed over at once, then a final drain (a collector whose
+    every known node went idle)."""
+    t = s.tracker(node)
+    t.feed(tl.sorted(node))
+    s.add(node, t.take(final=True))
+    return s.drain(final=True)
+
+
+@pytest.mark.parametrize("late", ["node2", "node1"])
+def test_a_node_whose_data_comes_late_completes_the_request(late: str) -> None:
+    """A collector drained a request without one node's part (the node's agent was cut
+    off); when that part comes, the request comes out again, as if it had all come at
+    once (same hops to the ns, same clock offset). Without ``late_ns`` it would come out
+    a second time in pieces (an orphan, or a client request without upstream)."""
+    tl = Timeline()
+    truth = cross_node_request(tl)
+    whole = stitch(tl)
+    early = "node1" if late == "node2" else "node2"
+    s = Stitcher(["node1", "node2"], late_ns=60_000_000_000)
+    [first] = _drain_node(s, early, tl)
+    assert "incomplete" in first["flags"], first
+    [again] = _drain_node(s, late, tl)
+    assert again == whole["requests"][0]
+    assert hops(again) == expected_cross(truth)
+    assert s.envelope([], [])["clock_offsets"] == whole["clock_offsets"]
+    assert not s._late_all and not s._revived  # complete: nothing kept for it
+    # without late_ns: the late part is stitched alone, and nothing is completed
+    s = Stitcher(["node1", "node2"])
+    _drain_node(s, early, tl)
+    [alone] = _drain_node(s, late, tl)
+    assert "incomplete" in alone["flags"] or "no_upstream" in alone["flags"], alone
+
+
+def test_late_requests_kept_are_bounded_and_expire() -> None:
+    tl = Timeline()
+    cross_node_request(tl, ray="1111111111111111-DFW")
+    cross_node_request(tl, ray="2222222222222222-DFW", t=5_000_000, cport=40124, uport=51001)
+    s = Stitcher(["node1", "node2"], late_ns=5_000_000_000)
+    s.LATE_MAX = 1
+    assert len(_drain_node(s, "node1", tl)) == 2
+    assert [x.rid for x in s._late_all] == ["2222222222222222-DFW"]  # the newer one
+    # node1's clock 10 s on (later traffic): past late_ns, the kept request is let go
+    s._last["node1"] += 10_000_000_000
+    s.drain(final=True)
+    assert not s._late_all and not s._late and not s._late_rid
+    # node2's part now stands alone: orphans, nothing completed
+    alone = _drain_node(s, "node2", tl)
+    assert len(alone) == 2 and all(r["ingress_node"] is None for r in alone)
+
+
+def test_a_long_stream_keeps_bounded_handshake_state() -> None:
+    """A collector's stitcher never drains ``final`` while traffic goes on: what it keeps
+    of each connection's handshake (for clock samples, for judging SYNs) must be let go
+    by age, not only at the end. 400 connections, one a second, drained as they come."""
+    tl = Timeline()
+    n = 400
+    truths = [cross_node_request(tl, ray=f"{i:016x}-DFW", t=i * 1_000_000_000,
+                                 cport=20000 + i, uport=30000 + i) for i in range(n)]
+    s = Stitcher(["node1", "node2"])
+    streams = {node: tl.sorted(node) for node in ("node1", "node2")}
+    out: list[dict[str, Any]] = []
+    most = 0
+    for k in range(0, n, 10):  # 10 s of traffic at a time, from both nodes
+        end = T0 + (k + 10) * 1_000_000_000
+        for node, obs in streams.items():
+            s.feed(node, [o for o in obs if T0 + k * 1_000_000_000 <= o.ts_real_ns < end])
+        out += s.poll()
+        most = max(most, len(s._hs))
+    out += s.result()["requests"]
+    assert [r["request_id"] for r in out] == [f"{i:016x}-DFW" for i in range(n)]
+    assert all(hops(r) == expected_cross(t) for r, t in zip(out, truths, strict=True))
+    # a SYN and a SYN-ACK per connection, for 2 * HORIZON_NS plus one 10 s step's worth of
+    # connections (kept for good: 2 * n)
+    assert most <= 2 * (2 * s.HORIZON_NS // 1_000_000_000 + 10), most
+
+
 def same_node(tl: Timeline, *, split_headers: bool = False, chunked: bool = False,
               pipelined: int = 1, t: int = 0, ray_prefix: str = "aa") -> list[dict[str, int]]:
     """Keep-alive client connection on node1 served by node1's own pod."""
