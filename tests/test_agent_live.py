@@ -132,7 +132,10 @@ def test_capture_source_gives_the_same_hops_as_tc(testbed: Instance, tmp_path: P
 
 def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
                                                          tmp_path: Path) -> None:
-    """Live agents -> collector (in the replica's 'internet', as on a node) -> trace."""
+    """Live agents -> collector (in the replica's 'internet', as on a node) -> trace.
+
+    The agents only ship and record, as on a node: nothing is stitched in them (no
+    ``--out``)."""
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-the-replica-only-0123456789")
     token.chmod(0o600)
@@ -146,7 +149,7 @@ def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
          "--reference", "node1", "--idle-flush", "1s"], stdout=log, stderr=log)
     try:
         extra = ["--collector", f"{gw}:7000", "--token-file", str(token)]
-        with running_agents(testbed, tmp_path / "agents", extra=extra) as agents:
+        with running_agents(testbed, tmp_path / "agents", extra=extra, stitch=False) as agents:
             recs = run_traffic(testbed.topology, TrafficConfig(
                 count=40, concurrency=2, new_conn_ratio=0.3, seed=25), keep=True).records
         local = stitch_records(agents, NODES)  # the same observations, stitched here

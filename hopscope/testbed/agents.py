@@ -43,8 +43,11 @@ class AgentSet:
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
 
-def start_agent(inst: Instance, node: str, out_dir: Path, extra: Iterable[str] = ()
-                ) -> AgentProc:
+def start_agent(inst: Instance, node: str, out_dir: Path, extra: Iterable[str] = (),
+                stitch: bool = True) -> AgentProc:
+    """One agent in ``node``'s namespace, recording what it sees (``--record``); with
+    ``stitch`` it also stitches in-process (``--out``), else it only records (and ships,
+    given ``--collector`` in ``extra``), as a production agent does."""
     ns = inst.ns(node)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"agent-{node}.json"
@@ -53,8 +56,8 @@ def start_agent(inst: Instance, node: str, out_dir: Path, extra: Iterable[str] =
     ready = out_dir / f"agent-{node}.ready"
     ready.unlink(missing_ok=True)
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "hopscope", "-v", "agent", "run",
-            "--node", node, "--out", str(out), "--record", str(rec), "--ready-file", str(ready),
-            *extra]
+            "--node", node, *(["--out", str(out)] if stitch else []), "--record", str(rec),
+            "--ready-file", str(ready), *extra]
     with open(logf, "wb") as lf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
     a = AgentProc(node, ns, proc, out, rec, logf)
@@ -90,13 +93,13 @@ def remove_stale_in(ns: str) -> None:
 
 @contextlib.contextmanager
 def running_agents(inst: Instance, out_dir: Path, nodes: Iterable[str] | None = None,
-                   extra: Iterable[str] = ()) -> Iterator[AgentSet]:
+                   extra: Iterable[str] = (), stitch: bool = True) -> Iterator[AgentSet]:
     """Agents on ``nodes`` (default all) while the body runs; stopped (detached) after."""
     names = list(nodes) if nodes is not None else [n.name for n in inst.topology.nodes]
     s = AgentSet()
     try:
         for n in names:
-            s.agents[n] = start_agent(inst, n, out_dir, extra)
+            s.agents[n] = start_agent(inst, n, out_dir, extra, stitch)
         yield s
     finally:
         for a in s.agents.values():
