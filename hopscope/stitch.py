@@ -31,6 +31,14 @@ GRACE_NS = 1_000_000_000
 #: completed at most this long before it.
 MATCH_WINDOW_NS = 30_000_000_000
 
+#: Clock offsets are estimated per window of this much time (a sample counts in the
+#: window of its sender's clock), each from the samples of the windows within
+#: OFFSET_SPAN on either side (fewer when those contradict each other), so that clocks
+#: that drift apart over hours (NTP slews them) are followed, not averaged into bounds
+#: that contradict each other.
+OFFSET_WINDOW_NS = 10_000_000_000
+OFFSET_SPAN = 3
+
 _POINT_ORDER = {NIC: 0, OVERLAY: 1, UNDERLAY: 2, POD: 3}
 
 Hop = dict[str, Any]
@@ -176,7 +184,10 @@ class Stitcher:
         self._synacks: dict[tuple[str, object], set[str]] = defaultdict(set)
         self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
         self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        self._pairs: dict[tuple[str, str], _Bounds] = defaultdict(_Bounds)
+        #: per node pair, per window (OFFSET_WINDOW_NS): the bounds its samples gave
+        self._pairs: dict[tuple[str, str], dict[int, _Bounds]] = defaultdict(dict)
+        self._newest_w = 0  # the latest window with a sample
+        self._offs_at: dict[int, tuple[dict[str, Offset], dict[str, int]]] = {}  # cache
         #: eBPF drops: (node, flow) -> {(point, reason): [first ts (node clock), packets]}
         self._kdrops: dict[tuple[str, tuple[bytes, int, bytes, int]],
                            dict[tuple[str, str], list[int]]] = {}
@@ -362,8 +373,10 @@ class Stitcher:
         for late in revived:
             if late.g is not None:
                 self._samples(late.g)
-        self._offs = self._offsets()
-        self._sh = sh = {n: o.offset_ns for n, o in self._offs.items()}
+        self._offs, self._sh = self._offsets_at(self._newest_w)  # the latest
+        sh = self._sh
+        if not final:
+            self._prune_windows()
         drops = self._drops_syn(final, horizon)
         drops += [d for c, g in linked if (d := self._drop_unanswered(c, g, sh)) is not None]
         drops.sort(key=lambda d: (d["first_ns"], d["flow"]))
@@ -376,21 +389,24 @@ class Stitcher:
 
         def requests() -> Iterator[dict[str, Any]]:
             for _start, orphan, c, g in order:
+                offs, shw = self._offsets_at(c.first // OFFSET_WINDOW_NS)  # at its time
                 if orphan:
                     assert g is not None
-                    rec = self._orphan(g, sh)
+                    rec = self._orphan(g, shw)
                     if keep_late:
                         self._keep_late(None, g, rec)
                 else:
-                    rec = self._request(c, g, sh)
+                    rec = self._request(c, g, shw, offs)
                     if keep_late:
                         self._keep_late(c, g, rec)
                 yield rec
             for late in revived:  # once more, with the late data
                 if late.g is None:
                     continue
-                rec = (self._request(late.c, late.g, sh) if late.c is not None
-                       else self._orphan(late.g, sh))
+                first = late.c if late.c is not None else late.g.sightings[0]
+                offs, shw = self._offsets_at(first.first // OFFSET_WINDOW_NS)
+                rec = (self._request(late.c, late.g, shw, offs) if late.c is not None
+                       else self._orphan(late.g, shw))
                 self._forget_late(late)
                 if keep_late:
                     self._keep_late(late.c, late.g, rec)
@@ -568,10 +584,18 @@ class Stitcher:
         ts = _last(times, src)
         tr = _first(times, dst)
         if ts >= 0 and tr >= 0:
+            wins = self._pairs[(a, b)]
+            w = ts // OFFSET_WINDOW_NS
+            bd = wins.get(w)
+            if bd is None:
+                bd = wins[w] = _Bounds()
+                self._newest_w = max(self._newest_w, w)
             if forward:
-                self._pairs[(a, b)].upper(tr - ts)
+                bd.upper(tr - ts)
             else:
-                self._pairs[(a, b)].lower(ts - tr)
+                bd.lower(ts - tr)
+            if self._offs_at:
+                self._offs_at.clear()
 
     def _samples(self, g: _Group) -> None:
         a, b = g.a, g.b
@@ -593,7 +617,58 @@ class Stitcher:
         self._crossing(a, b, req, True)
         self._crossing(a, b, resp, False)
 
-    def _offsets(self) -> dict[str, Offset]:
+    def _offsets_at(self, w: int) -> tuple[dict[str, Offset], dict[str, int]]:
+        """The offsets for window ``w`` (and each node's shift), from the samples of the
+        windows around it: OFFSET_SPAN on either side, or fewer when those contradict
+        each other (the clocks drift apart faster than the bounds are wide)."""
+        got = self._offs_at.get(w)
+        if got is None:
+            offs = None
+            for span in (OFFSET_SPAN, 1):
+                offs = self._offsets(self._window_bounds(w, span), strict=True)
+                if offs is not None:
+                    break
+            if offs is None:
+                offs = self._offsets(self._window_bounds(w, 0), strict=False)
+            assert offs is not None
+            got = self._offs_at[w] = (offs, {n: o.offset_ns for n, o in offs.items()})
+        return got
+
+    def _window_bounds(self, w: int, span: int) -> dict[tuple[str, str], _Bounds]:
+        """Each pair's bounds over the windows within ``span`` of ``w`` (its nearest window
+        when none of them has a sample)."""
+        out: dict[tuple[str, str], _Bounds] = {}
+        for pair, wins in self._pairs.items():
+            if not wins:
+                continue
+            sel = [bd for x in range(w - span, w + span + 1) if (bd := wins.get(x)) is not None]
+            if not sel:
+                sel = [wins[min(wins, key=lambda x: abs(x - w))]]
+            c = out[pair] = _Bounds()
+            for bd in sel:
+                if bd.hi is not None and (c.hi is None or bd.hi < c.hi):
+                    c.hi = bd.hi
+                if bd.lo is not None and (c.lo is None or bd.lo > c.lo):
+                    c.lo = bd.lo
+                c.samples += bd.samples
+        return out
+
+    def _prune_windows(self) -> None:
+        """Forget windows older than any request still to come out may need (each pair
+        keeps its newest)."""
+        sh = self._sh
+        now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
+        oldest = (now - self.HORIZON_NS - self.LINGER_NS - self.late_ns) // OFFSET_WINDOW_NS \
+            - OFFSET_SPAN - 1
+        for wins in self._pairs.values():
+            old = [x for x in wins if x < oldest]
+            if old and len(old) == len(wins):
+                old.remove(max(old))
+            for x in old:
+                del wins[x]
+
+    def _offsets(self, pairs: dict[tuple[str, str], _Bounds],
+                 strict: bool) -> dict[str, Offset] | None:
         """Offsets that satisfy every node pair's bounds at once.
 
         Each pair bounds ``offset(b) - offset(a)`` to ``[lo, hi]``: difference
@@ -603,47 +678,51 @@ class Stitcher:
         midpoint, so the midpoint of those two is a solution too. Thus no hop
         between any two nodes is negative, also between nodes linked only through
         a third. ``error_ns`` is half the spread between the two solutions.
+        Bounds that contradict each other: None when ``strict``, else a warning and
+        each pair's midpoint.
         """
         ref = self.ref
         edges: list[tuple[str, str, int]] = []  # x[v] - x[u] <= w
-        for (a, b), bd in self._pairs.items():
+        for (a, b), bd in pairs.items():
             if bd.hi is not None:
                 edges.append((a, b, bd.hi))
             if bd.lo is not None:
                 edges.append((b, a, -bd.lo))
             if bd.lo is not None and bd.hi is not None and bd.lo > bd.hi:
+                if strict:
+                    return None
                 self._warn(f"clock offset {a}->{b}: the traffic's bounds disagree (clock "
-                           "drift during the capture?)")
+                           "drift faster than the bounds are wide?)")
         nodes = list(dict.fromkeys([ref, *self.nodes]))
         upper = _shortest(ref, nodes, edges)
         lower_d = _shortest(ref, nodes, [(v, u, w) for u, v, w in edges])
         if upper is None or lower_d is None:
+            if strict:
+                return None
             self._warn("clock offsets: the bounds between nodes contradict each other; "
                        "using each pair's midpoint")
-            return self._offsets_by_pairs()
+            return self._offsets_by_pairs(pairs)
         out: dict[str, Offset] = {}
         for n in nodes:
             u, d = upper.get(n), lower_d.get(n)
+            samples = sum(bd.samples for (a, b), bd in pairs.items() if n in (a, b))
             if u is not None and d is not None:
                 lo = -d
-                out[n] = Offset((u + lo) // 2, (u - lo + 1) // 2, self._samples_of(n))
+                out[n] = Offset((u + lo) // 2, (u - lo + 1) // 2, samples)
             elif u is not None or d is not None:
                 # traffic in one direction only: the bound itself, error unknown beyond it
                 self._warn(f"clock offset of {n}: traffic in one direction only; "
                            "the offset is a bound")
-                out[n] = Offset(u if u is not None else -d, 0, self._samples_of(n))  # type: ignore[operator]
+                out[n] = Offset(u if u is not None else -d, 0, samples)  # type: ignore[operator]
             else:
                 out[n] = Offset(0, -1)
         return out
 
-    def _samples_of(self, node: str) -> int:
-        return sum(bd.samples for (a, b), bd in self._pairs.items() if node in (a, b))
-
-    def _offsets_by_pairs(self) -> dict[str, Offset]:
+    def _offsets_by_pairs(self, pairs: dict[tuple[str, str], _Bounds]) -> dict[str, Offset]:
         """The fallback for contradictory bounds: each pair's midpoint, chained from ref."""
         ref = self.ref
         edges: dict[str, list[tuple[str, int, int, int]]] = defaultdict(list)
-        for (a, b), bd in self._pairs.items():
+        for (a, b), bd in pairs.items():
             if bd.lo is None or bd.hi is None:
                 continue
             mid = (bd.lo + bd.hi) // 2
@@ -677,8 +756,8 @@ class Stitcher:
         return next(iter(nodes)) if len(nodes) == 1 else ""
 
     # -- one request ---------------------------------------------------------
-    def _request(self, c: Sighting, g: _Group | None, sh: dict[str, int]) -> dict[str, Any]:
-        offs = self._offs
+    def _request(self, c: Sighting, g: _Group | None, sh: dict[str, int],
+                 offs: dict[str, Offset]) -> dict[str, Any]:
         a = c.node
         flags: set[str] = set(c.flags or ())
         if g is None:

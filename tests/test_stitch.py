@@ -214,6 +214,40 @@ def test_a_long_stream_keeps_bounded_handshake_state() -> None:
     assert most <= 2 * (2 * s.HORIZON_NS // 1_000_000_000 + 10), most
 
 
+@pytest.mark.parametrize("drift", [40_000, 2_000_000])
+def test_clocks_that_drift_apart_are_followed(drift: int) -> None:
+    """node2's clock drifts from node1's by ``drift`` over 30 minutes (40 µs: NTP-disciplined
+    clocks wander so; 2 ms: about 1 ppm). The bounds of the whole run contradict each other
+    early on; the offsets, estimated per window of time, follow the drift: no hop is
+    negative, the wire is right to a few µs, and the stitcher keeps a bounded number of
+    windows while it streams."""
+    tl = Timeline()
+    n, step = 180, 10_000_000_000
+    truths = [cross_node_request(tl, ray=f"{i:016x}-DFW", t=i * step, cport=20000 + i,
+                                 uport=30000 + i, skew_b=drift * i // n) for i in range(n)]
+    s = Stitcher(["node1", "node2"])
+    streams = {node: tl.sorted(node) for node in ("node1", "node2")}
+    out: list[dict[str, Any]] = []
+    most = 0
+    minute = 60_000_000_000
+    for k in range(0, n * step, minute):
+        for node, obs in streams.items():
+            s.feed(node, [o for o in obs if T0 + k <= o.ts_real_ns < T0 + k + minute])
+        out += s.poll()
+        most = max(most, max(len(w) for w in s._pairs.values()))
+    env = s.result()
+    out += env["requests"]
+    assert len(out) == n and not s.warnings
+    for r, t in zip(out, truths, strict=True):
+        assert min(h["duration_ns"] for h in r["hops"]) >= 0, r["request_id"]
+        wire = [h["duration_ns"] for h in r["hops"] if h["name"] == "wire"]
+        assert abs(wire[0] - t["wire_req"]) <= 10_000 and abs(wire[1] - t["wire_resp"]) <= 10_000
+    assert abs(env["clock_offsets"]["node2"]["offset_ns"] - drift * (n - 1) // n) <= 15_000
+    # the windows a request can still need (HORIZON_NS and LINGER_NS back, and the span),
+    # plus a minute fed at a time: not one per 10 s of the whole run (180)
+    assert most <= 20, most
+
+
 def same_node(tl: Timeline, *, split_headers: bool = False, chunked: bool = False,
               pipelined: int = 1, t: int = 0, ray_prefix: str = "aa") -> list[dict[str, int]]:
     """Keep-alive client connection on node1 served by node1's own pod."""
@@ -504,12 +538,14 @@ def test_offsets_satisfy_every_pair_not_only_those_with_the_reference() -> None:
     from hopscope.stitch import _Bounds
 
     s = Stitcher(["node1", "node2", "node3"])
-    s._pairs[("node1", "node2")] = _Bounds(lo=-50_000, hi=10_000)
-    s._pairs[("node1", "node3")] = _Bounds(lo=-10_000, hi=50_000)
-    s._pairs[("node3", "node2")] = _Bounds(lo=-5_000, hi=5_000)
-    offs = s._offsets()
+    pairs: dict[tuple[str, str], _Bounds] = {}
+    pairs[("node1", "node2")] = _Bounds(lo=-50_000, hi=10_000)
+    pairs[("node1", "node3")] = _Bounds(lo=-10_000, hi=50_000)
+    pairs[("node3", "node2")] = _Bounds(lo=-5_000, hi=5_000)
+    offs = s._offsets(pairs, strict=False)
+    assert offs is not None
     assert offs["node1"].offset_ns == 0
-    for (a, b), bd in s._pairs.items():
+    for (a, b), bd in pairs.items():
         assert bd.lo is not None and bd.hi is not None
         assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
     # chaining each node's midpoint through node1 would have put them 40 us apart
@@ -529,6 +565,7 @@ def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[
     nodes = [f"n{i}" for i in range(len(truth))]
     truth = [0, *truth[1:]]
     s = Stitcher(nodes)
+    pairs: dict[tuple[str, str], _Bounds] = {}
     k = 0
     for i in range(len(nodes)):
         for j in range(i + 1, len(nodes)):
@@ -538,10 +575,11 @@ def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[
             fwd, back = delays[k]
             k += 1
             # a segment i -> j gives an upper bound, j -> i a lower bound on truth[j] - truth[i]
-            s._pairs[(nodes[i], nodes[j])] = _Bounds(lo=truth[j] - truth[i] - back,
+            pairs[(nodes[i], nodes[j])] = _Bounds(lo=truth[j] - truth[i] - back,
                                                      hi=truth[j] - truth[i] + fwd)
-    offs = s._offsets()
-    for (a, b), bd in s._pairs.items():
+    offs = s._offsets(pairs, strict=False)
+    assert offs is not None
+    for (a, b), bd in pairs.items():
         assert bd.lo is not None and bd.hi is not None
         if offs[a].error_ns >= 0 and offs[b].error_ns >= 0:
             assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
