@@ -82,8 +82,8 @@ def collector() -> None:
 def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str | None,
           tls_key: str | None, tls_client_ca: str | None, reference: str | None,
           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], idle_flush: str,
-          late_window: str, retention: str, max_db_bytes: int, raw_keep: str, otlp_endpoint: str | None,
-          otlp_headers: tuple[str, ...]) -> None:
+          late_window: str, retention: str, max_db_bytes: int, raw_keep: str,
+          otlp_endpoint: str | None, otlp_headers: tuple[str, ...]) -> None:
     """Receive agents' batches, stitch requests, store them, serve the JSON API.
 
         hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\

@@ -10,9 +10,10 @@ next frames; then, in seq order, the batch is fed to its node's
 Every ``drain_every`` seconds the trackers hand over what they settled to
 one :class:`~hopscope.stitch.Stitcher`, whose finished requests, drops and
 clock offsets are stored (``request_id`` unique, so a request stitched
-twice is stored once, the more complete stitch kept: see ``late_ns``). A restarted collector first
-re-stitches the raw batches it kept (``raw_keep``), so that what it acked
-before a crash but had not finished stitching is not lost.
+twice is stored once: the more complete stitch, see ``late_ns``). A
+restarted collector first re-stitches the raw batches it kept
+(``raw_keep``), so that what it acked before a crash but had not finished
+stitching is not lost.
 
 A node that sent nothing for ``idle_flush`` seconds is flushed (its open
 connections closed, its watermark lifted) so that it does not hold back the

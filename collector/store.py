@@ -155,9 +155,20 @@ def completeness(r: dict[str, Any]) -> tuple[int, int, int]:
     whether it is whole (no ``incomplete``, an upstream request), how many of its ends
     (ingress node, pod node) are known, how many hops it has."""
     flags = r.get("flags") or ()
-    return (("incomplete" not in flags) + ("no_upstream" not in flags),
-            (r.get("ingress_node") is not None) + (r.get("pod_node") is not None),
-            len(r.get("hops") or ()))
+    return _rank("incomplete" in flags, "no_upstream" in flags, r.get("ingress_node"),
+                 r.get("pod_node"), len(r.get("hops") or ()))
+
+
+def _rank(incomplete: bool, no_upstream: bool, ingress: str | None, pod: str | None,
+          hops: int) -> tuple[int, int, int]:
+    return ((not incomplete) + (not no_upstream), (ingress is not None) + (pod is not None),
+            hops)
+
+
+#: a stored request's completeness, from its row (SQLite reads the JSON, not Python)
+_RANK_SQL = ("SELECT id, instr(json_extract(json, '$.flags'), '\"incomplete\"') > 0, "
+             "instr(json_extract(json, '$.flags'), '\"no_upstream\"') > 0, ingress_node, "
+             "pod_node, json_array_length(json, '$.hops') FROM requests WHERE request_id = ?")
 
 
 def _drop_key(d: dict[str, Any]) -> str:
@@ -311,9 +322,8 @@ class SqliteStore:
                     n += 1
                     rowid = cur.lastrowid
                 else:
-                    (rowid, old), = self.db.execute(
-                        "SELECT id, json FROM requests WHERE request_id = ?", (r["request_id"],))
-                    if completeness(r) <= completeness(json.loads(old)):
+                    (rowid, *old), = self.db.execute(_RANK_SQL, (r["request_id"],))
+                    if completeness(r) <= _rank(*old):
                         continue
                     self.db.execute(
                         "UPDATE requests SET start_ns=?, total_ns=?, status=?, path=?, "

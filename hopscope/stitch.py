@@ -530,7 +530,7 @@ class Stitcher:
                 out.append(late)
         if self._late_all:
             sh = self._sh
-            now = max(t - sh.get(n, 0) for n, t in self._last.items())
+            now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
             for late in list(self._late_all):
                 if late.t + self.late_ns > now:
                     break
@@ -971,7 +971,7 @@ class Stitcher:
         if not hs:
             return
         sh = self._sh
-        now = max(t - sh.get(n, 0) for n, t in self._last.items())
+        now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
         keep = max(2 * self.HORIZON_NS, self.late_ns)
         while hs:
             key = next(iter(hs))
