@@ -26,7 +26,7 @@ from hopscope.collector.store import SqliteStore, parse_duration
 
 from hopscope.config import config_option
 from hopscope.errors import HopscopeError, UsageError
-from hopscope.render import drop_lines, fmt_ns, render_envelope, waterfall
+from hopscope.render import drop_lines, fmt_ns, render_envelope, trace_text
 from hopscope.replay import parse_cidrs
 
 log = logging.getLogger(__name__)
@@ -350,12 +350,12 @@ def _dump(body: dict[str, Any]) -> None:
 @click.argument("request_id")
 @_where
 def trace(request_id: str, collector_url: str | None, db: str | None, as_json: bool) -> None:
-    """One request's hops (a waterfall)."""
+    """One request's hops (a waterfall), and the clock offsets they were corrected with."""
     env = _source(collector_url, db)("/trace/" + urllib.parse.quote(request_id, safe=""))
     if as_json:
         _dump(env)
         return
-    click.echo(waterfall(env["requests"][0]))
+    click.echo(trace_text(env))
 
 
 @click.command()

@@ -116,9 +116,11 @@ class Collector:
             self.metrics.registry.register(self.exporter)
 
     def _new_stitcher(self) -> Stitcher:
-        return Stitcher([self.cfg.reference] if self.cfg.reference else [],
-                        reference=self.cfg.reference, cidrs=self.cfg.cidrs,
-                        entry_ports=self.cfg.entry_ports, late_ns=self.cfg.late_ns)
+        st = Stitcher([self.cfg.reference] if self.cfg.reference else [],
+                      reference=self.cfg.reference, cidrs=self.cfg.cidrs,
+                      entry_ports=self.cfg.entry_ports, late_ns=self.cfg.late_ns)
+        st.offsets_used = {}  # stored with each request: what `trace` shows
+        return st
 
     # -- batches -----------------------------------------------------------------
     def _tracker(self, node: str) -> NodeTracker:
@@ -186,7 +188,8 @@ class Collector:
         fresh = self._unstored(reqs)  # metrics and traces: once per request, also on restarts
         fresh_drops = self._unstored_drops(drops)
         replaced = self.store.replaced
-        new = self.store.put_requests(reqs) if reqs else 0
+        used, st.offsets_used = st.offsets_used, {}
+        new = self.store.put_requests(reqs, used) if reqs else 0
         replaced = self.store.replaced - replaced
         if drops:
             self.store.put_drops(drops)
@@ -389,10 +392,10 @@ def api_get(s: SqliteStore, target: str) -> tuple[int, dict[str, Any]]:
         return 200, s.envelope(reqs)
     if path.startswith("/trace/"):
         rid = unquote(path[len("/trace/"):])
-        r = s.get_request(rid)
-        if r is None:
+        env = s.trace(rid)
+        if env is None:
             return 404, {"error": f"no request {rid!r} stored"}
-        return 200, s.envelope([r])
+        return 200, env
     if path == "/stats":
         by = q.get("by") or None
         return 200, {"by": by, "since_ns": resolve_since(s, q.get("since"), anchor),

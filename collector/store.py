@@ -7,8 +7,9 @@ in WAL mode (one writer, readers in other processes do not block it).
 Tables (all times integer nanoseconds):
 
 ``requests``  one row per stitched request (``request_id`` unique): the
-              columns queries filter on, and the whole hop-model request
-              object as JSON
+              columns queries filter on, the whole hop-model request
+              object as JSON, and the clock offsets its hops used
+              (``clock``, JSON; ``trace`` shows them)
 ``hops``      one row per hop of a stored request (for ``hop_stats``)
 ``drops``     one row per drop (unique by node, point, kind, flow, first_ns)
 ``offsets``   per node, the latest clock offset against the reference
@@ -35,7 +36,7 @@ import re
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS requests (
     ingress_node TEXT,
     pod_node TEXT,
     stored_ns INTEGER NOT NULL,
-    json TEXT NOT NULL
+    json TEXT NOT NULL,
+    clock TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_start ON requests(start_ns);
 CREATE INDEX IF NOT EXISTS requests_stored ON requests(stored_ns);
@@ -135,7 +137,8 @@ def parse_duration(text: str, *, default_unit: str = "s") -> int:
 class Store(Protocol):
     """What the collector stores and the query side reads."""
 
-    def put_requests(self, requests: list[dict[str, Any]]) -> int: ...
+    def put_requests(self, requests: list[dict[str, Any]],
+                     clock: Mapping[str, dict[str, dict[str, int]]] | None = None) -> int: ...
     def put_drops(self, drops: list[dict[str, Any]]) -> int: ...
     def put_offsets(self, offsets: dict[str, Any]) -> None: ...
     def query_requests(self, since_ns: int | None = None, until_ns: int | None = None,
@@ -143,6 +146,7 @@ class Store(Protocol):
                        status_class: str | None = None, node: str | None = None,
                        limit: int | None = None) -> list[dict[str, Any]]: ...
     def get_request(self, request_id: str) -> dict[str, Any] | None: ...
+    def trace(self, request_id: str) -> dict[str, Any] | None: ...
     def hop_stats(self, since_ns: int | None = None,
                   by: str | None = None) -> list[dict[str, Any]]: ...
     def query_drops(self, since_ns: int | None = None) -> list[dict[str, Any]]: ...
@@ -223,6 +227,8 @@ class SqliteStore:
                 for c in ("seg", "off", "len"):  # a store from before the segment files
                     if c not in cols:
                         self.db.execute(f"ALTER TABLE batches ADD COLUMN {c} INTEGER")
+                if "clock" not in {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}:
+                    self.db.execute("ALTER TABLE requests ADD COLUMN clock TEXT")
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise UsageError(f"database {self.path}: {exc}") from None
@@ -231,6 +237,9 @@ class SqliteStore:
         self.replaced = 0  # stored requests replaced by a more complete stitch
         self._seg_cols = "seg, off, len" if "seg" in {
             r[1] for r in self.db.execute("PRAGMA table_info(batches)")} else "NULL, NULL, NULL"
+        # a store from before requests kept their clock offsets (read-only: not added)
+        self._clock_col = "clock" if "clock" in {
+            r[1] for r in self.db.execute("PRAGMA table_info(requests)")} else "NULL"
 
     def close(self) -> None:
         self.batch_log.close()
@@ -301,23 +310,29 @@ class SqliteStore:
     def _tx(self) -> SqliteStore._Tx:
         return SqliteStore._Tx(self.db)
 
-    def put_requests(self, requests: list[dict[str, Any]]) -> int:
+    def put_requests(self, requests: list[dict[str, Any]],
+                     clock: Mapping[str, dict[str, dict[str, int]]] | None = None) -> int:
         """Store finished requests; returns the new rows.
 
+        ``clock``: request id -> the clock offsets its hops used (``trace`` shows them).
         A request id already stored keeps its row, unless the new request is more
         complete (:func:`completeness`: a node's data came late and the stitcher
         completed it), which then replaces the row and its hops (counted in
         :attr:`replaced`)."""
         n = 0
         now = time.time_ns()
+        clock = clock or {}
         with self._tx():
             for r in requests:
+                used = clock.get(r["request_id"])
                 row = (r["request_id"], int(r["start_ns"]), r.get("total_ns"), r.get("status"),
                        r.get("path"), r.get("ingress_node"), r.get("pod_node"), now,
-                       json.dumps(r, separators=(",", ":")))
+                       json.dumps(r, separators=(",", ":")),
+                       None if used is None else json.dumps(used, separators=(",", ":")))
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO requests(request_id, start_ns, total_ns, status, path, "
-                    "ingress_node, pod_node, stored_ns, json) VALUES (?,?,?,?,?,?,?,?,?)", row)
+                    "ingress_node, pod_node, stored_ns, json, clock) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    row)
                 if cur.rowcount == 1:
                     n += 1
                     rowid = cur.lastrowid
@@ -327,7 +342,7 @@ class SqliteStore:
                         continue
                     self.db.execute(
                         "UPDATE requests SET start_ns=?, total_ns=?, status=?, path=?, "
-                        "ingress_node=?, pod_node=?, stored_ns=?, json=? WHERE id=?",
+                        "ingress_node=?, pod_node=?, stored_ns=?, json=?, clock=? WHERE id=?",
                         (*row[1:], rowid))
                     self.db.execute("DELETE FROM hops WHERE req = ?", (rowid,))
                     self.replaced += 1
@@ -452,6 +467,18 @@ class SqliteStore:
         row = self.db.execute("SELECT json FROM requests WHERE request_id = ?",
                               (request_id,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
+
+    def trace(self, request_id: str) -> dict[str, Any] | None:
+        """One request's envelope, with the clock offsets its hops used (the latest stored
+        when the request was stored without them)."""
+        row = self.db.execute(f"SELECT json, {self._clock_col} FROM requests "
+                              "WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        env = self.envelope([json.loads(row[0])])
+        if row[1] is not None:
+            env["clock_offsets"] = json.loads(row[1])
+        return env
 
     def hop_stats(self, since_ns: int | None = None,
                   by: str | None = None) -> list[dict[str, Any]]:

@@ -147,13 +147,30 @@ def render_envelope(env: dict[str, Any], *, max_requests: int | None = 20,
         parts.append(drop_lines(drops))
     offs = env.get("clock_offsets") or {}
     if offs:
-        ref = env.get("reference", "")
-        lines = [f"Clock offsets (node minus {ref}):"]
-        for n, o in offs.items():
-            err = "unknown" if o["error_ns"] < 0 else f"± {fmt_ns(o['error_ns'])}"
-            lines.append(f"  {n}: {fmt_ns(o['offset_ns'])} {err}")
-        parts.append("\n".join(lines))
+        parts.append(offset_lines(offs, env.get("reference", "")))
     return "\n\n".join(parts)
+
+
+def offset_lines(offs: dict[str, dict[str, int]], ref: str,
+                 title: str = "Clock offsets") -> str:
+    """Each node's clock minus the reference's, with the estimate's error bound."""
+    lines = [f"{title} (node minus {ref}):"]
+    for n, o in offs.items():
+        err = "unknown" if o["error_ns"] < 0 else f"± {fmt_ns(o['error_ns'])}"
+        lines.append(f"  {n}: {fmt_ns(o['offset_ns'])} {err}")
+    return "\n".join(lines)
+
+
+def trace_text(env: dict[str, Any]) -> str:
+    """One request's waterfall and the clock offsets of the nodes it crossed (those its
+    cross-node hops were corrected with)."""
+    req = env["requests"][0]
+    nodes = {n for h in req["hops"] for n in h["node"].split("->")}
+    offs = {n: o for n, o in (env.get("clock_offsets") or {}).items() if n in nodes}
+    text = waterfall(req)
+    if offs:
+        text += "\n\n" + offset_lines(offs, env.get("reference", ""), "Clock offsets used")
+    return text
 
 
 def _pick(reqs: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

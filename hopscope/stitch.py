@@ -200,6 +200,9 @@ class Stitcher:
         self._late_rid: dict[str, _Late] = {}
         self._late_all: dict[_Late, None] = {}  # oldest first
         self._revived: dict[_Late, None] = {}  # late data came: to come out again
+        #: when a dict (the collector's): request id -> the clock offsets its hops used
+        #: (``clock_offsets`` as the envelope carries them), for each request drained
+        self.offsets_used: dict[str, dict[str, dict[str, int]]] | None = None
         self.drops = []
         for n in nodes:
             self._node(n)
@@ -303,10 +306,13 @@ class Stitcher:
         return {
             "requests": requests,
             "drops": drops,
-            "clock_offsets": {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
-                              for n, o in self._offs.items() if n != self.ref},
+            "clock_offsets": self._clock_json(self._offs),
             "reference": self.ref,
         }
+
+    def _clock_json(self, offs: dict[str, Offset]) -> dict[str, dict[str, int]]:
+        return {n: {"offset_ns": o.offset_ns, "error_ns": o.error_ns}
+                for n, o in offs.items() if n != self.ref}
 
     def drain(self, final: bool = False) -> list[dict[str, Any]]:
         """Requests settled on every node (their state is freed); drops go to :attr:`drops`."""
@@ -386,6 +392,7 @@ class Stitcher:
         order.sort(key=lambda x: (x[0], x[1], x[2].rid))
         self.stats.requests += len(order)
         keep_late = self.late_ns > 0
+        used = self.offsets_used
 
         def requests() -> Iterator[dict[str, Any]]:
             for _start, orphan, c, g in order:
@@ -399,6 +406,8 @@ class Stitcher:
                     rec = self._request(c, g, shw, offs)
                     if keep_late:
                         self._keep_late(c, g, rec)
+                if used is not None:
+                    used[rec["request_id"]] = self._clock_json(offs)
                 yield rec
             for late in revived:  # once more, with the late data
                 if late.g is None:
@@ -410,6 +419,8 @@ class Stitcher:
                 self._forget_late(late)
                 if keep_late:
                     self._keep_late(late.c, late.g, rec)
+                if used is not None:
+                    used[rec["request_id"]] = self._clock_json(offs)
                 yield rec
 
         if lazy:

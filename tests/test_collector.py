@@ -27,6 +27,7 @@ from hopscope.collector.store import SqliteStore, parse_duration, resolve_since
 
 from hopscope.cli import main
 from hopscope.errors import AuthFailed, UsageError
+from hopscope.render import fmt_ns
 from hopscope.replay import replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +130,8 @@ def test_cross_node_trace_matches_replay(tmp_path: Path) -> None:
     for t, r in zip(traces, want["requests"], strict=True):
         assert t["requests"] == [r]
         assert set(t) == {"requests", "drops", "clock_offsets", "reference"}
+        # the offsets this request's hops used (one window: the replay's)
+        assert t["clock_offsets"] == want["clock_offsets"] and want["clock_offsets"]
     # the CLI straight from the database: same request, same hops
     cross = next(r for r in want["requests"] if r["ingress_node"] != r["pod_node"])
     db = str(tmp_path / "collector.db")
@@ -136,6 +139,9 @@ def test_cross_node_trace_matches_replay(tmp_path: Path) -> None:
     assert out["requests"] == [cross]
     text = _cli("trace", cross["request_id"], "--db", db)
     assert cross["request_id"] in text and "wire" in text and "node1->node2" in text
+    off = want["clock_offsets"]["node2"]
+    assert "Clock offsets used (node minus node1):" in text
+    assert f"node2: {fmt_ns(off['offset_ns'])} ± {fmt_ns(off['error_ns'])}" in text
 
 
 def test_replica_three_agents_match_replay(tmp_path: Path) -> None:
@@ -370,6 +376,36 @@ def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
         assert st.get_request(whole["request_id"]) == whole
         hops = st.db.execute("SELECT name, node, duration_ns FROM hops").fetchall()
         assert hops == [(h["name"], h["node"], h["duration_ns"]) for h in whole["hops"]]
+    finally:
+        st.close()
+
+
+def test_trace_from_a_store_without_per_request_offsets(tmp_path: Path) -> None:
+    """A store written before requests kept the offsets their hops used: ``trace`` shows
+    the latest stored ones, also read-only (the CLI's ``--db``), where no column is added."""
+    import sqlite3
+
+    want = _replayed("cross-node-public")
+    cross = next(r for r in want["requests"] if r["ingress_node"] != r["pod_node"])
+    db = tmp_path / "old.db"
+    st = SqliteStore(db)
+    st.put_requests([cross])
+    st.put_offsets(want)
+    st.close()
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE requests DROP COLUMN clock")
+    con.commit()
+    con.close()
+    ro = SqliteStore(db, readonly=True)
+    try:
+        env = ro.trace(cross["request_id"])
+    finally:
+        ro.close()
+    assert env is not None and env["requests"] == [cross]
+    assert env["clock_offsets"] == want["clock_offsets"] and env["reference"] == "node1"
+    st = SqliteStore(db)  # read-write: the column comes back, empty for the old rows
+    try:
+        assert st.trace(cross["request_id"]) == env
     finally:
         st.close()
 

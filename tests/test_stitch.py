@@ -226,6 +226,8 @@ def test_clocks_that_drift_apart_are_followed(drift: int) -> None:
     truths = [cross_node_request(tl, ray=f"{i:016x}-DFW", t=i * step, cport=20000 + i,
                                  uport=30000 + i, skew_b=drift * i // n) for i in range(n)]
     s = Stitcher(["node1", "node2"])
+    used: dict[str, dict[str, dict[str, int]]] = {}
+    s.offsets_used = used
     streams = {node: tl.sorted(node) for node in ("node1", "node2")}
     out: list[dict[str, Any]] = []
     most = 0
@@ -243,6 +245,10 @@ def test_clocks_that_drift_apart_are_followed(drift: int) -> None:
         wire = [h["duration_ns"] for h in r["hops"] if h["name"] == "wire"]
         assert abs(wire[0] - t["wire_req"]) <= 10_000 and abs(wire[1] - t["wire_resp"]) <= 10_000
     assert abs(env["clock_offsets"]["node2"]["offset_ns"] - drift * (n - 1) // n) <= 15_000
+    # each request says which offsets its hops used: its own time's
+    for i, r in enumerate(out):
+        off = used[r["request_id"]]["node2"]
+        assert abs(off["offset_ns"] - drift * i // n) <= off["error_ns"] + 10_000, (i, off)
     # the windows a request can still need (HORIZON_NS and LINGER_NS back, and the span),
     # plus a minute fed at a time: not one per 10 s of the whole run (180)
     assert most <= 20, most
