@@ -112,6 +112,7 @@ class CollectorMetrics:
         self.requests: dict[tuple[str, ...], int] = {}
         self.flags: dict[tuple[str, ...], int] = {}
         self.drops: dict[tuple[str, ...], int] = {}
+        self.completed_late = 0  # stored requests a node's late data completed
         self.agents: dict[str, _Agent] = {}
         self.reference = ""
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -196,6 +197,9 @@ class CollectorMetrics:
                        self.requests)
         yield _counter("hopscope_request_flags", "Stitched requests carrying each flag "
                        "(retransmit, incomplete, no_response, ...).", ["flag"], self.flags)
+        yield _counter("hopscope_requests_completed_late", "Stored requests that a node's "
+                       "late data completed (stitched again, more complete, and replaced).",
+                       [], {(): self.completed_late})
         yield _counter("hopscope_drops", "Drops: connections or requests that died, by the "
                        "node and point that saw them last, kind and kernel reason ('unknown' "
                        "when only captures saw it).", ["node", "point", "kind", "reason"],

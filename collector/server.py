@@ -204,6 +204,7 @@ class Collector:
         if fresh_drops:
             self.metrics.observe_drops(fresh_drops)
         self.stored_requests += new
+        self.metrics.completed_late += replaced
         if reqs:
             log.info("event=stored requests=%d new=%d completed=%d drops=%d total=%d",
                      len(reqs), new, replaced, len(drops), self.stored_requests)

@@ -173,7 +173,7 @@ def test_a_node_that_ships_late_completes_the_stored_requests(tmp_path: Path,
     pairs = dict(_pairs("cross-node-public"))
     early = "node1" if late == "node2" else "node2"
 
-    async def go() -> tuple[list[Any], list[Any], int]:
+    async def go() -> tuple[list[Any], list[Any], int, bytes]:
         c = Collector(_cfg(tmp_path))
         await c.start()
         try:
@@ -183,17 +183,19 @@ def test_a_node_that_ships_late_completes_the_stored_requests(tmp_path: Path,
             await ship(_ship_cfg(c, late, pairs[late]))
             await _settled(c, {early, late})
             env = await _get(c, "/requests?since=10m&limit=1000")
+            metrics, _ = c.metrics.exposition()
         finally:
             await c.stop()
-        return first, env["requests"], c.store.replaced
+        return first, env["requests"], c.store.replaced, metrics
 
-    first, got, replaced = _run(go)
+    first, got, replaced, metrics = _run(go)
     cross = [r for r in want["requests"] if r["ingress_node"] != r["pod_node"]]
     assert cross and all("incomplete" in r["flags"] for r in first
                          if r["request_id"] in {x["request_id"] for x in cross})
     assert sorted(got, key=lambda r: r["request_id"]) == sorted(
         want["requests"], key=lambda r: r["request_id"])
     assert replaced == len(cross)
+    assert f"hopscope_requests_completed_late_total {float(len(cross))}".encode() in metrics
 
 
 def test_requests_filters_stats_counts(tmp_path: Path) -> None:
