@@ -582,7 +582,7 @@ def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[
             k += 1
             # a segment i -> j gives an upper bound, j -> i a lower bound on truth[j] - truth[i]
             pairs[(nodes[i], nodes[j])] = _Bounds(lo=truth[j] - truth[i] - back,
-                                                     hi=truth[j] - truth[i] + fwd)
+                                                  hi=truth[j] - truth[i] + fwd)
     offs = s._offsets(pairs, strict=False)
     assert offs is not None
     for (a, b), bd in pairs.items():
