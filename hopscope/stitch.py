@@ -156,7 +156,7 @@ class Stitcher:
     #: client side) this long after it was seen; connection attempts likewise.
     HORIZON_NS = 60_000_000_000
     #: At most this many incomplete requests are kept for late data (``late_ns``).
-    LATE_MAX = 20_000
+    LATE_MAX = 5_000  # about 4 KB each (its sightings)
 
     def __init__(self, nodes: Iterable[str] = (), *, reference: str | None = None,
                  cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
