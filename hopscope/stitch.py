@@ -615,8 +615,10 @@ class Stitcher:
         flow = g.sightings[0].flow
         if flow not in self._ends:
             self._ends[flow] = (a, b)
-            if len(self._ends) > 200_000:  # bounded: forget the oldest connections
-                for k in list(self._ends)[:100_000]:
+            # bounded (about 350 B an entry): forget the oldest connections; a late copy of
+            # a handshake is needed for minutes at most (HORIZON_NS)
+            if len(self._ends) > 50_000:
+                for k in list(self._ends)[:25_000]:
                     del self._ends[k]
             # the connection's handshake: SYN a -> b, SYN-ACK b -> a
             for kind in ("syn", "synack"):
