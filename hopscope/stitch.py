@@ -182,7 +182,8 @@ class Stitcher:
         self._syns: dict[tuple[object, ...], list[SynRecord]] = defaultdict(list)
         self._hs: dict[tuple[object, ...], dict[tuple[str, str], int]] = defaultdict(dict)
         self._synacks: dict[tuple[str, object], set[str]] = defaultdict(set)
-        self._ends: dict[object, tuple[str, str]] = {}  # upstream flow -> (sender, pod node)
+        #: upstream flow -> (sender, pod node, when: reference time), oldest first
+        self._ends: dict[object, tuple[str, str, int]] = {}
         self._votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         #: per node pair, per window (OFFSET_WINDOW_NS): the bounds its samples gave
         self._pairs: dict[tuple[str, str], dict[int, _Bounds]] = defaultdict(dict)
@@ -614,9 +615,10 @@ class Stitcher:
             return
         flow = g.sightings[0].flow
         if flow not in self._ends:
-            self._ends[flow] = (a, b)
-            # bounded (about 350 B an entry): forget the oldest connections; a late copy of
-            # a handshake is needed for minutes at most (HORIZON_NS)
+            s0 = g.sightings[0]
+            self._ends[flow] = (a, b, s0.first - self._sh.get(s0.node, 0))
+            # let go by age with the handshakes (_expire_handshakes), and bounded (about
+            # 350 B an entry) however fast connections come
             if len(self._ends) > 50_000:
                 for k in list(self._ends)[:25_000]:
                     del self._ends[k]
@@ -977,11 +979,12 @@ class Stitcher:
         return drops
 
     def _expire_handshakes(self) -> None:
-        """Forget handshakes older than ``2 * HORIZON_NS`` (or ``late_ns``): a connection's
-        clock samples are taken when its first request settles, SYNs are judged after
-        ``HORIZON_NS``. Oldest first (insertion order), so each drain costs what expires."""
+        """Forget handshakes, and the connections' ends, older than ``2 * HORIZON_NS`` (or
+        ``late_ns``): a connection's clock samples are taken when its first request
+        settles, SYNs are judged after ``HORIZON_NS``. Oldest first (insertion order), so
+        each drain costs what expires."""
         hs = self._hs
-        if not hs:
+        if not hs and not self._ends:
             return
         sh = self._sh
         now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
@@ -995,6 +998,12 @@ class Stitcher:
             if key[1] == "synack":
                 for n, _p in d:
                     self._synacks.pop((n, key[0]), None)
+        ends = self._ends
+        while ends:
+            flow = next(iter(ends))
+            if ends[flow][2] + keep > now:
+                break
+            del ends[flow]
 
     def _kernel_reason(self, node: str, flow: tuple[bytes, int, bytes, int]) -> str:
         """The drop reason eBPF saw first for a flow's packets on ``node`` (used up)."""

@@ -66,8 +66,21 @@ def test_replayed_requests_equal_ground_truth(testbed: Instance, tmp_path: Path)
                                                   "app", "route", "encap", "wire", "decap", "egress"]
     assert cross > 0
     assert env["drops"] == []
-    for o in env["clock_offsets"].values():  # one machine, one clock
-        assert abs(o["offset_ns"]) <= o["error_ns"] <= 200_000
+    # one machine, one clock: every offset that can be known is 0 within its bound. It
+    # can be known for the nodes tied to the reference (node1) by cross-node requests;
+    # when Traefik's few pooled upstream connections of node1 all went to its own pod,
+    # none are, and the others are rightly unknown (error -1)
+    tied = {"node1"}
+    pairs = {(r["ingress_node"], r["pod_node"]) for r in got.values()}
+    while grow := {b for a, b in pairs if a in tied} | {a for a, b in pairs if b in tied}:
+        if grow <= tied:
+            break
+        tied |= grow
+    for n, o in env["clock_offsets"].items():
+        if n in tied:
+            assert abs(o["offset_ns"]) <= o["error_ns"] <= 200_000, (n, env["clock_offsets"])
+        else:
+            assert o["error_ns"] == -1, (n, env["clock_offsets"])
 
 
 def _hops_of(reqs: list[dict[str, Any]], name: str) -> list[int]:

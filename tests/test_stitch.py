@@ -188,30 +188,48 @@ def test_late_requests_kept_are_bounded_and_expire() -> None:
     assert len(alone) == 2 and all(r["ingress_node"] is None for r in alone)
 
 
-def test_a_long_stream_keeps_bounded_handshake_state() -> None:
-    """A collector's stitcher never drains ``final`` while traffic goes on: what it keeps
-    of each connection's handshake (for clock samples, for judging SYNs) must be let go
-    by age, not only at the end. 400 connections, one a second, drained as they come."""
+def _sizes(s: Stitcher) -> dict[str, int]:
+    """How much each piece of a stitcher's pending state holds."""
+    out = {k: len(getattr(s, k)) for k in (
+        "_hs", "_synacks", "_ends", "_clients", "_groups", "_by_rid", "_no_id", "_syns",
+        "_kdrops", "_late_all")}
+    out["windows"] = sum(len(w) for w in s._pairs.values())
+    for node, t in s.trackers.items():  # (their connections go after IDLE_NS: 5 min)
+        out[f"{node}.sightings"] = len(t.sightings)
+    return out
+
+
+def test_a_long_stream_keeps_bounded_state() -> None:
+    """A collector's stitcher never drains ``final`` while traffic goes on: everything
+    it keeps (a connection's handshake for clock samples and for judging SYNs, clock
+    windows, pending requests, ...) must be let go by age, not only at the end. 400
+    connections, one a second, drained as they come: no piece of state may hold more
+    than a few minutes' worth (the handshakes once grew with every connection)."""
     tl = Timeline()
     n = 400
     truths = [cross_node_request(tl, ray=f"{i:016x}-DFW", t=i * 1_000_000_000,
                                  cport=20000 + i, uport=30000 + i) for i in range(n)]
-    s = Stitcher(["node1", "node2"])
+    s = Stitcher(["node1", "node2"], late_ns=60_000_000_000)
     streams = {node: tl.sorted(node) for node in ("node1", "node2")}
     out: list[dict[str, Any]] = []
-    most = 0
+    most: dict[str, int] = {}
     for k in range(0, n, 10):  # 10 s of traffic at a time, from both nodes
         end = T0 + (k + 10) * 1_000_000_000
         for node, obs in streams.items():
             s.feed(node, [o for o in obs if T0 + k * 1_000_000_000 <= o.ts_real_ns < end])
         out += s.poll()
-        most = max(most, len(s._hs))
+        for key, v in _sizes(s).items():
+            most[key] = max(most.get(key, 0), v)
     out += s.result()["requests"]
     assert [r["request_id"] for r in out] == [f"{i:016x}-DFW" for i in range(n)]
     assert all(hops(r) == expected_cross(t) for r, t in zip(out, truths, strict=True))
     # a SYN and a SYN-ACK per connection, for 2 * HORIZON_NS plus one 10 s step's worth of
     # connections (kept for good: 2 * n)
-    assert most <= 2 * (2 * s.HORIZON_NS // 1_000_000_000 + 10), most
+    window_s = 2 * s.HORIZON_NS // 1_000_000_000 + 10
+    assert most["_hs"] <= 2 * window_s, most
+    # every other piece: a step's worth or a few windows, far below one per connection
+    assert max(v for k, v in most.items() if k not in ("_hs", "_synacks", "_ends")) <= 40, most
+    assert most["_synacks"] <= 2 * window_s and most["_ends"] <= window_s, most  # 2 nodes
 
 
 @pytest.mark.parametrize("drift", [40_000, 2_000_000])
