@@ -65,7 +65,7 @@ def collector() -> None:
               help="Flush a node that sent nothing for this long.")
 @click.option("--late-window", default="5m", show_default=True,
               help="Keep a request stored incomplete this long: a node's data that comes "
-                   "later (an agent that was cut off) completes it.")
+                   "later (an agent that was cut off) completes it (0: off).")
 @click.option("--retention", default="7d", show_default=True,
               help="Keep stored requests and drops this long.")
 @click.option("--max-db-bytes", default=1 << 30, show_default=True, type=int,
