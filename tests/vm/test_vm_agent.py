@@ -126,23 +126,26 @@ def _check_clean_run(inst: Instance, tmp: Path) -> None:
     assert ing[OUTLIERS][0] <= TOL_NS and ing[0][0] <= MAX_NS, ing[:OUTLIERS + 1]
 
 
-def _medians(env: dict[str, Any]) -> dict[str, float]:
+def _minima(env: dict[str, Any]) -> dict[str, int]:
+    """Per hop, its shortest over the run's requests: a hold adds to every request, so to
+    the shortest too, while emulation's noise only ever lengthens some of them."""
     reqs = [r for r in env["requests"] if r["status"] in (200, 201)]
-    out: dict[str, float] = {}
+    out: dict[str, int] = {}
     for name in SPLIT:
-        out[name] = statistics.median(
+        out[name] = min(
             (_child(_ingress(r), name) or {"duration_ns": 0})["duration_ns"] for r in reqs)
-    out["netfilter"] = statistics.median(
+    out["netfilter"] = min(
         (_child(_child(_ingress(r), "kernel_in") or {}, "netfilter") or {"duration_ns": 0}
          )["duration_ns"] for r in reqs)
-    out["egress"] = statistics.median(h["duration_ns"] for r in reqs for h in r["hops"]
-                                      if h["name"] == "egress")
+    out["egress"] = min(h["duration_ns"] for r in reqs for h in r["hops"]
+                        if h["name"] == "egress")
     return out
 
 
 def _check_ufw_hold(inst: Instance, tmp: Path) -> None:
     node = "node1"
-    meds, verdicts = [], []
+    meds: list[dict[str, int]] = []
+    verdicts = []
     for i, hold in enumerate((False, True)):
         with running_agents(inst, tmp / f"hold{i}", nodes=[node]) as agents:
             if hold:
@@ -154,18 +157,20 @@ def _check_ufw_hold(inst: Instance, tmp: Path) -> None:
             finally:
                 faults.clear(inst)
         env = json.loads(agents.agents[node].out.read_text())
-        meds.append(_medians(env))
+        meds.append(_minima(env))
         verdicts.append({(_child(_child(_ingress(r), "kernel_in") or {}, "netfilter") or {}
                           ).get("verdict") for r in env["requests"]})
     base, held = meds
-    # the host checks 20 ms ± 1 ms and the rest within 1 ms; emulated, the holder's own
-    # latency adds ~1 ms and the medians of 12 requests wander by up to ~10 ms: the hold
-    # must still land in kernel_in, and in no other hop
+    # the host checks the medians: 20 ms ± 1 ms and the rest within 1 ms. Emulated, the
+    # holder's own latency adds 2 to 22 ms to a held packet and Traefik's hop ranges from
+    # 4 to 133 ms over 12 requests (a CI run's medians moved by 29 ms in kernel_in and by
+    # 24 ms in proxy+service_nat): the shortest of each hop is what stays put. The hold
+    # must be in every request's kernel_in, and in no other hop of all of them
     moved = held["kernel_in"] - base["kernel_in"]
-    assert 19_000_000 <= moved <= 23_000_000, (base, held)
+    assert 19_000_000 <= moved <= 25_000_000, (base, held)
     for name in (*SPLIT[1:], "egress", "netfilter"):
-        # no other hop gained the hold (they wander, by up to ~10 ms either way, here)
-        assert held[name] - base[name] < 5_000_000, (name, base, held)
+        # no other hop gained the hold (their shortest moved by 6 ms at most so far)
+        assert held[name] - base[name] < 15_000_000, (name, base, held)
     assert verdicts[0] == {"ACCEPT"} and "QUEUED" in verdicts[1], verdicts
 
 
