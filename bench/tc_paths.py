@@ -9,8 +9,8 @@ This bench isolates the programs themselves: ``BPF_PROG_TEST_RUN`` runs
 settings by :class:`~hopscope.agent.bpfprog.AgentProgram`) on crafted frames,
 ``--repeat`` times in the kernel per call, and reports the kernel's own
 average per run, the best of ``--calls`` calls. Beside it, in the same run,
-an empty classifier (``bench/_noop_tc.py``: two instructions) on the same frames: the floor of
-the test-run harness itself. Nothing is attached to any interface; the
+an empty classifier (``bench/_noop_tc.py``: two instructions) on the same
+frames: the floor of the test-run harness itself. Nothing is attached to any interface; the
 interface-role map gets one entry for the loopback device's index (the
 test run's skb is on ``lo``), set per case.
 

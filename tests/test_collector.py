@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import time
 import urllib.request
 from collections import Counter
@@ -385,8 +386,6 @@ def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
 def test_trace_from_a_store_without_per_request_offsets(tmp_path: Path) -> None:
     """A store written before requests kept the offsets their hops used: ``trace`` shows
     the latest stored ones, also read-only (the CLI's ``--db``), where no column is added."""
-    import sqlite3
-
     want = _replayed("cross-node-public")
     cross = next(r for r in want["requests"] if r["ingress_node"] != r["pod_node"])
     db = tmp_path / "old.db"

@@ -202,8 +202,8 @@ def test_pod_point_watched_once_at_the_veths() -> None:
     assert {"enp1s0", "flannel.1", "veth1a2b3c4d"} <= names and "cni0" not in names
     down = [dict(x) for x in IP_LINK]
     down[5] = {**down[5], "operstate": "DOWN"}
-    names = {i.name for i in ft.attached_interfaces(ft.classify_interfaces(down, ["enp1s0"],
-                                                                        IP_ADDR))}
+    names = {i.name for i in ft.attached_interfaces(
+        ft.classify_interfaces(down, ["enp1s0"], IP_ADDR))}
     assert {"enp1s0", "flannel.1", "cni0"} <= names and "veth1a2b3c4d" not in names
 
 
