@@ -10,12 +10,22 @@ on the same bytes, in the same run, interleaved (every repeat runs every
 stage once, so that a drift of the machine's speed hits them all), best of
 ``--repeat``:
 
+* ``encode``: :func:`~hopscope.collector.wire.encode_batch` of every batch
+  (``check=True``), as an agent encodes what it ships: the agent's side;
+  ``encode v1 rows``: the same as schema v1, for comparison;
 * ``bare Unpacker``: ``msgpack.Unpacker(use_list=False)`` iterated over the
   frames' bodies (length prefixes stripped): msgpack's C unpacker building
   Python objects and nothing else. The limit;
+* ``bare Unpacker, v1 rows``: the same over the same observations framed as
+  schema v1 (one array per observation): the limit of the row format;
 * ``decode``: :class:`~hopscope.collector.wire.FrameDecoder` fed the stream
   in ``--read`` byte slices (as from a socket): framing, msgpack, the
-  per-field checks, Observation tuples; each batch dropped once decoded;
+  checks of every column (:class:`~hopscope.collector.wire.ObsColumns`, no
+  Observation built); each batch dropped once decoded;
+* ``decode + rows``: the same, and every batch's Observation tuples built,
+  as a node's tracker gets them;
+* ``decode v1 rows``: the decoder over the v1 stream: the per-field checks
+  and Observation tuples of the row format;
 * ``decode, then store``: decode + the collector's de-duplication
   (:class:`~hopscope.collector.wire.SeqTracker`) + ``put_batches`` of the
   received body, one SQLite (WAL, ``synchronous=NORMAL``) transaction per
@@ -121,16 +131,17 @@ def chunks(reader: CaptureReader, size: int, limit: int | None) -> Iterator[list
         yield buf
 
 
-def build_frames(path: Path, batch: int, limit: int | None) -> tuple[list[bytes], int]:
-    """Framed batches as the agent spools them, and the observation count."""
-    frames: list[bytes] = []
-    n = 0
-    t0 = time.time_ns()
-    for seq, obs in enumerate(chunks(CaptureReader(path, NODE, directions=False), batch, limit)):
-        frames.append(encode_batch(AGENT, seq, NODE, t0 + seq * 1_000_000, obs,
-                                   lost={"ring": 0}, check=True))
-        n += len(obs)
-    return frames, n
+def read_batches(path: Path, batch: int, limit: int | None) -> list[list[Observation]]:
+    """The capture's observations, cut into batches as the agent cuts them."""
+    return list(chunks(CaptureReader(path, NODE, directions=False), batch, limit))
+
+
+def build_frames(batches: list[list[Observation]], version: int = wire.SCHEMA_VERSION,
+                 check: bool = True) -> list[bytes]:
+    """Framed batches as the agent spools them (``check``: as the agent checks them)."""
+    t0 = 1_795_000_000_000_000_000
+    return [encode_batch(AGENT, seq, NODE, t0 + seq * 1_000_000, obs, lost={"ring": 0},
+                         check=check, version=version) for seq, obs in enumerate(batches)]
 
 
 # --------------------------------------------------------------------------
@@ -155,36 +166,44 @@ def timed(fn: Callable[[], dict[str, float] | None]) -> Callable[[], dict[str, f
 
 
 class Bench:
-    def __init__(self, frames: list[bytes], n: int, read: int, drain_every: int,
-                 tmp: str | None) -> None:
+    def __init__(self, frames: list[bytes], frames_v1: list[bytes], n: int, read: int,
+                 drain_every: int, tmp: str | None) -> None:
         self.nframes = len(frames)
         self.n = n
         self.drain_every = drain_every
         self.tmp = tmp
         self.stream = b"".join(frames)
         self.bodies = b"".join(f[4:] for f in frames)
+        self.bodies_v1 = b"".join(f[4:] for f in frames_v1)
+        self.v1_bytes = len(self.bodies_v1) + 4 * len(frames_v1)
         mv = memoryview(self.stream)
         self.reads = [mv[i:i + read] for i in range(0, len(self.stream), read)]
+        mv1 = memoryview(b"".join(frames_v1))
+        self.reads_v1 = [mv1[i:i + read] for i in range(0, len(mv1), read)]
         self.db_bytes = 0
         self.commits = 0
         self.requests = 0
         self.drops = 0
 
-    def frames_in(self) -> Iterator[Batch]:
+    def frames_in(self, v1: bool = False) -> Iterator[Batch]:
         """Every batch frame, as the collector's connection reads them."""
         d = FrameDecoder()
-        for r in self.reads:
+        for r in (self.reads_v1 if v1 else self.reads):
             for f in d.feed(r):
                 assert isinstance(f, Batch)
                 yield f
         d.eof()
 
     # -- (1) the limit
-    def bare(self) -> None:
-        u = msgpack.Unpacker(use_list=False, raw=False, max_buffer_size=len(self.bodies))
-        u.feed(self.bodies)
+    def bare(self, v1: bool = False) -> None:
+        bodies = self.bodies_v1 if v1 else self.bodies
+        u = msgpack.Unpacker(use_list=False, raw=False, max_buffer_size=len(bodies))
+        u.feed(bodies)
         for _ in u:
             pass
+
+    def bare_v1(self) -> None:
+        self.bare(v1=True)
 
     # -- (2)
     def decode(self) -> dict[str, float]:
@@ -193,6 +212,16 @@ class Bench:
             k += len(f.obs)
         assert k == self.n, (k, self.n)
         return {}
+
+    def decode_rows(self, v1: bool = False) -> dict[str, float]:
+        k = 0
+        for f in self.frames_in(v1):
+            k += len(list(f.obs))  # builds v2's rows, as a tracker's feed() does
+        assert k == self.n, (k, self.n)
+        return {}
+
+    def decode_v1(self) -> dict[str, float]:
+        return self.decode_rows(v1=True)
 
     # -- (3) decode and store on one thread, no pipeline
     def inline(self) -> dict[str, float]:
@@ -370,7 +399,8 @@ def report(res: dict[str, Any], out: TextIO) -> None:
     p = print
     p(f"{n:,} observations from {res['capture']} in {res['batches']} batches of"
       f" {res['batch']:,}; {res['wire_bytes']:,} bytes on the wire"
-      f" ({res['wire_bytes'] / n:.0f} per observation); best of {res['repeat']};"
+      f" ({res['wire_bytes'] / n:.0f} per observation; {res['wire_bytes_v1'] / n:.0f} as v1"
+      f" rows); best of {res['repeat']};"
       f" step every {res['drain_every']} batches", file=out)
     p(f"Python {res['python']}, msgpack {res['msgpack']}, SQLite {res['sqlite']};"
       f" database in {res['db_dir']}", file=out)
@@ -380,7 +410,8 @@ def report(res: dict[str, Any], out: TextIO) -> None:
     for name, st in res["stages"].items():
         s = st["seconds"]
         rq = f"{st['requests'] / s:15,.0f}" if "requests" in st else f"{'':15}"
-        p(f"{name:24} {s:9.4f} {n / s:12,.0f} {res['wire_bytes'] / s / 1e6:10.1f} {rq}"
+        nb = res["wire_bytes_v1" if "v1" in name else "wire_bytes"]
+        p(f"{name:24} {s:9.4f} {n / s:12,.0f} {nb / s / 1e6:10.1f} {rq}"
           f" {bare / s:7.2f}", file=out)
     st = res["stages"]["ingest + stitch"]
     p(f"ingest + stitch, best run: through serve_agent {st['serve']:.3f} s (of which step"
@@ -421,18 +452,25 @@ def main(argv: list[str] | None = None) -> int:
 
     path = a.capture or ensure_capture(a.packets)
     t0 = time.perf_counter()
-    frames, n = build_frames(path, a.batch, a.limit)
+    batches = read_batches(path, a.batch, a.limit)
+    n = sum(map(len, batches))
+    frames, frames_v1 = build_frames(batches), build_frames(batches, 1)
     if not n:
         print(f"{path}: no observations", file=sys.stderr)
         return 1
     prep = time.perf_counter() - t0
-    b = Bench(frames, n, a.read, a.drain_every, a.dir)
+    b = Bench(frames, frames_v1, n, a.read, a.drain_every, a.dir)
     nframes = len(frames)
-    del frames  # the bench keeps the stream and the bodies only
+    del frames, frames_v1  # the bench keeps the streams and the bodies only
 
     stages = [
+        Stage("encode", timed(lambda: {"bytes": len(b"".join(build_frames(batches)))})),
+        Stage("encode v1 rows", timed(lambda: {"bytes": len(b"".join(build_frames(batches, 1)))})),
         Stage("bare Unpacker", timed(b.bare)),
+        Stage("bare Unpacker, v1 rows", timed(b.bare_v1)),
         Stage("decode", timed(b.decode)),
+        Stage("decode + rows", timed(b.decode_rows)),
+        Stage("decode v1 rows", timed(b.decode_v1)),
         Stage("decode, then store", b.inline),
         Stage("ingest", b.ingest),
         Stage("ingest over a socket", b.socket_ingest),
@@ -447,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {
         "capture": str(path), "observations": n, "batches": nframes, "batch": a.batch,
-        "wire_bytes": len(b.stream), "repeat": a.repeat, "drain_every": a.drain_every,
+        "wire_bytes": len(b.stream), "wire_bytes_v1": b.v1_bytes, "repeat": a.repeat,
+        "drain_every": a.drain_every,
         "read": a.read, "prepare_seconds": round(prep, 3),
         "python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
         "sqlite": sqlite3.sqlite_version, "db_dir": a.dir or tempfile.gettempdir(),

@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
 """Wire codec speed: hopscope's batch encoder and frame decoder beside a bare msgpack loop.
 
-Observations per second, on the same bytes, best of ``--repeat`` runs:
+Observations per second, the same observations in both schema versions
+(v2: by column, what agents write; v1: one row per observation), best of
+``--repeat`` runs:
 
-* ``encode``: :func:`hopscope.collector.wire.encode_batch`, every batch (framed bytes);
-* ``decode``: :class:`~hopscope.collector.wire.FrameDecoder` fed the whole
-  stream in 64 KiB reads (as from a socket): framing, msgpack, per-batch
-  structure and type checks (every field of every row), Observation tuples;
-  each batch is dropped once decoded, as the bare loops drop their objects;
-* ``  of which row checks``: :func:`~hopscope.collector.wire.check_rows` alone;
-* ``decode, keeping all``: the same, but every Observation is kept (as a
-  collector keeps them until stitched). Slower because of the cyclic garbage
-  collector: Observation is a tuple *subclass*, which CPython never untracks,
-  so every collection of an older generation walks all of them;
-* ``bare Unpacker (lists)``: ``msgpack.Unpacker()`` iterated over the same
-  bodies (the length prefixes stripped), building Python objects and nothing
-  else; ``(tuples)``: the same with ``use_list=False``, as the decoder unpacks.
+* ``encode v2`` / ``v1``: :func:`hopscope.collector.wire.encode_batch`,
+  every batch (framed bytes), ``check=True`` as an agent encodes;
+* ``decode v2`` / ``v1``: :class:`~hopscope.collector.wire.FrameDecoder` fed
+  the whole stream in 64 KiB reads (as from a socket): framing, msgpack,
+  the checks (v2: every column's code, length and indexes; v1: every field
+  of every row), and for v1 the Observation tuples (v2 builds them on first
+  use); each batch is dropped once decoded, as the bare loops drop theirs;
+* ``  of which row checks``: v1's :func:`~hopscope.collector.wire.check_rows` alone;
+* ``decode v2/v1, keeping all``: the same, but every Observation is built
+  and kept (as a collector keeps them until stitched). Slower because of
+  the cyclic garbage collector: Observation is a tuple *subclass*, which
+  CPython never untracks, so every collection of an older generation walks
+  all of them;
+* ``bare Unpacker v2``, ``v1 (lists)``: ``msgpack.Unpacker()`` iterated
+  over the same bodies (the length prefixes stripped), building Python
+  objects and nothing else; ``(tuples)``: with ``use_list=False``, as the
+  decoder unpacks.
 
-The ratio decode / bare is what matters: the price of framing, checks and
-Observation tuples over msgpack's own C unpacker. Target: decode >= 500k
-observations/s.
+Target: decode >= 500k observations/s.
 
     python bench/wire_codec.py                     # 100k observations, batches of 1,000
     python bench/wire_codec.py --batch 5000 --repeat 9
@@ -90,69 +94,78 @@ def main(argv: list[str] | None = None) -> int:
     n = len(obs)
     parts = [obs[i:i + a.batch] for i in range(0, n, a.batch)]
 
-    def enc() -> list[bytes]:
-        return [encode_batch("agent-node1", s, "node1", T0, p, [(5, T0)], {"ring": 0})
-                for s, p in enumerate(parts)]
+    def enc(version: int) -> Callable[[], list[bytes]]:
+        def run() -> list[bytes]:
+            return [encode_batch("agent-node1", s, "node1", T0, p, [(5, T0)], {"ring": 0},
+                                 version=version, check=True) for s, p in enumerate(parts)]
+        return run
 
-    frames = enc()
-    stream = b"".join(frames)
-    bodies = b"".join(f[4:] for f in frames)
-    reads = [stream[i:i + a.read] for i in range(0, len(stream), a.read)]
+    frames = {v: enc(v)() for v in (1, 2)}
+    streams = {v: b"".join(f) for v, f in frames.items()}
+    bodies = {v: b"".join(x[4:] for x in f) for v, f in frames.items()}
+    reads = {v: [st[i:i + a.read] for i in range(0, len(st), a.read)]
+             for v, st in streams.items()}
 
-    def dec() -> int:
-        d = FrameDecoder()
-        k = 0
-        for r in reads:
-            for f in d.feed(r):
-                assert isinstance(f, Batch)
-                k += len(f.obs)
-        d.eof()
-        return k
+    def dec(version: int, keep: bool = False) -> Callable[[], list[Observation] | int]:
+        def run() -> list[Observation] | int:
+            d = FrameDecoder()
+            k = 0
+            got: list[Observation] = []
+            for r in reads[version]:
+                for f in d.feed(r):
+                    assert isinstance(f, Batch)
+                    if keep:
+                        got += f.obs  # v2: builds the rows
+                    else:
+                        k += len(f.obs)
+            d.eof()
+            return got if keep else k
+        return run
 
-    def dec_keep() -> list[Observation]:
-        d = FrameDecoder()
-        got: list[Observation] = []
-        for r in reads:
-            for f in d.feed(r):
-                assert isinstance(f, Batch)
-                got += f.obs
-        d.eof()
-        return got
-
-    row_sets = [msgpack.unpackb(f[4:], use_list=False)["obs"] for f in frames]
+    row_sets = [msgpack.unpackb(f[4:], use_list=False)["obs"] for f in frames[1]]
 
     def checks() -> None:
         for rows in row_sets:
             check_rows(rows)
 
-    def bare(use_list: bool) -> Callable[[], None]:
+    def bare(version: int, use_list: bool) -> Callable[[], None]:
         def run() -> None:
-            u = msgpack.Unpacker(use_list=use_list, max_buffer_size=len(bodies))
-            u.feed(bodies)
+            u = msgpack.Unpacker(use_list=use_list, max_buffer_size=len(bodies[version]))
+            u.feed(bodies[version])
             for _ in u:
                 pass
         return run
 
-    assert dec_keep() == obs and dec() == n, "round trip failed"
+    for v in (1, 2):
+        assert dec(v, keep=True)() == obs and dec(v)() == n, f"v{v} round trip failed"
 
     rows = [
-        ("encode", best(enc, a.repeat)),
-        ("decode", best(dec, a.repeat)),
+        ("encode v2", best(enc(2), a.repeat)),
+        ("encode v1", best(enc(1), a.repeat)),
+        ("decode v2", best(dec(2), a.repeat)),
+        ("decode v2, keeping all", best(dec(2, keep=True), a.repeat)),
+        ("decode v1", best(dec(1), a.repeat)),
         ("  of which row checks", best(checks, a.repeat)),
-        ("decode, keeping all", best(dec_keep, a.repeat)),
-        ("bare Unpacker (lists)", best(bare(True), a.repeat)),
-        ("bare Unpacker (tuples)", best(bare(False), a.repeat)),
+        ("decode v1, keeping all", best(dec(1, keep=True), a.repeat)),
+        ("bare Unpacker v2", best(bare(2, False), a.repeat)),
+        ("bare Unpacker v1 (lists)", best(bare(1, True), a.repeat)),
+        ("bare Unpacker v1 (tuples)", best(bare(1, False), a.repeat)),
     ]
     secs = dict(rows)
-    print(f"{n:,} observations in {len(frames)} batches of {a.batch:,}; {len(stream):,} bytes"
-          f" on the wire ({len(stream) / n:.1f} per observation); best of {a.repeat};"
+    print(f"{n:,} observations in {len(frames[2])} batches of {a.batch:,}; on the wire"
+          f" {len(streams[2]):,} bytes as v2 ({len(streams[2]) / n:.1f} per observation),"
+          f" {len(streams[1]):,} as v1 ({len(streams[1]) / n:.1f}); best of {a.repeat};"
           f" Python {sys.version.split()[0]}, msgpack {msgpack.version}")
-    print(f"{'':24} {'seconds':>9} {'obs/s':>12}")
+    print(f"{'':26} {'seconds':>9} {'obs/s':>12}")
     for name, s in rows:
-        print(f"{name:24} {s:9.4f} {n / s:12,.0f}")
-    for ref in ("bare Unpacker (lists)", "bare Unpacker (tuples)"):
-        print(f"decode speed / {ref} speed: {secs[ref] / secs['decode']:.2f}")
-    ok = n / secs["decode"] >= 500_000
+        print(f"{name:26} {s:9.4f} {n / s:12,.0f}")
+    for v in (2, 1):
+        print(f"decode v{v} speed / bare Unpacker v1 (tuples) speed:"
+              f" {secs['bare Unpacker v1 (tuples)'] / secs[f'decode v{v}']:.2f}")
+    for what in ("encode v{}", "decode v{}", "decode v{}, keeping all"):
+        k2, k1 = what.format(2), what.format(1)
+        print(f"{k2} / {k1} speed: {secs[k1] / secs[k2]:.2f}")
+    ok = n / secs["decode v2"] >= 500_000
     print(f"target decode >= 500,000 obs/s: {'met' if ok else 'NOT met'}")
     return 0
 

@@ -36,7 +36,7 @@ import re
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -195,7 +195,7 @@ def _status_filter(status_class: str) -> tuple[str, list[int]]:
 _ROWS_PER_INSERT = 256
 
 
-def _batch_observations(blob: bytes) -> list[Observation]:
+def _batch_observations(blob: bytes) -> Sequence[Observation]:
     """The observations of a stored batch: a frame body (a msgpack map), or, in stores
     written by earlier versions, the observations alone (a msgpack array)."""
     if blob[:1] and (0x80 <= blob[0] <= 0x8F or blob[0] in (0xDE, 0xDF)):
@@ -287,7 +287,7 @@ class SqliteStore:
             "INSERT OR IGNORE INTO batches(agent, seq, node, received_ns, obs, seg, off, len)"
             f" VALUES {values}", [x for r in rows for x in r])
 
-    def iter_batches(self) -> Iterator[tuple[str, int, str, list[Observation]]]:
+    def iter_batches(self) -> Iterator[tuple[str, int, str, Sequence[Observation]]]:
         """Every retained batch, per agent in seq order: (agent, seq, node, observations)."""
         for agent, seq, node, blob, seg, off, n in self.db.execute(
                 f"SELECT agent, seq, node, obs, {self._seg_cols} FROM batches"

@@ -3,10 +3,13 @@
 A frame is a 4-byte big-endian length followed by that many bytes of
 msgpack: a map with the schema version ``v`` and the frame type ``t``
 (``hello``, ``welcome``, ``batch``, ``ack``, ``error``, ``bye``) plus the
-type's fields. Observations travel as msgpack arrays in
-:class:`~hopscope.model.Observation` field order. The full contract (every
-field, versioning, limits, auth, TLS, the spool, de-duplication) is in
-``docs/wire.md``.
+type's fields. A batch's observations travel by column (schema v2: one
+packed array per :class:`~hopscope.model.Observation` field, strings and
+addresses as indexes into per-batch tables, the payloads concatenated),
+checked on arrival without a Python object per observation
+(:class:`ObsColumns`); v1 batches (one msgpack array per observation) are
+still read. The full contract (every field, versioning, limits, auth, TLS,
+the spool, de-duplication) is in ``docs/wire.md``.
 
 * :func:`encode` / :func:`encode_batch`: frame objects -> framed bytes.
 * :class:`FrameDecoder`: a push decoder (``feed(bytes) -> [frames]``) whose
@@ -33,12 +36,15 @@ import logging
 import os
 import ssl
 import stat
+import struct
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import accumulate, chain, count, repeat
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 import msgpack
 
@@ -57,10 +63,15 @@ from hopscope.model import Observation
 
 log = logging.getLogger(__name__)
 
-#: The schema version this module speaks (the ``v`` of every frame).
-SCHEMA_VERSION = 1
-#: Versions the decoder accepts (``error`` frames are read whatever their version).
-SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+#: The newest schema version this module speaks: the ``v`` of the batches it writes
+#: (columnar, :data:`OBS_COLUMNS_V2`). Every other frame type is unchanged since v1 and
+#: written as ``v`` 1, so that a v1 peer reads it (docs/wire.md, *Versions*).
+SCHEMA_VERSION = 2
+#: The ``v`` of the frames other than batches this module writes.
+CONTROL_VERSION = 1
+#: Versions the decoder accepts (``error`` frames are read whatever their version):
+#: batches of v1 (rows) and v2 (columns); for the other frame types v2 means v1.
+SUPPORTED_VERSIONS = frozenset({1, 2})
 #: Default cap on a frame's body (the length prefix), in bytes.
 MAX_FRAME = 8 << 20
 #: Cap before the peer has authenticated: a hello is a few hundred bytes.
@@ -130,7 +141,8 @@ class Batch:
     seq: int  # per agent, strictly increasing across restarts
     node: str
     ts_real_ns: int  # when the batch was sent (agent's wall clock)
-    obs: list[Observation]
+    #: a list, or (decoded from a v2 frame) :class:`ObsColumns`, rows built on first use
+    obs: Sequence[Observation]
     clock: list[tuple[int, int]] = field(default_factory=list)  # (ts_mono_ns, ts_real_ns)
     lost: dict[str, int] = field(default_factory=dict)  # cumulative since started_ns
     #: the frame's body as received (empty when built locally): what the store keeps,
@@ -200,21 +212,33 @@ def encode_batch(
     *,
     max_frame: int = MAX_FRAME,
     check: bool = False,
+    version: int = SCHEMA_VERSION,
 ) -> bytes:
     """One framed ``batch`` (length prefix included), ready for the socket or the spool.
 
-    ``obs`` are packed as they are (tuples pack fast); with ``check`` they
-    are first validated as the collector will (see :func:`check_rows`), so
-    that a bad batch is refused here rather than spooled and sent forever.
-    Raises :class:`FrameTooLarge` when the batch is over ``max_frame``.
+    Version 2 (the default) packs ``obs`` by column (:func:`_columns`);
+    version 1 as rows, for a collector that reads only v1. Either way
+    :class:`BadFrame` is raised when a field cannot be encoded (v2: a str
+    where an int goes, an int beyond 64 bits) and :class:`FrameTooLarge`
+    when the batch is over ``max_frame``. With ``check`` the batch is also
+    refused unless the collector will accept it (v1: every field's exact
+    type, :func:`check_rows`; v2: the str and bytes fields, as the packed
+    ints are ints by construction), so that a bad batch is refused here
+    rather than spooled and sent forever; the message names the first bad
+    observation and field.
     """
-    if check:
-        check_rows(obs, f"batch {seq}")
-    body = _packb({
-        "v": SCHEMA_VERSION, "t": "batch", "agent": agent, "seq": seq, "node": node,
-        "ts_real_ns": ts_real_ns, "obs": obs, "clock": list(clock),
-        "lost": dict(lost) if lost else {},
-    }, f"batch {seq} of agent {agent!r}")
+    what = f"batch {seq} of agent {agent!r}"
+    head = {"v": version, "t": "batch", "agent": agent, "seq": seq, "node": node,
+            "ts_real_ns": ts_real_ns, "clock": list(clock), "lost": dict(lost) if lost else {}}
+    if version == 2:
+        head.update(_columns(obs, what, check))
+    elif version == 1:
+        if check:
+            check_rows(obs, f"batch {seq}")
+        head["obs"] = obs
+    else:
+        raise ValueError(f"cannot write batches of schema version {version}")
+    body = _packb(head, what)
     return _framed(body, max_frame, f"batch {seq} ({len(obs)} observations)",
                    ": send smaller batches")
 
@@ -230,7 +254,7 @@ def encode(frame: Frame, *, max_frame: int = MAX_FRAME) -> bytes:
     if isinstance(frame, Batch):
         return encode_batch(frame.agent, frame.seq, frame.node, frame.ts_real_ns, frame.obs,
                             frame.clock, frame.lost, max_frame=max_frame)
-    body: dict[str, Any] = {"v": SCHEMA_VERSION}
+    body: dict[str, Any] = {"v": CONTROL_VERSION}
     if isinstance(frame, Hello):
         body.update(t="hello", agent=frame.agent, node=frame.node, token=bytes(frame.token),
                     started_ns=frame.started_ns)
@@ -338,6 +362,246 @@ def _observations(d: dict[Any, Any], what: str) -> list[Observation]:
     return list(map(_new, repeat(Observation, len(rows)), rows))
 
 
+# --------------------------------------------------------------------------
+# Schema v2: a batch's observations by column
+
+#: The columns of a v2 batch, in :class:`Observation` field order: each field's
+#: coding. ``int``: the values themselves, fixed-width; ``str``: an index into the
+#: batch's ``strs`` table; ``addr``: an index into its ``addrs`` table (bytes);
+#: ``blob``: each payload's length, the payloads themselves concatenated in ``blob``.
+OBS_COLUMNS_V2: tuple[tuple[str, str], ...] = (
+    ("ts_real_ns", "int"), ("ts_mono_ns", "int"), ("node", "str"), ("ifname", "str"),
+    ("point", "str"), ("direction", "str"), ("kind", "str"), ("proto", "int"),
+    ("src", "addr"), ("dst", "addr"), ("sport", "int"), ("dport", "int"), ("seq", "int"),
+    ("ack", "int"), ("flags", "int"), ("plen", "int"), ("ip_id", "int"), ("payload", "blob"),
+    ("vni", "int"), ("outer_src", "addr"), ("outer_dst", "addr"),
+)
+
+#: ``array`` type codes allowed per coding, and their widths in bytes. Every column
+#: is little-endian on the wire; an int column takes the narrowest code its values fit.
+_INT_CODES = "bBhHiIq"
+_INDEX_CODES = "BHI"
+_WIDTH = {"b": 1, "B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "q": 8}
+_RANGE = {c: ((0, (1 << 8 * w) - 1) if c.isupper() else (-(1 << 8 * w - 1), (1 << 8 * w - 1) - 1))
+          for c, w in _WIDTH.items()}
+_LITTLE = sys.byteorder == "little"
+_NO_COLUMNS = [b""] * _NF
+_PAYLOAD = Observation._fields.index("payload")
+if {c: array(c).itemsize for c in _WIDTH} != _WIDTH:  # pragma: no cover - exotic C ABIs
+    raise ImportError(f"hopscope.collector.wire needs the array module's usual widths"
+                      f" {_WIDTH}, got {({c: array(c).itemsize for c in _WIDTH})}")
+
+
+def _int_code(lo: int, hi: int) -> str:
+    """The narrowest type code that holds every value in [lo, hi]."""
+    for c in ("BHI" if lo >= 0 else "bhi"):
+        a, b = _RANGE[c]
+        if a <= lo and hi <= b:
+            return c
+    return "q"
+
+
+#: the code an int column is packed with first: what its values fit in practice (a
+#: column that does not fit is packed with the narrowest code that fits, found then)
+_FIRST_CODE = {"ts_real_ns": "q", "ts_mono_ns": "q", "proto": "B", "sport": "H", "dport": "H",
+               "seq": "I", "ack": "I", "flags": "B", "plen": "H", "ip_id": "i", "vni": "i"}
+
+
+@functools.lru_cache(maxsize=256)
+def _struct(n: int, code: str) -> struct.Struct:
+    return struct.Struct(f"<{n}{code}")
+
+
+def _pack_int(n: int, col: Sequence[Any], first: str) -> tuple[str, bytes]:
+    try:
+        return first, _struct(n, first).pack(*col)
+    except struct.error:
+        code = _int_code(min(col), max(col))
+        try:
+            return code, _struct(n, code).pack(*col)
+        except struct.error as exc:
+            raise TypeError(exc) from None
+
+
+def _pack_index(n: int, col: Sequence[Any], pos: dict[Any, int], size: int) -> tuple[str, bytes]:
+    if size <= 0x100:
+        return "B", bytes(map(pos.__getitem__, col))
+    code = _int_code(0, size - 1)
+    return code, _struct(n, code).pack(*map(pos.__getitem__, col))
+
+
+def _columns(obs: Sequence[Observation], what: str, check: bool = False) -> dict[str, Any]:
+    """The v2 fields of a batch: ``n``, ``types``, ``cols``, ``strs``, ``addrs``, ``blob``.
+
+    All in C but the loop over the 21 columns: ``zip(*rows)`` transposes,
+    ``dict.fromkeys`` collects each table's distinct values in order, ``map``
+    turns values into indexes and ``struct`` packs them. With ``check``, the
+    tables and payloads must hold only str and bytes as the collector requires
+    (a few C calls); when they do not, or a field cannot be packed, the
+    message comes from :func:`check_rows` (naming the observation and field).
+    """
+    n = len(obs)
+    if not n:
+        return {"n": 0, "types": "".join("q" if k == "int" else "B" for _, k in OBS_COLUMNS_V2),
+                "cols": _NO_COLUMNS, "strs": [], "addrs": [], "blob": b""}
+    try:
+        return _pack_columns(n, list(zip(*obs, strict=True)), check)
+    except (TypeError, OverflowError, ValueError) as exc:
+        if check:
+            check_rows(obs, what)
+        raise BadFrame(f"cannot encode {what}: {exc}") from None
+
+
+def _pack_columns(n: int, cols: list[tuple[Any, ...]], check: bool) -> dict[str, Any]:
+    if len(cols) != _NF:
+        raise ValueError(f"observations must have {_NF} fields, not {len(cols)}")
+    strs = list(dict.fromkeys(chain.from_iterable(
+        cols[i] for i, (_, k) in enumerate(OBS_COLUMNS_V2) if k == "str")))
+    addrs = list(dict.fromkeys(chain.from_iterable(
+        cols[i] for i, (_, k) in enumerate(OBS_COLUMNS_V2) if k == "addr")))
+    if check and not ({*map(type, strs)} <= {str} and {*map(type, addrs)} <= {bytes}
+                      and {*map(type, cols[_PAYLOAD])} <= {bytes}):
+        raise TypeError("a str or bytes field holds another type")
+    spos = dict(zip(strs, count()))
+    apos = dict(zip(addrs, count()))
+    types = []
+    out = []
+    blob = b""
+    for (name, kind), col in zip(OBS_COLUMNS_V2, cols, strict=True):
+        try:
+            if kind == "int":
+                code, packed = _pack_int(n, col, _FIRST_CODE[name])
+            elif kind == "str":
+                code, packed = _pack_index(n, col, spos, len(strs))
+            elif kind == "addr":
+                code, packed = _pack_index(n, col, apos, len(addrs))
+            else:
+                blob = b"".join(col)
+                code, packed = _pack_int(n, tuple(map(len, col)), "H")
+        except (TypeError, OverflowError) as exc:
+            raise TypeError(f"field {name!r}: {exc}") from None
+        types.append(code)
+        out.append(packed)
+    return {"n": n, "types": "".join(types), "cols": out, "strs": strs, "addrs": addrs,
+            "blob": blob}
+
+
+class ObsColumns(Sequence[Observation]):
+    """The observations of a v2 batch, checked but kept by column until first used.
+
+    What the collector needs before it acks (the count, the stored body) never
+    builds a tuple; the first iteration, index or comparison builds the
+    :class:`Observation` rows (all in C, as :func:`_columns` packs them) and
+    keeps them, dropping the columns.
+    """
+
+    __slots__ = ("_addrs", "_arrays", "_blob", "_n", "_rows", "_strs")
+
+    def __init__(self, n: int, arrays: list[array[int]], strs: tuple[str, ...],
+                 addrs: tuple[bytes, ...], blob: bytes) -> None:
+        self._n = n
+        self._arrays: list[array[int]] | None = arrays
+        self._strs = strs
+        self._addrs = addrs
+        self._blob = blob
+        self._rows: list[Observation] | None = None
+
+    def rows(self) -> list[Observation]:
+        """The observations as :class:`Observation` tuples (built once)."""
+        if self._rows is None:
+            arrays = self._arrays
+            assert arrays is not None
+            blob = self._blob
+            cols: list[Iterable[Any]] = []
+            for (_, kind), a in zip(OBS_COLUMNS_V2, arrays, strict=True):
+                if kind == "int":
+                    cols.append(a)
+                elif kind == "str":
+                    cols.append(map(self._strs.__getitem__, a))
+                elif kind == "addr":
+                    cols.append(map(self._addrs.__getitem__, a))
+                else:
+                    ends = list(accumulate(a))
+                    cols.append(map(blob.__getitem__, map(slice, chain((0,), ends), ends)))
+            self._rows = list(map(_new, repeat(Observation, self._n), zip(*cols, strict=True)))
+            self._arrays = None
+            self._blob = b""
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Observation]:
+        return iter(self.rows())
+
+    @overload
+    def __getitem__(self, i: int) -> Observation: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Observation]: ...
+
+    def __getitem__(self, i: int | slice) -> Observation | list[Observation]:
+        return self.rows()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ObsColumns):
+            return self.rows() == other.rows()
+        if isinstance(other, list | tuple):
+            return self.rows() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{self._n} observations>"
+
+
+def _bins(x: Any, size: int) -> bool:
+    return type(x) is tuple and len(x) == size and {*map(type, x)} <= {bytes}
+
+
+def _obs_columns(d: dict[Any, Any], what: str) -> ObsColumns:
+    """Check a v2 batch's columns (every length, type code and index) and keep them."""
+    n = d.get("n")
+    if type(n) is not int or n < 0:
+        raise BadFrame(f"{what}: field 'n' must be an int >= 0, got {_show(n)}")
+    types: Any = d.get("types")
+    cols: Any = d.get("cols")
+    strs, addrs, blob = d.get("strs", ()), d.get("addrs", ()), d.get("blob", b"")
+    if type(types) is not str or len(types) != _NF:
+        raise BadFrame(f"{what}: field 'types' must be a str of {_NF} type codes")
+    if not _bins(cols, _NF):
+        raise BadFrame(f"{what}: field 'cols' must be an array of {_NF} bin")
+    if type(strs) is not tuple or not {*map(type, strs)} <= {str}:
+        raise BadFrame(f"{what}: field 'strs' must be an array of str")
+    if type(addrs) is not tuple or not {*map(type, addrs)} <= {bytes}:
+        raise BadFrame(f"{what}: field 'addrs' must be an array of bin")
+    if type(blob) is not bytes:
+        raise BadFrame(f"{what}: field 'blob' must be a bin, got {_tname(blob)}")
+    arrays: list[array[int]] = []
+    for (name, kind), code, col in zip(OBS_COLUMNS_V2, types, cols, strict=True):
+        if code not in (_INT_CODES if kind == "int" else _INDEX_CODES):
+            raise BadFrame(f"{what}: column {name!r} has type code {code!r}, allowed:"
+                           f" {_INT_CODES if kind == 'int' else _INDEX_CODES}")
+        if len(col) != n * _WIDTH[code]:
+            raise BadFrame(f"{what}: column {name!r} holds {len(col)} bytes, {n} values of"
+                           f" type {code!r} take {n * _WIDTH[code]}")
+        a = array(code, col)
+        if not _LITTLE:  # pragma: no cover - big-endian hosts
+            a.byteswap()
+        if n and kind != "int":
+            top = len(strs) if kind == "str" else len(addrs) if kind == "addr" else -1
+            if top >= 0 and max(a) >= top:
+                raise BadFrame(f"{what}: column {name!r} indexes entry {max(a)} of a table"
+                               f" of {top}")
+        arrays.append(a)
+    total = sum(arrays[_PAYLOAD])
+    if total != len(blob):
+        raise BadFrame(f"{what}: the payload lengths add up to {total} bytes, 'blob' holds"
+                       f" {len(blob)}")
+    return ObsColumns(n, arrays, strs, addrs, blob)
+
+
 def _clock(d: dict[Any, Any], what: str) -> list[tuple[int, int]]:
     clock = d.get("clock", ())
     if type(clock) is not tuple:
@@ -376,7 +640,8 @@ def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -
         what = f"batch {seq}"
         return Batch(_str(d, "agent", "batch", name=True), seq,
                      _str(d, "node", "batch", name=True), _int(d, "ts_real_ns", "batch"),
-                     _observations(d, what), _clock(d, what), _lost(d, what), bytes(body))
+                     _obs_columns(d, what) if v == 2 else _observations(d, what),
+                     _clock(d, what), _lost(d, what), bytes(body))
     if t == "ack":
         return Ack(_int(d, "seq", "ack", lo=-1))
     if t == "hello":

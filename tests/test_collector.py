@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 import pytest
 from click.testing import CliRunner
 from hopscope.agent.ship import ShipConfig, ship
@@ -337,6 +338,54 @@ def test_restart_mid_stream_exactly_once(tmp_path: Path) -> None:
     finally:
         s.close()
     assert nb == seqs["hopscope-agent@node2"] + 1  # every batch stored once, none missing
+
+
+def test_v1_agents_and_v1_batches_in_the_store_are_still_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent of schema v1 (rows) beside one of v2 (columns), then a restart that
+    re-stitches both kinds of stored batch: the same requests as replay, every time."""
+    want = _replayed("cross-node-public")
+    encode = wire.encode_batch
+    versions: list[tuple[str, int]] = []
+
+    def by_node(*a: Any, **kw: Any) -> bytes:
+        kw["version"] = 1 if a[2] == "node1" else 2
+        versions.append((a[2], kw["version"]))
+        return encode(*a, **kw)
+
+    monkeypatch.setattr(wire, "encode_batch", by_node)
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        c, env = await _collect(tmp_path, "cross-node-public")
+        await c.stop()
+        with sqlite3.connect(tmp_path / "collector.db") as db:  # the results go, the
+            db.execute("PRAGMA foreign_keys=ON")  # batches stay
+            for table in ("hops", "requests", "drops", "offsets"):
+                db.execute(f"DELETE FROM {table}")
+        db.close()
+        c2 = Collector(_cfg(tmp_path))
+        await c2.start()  # restore(): every stored batch is decoded and stitched again
+        try:
+            await _settled(c2, {"node1", "node2"})
+            again = await _get(c2, "/requests?since=10m&limit=100000")
+        finally:
+            await c2.stop()
+        return env, again
+
+    env, again = _run(go)
+    assert {v for n, v in versions if n == "node1"} == {1}
+    assert {v for n, v in versions if n == "node2"} == {2}
+    s = SqliteStore(tmp_path / "collector.db", readonly=True)
+    try:
+        segs = s.db.execute("SELECT node, seg, off, len FROM batches").fetchall()
+        kinds = Counter((node, msgpack.unpackb(s.batch_log.read(seg, off, n))["v"])
+                        for node, seg, off, n in segs)
+        restored = [(node, list(obs)) for _, _, node, obs in s.iter_batches()]
+    finally:
+        s.close()
+    assert set(kinds) == {("node1", 1), ("node2", 2)}
+    assert len(restored) == sum(kinds.values()) and all(obs for _, obs in restored)
+    assert env["requests"] == again["requests"] == want["requests"]
 
 
 def test_garbage_refused_with_a_log_line(tmp_path: Path,

@@ -9,6 +9,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -141,6 +142,12 @@ def test_wire_row_layout_is_the_models() -> None:
     assert tuple(n for n, _ in OBS_FIELDS_V1) == Observation._fields
     hints = typing.get_type_hints(Observation)
     assert [hints[n] for n, _ in OBS_FIELDS_V1] == [t for _, t in OBS_FIELDS_V1]
+    # v2's columns: the same fields in the same order; ints as ints, str by table, bytes by
+    # table but the payload, which is concatenated
+    assert tuple(n for n, _ in wire.OBS_COLUMNS_V2) == Observation._fields
+    want = {int: "int", str: "str", bytes: "addr"}
+    assert [k for _, k in wire.OBS_COLUMNS_V2] == [
+        "blob" if n == "payload" else want[hints[n]] for n in Observation._fields]
 
 
 def test_hello_repr_hides_the_token() -> None:
@@ -155,9 +162,130 @@ def test_encode_refuses_over_the_cap() -> None:
 def test_encode_check_refuses_a_bad_row() -> None:
     bad = obs(2)
     bad[1] = bad[1]._replace(sport="80")  # type: ignore[arg-type]
-    encode_batch("a", 1, "n", 0, bad)  # not checked: the collector would refuse it
-    with pytest.raises(BadFrame, match=r"observation 1 field 'sport' must be int, got str"):
-        encode_batch("a", 1, "n", 0, bad, check=True)
+    encode_batch("a", 1, "n", 0, bad, version=1)  # rows, not checked: the collector refuses it
+    with pytest.raises(BadFrame, match=r"cannot encode batch 1 of agent 'a': field 'sport'"):
+        encode_batch("a", 1, "n", 0, bad)  # a column must be all ints
+    for version in (1, 2):
+        with pytest.raises(BadFrame, match=r"observation 1 field 'sport' must be int, got str"):
+            encode_batch("a", 1, "n", 0, bad, check=True, version=version)
+        for i, over in enumerate([{"node": b"n"}, {"src": "10.0.0.1"}, {"payload": "GET"},
+                                  {"outer_dst": None}, {"kind": 7}]):
+            rows = obs(3)
+            rows[i % 3] = rows[i % 3]._replace(**over)
+            (name,) = over
+            with pytest.raises(BadFrame, match=rf"observation {i % 3} field '{name}' must be"):
+                encode_batch("a", 1, "n", 0, rows, check=True, version=version)
+    with pytest.raises(BadFrame, match=r"field 'seq': argument out of range"):
+        encode_batch("a", 1, "n", 0, [obs(1)[0]._replace(seq=1 << 64)])
+    with pytest.raises(BadFrame, match="must have 21 fields"):
+        encode_batch("a", 1, "n", 0, [obs(1)[0][:20]])  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------
+# Schema v2: batches by column
+
+
+def test_v1_and_v2_batches_carry_the_same_observations() -> None:
+    """v2 is what agents write; v1 rows (old agents, old spools and stores) still decode."""
+    sent = obs(50)
+    one, two = (encode_batch("a1", 7, "node1", T0, sent, [(1, 2)], {"x": 1}, version=v)
+                for v in (1, 2))
+    assert msgpack.unpackb(one[4:])["v"] == 1 and "obs" in msgpack.unpackb(one[4:])
+    assert msgpack.unpackb(two[4:])["v"] == 2 and "cols" in msgpack.unpackb(two[4:])
+    (b1,), (b2,) = decode_all(one), decode_all(two)
+    assert isinstance(b1, Batch) and isinstance(b2, Batch)
+    assert list(b1.obs) == list(b2.obs) == sent
+    assert [type(x) for o in b2.obs for x in o] == [type(x) for o in sent for x in o]
+    assert (b1.clock, b1.lost) == (b2.clock, b2.lost) == ([(1, 2)], {"x": 1})
+    assert len(two) < len(one)
+
+
+def test_v2_rows_are_built_on_first_use_only() -> None:
+    (b,) = decode_all(encode_batch("a1", 1, "node1", T0, obs(20)))
+    assert isinstance(b, Batch) and isinstance(b.obs, wire.ObsColumns)
+    assert len(b.obs) == 20 and bool(b.obs) and repr(b.obs) == "<20 observations>"
+    assert b.obs._rows is None  # what the collector does before it acks builds no tuple
+    assert b.obs[3] == obs(20)[3] and b.obs[-2:] == obs(20)[-2:]
+    assert b.obs._rows is not None and b.obs._arrays is None  # the columns are let go
+    assert b.obs == obs(20) and b.obs == tuple(obs(20)) and b.obs != obs(19)
+    (e,) = decode_all(encode_batch("a1", 2, "node1", T0, []))
+    assert isinstance(e, Batch) and len(e.obs) == 0 and list(e.obs) == [] and not e.obs
+
+
+def test_v2_columns_widen_to_what_their_values_need() -> None:
+    """Each int column takes the narrowest code that fits; any int64 value round-trips."""
+    o = obs(3)
+    wide = [o[0]._replace(flags=300, plen=70_000, sport=0, proto=255, ip_id=-1, vni=-1),
+            o[1]._replace(seq=0, ack=(1 << 32) - 1, flags=-5, ts_mono_ns=-(1 << 63)),
+            o[2]._replace(plen=0, ts_real_ns=(1 << 63) - 1, vni=(1 << 40))]
+    data = encode_batch("a", 1, "n", 0, wide)
+    types = dict(zip(Observation._fields, msgpack.unpackb(data[4:])["types"], strict=True))
+    assert (types["flags"], types["plen"], types["proto"], types["vni"]) == ("h", "I", "B", "q")
+    assert (types["ts_real_ns"], types["seq"], types["ack"]) == ("q", "I", "I")
+    (b,) = decode_all(data)
+    assert isinstance(b, Batch) and list(b.obs) == wide
+    many = [o[0]._replace(src=i.to_bytes(4, "big"), ifname=f"veth{i}") for i in range(300)]
+    m = msgpack.unpackb(encode_batch("a", 1, "n", 0, many)[4:])
+    assert len(m["addrs"]) == 302 and m["types"][col("src")] == "H"
+    (b,) = decode_all(encode_batch("a", 1, "n", 0, many))
+    assert isinstance(b, Batch) and list(b.obs) == many
+
+
+def v2_map(**over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = msgpack.unpackb(encode_batch("a1", 1, "node1", T0, obs(3))[4:])
+    d.update(over)
+    return d
+
+
+def col(name: str) -> int:
+    return Observation._fields.index(name)
+
+
+def with_col(name: str, data: bytes, code: str | None = None) -> dict[str, Any]:
+    m = v2_map()
+    m["cols"][col(name)] = data
+    if code is not None:
+        t = list(m["types"])
+        t[col(name)] = code
+        m["types"] = "".join(t)
+    return m
+
+
+@pytest.mark.parametrize(("frame", "msg"), [
+    (v2_map(n=-1), "field 'n' must be an int >= 0, got -1"),
+    (v2_map(n=4), "column 'ts_real_ns' holds 24 bytes, 4 values of type 'q' take 32"),
+    (v2_map(n=True), "field 'n' must be an int >= 0, got True"),
+    (v2_map(types="q" * 20), "field 'types' must be a str of 21 type codes"),
+    (v2_map(types=None), "field 'types' must be a str of 21 type codes"),
+    (v2_map(cols=[b""] * 20), "field 'cols' must be an array of 21 bin"),
+    (v2_map(cols=["x"] * 21), "field 'cols' must be an array of 21 bin"),
+    (v2_map(strs=["a", b"b"]), "field 'strs' must be an array of str"),
+    (v2_map(addrs=["10.0.0.1"]), "field 'addrs' must be an array of bin"),
+    (v2_map(blob="GET"), "field 'blob' must be a bin, got str"),
+    (with_col("seq", b"\x00" * 24, "d"), "column 'seq' has type code 'd', allowed: bBhHiIq"),
+    (with_col("seq", b"\x00" * 24, "Q"), "column 'seq' has type code 'Q'"),
+    (with_col("node", b"\x00" * 3, "b"), "column 'node' has type code 'b', allowed: BHI"),
+    (with_col("seq", b"\x00" * 11), "column 'seq' holds 11 bytes, 3 values of type 'I' take 12"),
+    (with_col("ifname", b"\x00\x01c"), "column 'ifname' indexes entry 99 of a table of"),
+    (with_col("src", b"\x00\x01c"), "column 'src' indexes entry 99 of a table of"),
+    (with_col("payload", b"\x00\x00\x00\x00\x00\x01", "H"),
+     "the payload lengths add up to 256 bytes, 'blob' holds 48"),
+    (v2_map(blob=b"x" * 33), "the payload lengths add up to 48 bytes, 'blob' holds 33"),
+])
+def test_bad_v2_batches_are_refused_with_a_clear_message(frame: dict[str, Any], msg: str) -> None:
+    with pytest.raises(BadFrame, match=re.escape(msg)) as info:
+        decode_all(body(frame))
+    assert "\n" not in str(info.value) and str(info.value).startswith("batch 1: ")
+
+
+def test_frames_other_than_batches_are_written_as_v1() -> None:
+    """Their fields are unchanged since v1, so a collector or agent of v1 reads them."""
+    for f in ALL_FRAMES:
+        v = msgpack.unpackb(encode(f)[4:])["v"]
+        assert v == (2 if isinstance(f, Batch) else 1)
+    for v in (1, 2):
+        (f,) = decode_all(body({"v": v, "t": "ack", "seq": 4}))
+        assert f == Ack(4)
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +293,7 @@ def test_encode_check_refuses_a_bad_row() -> None:
 
 
 @pytest.mark.parametrize(("frame", "exc", "msg"), [
-    (batch_map(v=2), BadVersion, "schema version 2 is not supported"),
+    (batch_map(v=3), BadVersion, "schema version 3 is not supported"),
     (batch_map(v="1"), BadFrame, "'v' must be an int"),
     ({"t": "ack", "seq": 1}, BadFrame, "no schema version"),
     ({"v": 1, "seq": 1}, BadFrame, "no type"),
@@ -416,6 +544,41 @@ def test_plausible_maps_raise_only_wire_errors(t: str, extra: dict[str, Any],
         decode_all(body(m))
 
 
+codes = st.text(st.sampled_from("bBhHiIqQdfx"), min_size=21, max_size=21)
+
+
+@PROPS
+@given(st.lists(observations, max_size=5), st.data())
+def test_plausible_v2_batches_raise_only_wire_errors_and_their_rows_build(
+        rows: list[Observation], data: st.DataObject) -> None:
+    """Columns, codes, tables and counts altered at random: a batch either is refused
+    with a wire error or decodes to rows that build (later, in the collector) without one."""
+    m: dict[str, Any] = msgpack.unpackb(encode_batch("a", 1, "n", 0, rows)[4:])
+    for key in data.draw(st.lists(st.sampled_from(["n", "types", "cols", "strs", "addrs",
+                                                   "blob", "one col"]), max_size=3)):
+        if key == "n":
+            m["n"] = data.draw(st.integers(-2, 8) | msgpack_values)
+        elif key == "types":
+            m["types"] = data.draw(codes | msgpack_values)
+        elif key == "cols":
+            m["cols"] = data.draw(st.lists(st.binary(max_size=40), min_size=20, max_size=22))
+        elif key == "one col":
+            m["cols"][data.draw(st.integers(0, 20))] = data.draw(st.binary(max_size=40))
+        elif key == "strs":
+            m["strs"] = data.draw(st.lists(st.text(max_size=4) | st.binary(max_size=4),
+                                           max_size=4))
+        elif key == "addrs":
+            m["addrs"] = data.draw(st.lists(st.binary(max_size=16), max_size=4))
+        else:
+            m["blob"] = data.draw(st.binary(max_size=64))
+    try:
+        (b,) = decode_all(body(m))
+    except WireError:
+        return
+    assert isinstance(b, Batch) and len(list(b.obs)) == len(b.obs)
+    assert all(type(o) is Observation and len(o) == 21 for o in b.obs)
+
+
 @PROPS
 @given(st.lists(frames_st, min_size=1, max_size=5), st.lists(st.integers(0, 1 << 16),
        max_size=16))
@@ -646,18 +809,18 @@ def test_loopback_wrong_version_is_refused(caplog: pytest.LogCaptureFixture) -> 
     async def main() -> None:
         async with collector() as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
-            w.write(body({"v": 2, "t": "hello", "agent": "a", "node": "n", "token": TOKEN,
+            w.write(body({"v": 3, "t": "hello", "agent": "a", "node": "n", "token": TOKEN,
                           "started_ns": 1}))
             f = await wire.read_frame(r)
             assert isinstance(f, ErrorFrame) and f.code == "version"
-            with pytest.raises(BadVersion, match="schema version 2 is not supported"):
+            with pytest.raises(BadVersion, match="schema version 3 is not supported"):
                 raise wire.error_from_frame(f)
             with pytest.raises(PeerClosed):
                 await wire.read_frame(r)
             await wire.close_writer(w)
 
     run(main())
-    assert "schema version 2 is not supported (this side speaks 1)" in refusal(caplog)
+    assert "schema version 3 is not supported (this side speaks 2)" in refusal(caplog)
 
 
 @pytest.mark.parametrize(("garbage", "code", "logged"), [
