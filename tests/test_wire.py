@@ -562,8 +562,9 @@ def test_plausible_v2_batches_raise_only_wire_errors_and_their_rows_build(
             m["types"] = data.draw(codes | msgpack_values)
         elif key == "cols":
             m["cols"] = data.draw(st.lists(st.binary(max_size=40), min_size=20, max_size=22))
-        elif key == "one col":
-            m["cols"][data.draw(st.integers(0, 20))] = data.draw(st.binary(max_size=40))
+        elif key == "one col" and m["cols"]:  # of 21, or of what "cols" drew
+            m["cols"][data.draw(st.integers(0, len(m["cols"]) - 1))] = data.draw(
+                st.binary(max_size=40))
         elif key == "strs":
             m["strs"] = data.draw(st.lists(st.text(max_size=4) | st.binary(max_size=4),
                                            max_size=4))
