@@ -73,6 +73,9 @@ def collector() -> None:
                    " database and its segment files).")
 @click.option("--raw-keep", default="15m", show_default=True,
               help="Keep the agents' raw batches this long (re-stitched after a restart).")
+@click.option("--feed-backlog", default=64 << 20, show_default=True, type=int,
+              help="Bytes of acked batches that may wait for the stitcher; above it, acks"
+                   " wait (a burst is taken in at full speed up to this much).")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
               help="Export every stitched request as a trace, OTLP/HTTP protobuf (e.g. "
                    "http://tempo:4318; no path: /v1/traces). Off by default.")
@@ -83,7 +86,7 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
           tls_key: str | None, tls_client_ca: str | None, reference: str | None,
           pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], idle_flush: str,
           late_window: str, retention: str, max_db_bytes: int, raw_keep: str,
-          otlp_endpoint: str | None, otlp_headers: tuple[str, ...]) -> None:
+          feed_backlog: int, otlp_endpoint: str | None, otlp_headers: tuple[str, ...]) -> None:
     """Receive agents' batches, stitch requests, store them, serve the JSON API.
 
         hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\
@@ -100,7 +103,7 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
         entry_ports=entry_ports, idle_flush=parse_duration(idle_flush) / 1e9,
         late_ns=parse_duration(late_window),
         max_age_ns=parse_duration(retention), max_bytes=max_db_bytes,
-        raw_keep_ns=parse_duration(raw_keep),
+        raw_keep_ns=parse_duration(raw_keep), feed_backlog=feed_backlog,
         otlp=otlp_config(otlp_endpoint, otlp_headers))
     logging.getLogger("hopscope").setLevel(min(logging.getLogger().level, logging.INFO))
     asyncio.run(Collector(cfg).serve_forever())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +116,8 @@ class CollectorMetrics:
         self.agents: dict[str, _Agent] = {}
         self.reference = ""
         self.offsets: dict[str, tuple[int, int]] = {}
+        #: () -> (batches, bytes) acked and waiting for the stitcher, and feed errors so far
+        self.feed_state: Callable[[], tuple[int, int, int]] | None = None
         self.registry.register(self)
         if process:
             ProcessCollector(namespace="hopscope_collector", registry=self.registry)
@@ -245,3 +247,12 @@ class CollectorMetrics:
             for src, n in sorted(a.lost.items()):
                 lost.add_metric([*lab, src], float(n))
         yield from (batches, obs, lost, samples, wall, last)
+        if self.feed_state is not None:
+            nb, nbytes, errors = self.feed_state()
+            yield GaugeMetricFamily("hopscope_feed_backlog_batches", "Batches acked (durable) "
+                                    "and waiting for the stitcher.", value=float(nb))
+            yield GaugeMetricFamily("hopscope_feed_backlog_bytes", "Their bodies' bytes (the "
+                                    "acks wait above --feed-backlog).", value=float(nbytes))
+            yield CounterMetricFamily("hopscope_feed_errors", "Batches the stitcher's feed "
+                                      "failed on (stored; a restart stitches them again).",
+                                      value=float(errors))

@@ -5,8 +5,12 @@ batch is decoded): the :class:`~hopscope.collector.writer.BatchWriter`
 thread appends the batch as received to a segment file (synced), then
 writes its row and the agent's new seq in **one statement** (batches that
 wait meanwhile share the write), while the event loop reads and decodes the
-next frames; then, in seq order, the batch is fed to its node's
-:class:`~hopscope.tcpflow.NodeTracker`. The ack goes out after the commit.
+next frames. The ack goes out after the commit; the batch then waits in a
+bounded queue (``feed_backlog`` bytes; above it the acks wait too) for the
+feeder task, which hands it, in arrival order, to its node's
+:class:`~hopscope.tcpflow.NodeTracker`: a burst (agents replaying their
+spools) is taken in at the speed of decoding and writing, and stitched as
+fast as the trackers go.
 Every ``drain_every`` seconds the trackers hand over what they settled to
 one :class:`~hopscope.stitch.Stitcher`, whose finished requests, drops and
 clock offsets are stored (``request_id`` unique, so a request stitched
@@ -30,6 +34,7 @@ import logging
 import signal
 import ssl
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +75,9 @@ class CollectorConfig:
     prune_every: float = 60.0
     hello_timeout: float = 10.0
     otlp: OtlpConfig | None = None  # export stitched requests as OTLP traces (off: None)
+    #: bytes of durable batches (their bodies) that may wait for their node's tracker;
+    #: above it, acks wait until the trackers catch up (backpressure on the agents)
+    feed_backlog: int = 64 << 20
 
 
 def _first_new(keys: list[str], items: list[dict[str, Any]], have: set[str]
@@ -81,6 +89,12 @@ def _first_new(keys: list[str], items: list[dict[str, Any]], have: set[str]
             have.add(k)
             out.append(it)
     return out
+
+
+def _cost(b: wire.Batch) -> int:
+    """A queued batch's weight against ``feed_backlog``: its body's bytes (a batch built
+    in-process, without one, about what its body would be)."""
+    return len(b.body) or 700 * len(b.obs)
 
 
 def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
@@ -102,6 +116,15 @@ class Collector:
         self.trackers: dict[str, NodeTracker] = {}
         self.last_seen: dict[str, float] = {}
         self.flushed: set[str] = set()
+        #: durable batches waiting for their tracker (the feeder's queue), their bytes,
+        #: and how many per node (a node with batches waiting is not idle)
+        self._unfed: deque[wire.Batch] = deque()
+        self._unfed_bytes = 0
+        self._unfed_nodes: Counter[str] = Counter()
+        self._wake: asyncio.Event | None = None  # the feeder's; made in the running loop
+        self._room: asyncio.Event | None = None  # set while the backlog is under its cap
+        self._stopping = False
+        self.feed_errors = 0
         self.batches = 0
         self.stored_requests = 0
         self.agent_port = 0
@@ -111,6 +134,7 @@ class Collector:
         self._conns: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.metrics = CollectorMetrics()
+        self.metrics.feed_state = lambda: (len(self._unfed), self._unfed_bytes, self.feed_errors)
         self.exporter = OtlpExporter(cfg.otlp, collector=cfg.name) if cfg.otlp else None
         if self.exporter is not None:
             self.metrics.registry.register(self.exporter)
@@ -130,30 +154,81 @@ class Collector:
         return t
 
     def store_batch(self, batch: wire.Batch) -> Awaitable[None] | None:
-        """Durable first (batch + seq in one transaction), then into the node's tracker.
+        """Durable first (batch + seq in one transaction), then queued for its tracker.
 
-        With the writer thread running, the batch is queued now and the awaitable
-        returned completes once it is durable and fed (``serve_agent`` awaits them
-        in order); without it (before ``start``), it is stored and fed at once."""
+        With the writer thread running, the batch is queued for it now and the
+        awaitable returned completes once the batch is durable and in the feeder's
+        queue, or, while that queue is over ``feed_backlog`` bytes, once the feeder
+        has caught up (``serve_agent`` acks when it completes); without the writer
+        (before ``start``), the batch is stored and fed at once."""
         if self.writer is None:
             self.store.put_batches([(batch.agent, batch.seq, batch.node, wire.batch_body(batch))])
             self.took(batch)
             return None
-        return self._took_when(self.writer.queue(batch), batch)
+        return self._queued_when(self.writer.queue(batch), batch)
 
-    async def _took_when(self, durable: asyncio.Future[None], batch: wire.Batch) -> None:
+    async def _queued_when(self, durable: asyncio.Future[None], batch: wire.Batch) -> None:
         await durable
-        self.took(batch)
+        self.arrived(batch)
+        self._unfed.append(batch)
+        self._unfed_bytes += _cost(batch)
+        self._unfed_nodes[batch.node] += 1
+        assert self._wake is not None and self._room is not None  # made by start_feeder()
+        self._wake.set()
+        while self._unfed_bytes > self.cfg.feed_backlog and not self._stopping:
+            self._room.clear()
+            await self._room.wait()
 
-    def took(self, batch: wire.Batch) -> None:
-        """A stored batch: counted, and fed to its node's tracker."""
+    def arrived(self, batch: wire.Batch) -> None:
+        """A durable batch: counted; its node is not idle."""
         self.batches += 1
         self.last_seen[batch.node] = time.monotonic()
         self.flushed.discard(batch.node)
         self.metrics.observe_batch(batch.agent, batch.node, len(batch.obs), batch.clock,
                                    batch.lost)
+
+    def took(self, batch: wire.Batch) -> None:
+        """A stored batch: counted, and fed to its node's tracker at once."""
+        self.arrived(batch)
         if batch.obs:
             self._tracker(batch.node).feed(batch.obs)
+
+    def start_feeder(self) -> asyncio.Task[None]:
+        """The feeder task (in the running loop): queued batches into their trackers."""
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        return asyncio.create_task(self._feed_loop())
+
+    async def _feed_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            while not self._unfed:
+                self._wake.clear()
+                await self._wake.wait()
+            self.feed_next()
+            await asyncio.sleep(0)  # the connections read and ack between two batches
+
+    def feed_next(self) -> None:
+        """Hand the oldest queued batch to its node's tracker."""
+        b = self._unfed.popleft()
+        self._unfed_bytes -= _cost(b)
+        self._unfed_nodes[b.node] -= 1
+        if not self._unfed_nodes[b.node]:
+            del self._unfed_nodes[b.node]
+        try:
+            if b.obs:
+                self._tracker(b.node).feed(b.obs)
+        except Exception:  # the batch is stored: a restart stitches it again (restore)
+            self.feed_errors += 1
+            log.exception("event=feed_failed agent=%s seq=%d node=%s", b.agent, b.seq, b.node)
+        if self._room is not None and self._unfed_bytes <= self.cfg.feed_backlog:
+            self._room.set()
+
+    @property
+    def backlog(self) -> int:
+        """Durable batches waiting for their tracker."""
+        return len(self._unfed)
 
     def restore(self) -> int:
         """Re-stitch the raw batches kept from earlier runs (a restart); returns batches."""
@@ -176,13 +251,15 @@ class Collector:
         for node, tr in self.trackers.items():
             if node in self.flushed:
                 continue
-            if now - self.last_seen.get(node, now) >= self.cfg.idle_flush:
+            if (now - self.last_seen.get(node, now) >= self.cfg.idle_flush
+                    and node not in self._unfed_nodes):
                 st.add(node, tr.take(final=True), watermark=_FAR)
                 self.flushed.add(node)
                 log.info("event=idle_flush node=%s idle_s=%.1f", node, self.cfg.idle_flush)
             else:
                 st.add(node, tr.take())
-        final = bool(self.trackers) and self.flushed >= set(self.trackers)
+        final = (bool(self.trackers) and self.flushed >= set(self.trackers)
+                 and not self._unfed_nodes)  # a new node's first batch may wait
         reqs = st.drain(final=final)
         drops, st.drops = st.drops, []
         fresh = self._unstored(reqs)  # metrics and traces: once per request, also on restarts
@@ -296,12 +373,14 @@ class Collector:
         if (urlsplit(target).path.rstrip("/") or "/") == "/health":
             return 200, {"ok": True, "collector": self.cfg.name, "agents": self.seqs.snapshot(),
                          "nodes": sorted(self.trackers), "batches": self.batches,
+                         "backlog": self.backlog, "feed_errors": self.feed_errors,
                          "requests": self.store.count_requests()}
         return api_get(self.store, target)
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
         self.restore()
+        self._tasks.append(self.start_feeder())
         self.writer = BatchWriter(self.cfg.db)
         host, port = self.cfg.listen
         srv = await asyncio.start_server(self._agent, host, port, ssl=self.cfg.ssl_context,
@@ -321,6 +400,9 @@ class Collector:
 
     async def stop(self) -> None:
         """Stop listening, drop the agents' connections, store what is finished, close."""
+        self._stopping = True  # acks waiting for room go out: their batches are durable
+        if self._room is not None:
+            self._room.set()
         for srv in self._servers:
             srv.close()
         for w in list(self._writers):  # the agents see the connection end, and reconnect
@@ -340,6 +422,8 @@ class Collector:
         try:
             if self.writer is not None:
                 await asyncio.to_thread(self.writer.close)
+            while self._unfed:  # durable, acked: stitched now rather than at the next start
+                self.feed_next()
             self.step()
         finally:
             self.store.close()

@@ -388,6 +388,55 @@ def test_v1_agents_and_v1_batches_in_the_store_are_still_read(
     assert env["requests"] == again["requests"] == want["requests"]
 
 
+@pytest.mark.parametrize("backlog", [64 << 20, 1])
+def test_acks_wait_for_the_stitcher_only_beyond_the_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int) -> None:
+    """Batches are acked once durable while the trackers are held back (a burst taken in
+    at full speed), unless more than ``feed_backlog`` bytes wait: then the acks wait for
+    the trackers. Either way the requests come out as replay stitches them."""
+    want = _replayed("cross-node-public")
+    hold = asyncio.Event()
+    loop_ = Collector._feed_loop
+
+    async def held(self: Collector) -> None:
+        await hold.wait()
+        await loop_(self)
+
+    monkeypatch.setattr(Collector, "_feed_loop", held)
+    pairs = _pairs("cross-node-public")
+
+    async def go() -> tuple[dict[str, Any], list[int], list[int]]:
+        c = Collector(_cfg(tmp_path, feed_backlog=backlog))
+        await c.start()
+        try:
+            shipping = [asyncio.create_task(ship(_ship_cfg(c, n, p, batch=10)))
+                        for n, p in pairs]
+            await asyncio.sleep(1.0)
+            acked = [c.seqs.acked(f"hopscope-agent@{n}") for n, _ in pairs]
+            held_back = [c.backlog, sum(len(t._streams) for t in c.trackers.values())]
+            hold.set()
+            results = await asyncio.gather(*shipping)
+            assert [r.acked for r in results] == [r.batches - 1 for r in results]
+            await _settled(c, {n for n, _ in pairs})
+            assert c.backlog == 0 and c.feed_errors == 0
+            health = await _get(c, "/health")
+            assert (health["backlog"], health["feed_errors"]) == (0, 0)
+            text = c.metrics.exposition()[0].decode()
+            assert "hopscope_feed_backlog_batches 0.0" in text.splitlines()
+            assert "hopscope_feed_errors_total 0.0" in text.splitlines()
+            return await _get(c, "/requests?since=10m&limit=100000"), acked, held_back
+        finally:
+            await c.stop()
+
+    env, acked, (queued, streams) = _run(go)
+    assert streams == 0  # nothing reached a tracker while the feeder was held
+    if backlog > 1:  # every batch acked while none was stitched
+        assert queued == sum(a + 1 for a in acked) and min(acked) >= 2
+    else:  # the first batch is over the cap: no ack, a connection's in-flight batches wait
+        assert max(acked) == -1 and 0 < queued <= wire.MAX_INFLIGHT * len(pairs)
+    assert env["requests"] == want["requests"]
+
+
 def test_garbage_refused_with_a_log_line(tmp_path: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="hopscope")
