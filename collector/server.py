@@ -283,8 +283,9 @@ class Collector:
         self.stored_requests += new
         self.metrics.completed_late += replaced
         if reqs:
-            log.info("event=stored requests=%d new=%d completed=%d drops=%d total=%d",
-                     len(reqs), new, replaced, len(drops), self.stored_requests)
+            log.info("event=stored requests=%d new=%d completed=%d drops=%d total=%d"
+                     " backlog=%d", len(reqs), new, replaced, len(drops), self.stored_requests,
+                     len(self._unfed))
         for w in st.warnings:
             log.warning("event=stitch_warning msg=%s", json.dumps(w))
         st.warnings.clear()
