@@ -35,19 +35,40 @@ pytestmark = pytest.mark.privileged
 #: the agent later than the capture (likely: the capture's timestamp is taken when the
 #: packet is queued, the tc program runs when the softirq gets to it). So: all but 1 %
 #: within TOL_NS, none beyond MAX_NS, the median within MEDIAN_NS.
+#: Beyond MAX_NS only a boundary's shift: one timestamp between two hops of a request
+#: taken later by one source than by the other (the hop before it longer by as much as
+#: the hop after it is shorter, within TOL_NS), up to SHIFT_MAX_NS. Seen once in a CI
+#: run, 230 us at flannel.1 in (decap/deliver) with tc and capture agents side by side:
+#: the capture stamps a packet when the VXLAN device queues it, tc runs when a softirq
+#: gets to it, and on a loaded 2-vCPU machine softirqs wait for ksoftirqd.
 TOL_NS = 50_000
 MAX_NS = 200_000
+SHIFT_MAX_NS = 1_000_000
 MEDIAN_NS = 10_000
 NODES = ["node1", "node2", "node3"]
 
 
+def _shifts(diffs: list[tuple[int, str, str, str]]) -> set[int]:
+    """Indexes of pairs of consecutive hops of one request (``diffs`` in hop order) whose
+    differences cancel out within TOL_NS: a boundary shifted, nothing else."""
+    out: set[int] = set()
+    for i in range(len(diffs) - 1):
+        (d1, r1, *_), (d2, r2, *_) = diffs[i], diffs[i + 1]
+        if r1 == r2 and max(abs(d1), abs(d2)) > MAX_NS and abs(d1 + d2) <= TOL_NS:
+            out.update((i, i + 1))
+    return out
+
+
 def _check_diffs(diffs: list[tuple[int, str, str, str]], keep: Path) -> None:
-    """(difference, request, hop, node) of every shared hop, against the bounds above;
-    kept in ``keep`` for a failure's sake."""
+    """(difference, request, hop, node) of every shared hop, each request's in hop order,
+    against the bounds above; kept in ``keep`` for a failure's sake."""
+    shifted = _shifts(diffs)
+    beyond = [d for i, d in enumerate(diffs) if abs(d[0]) > MAX_NS and i not in shifted]
     diffs.sort(key=lambda d: -abs(d[0]))
     keep.write_text(json.dumps(diffs))
     outside = [d for d in diffs if abs(d[0]) > TOL_NS]
-    assert len(outside) <= len(diffs) // 100 and abs(diffs[0][0]) <= MAX_NS, diffs[:5]
+    assert len(outside) <= len(diffs) // 100 and not beyond, (beyond, diffs[:5])
+    assert abs(diffs[0][0]) <= SHIFT_MAX_NS, diffs[:5]
     assert statistics.median(abs(d[0]) for d in diffs) <= MEDIAN_NS, diffs[:5]
 
 
