@@ -204,26 +204,15 @@ class Bench:
         for _ in u:
             pass
 
-    def bare_v1(self) -> None:
-        self.bare(v1=True)
-
     # -- (2)
-    def decode(self) -> dict[str, float]:
-        k = 0
-        for f in self.frames_in():
-            k += len(f.obs)
-        assert k == self.n, (k, self.n)
-        return {}
-
-    def decode_rows(self, v1: bool = False) -> dict[str, float]:
+    def decode(self, rows: bool = False, v1: bool = False) -> dict[str, float]:
+        """``rows``: build every batch's Observation tuples too, as a tracker's feed() does
+        (v1 builds them while decoding)."""
         k = 0
         for f in self.frames_in(v1):
-            k += len(list(f.obs))  # builds v2's rows, as a tracker's feed() does
+            k += len(list(f.obs)) if rows else len(f.obs)
         assert k == self.n, (k, self.n)
         return {}
-
-    def decode_v1(self) -> dict[str, float]:
-        return self.decode_rows(v1=True)
 
     # -- (3) decode and store on one thread, no pipeline
     def inline(self) -> dict[str, float]:
@@ -474,10 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         Stage("encode", timed(lambda: {"bytes": len(b"".join(build_frames(batches)))})),
         Stage("encode v1 rows", timed(lambda: {"bytes": len(b"".join(build_frames(batches, 1)))})),
         Stage("bare Unpacker", timed(b.bare)),
-        Stage("bare Unpacker, v1 rows", timed(b.bare_v1)),
+        Stage("bare Unpacker, v1 rows", timed(lambda: b.bare(v1=True))),
         Stage("decode", timed(b.decode)),
-        Stage("decode + rows", timed(b.decode_rows)),
-        Stage("decode v1 rows", timed(b.decode_v1)),
+        Stage("decode + rows", timed(lambda: b.decode(rows=True))),
+        Stage("decode v1 rows", timed(lambda: b.decode(rows=True, v1=True))),
         Stage("decode, then store", b.inline),
         Stage("ingest", b.ingest),
         Stage("ingest over a socket", b.socket_ingest),

@@ -91,12 +91,6 @@ def _first_new(keys: list[str], items: list[dict[str, Any]], have: set[str]
     return out
 
 
-def _cost(b: wire.Batch) -> int:
-    """A queued batch's weight against ``feed_backlog``: its body's bytes (a batch built
-    in-process, without one, about what its body would be)."""
-    return len(b.body) or 700 * len(b.obs)
-
-
 def parse_hostport(text: str, what: str = "address") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -171,7 +165,7 @@ class Collector:
         await durable
         self.arrived(batch)
         self._unfed.append(batch)
-        self._unfed_bytes += _cost(batch)
+        self._unfed_bytes += len(batch.body)  # as received
         self._unfed_nodes[batch.node] += 1
         assert self._wake is not None and self._room is not None  # made by start_feeder()
         self._wake.set()
@@ -212,7 +206,7 @@ class Collector:
     def feed_next(self) -> None:
         """Hand the oldest queued batch to its node's tracker."""
         b = self._unfed.popleft()
-        self._unfed_bytes -= _cost(b)
+        self._unfed_bytes -= len(b.body)
         self._unfed_nodes[b.node] -= 1
         if not self._unfed_nodes[b.node]:
             del self._unfed_nodes[b.node]

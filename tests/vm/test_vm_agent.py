@@ -144,7 +144,7 @@ def _minima(env: dict[str, Any]) -> dict[str, int]:
 
 def _check_ufw_hold(inst: Instance, tmp: Path) -> None:
     node = "node1"
-    meds: list[dict[str, int]] = []
+    mins: list[dict[str, int]] = []
     verdicts = []
     for i, hold in enumerate((False, True)):
         with running_agents(inst, tmp / f"hold{i}", nodes=[node]) as agents:
@@ -157,10 +157,10 @@ def _check_ufw_hold(inst: Instance, tmp: Path) -> None:
             finally:
                 faults.clear(inst)
         env = json.loads(agents.agents[node].out.read_text())
-        meds.append(_minima(env))
+        mins.append(_minima(env))
         verdicts.append({(_child(_child(_ingress(r), "kernel_in") or {}, "netfilter") or {}
                           ).get("verdict") for r in env["requests"]})
-    base, held = meds
+    base, held = mins
     # the host checks the medians: 20 ms ± 1 ms and the rest within 1 ms. Emulated, the
     # holder's own latency adds 2 to 22 ms to a held packet and Traefik's hop ranges from
     # 4 to 133 ms over 12 requests (a CI run's medians moved by 29 ms in kernel_in and by
