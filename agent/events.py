@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from hopscope.model import (
     KIND_WRITE,
     NIC,
     OUT,
+    OVERLAY,
+    POD,
     PROXY,
     UNDERLAY,
     Observation,
@@ -83,10 +86,17 @@ FIELDS = (
 EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
 HDR_SIZE = EVENT.size  # == HS_EVENT_HDR
 PAYLOAD_MAX = 1024  # == HS_PAYLOAD_MAX
+#: where ``kind`` is in an event (what the agent looks at in records it ships raw)
+KIND_AT = struct.calcsize("<" + "".join(code for name, code in FIELDS[:[n for n, _ in
+                                                                          FIELDS].index("kind")]))
+#: names this mirror's layout in raw batches: a collector decodes only records of its own
+LAYOUT = zlib.crc32(";".join(f"{n}:{c}" for n, c in FIELDS).encode() + b";%d" % PAYLOAD_MAX)
 
 NO_VNI = 0xFFFFFFFF
 #: the role of a NIC that carries both the public traffic and VXLAN
 NIC_UNDERLAY = "nic+underlay"
+#: the observation points an interface can have (:class:`Iface`)
+IFACE_POINTS = frozenset({NIC, OVERLAY, UNDERLAY, POD, NIC_UNDERLAY})
 _ZERO4 = b"\0\0\0\0"
 
 #: kernel TCP states (include/net/tcp_states.h)
@@ -194,3 +204,31 @@ class Decoder:
             else:
                 bad += 1
         return bad
+
+
+@dataclass(frozen=True)
+class RawEvents:
+    """Ring buffer records as the agent copied them out (:meth:`RingReader.take`), with
+    what decoding them needs: the agent's interfaces and clock offset at the time.
+
+    The agent ships these instead of observations (wire schema v3): decoding and
+    packing move from every node to the collector (``bench/agent_overhead.py``).
+    """
+
+    records: bytes  # ring records, 8-byte headers included (ringbuf.walk_records)
+    ifaces: tuple[tuple[int, str, str], ...]  # (ifindex, name, observation point)
+    offset_ns: int  # wall clock minus CLOCK_MONOTONIC
+    #: events up to this CLOCK_MONOTONIC time are all in this or earlier batches; later
+    #: ones may still come out of order (the reader holds them back to sort them)
+    cut_mono_ns: int
+    layout: int = LAYOUT
+
+    def decode(self, node: str, out: list[Observation]) -> int:
+        """Append the records' observations to ``out``; returns the records that could
+        not be decoded. Raises ValueError when the records do not tile the bytes."""
+        from hopscope.agent.ringbuf import walk_records
+
+        recs = walk_records(self.records)
+        ifaces = {i: Iface(name, point) for i, name, point in self.ifaces}
+        off = self.offset_ns
+        return Decoder(node, ifaces, lambda: off, {}).decode(self.records, recs, out)

@@ -90,7 +90,72 @@ class RingReader:
         self.records += len(recs)
         return len(recs)
 
+    def take(self, limit: int = 1 << 16, kind_at: int = -1,
+             kinds: frozenset[int] = frozenset(),
+             max_bytes: int = 1 << 62) -> tuple[bytes, int, list[int]]:
+        """Copy out the complete records (at most ``limit`` of them and, but for a first
+        record that is larger, ``max_bytes``) as they lie in the ring, their 8-byte headers
+        included (:func:`walk_records` reads them back), and release them.
+
+        Returns the bytes, how many records they hold (discarded ones included) and the
+        offsets (in the bytes, of the record's data) of the records whose byte at
+        ``kind_at`` is one of ``kinds``. One copy however many records: the kernel maps
+        the data pages twice in a row, so the span never wraps.
+        """
+        prod_mm = self._prod
+        start = _U64.unpack_from(self._cons, 0)[0]
+        prod = _U64.unpack_from(prod_mm, 0)[0]
+        base = self.page + (start & self.mask)
+        unpack = _U32.unpack_from
+        cons = start
+        n = 0
+        marked: list[int] = []
+        while cons < prod and n < limit:
+            at = base + cons - start
+            ln = unpack(prod_mm, at)[0]
+            if ln & BUSY:
+                break
+            size = ln & ~(BUSY | DISCARD)
+            nxt = cons + ((size + 8 + 7) & ~7)
+            if n and nxt - start > max_bytes:
+                break
+            if kinds and size > kind_at and prod_mm[at + 8 + kind_at] in kinds \
+                    and not ln & DISCARD:
+                marked.append(at + 8 - base)
+            cons = nxt
+            n += 1
+        if cons == start:
+            return b"", 0, marked
+        blob = prod_mm[base:base + cons - start]
+        _U64.pack_into(self._cons, 0, cons)
+        self.records += n
+        return blob, n, marked
+
     def close(self) -> None:
         self._poll.close()
         self._cons.close()
         self._prod.close()
+
+
+def walk_records(blob: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
+    """(offset, length) of the data of the records in ``blob`` (what :meth:`RingReader.take`
+    copied out), discarded ones left out. Raises ValueError when the headers do not tile
+    ``blob`` exactly (a record still being written, a length beyond the end)."""
+    unpack = _U32.unpack_from
+    end = len(blob)
+    at = 0
+    recs: list[tuple[int, int]] = []
+    while at + 8 <= end:
+        ln = unpack(blob, at)[0]
+        if ln & BUSY:
+            raise ValueError(f"record at byte {at} is marked as still being written")
+        size = ln & ~DISCARD
+        nxt = at + ((size + 8 + 7) & ~7)
+        if nxt > end:
+            raise ValueError(f"record at byte {at} claims {size} bytes, beyond the end ({end})")
+        if not ln & DISCARD:
+            recs.append((at + 8, size))
+        at = nxt
+    if at != end:
+        raise ValueError(f"{end - at} bytes after the last record")
+    return recs

@@ -37,9 +37,10 @@ from hopscope.agent import events as ev
 from hopscope.agent import features as ft
 from hopscope.agent.nfrules import RuleNamer
 from hopscope.agent.pktbuf import PacketBuffer
+from hopscope.agent.ringbuf import BUSY, DISCARD
 
 from hopscope.errors import HopscopeError
-from hopscope.model import KIND_DROP, Observation
+from hopscope.model import KIND_DROP, Observation, Reorder
 from hopscope.stitch import Stitcher
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ EXPORT_TAIL_NS = 1_000_000_000
 CAPTURE_REORDER_NS = 10_000_000
 SOURCES = ("auto", "tc", "capture")
 DRAIN_BATCH = 1 << 16  # records handed to the decoder at once (RingReader.drain's limit)
+#: raw records (wire v3) are shipped in batches of at most this many bytes
+RAW_BATCH_BYTES = 2 << 20
+_DROP_KINDS = frozenset({ev.EV_DROP})
+#: the frame cap of --record files written in raw mode (read back by read_record): under
+#: 16 MiB, so that a frame's length prefix starts with a zero byte (no msgpack array does)
+RECORD_MAX_FRAME = (1 << 24) - 1
+_FAR = 1 << 62
 NF_DROP = b"NETFILTER_DROP"
 IPVS_FUNCS = {"ip_vs_schedule", "ip_vs_conn_new"}
 
@@ -134,6 +142,9 @@ class AgentConfig:
     slow_pcap: str | None = None  # write the packets of slow requests here (pcapng)
     slower_than_ns: int = 500_000_000
     kprobes: bool = True  # use kprobes where the kernel has them
+    #: decode the events here even when only the collector (or --record) needs them,
+    #: shipping observations (wire v2: for a collector older than this agent)
+    decode_here: bool = False
     settings: bpfprog.Settings = field(default_factory=bpfprog.Settings)
 
 
@@ -168,23 +179,26 @@ def proxy_tgids(name: str, netns: int) -> list[int]:
     return sorted(p.pid for p in ft.find_processes(name) if p.netns_inode == netns)
 
 
+_Queued = tuple[list[Observation], list[tuple[int, int]], dict[str, int], "ev.RawEvents | None"]
+
+
 class LiveShip:
     """Ship observation batches to the collector from a background thread."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.q: queue.Queue[tuple[list[Observation], list[tuple[int, int]], dict[str, int]] | None] \
-            = queue.Queue(maxsize=256)
+        self.q: queue.Queue[_Queued | None] = queue.Queue(maxsize=256)
         self.dropped = 0
         self.t = threading.Thread(target=self._main, name="hopscope-ship", daemon=True)
         self.t.start()
 
-    def put(self, obs: list[Observation], clock: list[tuple[int, int]], lost: dict[str, int]
-            ) -> None:
+    def put(self, obs: list[Observation], clock: list[tuple[int, int]], lost: dict[str, int],
+            raw: ev.RawEvents | None = None, records: int = 0) -> None:
+        """Queue a batch: observations, or (``raw``) drops and ``records`` raw events."""
         try:
-            self.q.put_nowait((obs, clock, lost))
+            self.q.put_nowait((obs, clock, lost, raw))
         except queue.Full:
-            self.dropped += len(obs)
+            self.dropped += len(obs) + records
 
     def close(self, timeout: float = 10.0) -> None:
         self.q.put(None)
@@ -214,8 +228,8 @@ class LiveShip:
                 if item is _TICK:
                     await sh.pump()
                     continue
-                obs, clock, lost = item
-                sh.append(obs, clock, {**lost, "ship_queue": self.dropped})
+                obs, clock, lost, raw = item
+                sh.append(obs, clock, {**lost, "ship_queue": self.dropped}, raw)
                 await sh.pump()
             deadline = time.monotonic() + 10
             while len(spool) and time.monotonic() < deadline:
@@ -254,7 +268,16 @@ class Agent:
         self.ifaces: dict[int, ev.Iface] = {}
         self.offset = 0
         self.clock: list[tuple[int, int]] = []
-        self.pending: list[Observation] = []
+        self.pending: list[Observation] = []  # decoded, not yet in time order
+        self.reorder = Reorder()
+        #: ship the ring's records as they are (wire v3): set by start() when nothing
+        #: here needs observations (no stitching, no packet buffer) and the events come
+        #: from the ring buffer; the collector (or read_record) decodes them
+        self.raw = False
+        #: records taken from the ring and not yet shipped: (bytes, how many records)
+        self._raw: list[tuple[bytes, int]] = []
+        self._raw_tail = False  # records went out since the last batch with an empty ring
+        self.raw_records = 0
         self.stitcher = Stitcher([cfg.node])
         self.tracker = self.stitcher.tracker(cfg.node)
         #: stitch here (for --local, --out, --slow-pcap); requests are kept only for --out
@@ -278,6 +301,7 @@ class Agent:
 
             self._record = open(cfg.record, "wb")  # noqa: SIM115 - closed in close()
             self._packer = msgpack.Packer()
+            self._record_seq = 0
 
     # -- set-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -300,6 +324,11 @@ class Agent:
         if self.prog is None:
             self._start_capture()
         self.decoder = ev.Decoder(cfg.node, self.ifaces, lambda: self.offset, self.reasons)
+        self.raw = (self.ring is not None and not self._stitching and self.pktbuf is None
+                    and not cfg.decode_here)
+        if self.raw:
+            self.sources["events"] = ("shipped as the ring buffer's records (wire v3), decoded"
+                                      " by the collector; drops decoded here")
         for k, v in self.sources.items():
             log.info("source %s: %s", k, v)
         if cfg.ship is not None:
@@ -502,25 +531,44 @@ class Agent:
         elif self.ring is not None:
             if timeout:
                 self.ring.wait(timeout)
+            if self.raw:
+                for _ in range(16):  # bounded: producers never keep this loop going
+                    if not self._take_raw():
+                        break
+                return
             while self.ring.drain(self._handle) >= DRAIN_BATCH:
                 pass
+
+    def _take_raw(self) -> int:
+        """Copy the ring's complete records out as they are; decode only the drops here
+        (their iptables rule is named on this node), marking them discarded in the copy."""
+        blob, n, drops = self.ring.take(DRAIN_BATCH, ev.KIND_AT, _DROP_KINDS, RAW_BATCH_BYTES)
+        if not n:
+            return 0
+        if drops:
+            buf = bytearray(blob)
+            recs = []
+            for at in drops:
+                hdr = int.from_bytes(buf[at - 8:at - 4], "little")
+                recs.append((at, hdr & ~(BUSY | DISCARD)))
+                buf[at - 8:at - 4] = (hdr | DISCARD).to_bytes(4, "little")
+            blob = bytes(buf)
+            self.decode_errors += self.decoder.decode(blob, recs, self.pending)
+        self._raw.append((blob, n))
+        return n
 
     def _handle(self, buf: Any, recs: list[tuple[int, int]]) -> None:
         self.decode_errors += self.decoder.decode(buf, recs, self.pending)
 
     def _feed(self, final: bool) -> None:
-        if not self.pending:
+        cut = _FAR if final else time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self.reorder_ns
+        if self.raw:
+            self._ship_raw(cut)
             return
-        p = self.pending
-        p.sort(key=_mono)
-        if final:
-            ready, self.pending = p, []
-        else:
-            cut = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self.reorder_ns
-            i = len(p)
-            while i and p[i - 1].ts_mono_ns > cut:
-                i -= 1
-            ready, self.pending = p[:i], p[i:]
+        if not self.pending and not len(self.reorder):
+            return
+        p, self.pending = self.pending, []
+        ready = self.reorder.push(p, cut)
         if not ready:
             return
         self.observations += len(ready)
@@ -535,6 +583,48 @@ class Agent:
         if self.ship is not None:
             clock, self.clock = self.clock, []
             self.ship.put(ready, clock, self.lost())
+
+    def _ship_raw(self, cut: int) -> None:
+        """Hand the records taken since the last call (and the drops decoded from them) to
+        the collector and the record file as v3 batches of at most RAW_BATCH_BYTES: the
+        collector sorts them up to ``cut`` (the last batch's; -1 in the others: hold all),
+        as :meth:`_feed` would, holding the newest back until the next."""
+        drops, self.pending = self.pending, []
+        if not self._raw and not drops:
+            if not self._raw_tail:
+                return
+            # the last records shipped may wait behind their cut: one empty batch moves it
+            self._raw.append((b"", 0))
+        self._raw_tail = bool(self._raw[-1][1]) if self._raw else bool(drops)
+        if self.rules is not None and drops:
+            self._name_rules(drops)
+        ifaces = tuple((i, f.name, f.point) for i, f in self.ifaces.items())
+        chunks: list[list[tuple[bytes, int]]] = [[]]
+        size = 0
+        for item in self._raw:
+            if chunks[-1] and size + len(item[0]) > RAW_BATCH_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += len(item[0])
+        self._raw = []
+        self.observations += len(drops)
+        for k, chunk in enumerate(chunks):
+            n = sum(c[1] for c in chunk)
+            self.raw_records += n
+            raw = ev.RawEvents(b"".join(c[0] for c in chunk), ifaces, self.offset,
+                               cut if k == len(chunks) - 1 else -1)
+            obs = drops if k == 0 else []
+            if self._record is not None:
+                from hopscope.collector import wire
+
+                self._record.write(wire.encode_batch(
+                    "record", self._record_seq, self.cfg.node, time.time_ns(), obs, raw=raw,
+                    max_frame=RECORD_MAX_FRAME))
+                self._record_seq += 1
+            if self.ship is not None:
+                clock, self.clock = self.clock, []
+                self.ship.put(obs, clock, self.lost(), raw, n)
 
     def _name_rules(self, obs: list[Observation]) -> None:
         """Add the iptables rule to NETFILTER_DROP drops (payload ``REASON<TAB>rule``)."""
@@ -668,18 +758,31 @@ def _links_changed(ipr: Any) -> bool:
 
 
 def read_record(path: str) -> list[Observation]:
-    """The observations an agent wrote with ``--record``."""
+    """The observations an agent wrote with ``--record``: msgpack arrays of observations
+    when it decoded its events, else wire frames (v3 batches of raw records, decoded and
+    put in time order here as the collector does)."""
     import msgpack
 
     out: list[Observation] = []
     with open(path, "rb") as f:
-        for batch in msgpack.Unpacker(f, use_list=False):
-            out.extend(Observation(*o) for o in batch)
+        if f.read(1) != b"\0":  # a frame's length prefix; never a msgpack array's first byte
+            f.seek(0)
+            for batch in msgpack.Unpacker(f, use_list=False):
+                out.extend(Observation(*o) for o in batch)
+            return out
+        f.seek(0)
+        from hopscope.collector import wire
+
+        dec = wire.FrameDecoder(RECORD_MAX_FRAME)
+        ro = Reorder()
+        while chunk := f.read(1 << 20):
+            for fr in dec.feed(chunk):
+                if isinstance(fr, wire.Batch):
+                    raw = isinstance(fr.obs, wire.RawObs)
+                    out.extend(ro.push(fr.obs, fr.obs.cut_mono_ns if raw else _FAR))
+        dec.eof()
+    out.extend(ro.flush())
     return out
-
-
-def _mono(o: Observation) -> int:
-    return o.ts_mono_ns
 
 
 def drop_reasons() -> dict[int, str]:

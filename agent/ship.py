@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hopscope.agent.events import RawEvents
 from hopscope.collector import wire
 from hopscope.collector.spool import Spool
 
@@ -200,13 +201,14 @@ class Shipper:
         return self.res
 
     def append(self, obs: list[Observation], clock: Sequence[tuple[int, int]] = (),
-               lost: Mapping[str, int] | None = None) -> None:
-        """Encode one batch and spool it under the next seq. Its ``lost`` map (``lost``
-        and the spool's own drop counters) counts the batches spooling it drops too."""
+               lost: Mapping[str, int] | None = None, raw: RawEvents | None = None) -> None:
+        """Encode one batch (with ``raw``: a v3 batch carrying the ring's records too) and
+        spool it under the next seq. Its ``lost`` map (``lost`` and the spool's own drop
+        counters) counts the batches spooling it drops too."""
         def encode() -> bytes:
             return wire.encode_batch(self.agent, self.seq, self.cfg.node, time.time_ns(), obs,
                                      clock=list(clock), lost={**(lost or {}), **self.spool_lost()},
-                                     max_frame=self.max_frame, check=True)
+                                     max_frame=self.max_frame, check=True, raw=raw)
 
         frame = encode()
         # room first (16 bytes of slack: the counters may grow a byte or two), then the

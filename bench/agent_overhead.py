@@ -27,7 +27,10 @@ the ``--seconds`` in the middle. In it:
   replica's CPU is the machine's minus the generators';
 * BPF: with ``kernel.bpf_stats_enabled=1`` (set for the run, restored
   after), ``run_time_ns`` and ``run_cnt`` of every program the agents hold
-  (``/proc/PID/fdinfo``; names from ``bpftool prog show``);
+  (``/proc/PID/fdinfo``; names from ``bpftool prog show``) and of every
+  program attached through a perf event they hold (their tracepoints and
+  kprobes, which after the agent's re-exec hold no program fd: ids from
+  ``bpftool perf show``, named by what they are attached to);
 * memory: each agent's VmRSS, VmHWM and RssAnon at the end of the window;
 * the floor: an empty classifier (``bench/_noop_tc.py``) attached in front of
   the agents' filters on the same interfaces during the agents phases (it
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -62,6 +66,7 @@ import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -76,6 +81,7 @@ from typing import Any, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _noop_tc  # bench/, beside this script
+from hopscope.agent import bpfsys
 
 from hopscope.errors import HopscopeError
 from hopscope.testbed import build, netns
@@ -167,6 +173,42 @@ def bpf_programs(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+def perf_attached(pids: Sequence[int]) -> dict[int, dict[int, str]]:
+    """pid -> {id: what it is attached to} of the BPF programs attached through perf
+    events it holds (its tracepoints and kprobes: after the agent's re-exec it holds their
+    perf event fds, no longer the programs'), from ``bpftool perf show``."""
+    out: dict[int, dict[int, str]] = {p: {} for p in pids}
+    try:
+        cp = subprocess.run(["bpftool", "-j", "perf", "show"], capture_output=True, text=True,
+                            timeout=30, check=True)
+        rows = json.loads(cp.stdout or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("bpftool perf show: %s: the tracepoint programs are not counted", exc)
+        return out
+    for r in rows:
+        if r.get("pid") in out and "prog_id" in r:
+            what = r.get("tracepoint") or r.get("func") or r.get("fd_type", "perf")
+            out[r["pid"]][int(r["prog_id"])] = f"{r.get('fd_type', 'perf')}:{what}"
+    return out
+
+
+_PROG_GET_FD_BY_ID = 13
+
+
+def program_stats(prog_id: int) -> tuple[int, int] | None:
+    """(run_time_ns, run_cnt) of a BPF program by id (None when it is gone)."""
+    attr = ctypes.create_string_buffer(struct.pack("<I", prog_id), 16)
+    fd = bpfsys._bpf(_PROG_GET_FD_BY_ID, attr)
+    if fd < 0:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+    finally:
+        os.close(fd)
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+
 def bpf_program_names(ids: Sequence[int]) -> dict[int, str]:
     """Names of BPF programs by id (``bpftool``; ``prog<id>`` when it cannot tell)."""
     names: dict[int, str] = {}
@@ -205,6 +247,10 @@ def bpf_stats(enable: bool) -> Iterator[None]:
 # Agents and load generators
 
 
+#: more arguments for every agent (``--decode-here``)
+AGENT_EXTRA: list[str] = []
+
+
 def start_agents(inst: Instance, out_dir: Path, stitch_in_agent: bool) -> AgentSet:
     """``hopscope agent run --record`` on every node, all launched, then all awaited.
 
@@ -225,6 +271,7 @@ def start_agents(inst: Instance, out_dir: Path, stitch_in_agent: bool) -> AgentS
                     "--ready-file", str(ready[node])]
             if stitch_in_agent:
                 argv += ["--out", str(out)]
+            argv += AGENT_EXTRA
             with open(logf, "wb") as lf:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
                                         cwd=REPO)
@@ -356,19 +403,25 @@ class Snapshot:
 
 
 def snapshot(inst: Instance, clients: Sequence[Client], agents: AgentSet | None,
-             end: bool = False) -> Snapshot:
+             perf: dict[int, dict[int, str]] | None = None, end: bool = False) -> Snapshot:
     """The counters, read back to back; at the window's ``end`` also the names of the
-    agents' programs (while they still hold them)."""
+    agents' programs (while they still hold them). ``perf``: :func:`perf_attached`."""
     procs = agents.agents if agents is not None else {}
     bpf: dict[int, tuple[int, int]] = {}
     for a in procs.values():
         bpf.update(bpf_programs(a.proc.pid))
+        for prog in (perf or {}).get(a.proc.pid, ()):
+            st = program_stats(prog)
+            if st is not None:
+                bpf[prog] = st
     s = Snapshot(time.monotonic(), time.time_ns(), machine_busy_ticks(),
                  total_ticks(c.proc.pid for c in clients), total_ticks(inst.pids.values()),
                  {n: process_ticks(a.proc.pid) for n, a in procs.items()},
                  {n: process_status(a.proc.pid) for n, a in procs.items()}, bpf)
     if end and bpf:
         s.names = bpf_program_names(sorted(bpf))
+        for progs in (perf or {}).values():
+            s.names.update(progs)  # bcc's names of tracepoint programs are cut to 15 chars
     return s
 
 
@@ -483,11 +536,13 @@ def run_phase(inst: Instance, arm: str, rnd: int, load: Load, d: Path, seed: int
         time.sleep(SETTLE_S)
         clients = start_clients(inst, load, d, seed)
         try:
+            perf = perf_attached([a.proc.pid for a in agents.agents.values()]) \
+                if agents is not None else None
             time.sleep(load.warmup)
-            a = snapshot(inst, clients, agents)
+            a = snapshot(inst, clients, agents, perf)
             n0 = _noop_tc.run_stats(NOOP_FD) if beside is not None else (0, 0)
             time.sleep(load.seconds)
-            b = snapshot(inst, clients, agents, end=True)
+            b = snapshot(inst, clients, agents, perf, end=True)
             if beside is not None:
                 n1 = _noop_tc.run_stats(NOOP_FD)  # type: ignore[arg-type]
                 noop = (n1[0] - n0[0], n1[1] - n0[1])
@@ -769,6 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="probability of a new connection before a request (default 0.1)")
     ap.add_argument("--stitch-in-agent", action="store_true",
                     help="run the agents with --out too (they stitch in-process)")
+    ap.add_argument("--decode-here", action="store_true",
+                    help="run the agents with --decode-here: they decode their events and"
+                         " record observations (wire v2), as before raw records (v3)")
     ap.add_argument("--no-bpf-stats", action="store_true",
                     help="leave kernel.bpf_stats_enabled alone (no BPF run times)")
     ap.add_argument("--no-noop-beside", action="store_true",
@@ -781,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true",
                     help="print the results as JSON on stdout (the table goes to stderr)")
     a = ap.parse_args(argv)
+    AGENT_EXTRA[:] = ["--decode-here"] if a.decode_here else []
     if a.rounds < 1 or a.clients < 1 or a.concurrency < 1 or a.seconds <= 0 or a.warmup < 0.5:
         ap.error("--rounds, --clients, --concurrency >= 1, --seconds > 0, --warmup >= 0.5")
     if os.geteuid() != 0:
@@ -830,7 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {"rounds": a.rounds, "seconds": a.seconds, "warmup": a.warmup,
                    "clients": a.clients, "concurrency": a.concurrency,
                    "new_conn_ratio": a.new_conn_ratio, "bpf_stats": not a.no_bpf_stats,
-                   "agent_mode": "--record --out" if a.stitch_in_agent else "--record"},
+                   "agent_mode": " ".join(["--record", *AGENT_EXTRA]
+                                          + (["--out"] if a.stitch_in_agent else []))},
     }
     if a.calibrate:
         res["calibration"] = calibration

@@ -185,7 +185,9 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--duration", default="0s", show_default=True,
               help="Stop after this long (0: until SIGTERM/SIGINT).")
 @click.option("--record", default=None, type=click.Path(dir_okay=False),
-              help="Also write every observation here (msgpack), for offline stitching.")
+              help="Also write every observation here, for offline stitching "
+                   "(hopscope.agent.run.read_record): msgpack, or wire v3 batches when the "
+                   "events are shipped raw.")
 @click.option("--source", type=click.Choice(["auto", "tc", "capture"]), default="auto",
               show_default=True,
               help="Where packets come from: tc classifiers (BPF), AF_PACKET capture (no BPF "
@@ -201,13 +203,18 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--no-kprobes", is_flag=True,
               help="Do not use kprobes even where the kernel has them (netfilter time and "
                    "verdict, IPVS's choice).")
+@click.option("--decode-here", is_flag=True,
+              help="Decode the events on this node and ship observations (wire v2), for a "
+                   "collector older than this agent. Default: when only the collector or "
+                   "--record takes them, ship the ring buffer's records as they are (wire v3, "
+                   "decoded by the collector: less CPU here).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
             token_file: str | None, spool_dir: str | None, spool_max: int, proxy: str,
             entry_port: int,
             ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
             slow_pcap: str | None, slower_than: str, packet_buffer: int, no_kprobes: bool,
-            ready_file: str | None) -> None:
+            decode_here: bool, ready_file: str | None) -> None:
     """Probe this node with eBPF (tc classifiers and tracepoints) until stopped.
 
     Must run as root (or with the unit's capabilities) in the node's network
@@ -252,13 +259,15 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                       interfaces=override, duration=parse_duration(duration) / 1e9,
                       ship=shipcfg, ready_file=ready_file, record=record, source=source,
                       slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),
-                      packet_buffer=packet_buffer, kprobes=not no_kprobes)
+                      packet_buffer=packet_buffer, kprobes=not no_kprobes,
+                      decode_here=decode_here)
     agent = run_agent(cfg, print_request if local else None, handoff=True)
     st = agent.final_stats
     per = ", ".join(f"{k[:-5]} {v}/{st.get(k[:-5] + '_lost', 0)}" for k, v in st.items()
                     if k.endswith("_sent") and k != "flood_sent")
     pcaps = f"; {agent.exported} slow requests written to {slow_pcap}" if slow_pcap else ""
-    click.echo(f"agent {node}: {agent.observations} observations, "
+    raw = f" and {agent.raw_records} events shipped raw" if agent.raw else ""
+    click.echo(f"agent {node}: {agent.observations} observations{raw}, "
                f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}", err=True)
 
 

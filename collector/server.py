@@ -35,7 +35,7 @@ import signal
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -47,6 +47,7 @@ from hopscope.collector.store import SqliteStore, _drop_key, parse_duration, res
 from hopscope.collector.writer import BatchWriter
 
 from hopscope.errors import HopscopeError, UsageError
+from hopscope.model import Observation, Reorder
 from hopscope.stitch import Stitcher
 from hopscope.tcpflow import Cidrs, NodeTracker
 
@@ -108,6 +109,8 @@ class Collector:
         self.seqs = wire.SeqTracker(self.store.agent_seqs())
         self.stitcher = self._new_stitcher()
         self.trackers: dict[str, NodeTracker] = {}
+        #: per node, decoded raw records waiting to be put in time order (wire v3)
+        self.reorders: dict[str, Reorder] = {}
         self.last_seen: dict[str, float] = {}
         self.flushed: set[str] = set()
         #: durable batches waiting for their tracker (the feeder's queue), their bytes,
@@ -119,6 +122,7 @@ class Collector:
         self._room: asyncio.Event | None = None  # set while the backlog is under its cap
         self._stopping = False
         self.feed_errors = 0
+        self.decode_errors = 0  # raw records no observation could be made of
         self.batches = 0
         self.stored_requests = 0
         self.agent_port = 0
@@ -146,6 +150,29 @@ class Collector:
         if t is None:
             t = self.trackers[node] = NodeTracker(node, self.stitcher.cidrs)
         return t
+
+    def _feed(self, node: str, obs: Sequence[Observation]) -> None:
+        """Into the node's tracker: as they are, or (raw records, wire v3) in time order
+        up to the batch's cut, the rest held back for the next (as the agent would)."""
+        ro = self.reorders.get(node)
+        ready: Sequence[Observation]
+        if isinstance(obs, wire.RawObs):
+            if ro is None:
+                ro = self.reorders[node] = Reorder()
+            ready = ro.push(obs, obs.cut_mono_ns)
+            if obs.bad:
+                self.decode_errors += obs.bad
+        elif ro is not None and len(ro):  # decoded by the agent again: first what waits
+            ready = ro.push(obs, _FAR)
+        else:
+            ready = obs
+        if ready:
+            self._tracker(node).feed(ready)
+
+    def _flush_reorder(self, node: str) -> None:
+        ro = self.reorders.pop(node, None)
+        if ro is not None and len(ro):
+            self._tracker(node).feed(ro.flush())
 
     def store_batch(self, batch: wire.Batch) -> Awaitable[None] | None:
         """Durable first (batch + seq in one transaction), then queued for its tracker.
@@ -178,14 +205,13 @@ class Collector:
         self.batches += 1
         self.last_seen[batch.node] = time.monotonic()
         self.flushed.discard(batch.node)
-        self.metrics.observe_batch(batch.agent, batch.node, len(batch.obs), batch.clock,
-                                   batch.lost)
+        self.metrics.observe_batch(batch.agent, batch.node, wire.batch_size(batch),
+                                   batch.clock, batch.lost)
 
     def took(self, batch: wire.Batch) -> None:
         """A stored batch: counted, and fed to its node's tracker at once."""
         self.arrived(batch)
-        if batch.obs:
-            self._tracker(batch.node).feed(batch.obs)
+        self._feed(batch.node, batch.obs)
 
     def start_feeder(self) -> asyncio.Task[None]:
         """The feeder task (in the running loop): queued batches into their trackers."""
@@ -211,8 +237,7 @@ class Collector:
         if not self._unfed_nodes[b.node]:
             del self._unfed_nodes[b.node]
         try:
-            if b.obs:
-                self._tracker(b.node).feed(b.obs)
+            self._feed(b.node, b.obs)
         except Exception:  # the batch is stored: a restart stitches it again (restore)
             self.feed_errors += 1
             log.exception("event=feed_failed agent=%s seq=%d node=%s", b.agent, b.seq, b.node)
@@ -229,8 +254,7 @@ class Collector:
         n = 0
         now = time.monotonic()
         for _agent, _seq, node, obs in self.store.iter_batches():
-            if obs:
-                self._tracker(node).feed(obs)
+            self._feed(node, obs)
             self.last_seen[node] = now
             n += 1
         if n:
@@ -247,6 +271,7 @@ class Collector:
                 continue
             if (now - self.last_seen.get(node, now) >= self.cfg.idle_flush
                     and node not in self._unfed_nodes):
+                self._flush_reorder(node)
                 st.add(node, tr.take(final=True), watermark=_FAR)
                 self.flushed.add(node)
                 log.info("event=idle_flush node=%s idle_s=%.1f", node, self.cfg.idle_flush)
@@ -369,6 +394,7 @@ class Collector:
             return 200, {"ok": True, "collector": self.cfg.name, "agents": self.seqs.snapshot(),
                          "nodes": sorted(self.trackers), "batches": self.batches,
                          "backlog": self.backlog, "feed_errors": self.feed_errors,
+                         "decode_errors": self.decode_errors,
                          "requests": self.store.count_requests()}
         return api_get(self.store, target)
 

@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, TypeAlias, overload
 
 import msgpack
+from hopscope.agent.events import IFACE_POINTS, LAYOUT, RawEvents
+from hopscope.agent.ringbuf import walk_records
 
 from hopscope.errors import (
     AuthFailed,
@@ -69,9 +71,13 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 #: The ``v`` of the frames other than batches this module writes.
 CONTROL_VERSION = 1
+#: The ``v`` of batches that carry the agent's raw ring buffer records (v2's columns
+#: plus ``raw``: :class:`~hopscope.agent.events.RawEvents`), decoded here.
+RAW_VERSION = 3
 #: Versions the decoder accepts (``error`` frames are read whatever their version):
-#: batches of v1 (rows) and v2 (columns); for the other frame types v2 means v1.
-SUPPORTED_VERSIONS = frozenset({1, 2})
+#: batches of v1 (rows), v2 (columns) and v3 (columns and raw records); for the other
+#: frame types v2 and v3 mean v1.
+SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 #: Default cap on a frame's body (the length prefix), in bytes.
 MAX_FRAME = 8 << 20
 #: Cap before the peer has authenticated: a hello is a few hundred bytes.
@@ -141,7 +147,8 @@ class Batch:
     seq: int  # per agent, strictly increasing across restarts
     node: str
     ts_real_ns: int  # when the batch was sent (agent's wall clock)
-    #: a list, or (decoded from a v2 frame) :class:`ObsColumns`, rows built on first use
+    #: a list, or (decoded from a v2 frame) :class:`ObsColumns` or (v3) :class:`RawObs`,
+    #: rows built on first use
     obs: Sequence[Observation]
     clock: list[tuple[int, int]] = field(default_factory=list)  # (ts_mono_ns, ts_real_ns)
     lost: dict[str, int] = field(default_factory=dict)  # cumulative since started_ns
@@ -151,7 +158,7 @@ class Batch:
 
     def __repr__(self) -> str:  # never dump thousands of observations into a log line
         return (f"Batch(agent={self.agent!r}, seq={self.seq}, node={self.node!r}, "
-                f"ts_real_ns={self.ts_real_ns}, obs=<{len(self.obs)}>, "
+                f"ts_real_ns={self.ts_real_ns}, obs=<{batch_size(self)}>, "
                 f"clock=<{len(self.clock)}>, lost={self.lost!r})")
 
 
@@ -213,6 +220,7 @@ def encode_batch(
     max_frame: int = MAX_FRAME,
     check: bool = False,
     version: int = SCHEMA_VERSION,
+    raw: RawEvents | None = None,
 ) -> bytes:
     """One framed ``batch`` (length prefix included), ready for the socket or the spool.
 
@@ -226,27 +234,48 @@ def encode_batch(
     ints are ints by construction), so that a bad batch is refused here
     rather than spooled and sent forever; the message names the first bad
     observation and field.
+
+    With ``raw`` the batch is a v3 batch: ``obs`` by column as in v2, and the
+    agent's ring buffer records, which the collector decodes (:class:`RawObs`).
     """
     what = f"batch {seq} of agent {agent!r}"
+    if raw is not None:
+        version = RAW_VERSION
     head = {"v": version, "t": "batch", "agent": agent, "seq": seq, "node": node,
             "ts_real_ns": ts_real_ns, "clock": list(clock), "lost": dict(lost) if lost else {}}
-    if version == 2:
+    if version >= 2:
         head.update(_columns(obs, what, check))
+        if raw is not None:
+            head["raw"] = {"layout": raw.layout, "recs": raw.records,
+                           "ifaces": [list(i) for i in raw.ifaces],
+                           "offset_ns": raw.offset_ns, "cut_mono_ns": raw.cut_mono_ns}
     elif version == 1:
         if check:
             check_rows(obs, f"batch {seq}")
         head["obs"] = obs
-    else:
-        raise ValueError(f"cannot write batches of schema version {version}")
+    if version not in SUPPORTED_VERSIONS or (version == RAW_VERSION) != (raw is not None):
+        raise ValueError(f"cannot write batches of schema version {version}"
+                         + (" without raw records" if version == RAW_VERSION else ""))
     body = _packb(head, what)
-    return _framed(body, max_frame, f"batch {seq} ({len(obs)} observations)",
-                   ": send smaller batches")
+    size = f"{len(obs)} observations" + (f", {len(raw.records)} bytes of raw records"
+                                         if raw is not None else "")
+    return _framed(body, max_frame, f"batch {seq} ({size})", ": send smaller batches")
 
 
 def batch_body(b: Batch) -> bytes:
     """The batch's frame body: as received, or encoded when it was built locally."""
-    return b.body or encode_batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs, b.clock,
-                                  b.lost)[HEADER_SIZE:]
+    if b.body:
+        return b.body
+    if isinstance(b.obs, RawObs):
+        return encode_batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs.decoded, b.clock,
+                            b.lost, raw=b.obs.raw)[HEADER_SIZE:]
+    return encode_batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs, b.clock,
+                        b.lost)[HEADER_SIZE:]
+
+
+def batch_size(b: Batch) -> int:
+    """Observations in the batch, without decoding raw records (each counts as one)."""
+    return b.obs.size if isinstance(b.obs, RawObs) else len(b.obs)
 
 
 def encode(frame: Frame, *, max_frame: int = MAX_FRAME) -> bytes:
@@ -602,6 +631,86 @@ def _obs_columns(d: dict[Any, Any], what: str) -> ObsColumns:
     return ObsColumns(n, arrays, strs, addrs, blob)
 
 
+class RawObs(Sequence[Observation]):
+    """The observations of a v3 batch: those the agent decoded itself (``decoded``, by
+    column as in v2) and then its raw ring buffer records (``raw``), decoded here on
+    first use. ``cut_mono_ns``: the collector puts the node's observations back in time
+    order up to it (:class:`~hopscope.model.Reorder`), as the agent would have."""
+
+    __slots__ = ("_rows", "bad", "cut_mono_ns", "decoded", "node", "raw", "size")
+
+    def __init__(self, decoded: ObsColumns, raw: RawEvents, node: str, records: int) -> None:
+        self.decoded = decoded
+        self.raw = raw
+        self.node = node
+        self.cut_mono_ns = raw.cut_mono_ns
+        #: observations before decoding: a raw record counts as one (batch_size)
+        self.size = len(decoded) + records
+        self.bad = 0  # records that could not be decoded (an interface it did not name)
+        self._rows: list[Observation] | None = None
+
+    def rows(self) -> list[Observation]:
+        if self._rows is None:
+            rows = list(self.decoded)
+            self.bad = self.raw.decode(self.node, rows)
+            self._rows = rows
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.rows())
+
+    def __iter__(self) -> Iterator[Observation]:
+        return iter(self.rows())
+
+    @overload
+    def __getitem__(self, i: int) -> Observation: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Observation]: ...
+
+    def __getitem__(self, i: int | slice) -> Observation | list[Observation]:
+        return self.rows()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RawObs | ObsColumns):
+            return self.rows() == other.rows()
+        if isinstance(other, list | tuple):
+            return self.rows() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{len(self.decoded)} observations and {len(self.raw.records)} bytes of records>"
+
+
+def _raw(d: dict[Any, Any], what: str) -> tuple[RawEvents, int]:
+    """Check a v3 batch's ``raw`` map (its records tile their bytes) and keep it."""
+    raw = d.get("raw")
+    if type(raw) is not dict:
+        raise BadFrame(f"{what}: a v3 batch needs a map 'raw', got {_tname(raw)}")
+    layout = _int(raw, "layout", what, lo=0)
+    if layout != LAYOUT:
+        raise BadFrame(f"{what}: raw records of event layout {layout}, this collector decodes"
+                       f" layout {LAYOUT}: run the same hopscope version on agents and"
+                       " collector")
+    recs = raw.get("recs")
+    if type(recs) is not bytes:
+        raise BadFrame(f"{what}: field 'raw.recs' must be a bin, got {_tname(recs)}")
+    ifaces = raw.get("ifaces", ())
+    if type(ifaces) is not tuple or not all(
+            type(i) is tuple and len(i) == 3 and type(i[0]) is int and type(i[1]) is str
+            and i[2] in IFACE_POINTS for i in ifaces):
+        raise BadFrame(f"{what}: field 'raw.ifaces' must hold [ifindex, name, point] entries"
+                       f" (points: {', '.join(sorted(IFACE_POINTS))})")
+    try:
+        n = len(walk_records(recs))
+    except ValueError as exc:
+        raise BadFrame(f"{what}: raw records: {exc}") from None
+    return RawEvents(recs, ifaces, _int(raw, "offset_ns", what),
+                     _int(raw, "cut_mono_ns", what), layout), n
+
+
 def _clock(d: dict[Any, Any], what: str) -> list[tuple[int, int]]:
     clock = d.get("clock", ())
     if type(clock) is not tuple:
@@ -634,14 +743,20 @@ def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -
                           _int(d, "seq", "error", lo=-1, default=-1))
     if v not in SUPPORTED_VERSIONS:
         raise BadVersion(f"schema version {v} is not supported (this side speaks"
-                         f" {SCHEMA_VERSION}); upgrade the older side")
+                         f" {max(SUPPORTED_VERSIONS)}); upgrade the older side")
     if t == "batch":
         seq = _int(d, "seq", "batch", lo=0)
         what = f"batch {seq}"
-        return Batch(_str(d, "agent", "batch", name=True), seq,
-                     _str(d, "node", "batch", name=True), _int(d, "ts_real_ns", "batch"),
-                     _obs_columns(d, what) if v == 2 else _observations(d, what),
-                     _clock(d, what), _lost(d, what), bytes(body))
+        node = _str(d, "node", "batch", name=True)
+        obs: Sequence[Observation]
+        if v == RAW_VERSION:
+            raw, n = _raw(d, what)
+            obs = RawObs(_obs_columns(d, what), raw, node, n)
+        else:
+            obs = _obs_columns(d, what) if v == 2 else _observations(d, what)
+        return Batch(_str(d, "agent", "batch", name=True), seq, node,
+                     _int(d, "ts_real_ns", "batch"), obs, _clock(d, what), _lost(d, what),
+                     bytes(body))
     if t == "ack":
         return Ack(_int(d, "seq", "ack", lo=-1))
     if t == "hello":

@@ -34,7 +34,10 @@ with :func:`make_packet` or, on hot paths, with ``tuple.__new__(Observation,
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import operator
+from collections.abc import Iterable
 from typing import NamedTuple
 
 OBS_VERSION = 1
@@ -182,3 +185,45 @@ def flow_str(src: bytes, sport: int, dst: bytes, dport: int) -> str:
         return f"[{s}]:{p}" if ":" in s else f"{s}:{p}"
 
     return f"{ep(src, sport)} -> {ep(dst, dport)}"
+
+
+_MONO = operator.itemgetter(1)  # ts_mono_ns
+
+
+class Reorder:
+    """One node's eBPF observations put back in time order (``ts_mono_ns``).
+
+    Events reach user space a little out of order (the CPUs share one ring
+    buffer, each stamps its event before it reserves the space), so a reader
+    holds the newest back: :meth:`push` adds a batch and returns, sorted, the
+    observations up to ``cut_mono_ns`` (the reader's clock minus its reorder
+    window), keeping the rest for the next push; :meth:`flush` returns them all.
+    The agent does this itself when it decodes; the collector for the raw
+    records it decodes for an agent (wire schema v3).
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: list[Observation] = []
+
+    def push(self, obs: Iterable[Observation], cut_mono_ns: int) -> list[Observation]:
+        p = self.pending
+        p.extend(obs)
+        if not p:
+            return []
+        p.sort(key=_MONO)
+        i = bisect.bisect_right(p, cut_mono_ns, key=_MONO)
+        if i == len(p):
+            self.pending = []
+            return p
+        ready, self.pending = p[:i], p[i:]
+        return ready
+
+    def flush(self) -> list[Observation]:
+        p, self.pending = self.pending, []
+        p.sort(key=_MONO)
+        return p
+
+    def __len__(self) -> int:
+        return len(self.pending)

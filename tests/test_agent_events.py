@@ -132,3 +132,58 @@ def test_decode_kprobe_events() -> None:
     assert (d["HS_EV_NF"], d["HS_EV_IPVS"]) == (ev.EV_NF, ev.EV_IPVS)
     assert {d["HS_NF_ACCEPT"]: b"ACCEPT", d["HS_NF_QUEUED"]: b"QUEUED",
             d["HS_NF_DROP"]: b"DROP"} == ev.NF_VERDICTS
+
+
+class _Ring:
+    """RingReader.take's contract, over records given up front."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.blob = b"".join(len(e).to_bytes(4, "little") + bytes(4) + e + bytes(-len(e) % 8)
+                             for e in events)
+        self.n = len(events)
+
+    def take(self, limit: int, kind_at: int, kinds: frozenset[int], max_bytes: int
+             ) -> tuple[bytes, int, list[int]]:
+        from hopscope.agent.ringbuf import walk_records
+
+        blob, n, self.blob, self.n = self.blob, self.n, b"", 0
+        return blob, n, [at for at, ln in walk_records(blob) if blob[at + kind_at] in kinds]
+
+
+def test_raw_mode_ships_records_and_decodes_only_drops(tmp_path: Path) -> None:
+    """An agent that only records (or ships) copies its ring's records out raw (wire v3):
+    the drops are decoded on the node and marked discarded in the copy, so that
+    read_record (like the collector) gets every event exactly once, in time order; once
+    the ring is empty, one empty batch moves the cut past the last records shipped."""
+    from hopscope.agent.run import Agent, AgentConfig, read_record
+    from hopscope.collector import wire
+
+    rec = tmp_path / "agent-node1.obs"
+    agent = Agent(AgentConfig(node="node1", record=str(rec)))
+    agent.raw, agent.offset = True, 1_000
+    agent.ifaces.update({3: ev.Iface("eth0", "nic")})
+    agent.decoder = ev.Decoder("node1", agent.ifaces, lambda: agent.offset, {12: "NF_X"})
+    a, b = bytes([203, 0, 113, 9]), bytes([203, 0, 113, 11])
+    events = [_raw(ts_mono_ns=t, kind=ev.EV_PKT, ifindex=3, saddr=a, daddr=b, sport=40000,
+                   dport=80, seq=t, proto=6) for t in (300, 100, 200)]
+    events.insert(1, _raw(ts_mono_ns=150, kind=ev.EV_DROP, ifindex=3, reason=12, saddr=a,
+                          daddr=b, proto=6))
+    agent.ring = _Ring(events)
+    assert agent._take_raw() == 4 and len(agent.pending) == 1  # the drop, decoded here
+    agent._ship_raw(cut=250)
+    agent._ship_raw(cut=10_000)  # the ring is empty: one empty batch with the new cut
+    agent._ship_raw(cut=20_000)  # and no more
+    agent._record.close()
+    with open(rec, "rb") as f:
+        frames = wire.FrameDecoder(1 << 24).feed(f.read())
+    assert [type(fr.obs).__name__ for fr in frames] == ["RawObs", "RawObs"]  # type: ignore[union-attr]
+    first, second = (fr.obs for fr in frames)  # type: ignore[union-attr]
+    assert (first.cut_mono_ns, second.cut_mono_ns) == (250, 10_000)
+    assert [o.kind for o in first.decoded] == ["drop"] and len(second) == 0
+    assert [(o.kind, o.ts_mono_ns) for o in first] == [  # the drop once, not again raw
+        ("drop", 150), (KIND_PACKET, 300), (KIND_PACKET, 100), (KIND_PACKET, 200)]
+    got = read_record(str(rec))
+    assert [(o.kind, o.ts_mono_ns, o.ts_real_ns) for o in got] == [
+        (KIND_PACKET, 100, 1_100), ("drop", 150, 1_150), (KIND_PACKET, 200, 1_200),
+        (KIND_PACKET, 300, 1_300)]
+    assert got[1].payload == b"NF_X" and agent.raw_records == 4 and agent.observations == 1

@@ -156,7 +156,8 @@ def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
     """Live agents -> collector (in the replica's 'internet', as on a node) -> trace.
 
     The agents only ship and record, as on a node: nothing is stitched in them (no
-    ``--out``)."""
+    ``--out``), so they ship their ring buffer's records raw (wire v3), and the
+    collector decodes them; its hops agree with replay of captures taken meanwhile."""
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-the-replica-only-0123456789")
     token.chmod(0o600)
@@ -170,7 +171,8 @@ def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
          "--reference", "node1", "--idle-flush", "1s"], stdout=log, stderr=log)
     try:
         extra = ["--collector", f"{gw}:7000", "--token-file", str(token)]
-        with running_agents(testbed, tmp_path / "agents", extra=extra, stitch=False) as agents:
+        with running_agents(testbed, tmp_path / "agents", extra=extra, stitch=False) as agents, \
+                capturing(testbed, tmp_path / "cap") as cap:
             recs = run_traffic(testbed.topology, TrafficConfig(
                 count=40, concurrency=2, new_conn_ratio=0.3, seed=25), keep=True).records
         local = stitch_records(agents, NODES)  # the same observations, stitched here
@@ -198,6 +200,21 @@ def test_agents_ship_to_the_collector_and_trace_shows_it(testbed: Instance,
             (h["name"], h["node"], h["duration_ns"]) for h in b["hops"]], rid
         assert [c["name"] for c in a["hops"][0]["children"]] == [
             "kernel_in", "proxy", "service_nat"]
+    for node, a in agents.agents.items():  # raw records went out, not observations
+        ready = json.loads((a.record.parent / f"agent-{node}.ready").read_text())
+        assert "wire v3" in ready["sources"]["events"], ready["sources"]
+        assert a.record.read_bytes()[:1] == b"\0", node  # wire frames, not msgpack rows
+    assert cap.result is not None
+    rep = replay([(f.name.split(".")[0], f) for f in cap.result.files], progress=False).envelope
+    by_rep = {q["request_id"]: q for q in rep["requests"]}
+    diffs: list[tuple[int, str, str, str]] = []
+    for rid in want:
+        a, b = got[rid], by_rep[rid]
+        assert [(h["name"], h["node"]) for h in a["hops"]] == [
+            (h["name"], h["node"]) for h in b["hops"]], rid
+        diffs += [(x["duration_ns"] - y["duration_ns"], rid, x["name"], x["node"])
+                  for x, y in zip(a["hops"], b["hops"], strict=True)]
+    _check_diffs(diffs, tmp_path / "hop-diffs.json")  # collector (raw records) minus capture
     rid = sorted(want)[0]
     t = subprocess.run([sys.executable, "-m", "hopscope", "trace", rid, "--db", str(db)],
                        capture_output=True, text=True, timeout=60)

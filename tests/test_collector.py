@@ -683,3 +683,107 @@ def test_sigkill_mid_stream_every_observation_stored_once(tmp_path: Path) -> Non
         assert stored[node] == read, node  # each observation once: none lost, none twice
         assert seqs[node] == list(range(len(seqs[node]))), node
     assert sorted(ids) == sorted(r["request_id"] for r in want["requests"])
+
+
+def _as_events(obs: list[Any], off: int) -> tuple[list[bytes], tuple[tuple[int, str, str], ...]]:
+    """A capture's packets as the agent's tc programs would have emitted them (struct
+    hs_event, CLOCK_MONOTONIC = wall clock - ``off``), and the agent's interface table."""
+    from hopscope.agent import events as ev
+
+    from hopscope.tcpflow import point_for_ifname
+
+    names = sorted({o.ifname for o in obs})
+    ifaces = tuple((i + 2, n, point_for_ifname(n) if point_for_ifname(n) in ("overlay", "pod")
+                    else "nic+underlay") for i, n in enumerate(names))
+    index = {n: i for i, n, _ in ifaces}
+    out = []
+    for o in obs:
+        vals: dict[str, Any] = {
+            "ts_mono_ns": o.ts_real_ns - off, "aux_ns": 0, "netns": 0, "ifindex": index[o.ifname],
+            "seq": o.seq, "ack": o.ack, "plen": o.plen,
+            "vni": ev.NO_VNI if o.vni < 0 else o.vni, "saddr": o.src, "daddr": o.dst,
+            "osaddr": o.outer_src or bytes(4), "odaddr": o.outer_dst or bytes(4),
+            "sport": o.sport, "dport": o.dport, "ip_id": o.ip_id & 0xFFFF, "reason": 0,
+            "caplen": len(o.payload), "kind": ev.EV_PKT, "dir": ev.DIR_IN, "tcp_flags": o.flags,
+            "proto": o.proto, "why": 0, "pad": 0}
+        out.append(ev.EVENT.pack(*(vals[n] for n, _ in ev.FIELDS)) + o.payload)
+    return out, ifaces
+
+
+def test_raw_records_are_decoded_and_reordered_as_the_agent_would(tmp_path: Path) -> None:
+    """Agents shipping their ring's records (wire v3; the collector decodes them and puts
+    them back in time order, batch by batch up to each one's cut) store exactly what
+    agents decoding the same events themselves (v2) store: the replica's requests."""
+    import random
+
+    from hopscope.agent import events as ev
+    from hopscope.agent.ship import Shipper
+    from hopscope.collector.spool import Spool
+
+    from hopscope.capture import CaptureReader
+
+    off = 1_700_000_000_000_000_000
+    rng = random.Random(5)
+    want = _replayed("replica-clean")
+    sent: dict[str, tuple[list[bytes], Any, list[Any]]] = {}
+    for node, path in _pairs("replica-clean"):
+        obs = [o for b in CaptureReader(path, node, directions=False) for o in b]
+        events, ifaces = _as_events(obs, off)
+        decoded: list[Any] = []  # what the agent would have decoded
+        dec = ev.Decoder(node, {i: ev.Iface(n, p) for i, n, p in ifaces}, lambda: off, {})
+        for e in events:
+            assert dec.decode(e, [(0, len(e))], decoded) == 0
+        assert len(decoded) == len(obs)
+        sent[node] = (events, ifaces, decoded)
+
+    def ring_records(evs: list[bytes]) -> bytes:
+        return b"".join(len(e).to_bytes(4, "little") + bytes(4) + e + bytes(-len(e) % 8)
+                        for e in evs)
+
+    async def ship_node(c: Collector, node: str, raw: bool) -> None:
+        events, ifaces, decoded = sent[node]
+        cfg = _ship_cfg(c, node, Path("-"))
+        with Spool(tmp_path / f"spool-{node}-{raw}") as spool:
+            sh = Shipper(cfg, spool)
+            n = len(events)
+            chunks = [list(range(k, min(k + 40, n))) for k in range(0, n, 40)]
+            if not raw:
+                for chunk in chunks:
+                    sh.append([decoded[i] for i in chunk])
+            for j, chunk in enumerate(chunks if raw else ()):
+                # The ring interleaves CPUs: a batch is not in time order, and the drain
+                # that ends it can come between two CPUs' events, the later one taken
+                # first: this batch takes the next one's first 5 events, gives it its own
+                # last 5, and is sorted up to just before those.
+                late = chunk[-5:] if j + 1 < len(chunks) else []
+                mine = chunk[:len(chunk) - len(late)] + (chunks[j + 1][:5] if late else [])
+                if j:
+                    mine = chunks[j - 1][-5:] + mine[5:]
+                rng.shuffle(mine)
+                cut = decoded[late[0]].ts_mono_ns - 1 if late else 1 << 62
+                sh.append([], raw=ev.RawEvents(ring_records([events[i] for i in mine]),
+                                               ifaces, off, cut))
+            await sh.pump(until_empty=True)
+            assert not len(spool)
+            if sh.writer is not None:
+                await wire.close_writer(sh.writer)
+
+    async def go(raw: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        (tmp_path / f"raw-{raw}").mkdir(exist_ok=True)
+        c = Collector(_cfg(tmp_path / f"raw-{raw}"))
+        await c.start()
+        try:
+            await asyncio.gather(*(ship_node(c, n, raw) for n in sent))
+            await _settled(c, set(sent))
+            return await _get(c, "/requests?since=10m&limit=100000"), await _get(c, "/health")
+        finally:
+            await c.stop()
+
+    (raw_env, raw_health), (dec_env, _h) = _run(lambda: go(True)), _run(lambda: go(False))
+    assert raw_health["decode_errors"] == 0
+    assert raw_env["requests"] == dec_env["requests"]
+    assert len(raw_env["requests"]) == len(want["requests"])
+    by_id = {r["request_id"]: r for r in raw_env["requests"]}
+    for r in want["requests"]:
+        assert [(h["name"], h["node"]) for h in by_id[r["request_id"]]["hops"]] == \
+               [(h["name"], h["node"]) for h in r["hops"]]

@@ -22,6 +22,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hopscope.agent import events as ev
+from hopscope.agent import ringbuf
 from hopscope.collector import wire
 from hopscope.collector.wire import (
     HELLO_MAX_FRAME,
@@ -52,7 +54,7 @@ from hopscope.errors import (
     UsageError,
     WireError,
 )
-from hopscope.model import Observation, make_packet
+from hopscope.model import Observation, Reorder, make_packet
 
 TOKEN = b"s3cret-token-0123456789abcdef"
 T0 = 1_764_000_000_000_000_000
@@ -231,6 +233,104 @@ def test_v2_columns_widen_to_what_their_values_need() -> None:
     assert isinstance(b, Batch) and list(b.obs) == many
 
 
+def ring_records(events: list[bytes], discard: set[int] = frozenset()) -> bytes:  # type: ignore[assignment]
+    """Events laid out as a BPF ring buffer holds them (8-byte headers, 8-byte aligned)."""
+    out = b""
+    for i, e in enumerate(events):
+        ln = len(e) | (ringbuf.DISCARD if i in discard else 0)
+        out += ln.to_bytes(4, "little") + b"\0" * 4 + e + b"\0" * (-len(e) % 8)
+    return out
+
+
+def event(**kw: Any) -> bytes:
+    vals: dict[str, Any] = {n: (b"\0\0\0\0" if c == "4s" else 0) for n, c in ev.FIELDS}
+    vals.update(vni=ev.NO_VNI, kind=ev.EV_PKT, proto=6, ifindex=3, saddr=bytes([203, 0, 113, 9]),
+                daddr=bytes([203, 0, 113, 11]), sport=40000, dport=80)
+    payload = kw.pop("payload", b"")
+    vals.update(kw, caplen=len(payload))
+    return ev.EVENT.pack(*(vals[n] for n, _ in ev.FIELDS)) + payload
+
+
+IFACES = ((3, "eth0", "nic"), (5, "flannel.1", "overlay"))
+
+
+def raw_events(events: list[bytes], cut: int = 1 << 40, discard: set[int] = frozenset(),  # type: ignore[assignment]
+               ifaces: tuple[tuple[int, str, str], ...] = IFACES) -> ev.RawEvents:
+    return ev.RawEvents(ring_records(events, discard), ifaces, 1_000, cut)
+
+
+def test_v3_batches_carry_raw_records_decoded_as_the_agent_would() -> None:
+    """What the agent ships raw decodes, at the collector, to what it would have decoded."""
+    evs = [event(ts_mono_ns=100 + i, seq=i, plen=5, payload=b"GET /"[: 1 + i % 5])
+           for i in range(7)]
+    evs.append(event(ts_mono_ns=90, aux_ns=80, ifindex=5, dir=ev.DIR_OUT, dport=8000))
+    drop = obs(1)[0]._replace(kind="drop", payload=b"NETFILTER_DROP")
+    raw = raw_events(evs, cut=104, discard={2})
+    data = encode_batch("a1", 9, "node1", T0, [drop], [(1, 2)], {"tc_lost": 0}, raw=raw)
+    assert msgpack.unpackb(data[4:])["v"] == wire.RAW_VERSION == 3
+    (b,) = decode_all(data)
+    assert isinstance(b, Batch) and isinstance(b.obs, wire.RawObs)
+    assert wire.batch_size(b) == 8 and b.obs._rows is None  # counted without decoding
+    assert b.obs.cut_mono_ns == 104 and (b.clock, b.lost) == ([(1, 2)], {"tc_lost": 0})
+    want: list[Observation] = [drop]
+    recs = [(at, n) for k, (at, n) in enumerate(_spans(evs)) if k != 2]
+    assert ev.Decoder("node1", {i: ev.Iface(n, p) for i, n, p in IFACES}, lambda: 1_000,
+                      {}).decode(raw.records, recs, want) == 0
+    assert list(b.obs) == want and len(b.obs) == 9  # the discarded record left out; a write
+    assert [o.kind for o in b.obs].count("write") == 1
+    assert b.obs.bad == 0 and b"GET /" in {o.payload for o in b.obs}
+    assert wire.batch_body(Batch(b.agent, b.seq, b.node, b.ts_real_ns, b.obs, b.clock,
+                                 b.lost)) == data[4:]  # re-encoded as it came
+    # an interface the agent did not name: that record is counted, not made up
+    (u,) = decode_all(encode_batch("a1", 10, "node1", T0, [],
+                                   raw=raw_events([event(ifindex=77), event()])))
+    assert isinstance(u, Batch) and isinstance(u.obs, wire.RawObs)
+    assert len(u.obs) == 1 and u.obs.bad == 1
+
+
+def _spans(evs: list[bytes]) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for e in evs:
+        out.append((at + 8, len(e)))
+        at += 8 + len(e) + (-len(e) % 8)
+    return out
+
+
+def v3_map(**raw_over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = msgpack.unpackb(
+        encode_batch("a1", 1, "node1", T0, [], raw=raw_events([event(), event()]))[4:])
+    d["raw"].update(raw_over)
+    return d
+
+
+@pytest.mark.parametrize(("frame", "msg"), [
+    ({**v3_map(), "raw": None}, "a v3 batch needs a map 'raw'"),
+    (v3_map(layout=ev.LAYOUT + 1), "run the same hopscope version"),
+    (v3_map(recs="x"), "'raw.recs' must be a bin"),
+    (v3_map(recs=ring_records([event()])[:-4]), "beyond the end"),
+    (v3_map(recs=ring_records([event()]) + b"\0\0\0"), "3 bytes after the last record"),
+    (v3_map(recs=(ringbuf.BUSY | 8).to_bytes(4, "little") + bytes(12)), "still being written"),
+    (v3_map(ifaces=[[3, "eth0", "moon"]]), "'raw.ifaces' must hold [ifindex, name, point]"),
+    (v3_map(ifaces=[["3", "eth0", "nic"]]), "'raw.ifaces' must hold"),
+    (v3_map(offset_ns="0"), "'offset_ns' must be an int"),
+    (v3_map(cut_mono_ns=None), "'cut_mono_ns' must be an int"),
+])
+def test_bad_v3_batches_are_refused_with_a_clear_message(frame: dict[str, Any], msg: str) -> None:
+    with pytest.raises(BadFrame, match=re.escape(msg)):
+        decode_body(body(frame)[4:])
+
+
+def test_reorder_puts_raw_batches_back_in_time_order() -> None:
+    """The collector's (and read_record's) reorder: each batch up to its cut, in order."""
+    ro = Reorder()
+    a = [o._replace(ts_mono_ns=t) for o, t in zip(obs(4), (30, 10, 50, 20), strict=True)]
+    b = [o._replace(ts_mono_ns=t) for o, t in zip(obs(3), (40, 25, 60), strict=True)]
+    assert [o.ts_mono_ns for o in ro.push(a, 30)] == [10, 20, 30]
+    assert [o.ts_mono_ns for o in ro.push([], -1)] == [] and len(ro) == 1
+    assert [o.ts_mono_ns for o in ro.push(b, 50)] == [25, 40, 50]
+    assert [o.ts_mono_ns for o in ro.flush()] == [60] and len(ro) == 0
+
+
 def v2_map(**over: Any) -> dict[str, Any]:
     d: dict[str, Any] = msgpack.unpackb(encode_batch("a1", 1, "node1", T0, obs(3))[4:])
     d.update(over)
@@ -293,7 +393,7 @@ def test_frames_other_than_batches_are_written_as_v1() -> None:
 
 
 @pytest.mark.parametrize(("frame", "exc", "msg"), [
-    (batch_map(v=3), BadVersion, "schema version 3 is not supported"),
+    (batch_map(v=4), BadVersion, "schema version 4 is not supported"),
     (batch_map(v="1"), BadFrame, "'v' must be an int"),
     ({"t": "ack", "seq": 1}, BadFrame, "no schema version"),
     ({"v": 1, "seq": 1}, BadFrame, "no type"),
@@ -581,6 +681,47 @@ def test_plausible_v2_batches_raise_only_wire_errors_and_their_rows_build(
 
 
 @PROPS
+@given(st.lists(st.tuples(st.sampled_from([ev.EV_PKT, ev.EV_KERNEL, ev.EV_STATE, ev.EV_NF,
+                                           ev.EV_IPVS, 9]), st.integers(0, 9),
+                          st.binary(max_size=24)), max_size=5),
+       st.sets(st.integers(0, 4)), st.data())
+def test_plausible_v3_batches_raise_only_wire_errors_and_their_rows_build(
+        evs: list[tuple[int, int, bytes]], discard: set[int], data: st.DataObject) -> None:
+    """Raw records and their tables altered at random: refused with a wire error, or
+    decoded (later, in the collector) to rows without one, every record counted."""
+    raw = raw_events([event(kind=k, ifindex=i, payload=p, aux_ns=i % 2) for k, i, p in evs],
+                     discard=discard)
+    m: dict[str, Any] = msgpack.unpackb(encode_batch("a", 1, "n", 0, [], raw=raw)[4:])
+    for key in data.draw(st.lists(st.sampled_from(["recs", "cut", "ifaces", "header",
+                                                   "layout"]), max_size=3)):
+        r = m["raw"]
+        if key == "recs":
+            r["recs"] = data.draw(st.binary(max_size=200) | msgpack_values)
+        elif key == "header" and type(r["recs"]) is bytes and len(r["recs"]) >= 8:
+            at = data.draw(st.integers(0, len(r["recs"]) // 8 - 1)) * 8
+            r["recs"] = r["recs"][:at] + data.draw(st.binary(min_size=4, max_size=4)) \
+                + r["recs"][at + 4:]
+        elif key == "ifaces":
+            r["ifaces"] = data.draw(st.lists(st.tuples(st.integers(-1, 9), st.text(max_size=3),
+                                                       st.sampled_from(["nic", "pod", "x"]))
+                                             | msgpack_values, max_size=3))
+        elif key == "cut":
+            r["cut_mono_ns"] = data.draw(st.integers(-(1 << 63), (1 << 63) - 1) | msgpack_values)
+        else:
+            r["layout"] = data.draw(st.integers(0, 1 << 32) | msgpack_values)
+    try:
+        (b,) = decode_all(body(m))
+    except WireError:
+        return
+    assert isinstance(b, Batch) and isinstance(b.obs, wire.RawObs)
+    rows = list(b.obs)
+    assert all(type(o) is Observation and len(o) == 21 for o in rows)
+    kept = len(ringbuf.walk_records(b.obs.raw.records))
+    writes = sum(o.kind == "write" for o in rows)
+    assert len(rows) - writes + b.obs.bad == kept == wire.batch_size(b)
+
+
+@PROPS
 @given(st.lists(frames_st, min_size=1, max_size=5), st.lists(st.integers(0, 1 << 16),
        max_size=16))
 def test_valid_frames_split_anywhere_decode_identically(frames: list[Frame],
@@ -810,18 +951,18 @@ def test_loopback_wrong_version_is_refused(caplog: pytest.LogCaptureFixture) -> 
     async def main() -> None:
         async with collector() as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
-            w.write(body({"v": 3, "t": "hello", "agent": "a", "node": "n", "token": TOKEN,
+            w.write(body({"v": 4, "t": "hello", "agent": "a", "node": "n", "token": TOKEN,
                           "started_ns": 1}))
             f = await wire.read_frame(r)
             assert isinstance(f, ErrorFrame) and f.code == "version"
-            with pytest.raises(BadVersion, match="schema version 3 is not supported"):
+            with pytest.raises(BadVersion, match="schema version 4 is not supported"):
                 raise wire.error_from_frame(f)
             with pytest.raises(PeerClosed):
                 await wire.read_frame(r)
             await wire.close_writer(w)
 
     run(main())
-    assert "schema version 3 is not supported (this side speaks 2)" in refusal(caplog)
+    assert "schema version 4 is not supported (this side speaks 3)" in refusal(caplog)
 
 
 @pytest.mark.parametrize(("garbage", "code", "logged"), [
