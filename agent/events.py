@@ -206,6 +206,21 @@ class Decoder:
         return bad
 
 
+def encode_packet(ob: Observation, ifindex: int, offset_ns: int) -> bytes:
+    """The event a tc program would have emitted for a packet observation (the inverse of
+    :meth:`Decoder.decode`, whose ``ts_real_ns`` is ``ts_mono_ns + offset_ns``), for
+    tests and benchmarks that turn captures into an agent's records."""
+    v = {"ts_mono_ns": ob.ts_real_ns - offset_ns, "aux_ns": 0, "netns": 0, "ifindex": ifindex,
+         "seq": ob.seq, "ack": ob.ack, "plen": ob.plen,
+         "vni": NO_VNI if ob.vni < 0 else ob.vni, "saddr": ob.src, "daddr": ob.dst,
+         "osaddr": ob.outer_src or _ZERO4, "odaddr": ob.outer_dst or _ZERO4,
+         "sport": ob.sport, "dport": ob.dport, "ip_id": ob.ip_id & 0xFFFF, "reason": 0,
+         "caplen": len(ob.payload), "kind": EV_PKT,
+         "dir": DIR_OUT if ob.direction == OUT else DIR_IN, "tcp_flags": ob.flags,
+         "proto": ob.proto, "why": 0, "pad": 0}
+    return EVENT.pack(*(v[name] for name, _ in FIELDS)) + ob.payload
+
+
 @dataclass(frozen=True)
 class RawEvents:
     """Ring buffer records as the agent copied them out (:meth:`RingReader.take`), with
@@ -223,12 +238,15 @@ class RawEvents:
     cut_mono_ns: int
     layout: int = LAYOUT
 
-    def decode(self, node: str, out: list[Observation]) -> int:
+    def decode(self, node: str, out: list[Observation],
+               recs: list[tuple[int, int]] | None = None) -> int:
         """Append the records' observations to ``out``; returns the records that could
-        not be decoded. Raises ValueError when the records do not tile the bytes."""
+        not be decoded. ``recs``: :func:`walk_records` of the records, when known. Raises
+        ValueError when the records do not tile the bytes."""
         from hopscope.agent.ringbuf import walk_records
 
-        recs = walk_records(self.records)
+        if recs is None:
+            recs = walk_records(self.records)
         ifaces = {i: Iface(name, point) for i, name, point in self.ifaces}
         off = self.offset_ns
         return Decoder(node, ifaces, lambda: off, {}).decode(self.records, recs, out)

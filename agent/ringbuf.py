@@ -17,7 +17,7 @@ from __future__ import annotations
 import mmap
 import select
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 
 from hopscope.errors import HopscopeError
 
@@ -159,3 +159,11 @@ def walk_records(blob: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
     if at != end:
         raise ValueError(f"{end - at} bytes after the last record")
     return recs
+
+
+def ring_records(events: Iterable[bytes], discarded: Container[int] = ()) -> bytes:
+    """``events`` laid out as a BPF ring buffer holds them (an 8-byte header each, padded
+    to 8 bytes; those whose index is in ``discarded`` marked so): what
+    :meth:`RingReader.take` copies out, for tests and benchmarks."""
+    return b"".join((len(e) | (DISCARD if i in discarded else 0)).to_bytes(4, "little")
+                    + bytes(4) + e + bytes(-len(e) % 8) for i, e in enumerate(events))

@@ -85,6 +85,8 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hopscope.agent import events as ev
+from hopscope.agent.ringbuf import ring_records
 from hopscope.collector import wire
 from hopscope.collector.server import Collector, CollectorConfig
 from hopscope.collector.store import SqliteStore
@@ -93,6 +95,7 @@ from hopscope.collector.writer import BatchWriter
 
 from hopscope.capture import CaptureReader
 from hopscope.model import Observation
+from hopscope.tcpflow import SKIP, point_for_ifname
 
 HERE = Path(__file__).resolve().parent
 GENCAP = HERE / "_gencap.py"
@@ -146,6 +149,26 @@ def build_frames(batches: list[list[Observation]], version: int = wire.SCHEMA_VE
                          check=check, version=version) for seq, obs in enumerate(batches)]
 
 
+def build_raw_frames(batches: list[list[Observation]]) -> tuple[list[bytes], int]:
+    """The same packets as an agent's ring buffer records (wire v3: the collector decodes
+    them), and how many: those of interfaces that are not a point (``lo``) are left out."""
+    names = sorted({o.ifname for b in batches for o in b})
+    points = {n: point_for_ifname(n) for n in names}
+    ifaces = tuple((i + 2, n, p if p in ("overlay", "pod") else "nic+underlay")
+                   for i, (n, p) in enumerate(points.items()) if p != SKIP)
+    index = {n: i for i, n, _ in ifaces}
+    off = 1_700_000_000_000_000_000
+    t0 = 1_795_000_000_000_000_000
+    frames, n = [], 0
+    for seq, obs in enumerate(batches):
+        evs = [ev.encode_packet(o, index[o.ifname], off) for o in obs if o.ifname in index]
+        n += len(evs)
+        raw = ev.RawEvents(ring_records(evs), ifaces, off, obs[-1].ts_real_ns - off)
+        frames.append(encode_batch(AGENT, seq, NODE, t0 + seq * 1_000_000, [],
+                                   lost={"ring": 0}, raw=raw))
+    return frames, n
+
+
 # --------------------------------------------------------------------------
 # The stages
 
@@ -169,9 +192,14 @@ def timed(fn: Callable[[], dict[str, float] | None]) -> Callable[[], dict[str, f
 
 class Bench:
     def __init__(self, frames: list[bytes], frames_v1: list[bytes], n: int, read: int,
-                 drain_every: int, tmp: str | None) -> None:
+                 drain_every: int, tmp: str | None, frames_v3: list[bytes], n3: int) -> None:
         self.nframes = len(frames)
         self.n = n
+        self.n3 = n3
+        self.stream_v3 = b"".join(frames_v3)
+        mv3 = memoryview(self.stream_v3)
+        self.reads_v3 = [mv3[i:i + read] for i in range(0, len(mv3), read)]
+        self.requests_v3 = 0
         self.drain_every = drain_every
         self.tmp = tmp
         self.stream = b"".join(frames)
@@ -187,10 +215,10 @@ class Bench:
         self.requests = 0
         self.drops = 0
 
-    def frames_in(self, v1: bool = False) -> Iterator[Batch]:
+    def frames_in(self, v1: bool = False, v3: bool = False) -> Iterator[Batch]:
         """Every batch frame, as the collector's connection reads them."""
         d = FrameDecoder()
-        for r in (self.reads_v1 if v1 else self.reads):
+        for r in (self.reads_v1 if v1 else self.reads_v3 if v3 else self.reads):
             for f in d.feed(r):
                 assert isinstance(f, Batch)
                 yield f
@@ -205,13 +233,14 @@ class Bench:
             pass
 
     # -- (2)
-    def decode(self, rows: bool = False, v1: bool = False) -> dict[str, float]:
+    def decode(self, rows: bool = False, v1: bool = False, v3: bool = False
+               ) -> dict[str, float]:
         """``rows``: build every batch's Observation tuples too, as a tracker's feed() does
-        (v1 builds them while decoding)."""
+        (v1 builds them while decoding; v3 decodes the raw records then)."""
         k = 0
-        for f in self.frames_in(v1):
-            k += len(list(f.obs)) if rows else len(f.obs)
-        assert k == self.n, (k, self.n)
+        for f in self.frames_in(v1, v3):
+            k += len(list(f.obs)) if rows else wire.batch_size(f)
+        assert k == (self.n3 if v3 else self.n), (k, self.n3 if v3 else self.n)
         return {}
 
     # -- (3) decode and store on one thread, no pipeline
@@ -232,7 +261,7 @@ class Bench:
         return {"seconds": secs}
 
     # -- (4) and (5): the collector's own connection code, over a socket pair
-    async def _serve(self, store: Callable[[Batch], Any]) -> float:
+    async def _serve(self, store: Callable[[Batch], Any], v3: bool = False) -> float:
         """The stream through ``wire.serve_agent``, from the first byte sent to the last ack.
 
         The agent's end is a plain blocking socket in a thread of its own (as an agent is
@@ -250,7 +279,8 @@ class Bench:
                 got = dec.feed(b.recv(65536))
             assert isinstance(got[0], wire.Welcome) and got[0].acked == -1, got
             times["t0"] = time.perf_counter()
-            sender = threading.Thread(target=b.sendall, args=(self.stream,))
+            sender = threading.Thread(target=b.sendall,
+                                      args=(self.stream_v3 if v3 else self.stream,))
             sender.start()
             acked = -1
             while acked < last:
@@ -332,7 +362,8 @@ class Bench:
             self._check_stored(db)
         return {"seconds": secs}
 
-    def stitch(self) -> dict[str, float]:
+    def stitch(self, v3: bool = False) -> dict[str, float]:
+        """Collector.store_batch and its feeder, as served (``v3``: the raw records)."""
         with tempfile.TemporaryDirectory(prefix="hopscope-ingest-", dir=self.tmp) as d:
             col = Collector(CollectorConfig(db=str(Path(d) / "collector.db"), token=TOKEN))
             col.writer = BatchWriter(col.cfg.db)
@@ -356,7 +387,7 @@ class Bench:
             async def run() -> float:  # Collector.store_batch and its feeder task, as served
                 feeder = col.start_feeder()
                 try:
-                    return await self._serve(col.store_batch)
+                    return await self._serve(col.store_batch, v3)
                 finally:
                     feeder.cancel()
 
@@ -373,12 +404,15 @@ class Bench:
             col.step()
             t_step += time.perf_counter() - a
             secs = time.perf_counter() - t0
-            self.requests = col.stored_requests
-            assert col.store.count_requests() == self.requests
+            if v3:
+                self.requests_v3 = col.stored_requests
+            else:
+                self.requests = col.stored_requests
+            assert col.store.count_requests() == col.stored_requests
             self.drops = int(col.store.db.execute("SELECT count(*) FROM drops").fetchone()[0])
             col.store.close()
         return {"seconds": secs, "serve": t_serve, "step": t_step,
-                "requests": float(self.requests)}
+                "requests": float(col.stored_requests)}
 
 
 def db_size(d: Path) -> int:
@@ -406,8 +440,10 @@ def report(res: dict[str, Any], out: TextIO) -> None:
     for name, st in res["stages"].items():
         s = st["seconds"]
         rq = f"{st['requests'] / s:15,.0f}" if "requests" in st else f"{'':15}"
-        nb = res["wire_bytes_v1" if "v1" in name else "wire_bytes"]
-        p(f"{name:24} {s:9.4f} {n / s:12,.0f} {nb / s / 1e6:10.1f} {rq}"
+        v = "v1" if "v1" in name else "v3" if "v3" in name else ""
+        nb = res[f"wire_bytes_{v}" if v else "wire_bytes"]
+        k = res["observations_v3"] if v == "v3" else n
+        p(f"{name:24} {s:9.4f} {k / s:12,.0f} {nb / s / 1e6:10.1f} {rq}"
           f" {bare / s:7.2f}", file=out)
     st = res["stages"]["ingest + stitch"]
     p(f"ingest + stitch, best run: through serve_agent to the last ack {st['serve']:.3f} s;"
@@ -451,13 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = read_batches(path, a.batch, a.limit)
     n = sum(map(len, batches))
     frames, frames_v1 = build_frames(batches), build_frames(batches, 1)
+    frames_v3, n3 = build_raw_frames(batches)
     if not n:
         print(f"{path}: no observations", file=sys.stderr)
         return 1
     prep = time.perf_counter() - t0
-    b = Bench(frames, frames_v1, n, a.read, a.drain_every, a.dir)
+    b = Bench(frames, frames_v1, n, a.read, a.drain_every, a.dir, frames_v3, n3)
     nframes = len(frames)
-    del frames, frames_v1  # the bench keeps the streams and the bodies only
+    del frames, frames_v1, frames_v3  # the bench keeps the streams and the bodies only
 
     stages = [
         Stage("encode", timed(lambda: {"bytes": len(b"".join(build_frames(batches)))})),
@@ -471,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         Stage("ingest", b.ingest),
         Stage("ingest over a socket", b.socket_ingest),
         Stage("ingest + stitch", b.stitch),
+        Stage("decode + rows, v3 raw", timed(lambda: b.decode(rows=True, v3=True))),
+        Stage("ingest + stitch, v3 raw", lambda: b.stitch(v3=True)),
     ]
     for _ in range(a.repeat):
         for s in stages:
@@ -482,13 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "capture": str(path), "observations": n, "batches": nframes, "batch": a.batch,
         "wire_bytes": len(b.stream), "wire_bytes_v1": b.v1_bytes, "repeat": a.repeat,
+        "wire_bytes_v3": len(b.stream_v3), "observations_v3": n3,
         "drain_every": a.drain_every,
         "read": a.read, "prepare_seconds": round(prep, 3),
         "python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
         "sqlite": sqlite3.sqlite_version, "db_dir": a.dir or tempfile.gettempdir(),
         "db_bytes": b.db_bytes, "commits": b.commits, "drops": b.drops, "target_obs_per_s": TARGET,
         "cpus": os.cpu_count(),
-        "stages": {s.name: {**s.best, "obs_per_s": n / s.best["seconds"],
+        "stages": {s.name: {**s.best, "obs_per_s": (n3 if "v3" in s.name else n)
+                            / s.best["seconds"],
                             "runs": [round(x, 4) for x in s.runs]} for s in stages},
     }
     ing = res["stages"]["ingest"]["obs_per_s"]

@@ -515,7 +515,40 @@ def _pack_columns(n: int, cols: list[tuple[Any, ...]], check: bool) -> dict[str,
             "blob": blob}
 
 
-class ObsColumns(Sequence[Observation]):
+class _LazyRows(Sequence[Observation]):
+    """A batch's observations, the :class:`Observation` tuples built on first use."""
+
+    __slots__ = ()
+
+    def rows(self) -> list[Observation]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.rows())
+
+    def __iter__(self) -> Iterator[Observation]:
+        return iter(self.rows())
+
+    @overload
+    def __getitem__(self, i: int) -> Observation: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Observation]: ...
+
+    def __getitem__(self, i: int | slice) -> Observation | list[Observation]:
+        return self.rows()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _LazyRows):
+            return self.rows() == other.rows()
+        if isinstance(other, list | tuple):
+            return self.rows() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ObsColumns(_LazyRows):
     """The observations of a v2 batch, checked but kept by column until first used.
 
     What the collector needs before it acks (the count, the stored body) never
@@ -559,27 +592,6 @@ class ObsColumns(Sequence[Observation]):
 
     def __len__(self) -> int:
         return self._n
-
-    def __iter__(self) -> Iterator[Observation]:
-        return iter(self.rows())
-
-    @overload
-    def __getitem__(self, i: int) -> Observation: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Observation]: ...
-
-    def __getitem__(self, i: int | slice) -> Observation | list[Observation]:
-        return self.rows()[i]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ObsColumns):
-            return self.rows() == other.rows()
-        if isinstance(other, list | tuple):
-            return self.rows() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"<{self._n} observations>"
@@ -631,60 +643,39 @@ def _obs_columns(d: dict[Any, Any], what: str) -> ObsColumns:
     return ObsColumns(n, arrays, strs, addrs, blob)
 
 
-class RawObs(Sequence[Observation]):
+class RawObs(_LazyRows):
     """The observations of a v3 batch: those the agent decoded itself (``decoded``, by
     column as in v2) and then its raw ring buffer records (``raw``), decoded here on
     first use. ``cut_mono_ns``: the collector puts the node's observations back in time
     order up to it (:class:`~hopscope.model.Reorder`), as the agent would have."""
 
-    __slots__ = ("_rows", "bad", "cut_mono_ns", "decoded", "node", "raw", "size")
+    __slots__ = ("_recs", "_rows", "bad", "cut_mono_ns", "decoded", "node", "raw", "size")
 
-    def __init__(self, decoded: ObsColumns, raw: RawEvents, node: str, records: int) -> None:
+    def __init__(self, decoded: ObsColumns, raw: RawEvents, node: str,
+                 recs: list[tuple[int, int]]) -> None:
         self.decoded = decoded
         self.raw = raw
         self.node = node
         self.cut_mono_ns = raw.cut_mono_ns
         #: observations before decoding: a raw record counts as one (batch_size)
-        self.size = len(decoded) + records
+        self.size = len(decoded) + len(recs)
+        self._recs: list[tuple[int, int]] | None = recs  # walk_records(raw.records)
         self.bad = 0  # records that could not be decoded (an interface it did not name)
         self._rows: list[Observation] | None = None
 
     def rows(self) -> list[Observation]:
         if self._rows is None:
             rows = list(self.decoded)
-            self.bad = self.raw.decode(self.node, rows)
+            self.bad = self.raw.decode(self.node, rows, self._recs)
             self._rows = rows
+            self._recs = None
         return self._rows
-
-    def __len__(self) -> int:
-        return len(self.rows())
-
-    def __iter__(self) -> Iterator[Observation]:
-        return iter(self.rows())
-
-    @overload
-    def __getitem__(self, i: int) -> Observation: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Observation]: ...
-
-    def __getitem__(self, i: int | slice) -> Observation | list[Observation]:
-        return self.rows()[i]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, RawObs | ObsColumns):
-            return self.rows() == other.rows()
-        if isinstance(other, list | tuple):
-            return self.rows() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"<{len(self.decoded)} observations and {len(self.raw.records)} bytes of records>"
 
 
-def _raw(d: dict[Any, Any], what: str) -> tuple[RawEvents, int]:
+def _raw(d: dict[Any, Any], what: str) -> tuple[RawEvents, list[tuple[int, int]]]:
     """Check a v3 batch's ``raw`` map (its records tile their bytes) and keep it."""
     raw = d.get("raw")
     if type(raw) is not dict:
@@ -704,11 +695,11 @@ def _raw(d: dict[Any, Any], what: str) -> tuple[RawEvents, int]:
         raise BadFrame(f"{what}: field 'raw.ifaces' must hold [ifindex, name, point] entries"
                        f" (points: {', '.join(sorted(IFACE_POINTS))})")
     try:
-        n = len(walk_records(recs))
+        spans = walk_records(recs)
     except ValueError as exc:
         raise BadFrame(f"{what}: raw records: {exc}") from None
     return RawEvents(recs, ifaces, _int(raw, "offset_ns", what),
-                     _int(raw, "cut_mono_ns", what), layout), n
+                     _int(raw, "cut_mono_ns", what), layout), spans
 
 
 def _clock(d: dict[Any, Any], what: str) -> list[tuple[int, int]]:
@@ -750,8 +741,8 @@ def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -
         node = _str(d, "node", "batch", name=True)
         obs: Sequence[Observation]
         if v == RAW_VERSION:
-            raw, n = _raw(d, what)
-            obs = RawObs(_obs_columns(d, what), raw, node, n)
+            raw, spans = _raw(d, what)
+            obs = RawObs(_obs_columns(d, what), raw, node, spans)
         else:
             obs = _obs_columns(d, what) if v == 2 else _observations(d, what)
         return Batch(_str(d, "agent", "batch", name=True), seq, node,

@@ -138,8 +138,9 @@ class _Ring:
     """RingReader.take's contract, over records given up front."""
 
     def __init__(self, events: list[bytes]) -> None:
-        self.blob = b"".join(len(e).to_bytes(4, "little") + bytes(4) + e + bytes(-len(e) % 8)
-                             for e in events)
+        from hopscope.agent.ringbuf import ring_records
+
+        self.blob = ring_records(events)
         self.n = len(events)
 
     def take(self, limit: int, kind_at: int, kinds: frozenset[int], max_bytes: int

@@ -40,10 +40,14 @@ pytestmark = pytest.mark.privileged
 #: the hop after it is shorter, within TOL_NS), up to SHIFT_MAX_NS. Seen once in a CI
 #: run, 230 us at flannel.1 in (decap/deliver) with tc and capture agents side by side:
 #: the capture stamps a packet when the VXLAN device queues it, tc runs when a softirq
-#: gets to it, and on a loaded 2-vCPU machine softirqs wait for ksoftirqd.
+#: gets to it, and on a loaded 2-vCPU machine softirqs wait for ksoftirqd. Seen once in a
+#: full run, 1.8 ms at a same-node pod point (ingress/app): the captures had the upstream
+#: request on cni0 1.8 ms before on the pod's veth (a vCPU taken away between the bridge
+#: and the veth), replay stamps the first copy at the point (cni0), the agent watches the
+#: veth (whose capture agreed with it within 3 us).
 TOL_NS = 50_000
 MAX_NS = 200_000
-SHIFT_MAX_NS = 1_000_000
+SHIFT_MAX_NS = 5_000_000
 MEDIAN_NS = 10_000
 NODES = ["node1", "node2", "node3"]
 

@@ -696,18 +696,7 @@ def _as_events(obs: list[Any], off: int) -> tuple[list[bytes], tuple[tuple[int, 
     ifaces = tuple((i + 2, n, point_for_ifname(n) if point_for_ifname(n) in ("overlay", "pod")
                     else "nic+underlay") for i, n in enumerate(names))
     index = {n: i for i, n, _ in ifaces}
-    out = []
-    for o in obs:
-        vals: dict[str, Any] = {
-            "ts_mono_ns": o.ts_real_ns - off, "aux_ns": 0, "netns": 0, "ifindex": index[o.ifname],
-            "seq": o.seq, "ack": o.ack, "plen": o.plen,
-            "vni": ev.NO_VNI if o.vni < 0 else o.vni, "saddr": o.src, "daddr": o.dst,
-            "osaddr": o.outer_src or bytes(4), "odaddr": o.outer_dst or bytes(4),
-            "sport": o.sport, "dport": o.dport, "ip_id": o.ip_id & 0xFFFF, "reason": 0,
-            "caplen": len(o.payload), "kind": ev.EV_PKT, "dir": ev.DIR_IN, "tcp_flags": o.flags,
-            "proto": o.proto, "why": 0, "pad": 0}
-        out.append(ev.EVENT.pack(*(vals[n] for n, _ in ev.FIELDS)) + o.payload)
-    return out, ifaces
+    return [ev.encode_packet(o, index[o.ifname], off) for o in obs], ifaces
 
 
 def test_raw_records_are_decoded_and_reordered_as_the_agent_would(tmp_path: Path) -> None:
@@ -717,6 +706,7 @@ def test_raw_records_are_decoded_and_reordered_as_the_agent_would(tmp_path: Path
     import random
 
     from hopscope.agent import events as ev
+    from hopscope.agent.ringbuf import ring_records
     from hopscope.agent.ship import Shipper
     from hopscope.collector.spool import Spool
 
@@ -735,10 +725,6 @@ def test_raw_records_are_decoded_and_reordered_as_the_agent_would(tmp_path: Path
             assert dec.decode(e, [(0, len(e))], decoded) == 0
         assert len(decoded) == len(obs)
         sent[node] = (events, ifaces, decoded)
-
-    def ring_records(evs: list[bytes]) -> bytes:
-        return b"".join(len(e).to_bytes(4, "little") + bytes(4) + e + bytes(-len(e) % 8)
-                        for e in evs)
 
     async def ship_node(c: Collector, node: str, raw: bool) -> None:
         events, ifaces, decoded = sent[node]

@@ -233,15 +233,6 @@ def test_v2_columns_widen_to_what_their_values_need() -> None:
     assert isinstance(b, Batch) and list(b.obs) == many
 
 
-def ring_records(events: list[bytes], discard: set[int] = frozenset()) -> bytes:  # type: ignore[assignment]
-    """Events laid out as a BPF ring buffer holds them (8-byte headers, 8-byte aligned)."""
-    out = b""
-    for i, e in enumerate(events):
-        ln = len(e) | (ringbuf.DISCARD if i in discard else 0)
-        out += ln.to_bytes(4, "little") + b"\0" * 4 + e + b"\0" * (-len(e) % 8)
-    return out
-
-
 def event(**kw: Any) -> bytes:
     vals: dict[str, Any] = {n: (b"\0\0\0\0" if c == "4s" else 0) for n, c in ev.FIELDS}
     vals.update(vni=ev.NO_VNI, kind=ev.EV_PKT, proto=6, ifindex=3, saddr=bytes([203, 0, 113, 9]),
@@ -256,7 +247,7 @@ IFACES = ((3, "eth0", "nic"), (5, "flannel.1", "overlay"))
 
 def raw_events(events: list[bytes], cut: int = 1 << 40, discard: set[int] = frozenset(),  # type: ignore[assignment]
                ifaces: tuple[tuple[int, str, str], ...] = IFACES) -> ev.RawEvents:
-    return ev.RawEvents(ring_records(events, discard), ifaces, 1_000, cut)
+    return ev.RawEvents(ringbuf.ring_records(events, discard), ifaces, 1_000, cut)
 
 
 def test_v3_batches_carry_raw_records_decoded_as_the_agent_would() -> None:
@@ -307,8 +298,8 @@ def v3_map(**raw_over: Any) -> dict[str, Any]:
     ({**v3_map(), "raw": None}, "a v3 batch needs a map 'raw'"),
     (v3_map(layout=ev.LAYOUT + 1), "run the same hopscope version"),
     (v3_map(recs="x"), "'raw.recs' must be a bin"),
-    (v3_map(recs=ring_records([event()])[:-4]), "beyond the end"),
-    (v3_map(recs=ring_records([event()]) + b"\0\0\0"), "3 bytes after the last record"),
+    (v3_map(recs=ringbuf.ring_records([event()])[:-4]), "beyond the end"),
+    (v3_map(recs=ringbuf.ring_records([event()]) + b"\0\0\0"), "3 bytes after the last record"),
     (v3_map(recs=(ringbuf.BUSY | 8).to_bytes(4, "little") + bytes(12)), "still being written"),
     (v3_map(ifaces=[[3, "eth0", "moon"]]), "'raw.ifaces' must hold [ifindex, name, point]"),
     (v3_map(ifaces=[["3", "eth0", "nic"]]), "'raw.ifaces' must hold"),
