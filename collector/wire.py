@@ -8,8 +8,9 @@ packed array per :class:`~hopscope.model.Observation` field, strings and
 addresses as indexes into per-batch tables, the payloads concatenated),
 checked on arrival without a Python object per observation
 (:class:`ObsColumns`); v1 batches (one msgpack array per observation) are
-still read. The full contract (every field, versioning, limits, auth, TLS,
-the spool, de-duplication) is in ``docs/wire.md``.
+still read. A v3 batch also carries an agent's raw ring buffer records,
+decoded here (:class:`RawObs`). The full contract (every field, versioning,
+limits, auth, TLS, the spool, de-duplication) is in ``docs/wire.md``.
 
 * :func:`encode` / :func:`encode_batch`: frame objects -> framed bytes.
 * :class:`FrameDecoder`: a push decoder (``feed(bytes) -> [frames]``) whose
