@@ -87,8 +87,8 @@ EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
 HDR_SIZE = EVENT.size  # == HS_EVENT_HDR
 PAYLOAD_MAX = 1024  # == HS_PAYLOAD_MAX
 #: where ``kind`` is in an event (what the agent looks at in records it ships raw)
-KIND_AT = struct.calcsize("<" + "".join(code for name, code in FIELDS[:[n for n, _ in
-                                                                          FIELDS].index("kind")]))
+_KIND = next(i for i, (name, _) in enumerate(FIELDS) if name == "kind")
+KIND_AT = struct.calcsize("<" + "".join(code for _, code in FIELDS[:_KIND]))
 #: names this mirror's layout in raw batches: a collector decodes only records of its own
 LAYOUT = zlib.crc32(";".join(f"{n}:{c}" for n, c in FIELDS).encode() + b";%d" % PAYLOAD_MAX)
 

@@ -92,13 +92,13 @@ class RingReader:
 
     def take(self, limit: int = 1 << 16, kind_at: int = -1,
              kinds: frozenset[int] = frozenset(),
-             max_bytes: int = 1 << 62) -> tuple[bytes, int, list[int]]:
+             max_bytes: int = 1 << 62) -> tuple[bytes, int, list[tuple[int, int]]]:
         """Copy out the complete records (at most ``limit`` of them and, but for a first
         record that is larger, ``max_bytes``) as they lie in the ring, their 8-byte headers
         included (:func:`walk_records` reads them back), and release them.
 
-        Returns the bytes, how many records they hold (discarded ones included) and the
-        offsets (in the bytes, of the record's data) of the records whose byte at
+        Returns the bytes, how many records they hold (discarded ones included) and
+        (offset in the bytes, length) of the data of the records whose byte at
         ``kind_at`` is one of ``kinds``. One copy however many records: the kernel maps
         the data pages twice in a row, so the span never wraps.
         """
@@ -109,7 +109,7 @@ class RingReader:
         unpack = _U32.unpack_from
         cons = start
         n = 0
-        marked: list[int] = []
+        marked: list[tuple[int, int]] = []
         while cons < prod and n < limit:
             at = base + cons - start
             ln = unpack(prod_mm, at)[0]
@@ -121,7 +121,7 @@ class RingReader:
                 break
             if kinds and size > kind_at and prod_mm[at + 8 + kind_at] in kinds \
                     and not ln & DISCARD:
-                marked.append(at + 8 - base)
+                marked.append((at + 8 - base, size))
             cons = nxt
             n += 1
         if cons == start:

@@ -37,7 +37,7 @@ from hopscope.agent import events as ev
 from hopscope.agent import features as ft
 from hopscope.agent.nfrules import RuleNamer
 from hopscope.agent.pktbuf import PacketBuffer
-from hopscope.agent.ringbuf import BUSY, DISCARD
+from hopscope.agent.ringbuf import DISCARD
 
 from hopscope.errors import HopscopeError
 from hopscope.model import KIND_DROP, Observation, Reorder
@@ -547,13 +547,10 @@ class Agent:
             return 0
         if drops:
             buf = bytearray(blob)
-            recs = []
-            for at in drops:
-                hdr = int.from_bytes(buf[at - 8:at - 4], "little")
-                recs.append((at, hdr & ~(BUSY | DISCARD)))
-                buf[at - 8:at - 4] = (hdr | DISCARD).to_bytes(4, "little")
+            for at, size in drops:
+                buf[at - 8:at - 4] = (size | DISCARD).to_bytes(4, "little")
             blob = bytes(buf)
-            self.decode_errors += self.decoder.decode(blob, recs, self.pending)
+            self.decode_errors += self.decoder.decode(blob, drops, self.pending)
         self._raw.append((blob, n))
         return n
 

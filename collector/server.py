@@ -160,8 +160,7 @@ class Collector:
             if ro is None:
                 ro = self.reorders[node] = Reorder()
             ready = ro.push(obs, obs.cut_mono_ns)
-            if obs.bad:
-                self.decode_errors += obs.bad
+            self.decode_errors += obs.bad
         elif ro is not None and len(ro):  # decoded by the agent again: first what waits
             ready = ro.push(obs, _FAR)
         else:

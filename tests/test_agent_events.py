@@ -148,7 +148,7 @@ class _Ring:
         from hopscope.agent.ringbuf import walk_records
 
         blob, n, self.blob, self.n = self.blob, self.n, b"", 0
-        return blob, n, [at for at, ln in walk_records(blob) if blob[at + kind_at] in kinds]
+        return blob, n, [(at, ln) for at, ln in walk_records(blob) if blob[at + kind_at] in kinds]
 
 
 def test_raw_mode_ships_records_and_decodes_only_drops(tmp_path: Path) -> None:
