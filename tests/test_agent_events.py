@@ -188,3 +188,53 @@ def test_raw_mode_ships_records_and_decodes_only_drops(tmp_path: Path) -> None:
         (KIND_PACKET, 100, 1_100), ("drop", 150, 1_150), (KIND_PACKET, 200, 1_200),
         (KIND_PACKET, 300, 1_300)]
     assert got[1].payload == b"NF_X" and agent.raw_records == 4 and agent.observations == 1
+
+
+def test_consumer_position_is_stored_whole() -> None:
+    """The ring's consumer position goes to the kernel in one 8-byte store. A reader on
+    another CPU (here a forked child, as the kernel's producers are) loading the word while
+    RingReader releases records across a carry into byte 3 must only ever see the old or
+    the new value: a byte-wise store (``struct.pack_into``) showed it 0x00000010 on the way
+    from 0x00FFFFF8 to 0x01000010, a ring 16 MiB fuller than it was, and the kernel refused
+    events (one in 10,000 in the replica)."""
+    import mmap
+    import os
+
+    from hopscope.agent.ringbuf import RingReader, u64_word
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs: the reader must run beside the writer")
+    a, b = 0x00FF_FFF8, 0x0100_0010
+    shared = mmap.mmap(-1, 4096)  # anonymous, shared with the child
+    word = u64_word(shared)
+    flags = memoryview(shared).cast("B")[8:40].cast("Q")  # [go, stop, torn, loads]
+    word[0] = a
+    pid = os.fork()
+    if pid == 0:  # the child: load the word until told to stop
+        try:
+            torn = loads = 0
+            flags[0] = 1
+            while not flags[1]:
+                v = word[0]
+                if v != a and v != b:
+                    torn += 1
+                loads += 1
+            flags[2], flags[3] = torn, loads
+        finally:
+            os._exit(0)
+    try:
+        while not flags[0]:
+            pass
+        ring = RingReader.__new__(RingReader)
+        ring._cons_pos = word
+        for _ in range(200_000):
+            ring._release(b)
+            ring._release(a)
+    finally:
+        flags[1] = 1
+        os.waitpid(pid, 0)
+    torn, loads = flags[2], flags[3]
+    del word, flags, ring
+    shared.close()
+    assert loads > 10_000  # the child did load the word while the stores went on
+    assert torn == 0
