@@ -19,7 +19,8 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,12 @@ BTF_OFFSETS = (
     ("HS_SK_NET_OFF", "sock_common", "skc_net"),
     ("HS_SKB_SK_OFF", "sk_buff", "sk"),
 )
+#: how many proxy processes the programs tell apart (bpf/hopscope.h HS_MAX_PROXY)
+MAX_PROXY = 16
 #: maps the agent updates or reads after loading: name -> (key size, value size, per CPU)
 MAPS: dict[str, tuple[int, int, bool]] = {
     "netns_ok": (4, 1, False),
-    "proxy_tgids": (4, 1, False),
+    "proxy_set": (4, 4 * MAX_PROXY, False),
     "ifroles": (4, 1, False),
     "stats": (4, 8, True),
     "events": (0, 0, False),  # the ring buffer: only its fd (agent/ringbuf.py maps it)
@@ -142,6 +145,15 @@ class Settings:
     tc_pid_tgid: bool = True
 
 
+def proxy_set_value(tgids: Sequence[int]) -> int:
+    """``struct hs_proxy_set`` holding ``tgids`` (at most MAX_PROXY; the rest 0), as the
+    little-endian integer bpfsys.Map.set writes."""
+    if len(tgids) > MAX_PROXY:
+        raise AgentError(f"{len(tgids)} proxy processes: the programs hold {MAX_PROXY}")
+    return int.from_bytes(struct.pack(f"<{MAX_PROXY}I", *tgids, *[0] * (MAX_PROXY - len(tgids))),
+                          "little")
+
+
 def btf_offsets(btf: ft.Btf, kprobes: bool = False) -> dict[str, int]:
     out = {}
     for define, struct_name, path in (*BTF_OFFSETS, *(KPROBE_BTF_OFFSETS if kprobes else ())):
@@ -160,6 +172,7 @@ def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, i
         "HS_VXLAN_PORT2": settings.vxlan_ports[1],
         "HS_RINGBUF_PAGES": pages,
         "HS_FOLLOW": settings.follow,
+        "HS_MAX_PROXY": MAX_PROXY,
         "HS_DROP_REASON_MIN": settings.drop_reason_min,
         **({"HS_KPROBES": 1} if settings.kprobes else {}),
         "HS_TP_PROBE_SKB": int(settings.tp_probe_skb),
@@ -312,7 +325,14 @@ class AgentProgram:
         self._set_keys("netns_ok", set(inodes))
 
     def set_proxy_tgids(self, tgids: Iterable[int]) -> None:
-        self._set_keys("proxy_tgids", set(tgids))
+        """The proxy's processes: at most MAX_PROXY of them (the lowest pids; the rest are
+        not watched, with a warning)."""
+        tg = sorted(set(tgids))
+        if len(tg) > MAX_PROXY:
+            log.warning("%d proxy processes: watching the first %d (pids %s) for the proxy "
+                        "sub-hop", len(tg), MAX_PROXY, ", ".join(map(str, tg[:MAX_PROXY])))
+            tg = tg[:MAX_PROXY]
+        self._maps["proxy_set"].set(0, proxy_set_value(tg))
 
     def ring_fd(self) -> int:
         return int(self._fds["events"])

@@ -195,8 +195,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 static __always_inline void hs_write_enter(void)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    __u32 tgid = id >> 32;
-    if (!proxy_tgids.lookup(&tgid))
+    if (!hs_is_proxy(id >> 32))
         return;
     __u32 tid = (__u32)id;
     __u64 ts = bpf_ktime_get_ns();
@@ -206,8 +205,7 @@ static __always_inline void hs_write_enter(void)
 static __always_inline void hs_write_exit(void)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    __u32 tgid = id >> 32;
-    if (!proxy_tgids.lookup(&tgid))
+    if (!hs_is_proxy(id >> 32))
         return;
     __u32 tid = (__u32)id;
     write_open.delete(&tid);

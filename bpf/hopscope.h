@@ -99,4 +99,13 @@ struct hs_event {
 
 #define HS_EVENT_HDR ((int)__builtin_offsetof(struct hs_event, payload))
 
+/* the proxy's processes: their tgids (0: a free slot), the one value of the proxy_set
+ * array, written by the agent (agent/bpfprog.py proxy_set_value) */
+#ifndef HS_MAX_PROXY
+#define HS_MAX_PROXY 16
+#endif
+struct hs_proxy_set {
+    __u32 tgid[HS_MAX_PROXY];
+};
+
 #endif

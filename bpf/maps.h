@@ -59,8 +59,10 @@ BPF_PERCPU_ARRAY(scratch, struct hs_event, 2);
 BPF_ARRAY(ifroles, __u8, HS_MAX_IFINDEX);
 /* network namespaces whose drops and socket events belong to this node */
 BPF_HASH(netns_ok, __u32, __u8, 1024);
-/* the proxy's processes (tgid), and its threads inside a write-like syscall */
-BPF_HASH(proxy_tgids, __u32, __u8, 64);
+/* the proxy's processes (struct hs_proxy_set, hopscope.h): every write-like syscall of the
+ * machine asks whether it is the proxy's, compared inline (a hash lookup cost more) */
+BPF_ARRAY(proxy_set, struct hs_proxy_set, 1);
+/* the proxy's threads inside a write-like syscall: tid -> when it entered */
 BPF_HASH(write_open, __u32, __u64, 8192);
 /* per half-connection at one interface: segments still to send after a message start */
 BPF_TABLE("lru_hash", struct hs_flowkey, __u8, follow, 65536);
@@ -72,6 +74,19 @@ static __always_inline void hs_count(int idx)
     __u64 *v = stats.lookup(&idx);
     if (v)
         *v += 1;
+}
+
+static __always_inline int hs_is_proxy(__u32 tgid)
+{
+    int zero = 0;
+    struct hs_proxy_set *p = proxy_set.lookup(&zero);
+    if (!p || !tgid)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < HS_MAX_PROXY; i++)
+        if (p->tgid[i] == tgid)
+            return 1;
+    return 0;
 }
 
 /* The caller's per-CPU scratch event (HS_SCRATCH_*), its header zeroed, the fields every

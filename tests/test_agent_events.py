@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hopscope.agent import bpfprog
 from hopscope.agent import events as ev
 
 from hopscope.model import (
@@ -45,11 +46,19 @@ int main(void) {{
 {body}
     printf("sizeof %zu\\n", sizeof(struct hs_event));
     printf("HS_EVENT_HDR %d\\n", HS_EVENT_HDR);
+    printf("proxy_set %zu\\n", sizeof(struct hs_proxy_set));
+    struct hs_proxy_set ps = {{{{3, 70000}}}};
+    const unsigned char *b = (const unsigned char *)&ps;
+    printf("proxy_bytes ");
+    for (size_t i = 0; i < sizeof(ps); i++)
+        printf("%02x", b[i]);
+    printf("\\n");
     return 0;
 }}
 """)
     exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-I", str(ev.BPF_DIR), "-o", str(exe), str(src)], check=True)
+    subprocess.run(["gcc", "-I", str(ev.BPF_DIR), f"-DHS_MAX_PROXY={bpfprog.MAX_PROXY}", "-o",
+                    str(exe), str(src)], check=True)
     got = dict(line.split() for line in subprocess.run(
         [str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
     want = _offsets()
@@ -57,8 +66,12 @@ int main(void) {{
         assert int(got[n]) == want[n], n
     assert int(got["HS_EVENT_HDR"]) == ev.HDR_SIZE
     assert int(got["sizeof"]) == ev.HDR_SIZE + ev.PAYLOAD_MAX
+    # the proxy set the agent writes (bpfprog.proxy_set_value), as the compiler lays it out
+    assert int(got["proxy_set"]) == bpfprog.MAPS["proxy_set"][1] == 4 * bpfprog.MAX_PROXY
+    assert bytes.fromhex(got["proxy_bytes"]) == bpfprog.proxy_set_value([3, 70000]).to_bytes(
+        4 * bpfprog.MAX_PROXY, "little")
     d = ev.header_defines()
-    assert d["HS_PAYLOAD_MAX"] == ev.PAYLOAD_MAX
+    assert d["HS_PAYLOAD_MAX"] == ev.PAYLOAD_MAX and d["HS_MAX_PROXY"] == bpfprog.MAX_PROXY
     assert (d["HS_EV_PKT"], d["HS_EV_KERNEL"], d["HS_EV_DROP"], d["HS_EV_STATE"]) == (
         ev.EV_PKT, ev.EV_KERNEL, ev.EV_DROP, ev.EV_STATE)
     assert d["HS_STAT_MAX"] == len(ev.STATS)
