@@ -251,6 +251,9 @@ class CaptureSource:
         except OSError as exc:
             self.sock.close()
             raise CaptureError(f"cannot set up the TPACKET_V3 ring: {exc}") from exc
+        # the ring as 32-bit words: a block goes back to the kernel with one 4-byte store of
+        # its status (struct.pack_into would store it a byte at a time; see ringbuf.u64_word)
+        self._words = memoryview(self.ring).cast("I")
         self._poll = select.epoll()
         self._poll.register(self.sock.fileno(), select.EPOLLIN)
         self._stats()  # reset the kernel's counters (they count from socket creation)
@@ -274,7 +277,7 @@ class CaptureSource:
                 break
             self._block(ring, base, num, first, out)
             n += num
-            struct.pack_into("<I", ring, base + 8, TP_STATUS_KERNEL)
+            self._words[(base + 8) >> 2] = TP_STATUS_KERNEL
             self._next = (self._next + 1) % self.block_nr
         return n
 
@@ -335,5 +338,6 @@ class CaptureSource:
     def close(self) -> None:
         self._stats()
         self._poll.close()
+        self._words.release()
         self.ring.close()
         self.sock.close()
