@@ -25,7 +25,9 @@ Paths (what ``bpf/tc.c`` does with each frame):
   its payload (a head that ends in it: no follow-up expected);
 * ``start, head open``: a start whose head does not end in the segment (the flow
   is followed: an update of the ``follow`` LRU hash);
-* ``VXLAN start 560 B`` (underlay role): the same start inside VXLAN.
+* ``VXLAN start 560 B`` (underlay role): the same start inside VXLAN;
+* ``response, head + body``: a response whose 110-byte head and 490 bytes of body share
+  the segment (the replica's responses look so), on the way out: sent with its payload.
 
 Needs root and bcc (as the agent). ``--json`` prints the results as JSON.
 
@@ -36,10 +38,8 @@ Needs root and bcc (as the agent). ``--json`` prints the results as JSON.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,22 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _noop_tc  # bench/, beside this script (the same empty classifier as agent_overhead's)
 from hopscope.agent import bpfprog, bpfsys
 
-BPF_PROG_TEST_RUN = 10
-_TEST = struct.Struct("<IIIIQQII")  # prog_fd, retval, size in, size out, data in, out, repeat, ns
-
 
 def test_run(fd: int, frame: bytes, repeat: int) -> tuple[int, int]:
     """(the program's return value, its average ns per run) over ``repeat`` runs."""
-    data = ctypes.create_string_buffer(frame, len(frame))
-    out = ctypes.create_string_buffer(len(frame) + 256)
-    attr = ctypes.create_string_buffer(80)
-    _TEST.pack_into(attr, 0, fd, 0, len(frame), len(out), ctypes.addressof(data),
-                    ctypes.addressof(out), repeat, 0)
-    r = bpfsys._bpf(BPF_PROG_TEST_RUN, attr)
-    if r < 0:
-        raise OSError(-r, f"BPF_PROG_TEST_RUN: {os.strerror(-r)}")
-    _fd, retval, *_rest, ns = _TEST.unpack_from(attr, 0)
-    return retval, ns
+    return bpfsys.prog_test_run(fd, frame, repeat)
 
 
 def frames() -> list[tuple[str, int, str, bytes]]:
@@ -81,6 +69,8 @@ def frames() -> list[tuple[str, int, str, bytes]]:
            b"\r\nX-Forwarded-For: 203.0.113.7\r\n" + b"X-Pad: " + b"a" * 420 + b"\r\n\r\n")[:560]
     big = big[:-4] + b"\r\n\r\n"
     open_head = big[:-4] + b"\r\nX-"
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 490\r\n"
+                b"X-Served-By: api-3@node3\r\n\r\n" + b"[" + b"1," * 244 + b"1]")
     nic, underlay = bpfprog.ROLE_CODES["nic"], bpfprog.ROLE_CODES["underlay"]
 
     def tcp(sport: int, flags: str, payload: bytes = b"", seq: int = 1000) -> bytes:
@@ -102,6 +92,7 @@ def frames() -> list[tuple[str, int, str, bytes]]:
         ("start 560 B", nic, "in", tcp(40004, "PA", big)),
         ("start, head open", nic, "in", tcp(40005, "PA", open_head)),
         ("VXLAN start 560 B", underlay, "in", vx),
+        ("response, head + body", nic, "out", tcp(40006, "PA", response)),
     ]
 
 

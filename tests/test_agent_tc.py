@@ -1,0 +1,88 @@
+"""The tc classifiers on crafted frames, run inside the kernel (BPF_PROG_TEST_RUN): every
+frame passes unchanged (TC_ACT_OK), and what each one sends to the ring buffer is what the
+stitcher needs: a message's start with its first bytes (at most HS_PAYLOAD_MAX - 1) and the
+whole TCP payload length, nothing for a pure ACK or a segment of a body."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hopscope.agent import events as ev
+
+pytestmark = pytest.mark.privileged
+
+CHILD = r"""
+import json
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from hopscope.agent import bpfprog, bpfsys, events as ev
+from hopscope.agent.ringbuf import RingReader
+bpfprog.prepare_kernel_env()
+prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64))
+tc_in, tc_out = prog._tc_fds()
+roles = prog._maps["ifroles"]
+lo = 1  # the test run's skb device
+roles.set(lo, bpfprog.ROLE_CODES["nic"])
+ring = RingReader(prog.ring_fd(), prog.ring_size)
+head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 490\r\n"
+        b"X-Served-By: api-3@node3\r\n\r\n")
+cases = {
+    "response": ("out", "PA", head + b"[" + b"1," * 244 + b"1]"),
+    "request": ("in", "PA", b"POST /api/tasks/ HTTP/1.1\r\nHost: api.example.com\r\n"
+                b"Content-Length: 30\r\n\r\n" + b"{" * 30),
+    "open_head": ("out", "PA", head[:-4] + b"\r\nX-Trace: " + b"t" * 300),
+    "long": ("in", "PA", b"GET /" + b"p" * 1500 + b" HTTP/1.1\r\n\r\n"),
+    "pure_ack": ("in", "A", b""),
+    "body": ("in", "PA", b"{" * 1400),
+}
+out = {}
+for name, (d, flags, payload) in cases.items():
+    frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
+                  / TCP(sport=40000 + len(out), dport=80, flags=flags, seq=1000, ack=5)
+                  / payload)
+    rv, _ns = bpfsys.prog_test_run(tc_in if d == "in" else tc_out, frame)
+    got = []
+    def keep(buf, recs):
+        for at, n in recs:
+            f = ev.EVENT.unpack_from(buf, at)
+            e = dict(zip((k for k, _ in ev.FIELDS), f))
+            got.append({"plen": e["plen"], "caplen": e["caplen"], "why": e["why"],
+                        "payload": bytes(buf[at + ev.HDR_SIZE:at + n]).hex()})
+    ring.drain(keep)
+    out[name] = {"verdict": rv, "events": got, "sent": payload.hex()}
+roles.set(lo, 0)
+prog.close()
+print("RESULT " + json.dumps({"cases": out, "head": head.hex()}))
+"""
+
+
+def test_classifiers_pass_frames_and_send_heads() -> None:
+    cp = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                        timeout=120)
+    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, cp.stderr[-2000:]
+    r = json.loads(line[7:])
+    cases, head = r["cases"], bytes.fromhex(r["head"])
+    assert all(c["verdict"] == 0 for c in cases.values())  # TC_ACT_OK, every frame
+    assert cases["pure_ack"]["events"] == []
+
+    def one(name: str) -> tuple[bytes, bytes, dict[str, int]]:
+        evs = cases[name]["events"]
+        assert len(evs) == 1, (name, evs)
+        return bytes.fromhex(evs[0]["payload"]), bytes.fromhex(cases[name]["sent"]), evs[0]
+
+    # a response: its first bytes, the body that shares the segment included
+    got, sent, e = one("response")
+    assert got == sent and got.startswith(head) and e["plen"] == len(sent)
+    got, sent, e = one("request")
+    assert got == sent and e["plen"] == len(sent)
+    got, sent, _e = one("open_head")
+    assert got == sent
+    # a start longer than an event holds: its first HS_PAYLOAD_MAX - 1 bytes, its length
+    got, sent, e = one("long")
+    assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 1518
+    # a body segment of a flow no start was seen on: nothing
+    assert cases["body"]["events"] == []
