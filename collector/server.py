@@ -161,7 +161,7 @@ class Collector:
                 ro = self.reorders[node] = Reorder()
             ready = ro.push(obs, obs.cut_mono_ns)
             self.decode_errors += obs.bad
-        elif ro is not None and len(ro):  # decoded by the agent again: first what waits
+        elif ro:  # decoded by the agent again: first what waits
             ready = ro.push(obs, _FAR)
         else:
             ready = obs
@@ -170,7 +170,7 @@ class Collector:
 
     def _flush_reorder(self, node: str) -> None:
         ro = self.reorders.pop(node, None)
-        if ro is not None and len(ro):
+        if ro:
             self._tracker(node).feed(ro.flush())
 
     def store_batch(self, batch: wire.Batch) -> Awaitable[None] | None:

@@ -242,6 +242,9 @@ def encode_batch(
     what = f"batch {seq} of agent {agent!r}"
     if raw is not None:
         version = RAW_VERSION
+    elif version not in SUPPORTED_VERSIONS or version == RAW_VERSION:
+        raise ValueError(f"cannot write batches of schema version {version}"
+                         + (" without raw records" if version == RAW_VERSION else ""))
     head = {"v": version, "t": "batch", "agent": agent, "seq": seq, "node": node,
             "ts_real_ns": ts_real_ns, "clock": list(clock), "lost": dict(lost) if lost else {}}
     if version >= 2:
@@ -254,9 +257,6 @@ def encode_batch(
         if check:
             check_rows(obs, f"batch {seq}")
         head["obs"] = obs
-    if version not in SUPPORTED_VERSIONS or (version == RAW_VERSION) != (raw is not None):
-        raise ValueError(f"cannot write batches of schema version {version}"
-                         + (" without raw records" if version == RAW_VERSION else ""))
     body = _packb(head, what)
     size = f"{len(obs)} observations" + (f", {len(raw.records)} bytes of raw records"
                                          if raw is not None else "")
