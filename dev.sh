@@ -63,21 +63,32 @@ setup_venv() {
   echo "$want" > "$stamp"
 }
 
+setup_native() {
+  # The replay hot path compiles with mypyc when the package installs (setup.py).
+  # Rebuild when a compiled module's source changed since; until then the
+  # Python sources run (hopscope/__init__.py notices), never a stale build.
+  if "$venv/bin/python" -c 'import sys, hopscope; sys.exit(1 if hopscope.STALE else 0)'; then
+    return
+  fi
+  echo "dev.sh: compiling the replay hot path with mypyc (about a minute)" >&2
+  "$venv/bin/python" -m pip install -q --no-deps -e .
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup)
-    need_root setup; setup_apt; setup_venv ;;
+    need_root setup; setup_apt; setup_venv; setup_native ;;
   demo)
-    need_root demo; setup_apt; setup_venv
+    need_root demo; setup_apt; setup_venv; setup_native
     exec "$venv/bin/hopscope" demo "$@" ;;
   test)
-    need_root test; setup_apt; setup_venv
+    need_root test; setup_apt; setup_venv; setup_native
     "$venv/bin/ruff" check hopscope agent collector tests bench vm
     "$venv/bin/mypy"
     exec "$venv/bin/pytest" "$@" ;;
   bench)
-    need_root bench; setup_apt; setup_venv
+    need_root bench; setup_apt; setup_venv; setup_native
     for b in bench/*.py; do case "$b" in */_*) continue;; esac; "$venv/bin/python" "$b"; done ;;
   *)
     sed -n '2,7p' "$0"; exit 2 ;;

@@ -308,7 +308,8 @@ class CaptureSource:
                 ts = sec * 1_000_000_000 + nsec
                 d = OUT if pkttype == PACKET_OUTGOING else IN
                 et = u16(ring, s + 12)[0]
-                o = _decode_ip(ring, s + 14, e, et, ts, node, itf.name, d)  # type: ignore[arg-type]
+                # a copy of the packet's bytes: the decoder takes bytes (compiled, it checks)
+                o = _decode_ip(ring[s + 14 : e], 0, snap - 14, et, ts, node, itf.name, d)
                 if o is not None:
                     point = itf.point
                     if point == NIC_UNDERLAY:

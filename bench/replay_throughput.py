@@ -4,7 +4,9 @@
 Each tool runs in a fresh subprocess of its own, one after the other, on the
 same file (read once beforehand, so every tool finds it in the page cache):
 
-* ``hopscope``: ``python -m hopscope replay --json FILE > /dev/null``, end to end;
+* ``hopscope``: ``python -m hopscope replay --json FILE > /dev/null``, end to end,
+  as installed (the note says whether its mypyc build runs);
+* ``pure``: the same with ``HOPSCOPE_PURE=1``: the Python sources, not the build;
 * ``scapy``: a ``PcapReader`` loop (``PcapNgReader`` for pcapng) that dissects
   every packet and pulls out the fields hopscope needs (IP addresses and id,
   TCP ports, seq, ack, flags, payload length and bytes, VXLAN VNI, outer and
@@ -143,7 +145,8 @@ class Spawned:
     timed_out: bool
 
 
-def spawn(cmd: Sequence[str], timeout: float, capture_stdout: bool = False) -> Spawned:
+def spawn(cmd: Sequence[str], timeout: float, capture_stdout: bool = False,
+          env: dict[str, str] | None = None) -> Spawned:
     """Run ``cmd`` from the repository root; time it and read its peak RSS from ``wait4``.
 
     stdout goes to /dev/null unless ``capture_stdout``; stderr to a temporary
@@ -160,6 +163,7 @@ def spawn(cmd: Sequence[str], timeout: float, capture_stdout: bool = False) -> S
         proc = subprocess.Popen(
             list(cmd),
             cwd=REPO,
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=out if capture_stdout else subprocess.DEVNULL,
             stderr=err,
@@ -230,13 +234,14 @@ class Result:
         return self.packets / self.seconds
 
 
-def measure(tool: str, cmd: Sequence[str], packets: int, repeat: int, timeout: float) -> Result:
+def measure(tool: str, cmd: Sequence[str], packets: int, repeat: int, timeout: float,
+            env: dict[str, str] | None = None) -> Result:
     """Best of ``repeat`` runs of an external command (stops at the first failure)."""
     res = Result(tool, "ok", packets=packets)
     best: Spawned | None = None
     peak = tree = procs = 0
     for _ in range(max(1, repeat)):
-        sp = spawn(cmd, timeout)
+        sp = spawn(cmd, timeout, env=env)
         if sp.timed_out:
             return Result(tool, "timeout", note=f"killed after {timeout:.0f} s")
         if sp.rc != 0:
@@ -280,7 +285,27 @@ def tshark_cmd(tshark: str, path: Path) -> list[str]:
 def run_hopscope(
     path: Path, packets: int, repeat: int, timeout: float, extra: Sequence[str]
 ) -> Result:
-    return measure("hopscope", hopscope_cmd(path, extra), packets, repeat, timeout)
+    res = measure("hopscope", hopscope_cmd(path, extra), packets, repeat, timeout)
+    res.note = "; ".join(x for x in (build_note(), res.note) if x)
+    return res
+
+
+def run_pure(
+    path: Path, packets: int, repeat: int, timeout: float, extra: Sequence[str]
+) -> Result:
+    """The same, with the Python sources instead of the mypyc build (``HOPSCOPE_PURE=1``)."""
+    return measure("pure", hopscope_cmd(path, extra), packets, repeat, timeout,
+                   env={"HOPSCOPE_PURE": "1"})
+
+
+def build_note() -> str:
+    """Whether ``hopscope`` runs its mypyc build here, and if not, why."""
+    code = "import hopscope; print(hopscope.COMPILED, hopscope.PURE_REASON, sep='|')"
+    got = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    compiled, _, why = got.stdout.strip().partition("|")
+    if got.returncode:
+        return ""
+    return "compiled (mypyc)" if compiled == "True" else f"NOT compiled: {why}"
 
 
 def run_tshark(path: Path, packets: int, repeat: int, timeout: float) -> Result:
@@ -554,7 +579,7 @@ def report(
     hop = by.get("hopscope", Result("hopscope", "skipped"))
     ratios: dict[str, float | None] = {}
     parts = []
-    for other in ("struct", "scapy", "tshark"):
+    for other in ("pure", "struct", "scapy", "tshark"):
         x = ratio(hop, by.get(other, Result(other, "skipped")))
         ratios[f"hopscope/{other}"] = x
         parts.append(f"hopscope/{other}: {'n/a' if x is None else f'{x:.2f}x'}")
@@ -712,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hopscope replay ({args.repeat} run(s)) ...", file=out, flush=True)
     hop = run_hopscope(path, total, args.repeat, args.timeout, extra)
     results.append(hop)
+    print(f"hopscope replay, pure Python ({args.repeat} run(s)) ...", file=out, flush=True)
+    results.append(run_pure(path, total, args.repeat, args.timeout, extra))
     if fmt == "pcapng":
         print(f"plain struct loop ({args.repeat} run(s)) ...", file=out, flush=True)
         results.append(run_struct(path, total, args.repeat, args.timeout))

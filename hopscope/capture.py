@@ -23,7 +23,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from hopscope.errors import CaptureError, NotACaptureError
 from hopscope.model import IN, KIND_PACKET, OUT, Observation
@@ -31,19 +31,19 @@ from hopscope.model import IN, KIND_PACKET, OUT, Observation
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
-MAX_RECORD = 1 << 18  # a packet record larger than this means a corrupt file
-MAX_BLOCK = 1 << 24  # a pcapng block larger than this means a corrupt file
-VXLAN_PORTS = frozenset((8472, 4789))
+MAX_RECORD: Final = 1 << 18  # a packet record larger than this means a corrupt file
+MAX_BLOCK: Final = 1 << 24  # a pcapng block larger than this means a corrupt file
+VXLAN_PORTS: Final = frozenset((8472, 4789))
 
-LT_NULL = 0
-LT_ETHERNET = 1
-LT_RAW = 101
-LT_SLL = 113
-LT_SLL2 = 276
-LT_IPV4 = 228
-LT_IPV6 = 229
-_RAW_ALIASES = {12: LT_RAW, 14: LT_RAW}
-SUPPORTED_LINKTYPES = {
+LT_NULL: Final = 0
+LT_ETHERNET: Final = 1
+LT_RAW: Final = 101
+LT_SLL: Final = 113
+LT_SLL2: Final = 276
+LT_IPV4: Final = 228
+LT_IPV6: Final = 229
+_RAW_ALIASES: Final = {12: LT_RAW, 14: LT_RAW}
+SUPPORTED_LINKTYPES: Final = {
     LT_NULL: "BSD loopback",
     LT_ETHERNET: "Ethernet",
     LT_RAW: "raw IP",
@@ -53,26 +53,26 @@ SUPPORTED_LINKTYPES = {
     LT_IPV6: "raw IPv6",
 }
 
-_PCAP_MAGICS = {
+_PCAP_MAGICS: Final = {
     b"\xd4\xc3\xb2\xa1": ("<", 1000),
     b"\xa1\xb2\xc3\xd4": (">", 1000),
     b"\x4d\x3c\xb2\xa1": ("<", 1),
     b"\xa1\xb2\x3c\x4d": (">", 1),
 }
-_PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+_PCAPNG_SHB: Final = b"\x0a\x0d\x0d\x0a"
 
-_IP4 = struct.Struct(">BBHHHBBH4s4s")
+_IP4: Final = struct.Struct(">BBHHHBBH4s4s")
 # IPv4 (no options) + TCP: total length, id, fragment, protocol, addresses, ports, seq, ack, offset, flags
-_IP4TCP = struct.Struct(">2xHHH1xB2x4s4sHHIIBB")
-_IP6 = struct.Struct(">IHBB16s16s")
-_TCP = struct.Struct(">HHIIBB")
-_U16 = struct.Struct(">H")
+_IP4TCP: Final = struct.Struct(">2xHHH1xB2x4s4sHHIIBB")
+_IP6: Final = struct.Struct(">IHBB16s16s")
+_TCP: Final = struct.Struct(">HHIIBB")
+_U16: Final = struct.Struct(">H")
 _U16x3 = struct.Struct(">HHH")
 
 # Extension headers that may sit between IPv6 and TCP.
-_IP6_EXT = frozenset((0, 43, 60, 51))
+_IP6_EXT: Final = frozenset((0, 43, 60, 51))
 
-_new = tuple.__new__
+_new: Final = tuple.__new__
 
 #: decode (data, start, end, ts_ns, node, direction) -> Observation | None
 _Decoder = Callable[[bytes, int, int, int, str, str], "Observation | None"]
@@ -109,6 +109,19 @@ def _decode_ip(
     """Decode an IPv4/IPv6 packet at ``data[l3:end]`` into an Observation (TCP only)."""
     if etype == 0x0800 and data[l3] == 0x45 and l3 + 40 <= end:
         # the common case, IPv4 without options carrying TCP: one unpack
+        # (typed: compiled, the fields are then native ints, not generic objects)
+        tot: int
+        ip_id: int
+        frag: int
+        proto: int
+        src: bytes
+        dst: bytes
+        sport: int
+        dport: int
+        seq: int
+        ack: int
+        doff: int
+        flags: int
         tot, ip_id, frag, proto, src, dst, sport, dport, seq, ack, doff, flags = _IP4TCP.unpack_from(
             data, l3)
         if proto == 6 and not frag & 0x1FFF:
@@ -335,9 +348,11 @@ class CaptureReader:
         done = 0
         eof = False
         stats = self.stats
+        sec: int
+        frac: int
+        incl: int
         while True:
             batch: list[Observation] = []
-            append = batch.append
             n = len(data)
             npk = 0
             while pos + 16 <= n:
@@ -358,7 +373,7 @@ class CaptureReader:
                         continue
                 ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node, "")
                 if ob is not None and (nsh == 1 or h >= 0 or obs_hash(ob) % nsh == ksh):
-                    append(ob)
+                    batch.append(ob)
                 pos = end
             stats.packets += npk
             stats.skipped += npk - len(batch)  # (other shards' packets included)
@@ -384,7 +399,6 @@ class CaptureReader:
         """A function (data, start, end, ts_ns, node, direction) -> Observation | None."""
         lt = link.linktype
         ifname = link.ifname
-        dip = _decode_ip
         u16 = _U16.unpack_from
         names = link.names
 
@@ -397,14 +411,14 @@ class CaptureReader:
                 while et == 0x8100 or et == 0x88A8:
                     et = u16(data, s + 2)[0]
                     s += 4
-                return dip(data, s, e, et, ts, node, ifname, dr)
+                return _decode_ip(data, s, e, et, ts, node, ifname, dr)
             return eth
         if lt == LT_SLL:
             def sll(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
                 if e - s < 16:
                     return None
                 pt = data[s + 1]
-                return dip(data, s + 16, e, u16(data, s + 14)[0], ts, node, ifname,
+                return _decode_ip(data, s + 16, e, u16(data, s + 14)[0], ts, node, ifname,
                            OUT if pt == 4 else IN)
             return sll
         if lt == LT_SLL2:
@@ -416,7 +430,7 @@ class CaptureReader:
                 if name is None:
                     name = names[idx] = f"if{idx}"
                 pt = data[s + 10]
-                return dip(data, s + 20, e, u16(data, s)[0], ts, node, name,
+                return _decode_ip(data, s + 20, e, u16(data, s)[0], ts, node, name,
                            OUT if pt == 4 else IN)
             return sll2
         if lt in (LT_RAW, LT_IPV4, LT_IPV6):
@@ -424,7 +438,7 @@ class CaptureReader:
                 if e <= s:
                     return None
                 v = data[s] >> 4
-                return dip(data, s, e, 0x0800 if v == 4 else 0x86DD if v == 6 else 0, ts, node,
+                return _decode_ip(data, s, e, 0x0800 if v == 4 else 0x86DD if v == 6 else 0, ts, node,
                            ifname, dr)
             return raw
 
@@ -432,7 +446,7 @@ class CaptureReader:
             if e - s < 4:
                 return None
             fam = max(int.from_bytes(data[s : s + 4], "little"), int.from_bytes(data[s : s + 4], "big"))
-            return dip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, ifname, dr)
+            return _decode_ip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, ifname, dr)
         return null
 
     # -- pcapng --------------------------------------------------------------
@@ -452,16 +466,20 @@ class CaptureReader:
         nifs = 0
         # per interface: (decoder, multiplier, divisor, offset, name if Ethernet else "")
         ifs: list[tuple[_Decoder, int, int, int, str] | None] = []
-        dip = _decode_ip
         ksh, nsh = self.shard
         h = 0
         last_ts = 0
         done = 0
         first = True
         dirs = ("", IN, OUT, "")
+        btype: int
+        blen: int
+        ifid: int
+        hi: int
+        lo: int
+        cap: int
         while True:
             batch: list[Observation] = []
-            append = batch.append
             n = len(data)
             npk = 0
             while pos + 12 <= n:
@@ -504,11 +522,11 @@ class CaptureReader:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
                         if fast:
-                            ob = dip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
+                            ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
                         else:
                             ob = dec(data, s, pe, last_ts, node, dr)
                         if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
-                            append(ob)
+                            batch.append(ob)
                     pos = end
                     continue
                 if btype == 0x0A0D0D0A:  # Section Header Block (palindromic type)
@@ -564,7 +582,7 @@ class CaptureReader:
                         cap = min(orig, self._snaplen0 or orig, blen - 16)
                         ob = info[0](data, pos + 12, pos + 12 + cap, last_ts, node, "")
                         if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
-                            append(ob)
+                            batch.append(ob)
                 elif btype == 2:  # obsolete Packet Block
                     npk += 1
                     ifid = struct.unpack_from(endian + "H", data, pos + 8)[0]
@@ -575,7 +593,7 @@ class CaptureReader:
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff
                         ob = dec(data, pos + 28, min(pos + 28 + cap, end - 4), last_ts, node, "")
                         if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
-                            append(ob)
+                            batch.append(ob)
                 # other blocks (NRB, ISB, DSB, custom) carry nothing we need
                 pos = end
             stats.packets += npk

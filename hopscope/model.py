@@ -38,55 +38,55 @@ import bisect
 import ipaddress
 import operator
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-OBS_VERSION = 1
+OBS_VERSION: Final = 1
 
 #: Observation points of the hop model.
-NIC = "nic"
-KERNEL = "kernel"
-PROXY = "proxy"
-OVERLAY = "overlay"
-UNDERLAY = "underlay"
-POD = "pod"
-POINTS = (NIC, KERNEL, PROXY, OVERLAY, UNDERLAY, POD)
+NIC: Final = "nic"
+KERNEL: Final = "kernel"
+PROXY: Final = "proxy"
+OVERLAY: Final = "overlay"
+UNDERLAY: Final = "underlay"
+POD: Final = "pod"
+POINTS: Final = (NIC, KERNEL, PROXY, OVERLAY, UNDERLAY, POD)
 
-IN = "in"
-OUT = "out"
+IN: Final = "in"
+OUT: Final = "out"
 
-KIND_PACKET = "pkt"
+KIND_PACKET: Final = "pkt"
 #: eBPF: a data segment reached a socket on the entry port (the ``kernel`` point).
 #: Flow client -> server, ``seq``/``plen`` of the segment, ``flags`` its TCP flags.
-KIND_QUEUED = "queued"
+KIND_QUEUED: Final = "queued"
 #: eBPF: the proxy entered the write that sent this segment (the ``proxy`` point).
 #: Flow, ``seq`` and ``plen`` as the segment left at ``ifname``.
-KIND_WRITE = "write"
+KIND_WRITE: Final = "write"
 #: eBPF: the kernel freed a packet with a drop reason; ``payload`` holds the reason's
 #: name (ASCII, e.g. ``b"NETFILTER_DROP"``), then, when the agent could name the firewall
 #: rule, a tab and the rule (``b"NETFILTER_DROP\tufw-user-input: -p tcp ... -j DROP"``);
 #: ``point`` where it was (``nic`` when the packet came in through the public NIC, else
 #: ``kernel``).
-KIND_DROP = "drop"
+KIND_DROP: Final = "drop"
 #: eBPF: a TCP socket changed state: ``ack`` old state, ``seq`` new state (kernel numbers).
-KIND_STATE = "state"
+KIND_STATE: Final = "state"
 #: eBPF kprobe: a segment to the entry port went through netfilter's INPUT hook
 #: (``nf_hook_slow``: UFW): ``ts_*`` when it entered, ``ack`` how long it took (ns),
 #: ``payload`` the verdict (``b"ACCEPT"``, ``b"QUEUED"`` (NFQUEUE), ``b"DROP"``).
-KIND_NF = "netfilter"
+KIND_NF: Final = "netfilter"
 #: eBPF kprobe: IPVS scheduled a new connection (``ip_vs_schedule``/``ip_vs_conn_new``):
 #: the flow before the rewrite (client -> virtual service), ``seq`` its SYN's sequence
 #: number, ``payload`` the real server chosen (``b"10.42.2.5:8000"``).
-KIND_IPVS = "ipvs"
+KIND_IPVS: Final = "ipvs"
 
 # TCP flag bits
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
 
-TCP = 6
-UDP = 17
+TCP: Final = 6
+UDP: Final = 17
 
 
 class Observation(NamedTuple):
@@ -187,7 +187,7 @@ def flow_str(src: bytes, sport: int, dst: bytes, dport: int) -> str:
     return f"{ep(src, sport)} -> {ep(dst, dport)}"
 
 
-_MONO = operator.itemgetter(1)  # ts_mono_ns
+_MONO: Final = operator.itemgetter(1)  # ts_mono_ns
 
 
 class Reorder:

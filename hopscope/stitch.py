@@ -17,7 +17,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from hopscope.model import NIC, OVERLAY, POD, UNDERLAY, Observation, flow_str
 from hopscope.tcpflow import PODNET, Cidrs, NodeTracker, Sighting, SynRecord, TrackerState
@@ -26,23 +26,23 @@ log = logging.getLogger(__name__)
 
 #: A request whose response had not started this long before the capture
 #: ended is "in flight", not unanswered.
-GRACE_NS = 1_000_000_000
+GRACE_NS: Final = 1_000_000_000
 #: An upstream request without an id is matched to a client request that
 #: completed at most this long before it.
-MATCH_WINDOW_NS = 30_000_000_000
+MATCH_WINDOW_NS: Final = 30_000_000_000
 
 #: Clock offsets are estimated per window of this much time (a sample counts in the
 #: window of its sender's clock), each from the samples of the windows within
 #: OFFSET_SPAN on either side (fewer when those contradict each other), so that clocks
 #: that drift apart over hours (NTP slews them) are followed, not averaged into bounds
 #: that contradict each other.
-OFFSET_WINDOW_NS = 10_000_000_000
-OFFSET_SPAN = 3
+OFFSET_WINDOW_NS: Final = 10_000_000_000
+OFFSET_SPAN: Final = 3
 
-_POINT_ORDER = {NIC: 0, OVERLAY: 1, UNDERLAY: 2, POD: 3}
+_POINT_ORDER: Final = {NIC: 0, OVERLAY: 1, UNDERLAY: 2, POD: 3}
 
 Hop = dict[str, Any]
-_NONE = [-1, -1, -1, 0]  # a point that did not see the message
+_NONE: Final = [-1, -1, -1, 0]  # a point that did not see the message
 Envelope = dict[str, Any]
 
 
@@ -135,6 +135,16 @@ class StitchStats:
     passed_over_requests: int = 0
 
 
+#: A request is finished this long (node time) after its response started on
+#: every node: late copies from other nodes have arrived by then.
+LINGER_NS = 1_000_000_000
+#: An upstream request nobody claimed is given up (or reported without its
+#: client side) this long after it was seen; connection attempts likewise.
+HORIZON_NS = 60_000_000_000
+#: At most this many incomplete requests are kept for late data (``late_ns``).
+LATE_MAX = 5_000  # about 4 KB each (its sightings)
+
+
 class Stitcher:
     """Stitch observations of several nodes into requests, incrementally.
 
@@ -149,15 +159,6 @@ class Stitcher:
     bounded on a long stream; :meth:`result` drains everything at the end.
     """
 
-    #: A request is finished this long (node time) after its response started on
-    #: every node: late copies from other nodes have arrived by then.
-    LINGER_NS = 1_000_000_000
-    #: An upstream request nobody claimed is given up (or reported without its
-    #: client side) this long after it was seen; connection attempts likewise.
-    HORIZON_NS = 60_000_000_000
-    #: At most this many incomplete requests are kept for late data (``late_ns``).
-    LATE_MAX = 5_000  # about 4 KB each (its sightings)
-
     def __init__(self, nodes: Iterable[str] = (), *, reference: str | None = None,
                  cidrs: Cidrs | None = None, entry_ports: Iterable[int] = (80,),
                  grace_ns: int = GRACE_NS, late_ns: int = 0) -> None:
@@ -167,6 +168,10 @@ class Stitcher:
         self.reference = reference
         self.entry_ports = frozenset(entry_ports)
         self.grace_ns = grace_ns
+        # the module's defaults, per instance (compiled, a class constant could not be changed)
+        self.linger_ns = LINGER_NS
+        self.horizon_ns = HORIZON_NS
+        self.late_max = LATE_MAX
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self.stats = StitchStats()
@@ -340,7 +345,7 @@ class Stitcher:
     def _drain(self, final: bool, lazy: bool) -> tuple[Iterator[dict[str, Any]], list[dict[str, Any]]]:
         sh = self._sh
         horizon = (1 << 62) if final else self._horizon()
-        linger, far = self.LINGER_NS, self.HORIZON_NS
+        linger, far = self.linger_ns, self.horizon_ns
         ready: list[Sighting] = []
         keep: list[Sighting] = []
         for c in self._clients:
@@ -485,7 +490,7 @@ class Stitcher:
                 self._forget_late(old)
             self._late_rid[rid] = late
         self._late_all[late] = None
-        while len(self._late_all) > self.LATE_MAX:
+        while len(self._late_all) > self.late_max:
             self._forget_late(next(iter(self._late_all)))
 
     def _forget_late(self, late: _Late) -> None:
@@ -535,7 +540,7 @@ class Stitcher:
         """The kept requests whose late data is settled (settled now); expire the old."""
         out: list[_Late] = []
         for late in list(self._revived):
-            if final or late.due + self.LINGER_NS <= horizon:
+            if final or late.due + self.linger_ns <= horizon:
                 del self._revived[late]
                 if late.g is not None:
                     self._settle_group(late.g)
@@ -673,7 +678,7 @@ class Stitcher:
         keeps its newest)."""
         sh = self._sh
         now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
-        oldest = (now - self.HORIZON_NS - self.LINGER_NS - self.late_ns) // OFFSET_WINDOW_NS \
+        oldest = (now - self.horizon_ns - self.linger_ns - self.late_ns) // OFFSET_WINDOW_NS \
             - OFFSET_SPAN - 1
         for wins in self._pairs.values():
             old = [x for x in wins if x < oldest]
@@ -934,7 +939,7 @@ class Stitcher:
 
         for key, rs in list(self._syns.items()):
             first = min(ref_t(r.node, r.first) for r in rs)
-            if not final and first + self.HORIZON_NS > horizon:
+            if not final and first + self.horizon_ns > horizon:
                 continue
             del self._syns[key]
             rs = [r for r in rs if r.packets >= 2 or r.refused
@@ -979,16 +984,16 @@ class Stitcher:
         return drops
 
     def _expire_handshakes(self) -> None:
-        """Forget handshakes, and the connections' ends, older than ``2 * HORIZON_NS`` (or
+        """Forget handshakes, and the connections' ends, older than ``2 * horizon_ns`` (or
         ``late_ns``): a connection's clock samples are taken when its first request
-        settles, SYNs are judged after ``HORIZON_NS``. Oldest first (insertion order), so
+        settles, SYNs are judged after ``horizon_ns``. Oldest first (insertion order), so
         each drain costs what expires."""
         hs = self._hs
         if not hs and not self._ends:
             return
         sh = self._sh
         now = max((t - sh.get(n, 0) for n, t in self._last.items()), default=0)
-        keep = max(2 * self.HORIZON_NS, self.late_ns)
+        keep = max(2 * self.horizon_ns, self.late_ns)
         while hs:
             key = next(iter(hs))
             d = hs[key]
@@ -1016,7 +1021,7 @@ class Stitcher:
         """Drops eBPF saw that no unanswered connection explains, once past the horizon."""
         out: list[dict[str, Any]] = []
         sh = self._sh
-        wait = self.HORIZON_NS + self.LINGER_NS
+        wait = self.horizon_ns + self.linger_ns
         for (node, flow), by in list(self._kdrops.items()):
             first = min(ts for ts, _n in by.values()) - sh.get(node, 0)
             if not final and first + wait > horizon:

@@ -21,6 +21,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Final
+
+from mypy_extensions import mypyc_attr
 
 from hopscope.model import (
     KIND_DROP,
@@ -38,36 +41,36 @@ from hopscope.model import (
 
 log = logging.getLogger(__name__)
 
-M32 = 0xFFFFFFFF
-HALF32 = 0x80000000
-IDLE_NS = 300 * 1_000_000_000
+M32: Final = 0xFFFFFFFF
+HALF32: Final = 0x80000000
+IDLE_NS: Final = 300 * 1_000_000_000
 #: A request still waiting for its response after this long (node time) is handed
 #: over anyway, so that it does not hold back everything after it.
-SETTLE_NS = 60 * 1_000_000_000
+SETTLE_NS: Final = 60 * 1_000_000_000
 #: eBPF events wait this long (before the oldest sighting still open) for their sighting
-EVENT_KEEP_NS = 2 * 1_000_000_000
-MAX_HEAD = 64 * 1024
-MAX_PENDING = 512
-SYNC_TRIES = 8
+EVENT_KEEP_NS: Final = 2 * 1_000_000_000
+MAX_HEAD: Final = 64 * 1024
+MAX_PENDING: Final = 512
+SYNC_TRIES: Final = 8
 
 #: Interface names that several interfaces share in a capture (SLL v1, merged Ethernet).
-SHARED_IFNAMES = frozenset(("", "any"))
+SHARED_IFNAMES: Final = frozenset(("", "any"))
 
 #: A point to be resolved by the stitcher: pod-network traffic on an
 #: interface whose name does not say whether it is flannel.1 or cni0/veth.
-PODNET = "podnet"
-SKIP = "skip"
+PODNET: Final = "podnet"
+SKIP: Final = "skip"
 
 # Half-connection states
 IDLE, HEAD, BODY, CHUNKED, UNTIL_CLOSE, SYNC, DEAD = range(7)
 
-_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ",
+_METHODS: Final = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ",
             b"CONNECT ", b"TRACE ")
-_STARTS = (*_METHODS, b"HTTP/1.")
+_STARTS: Final = (*_METHODS, b"HTTP/1.")
 
-_NIC_PREFIXES = ("eth", "en", "eno", "ens", "enp", "bond", "wl", "wan")
-_OVERLAY_PREFIXES = ("flannel", "vxlan", "fl-")
-_POD_PREFIXES = ("cni", "veth", "cbr", "cali", "lxc", "tap")
+_NIC_PREFIXES: Final = ("eth", "en", "eno", "ens", "enp", "bond", "wl", "wan")
+_OVERLAY_PREFIXES: Final = ("flannel", "vxlan", "fl-")
+_POD_PREFIXES: Final = ("cni", "veth", "cbr", "cali", "lxc", "tap")
 
 
 def point_for_ifname(ifname: str) -> str:
@@ -99,13 +102,9 @@ class Cidrs:
             self.service.network_address)
 
 
+@mypyc_attr(serializable=True)  # compiled, it still pickles: sightings cross processes
 class Sighting:
-    """One HTTP request on one connection at one interface of one node.
-
-    A plain class (no ``__slots__``): sightings cross between processes, and
-    unpickling an instance dictionary is one C-level update, against one
-    ``setattr`` per slot.
-    """
+    """One HTTP request on one connection at one interface of one node."""
 
     def __init__(self, node: str, ifname: str, point: str, flow: tuple[bytes, int, bytes, int],
                  seq0: int, first: int) -> None:

@@ -99,7 +99,7 @@ def test_streaming_drains_before_the_end(monkeypatch: pytest.MonkeyPatch) -> Non
     pairs = [(p.stem, p) for p in sorted(case.glob("*.pcapng"))]
     monkeypatch.setattr(rp, "TAKE_EVERY", 16)
     monkeypatch.setattr(capmod, "BLOCK", 8192)  # small batches from these small files
-    monkeypatch.setattr(stitch.Stitcher, "LINGER_NS", 1_000_000)  # this capture spans seconds
+    monkeypatch.setattr(stitch, "LINGER_NS", 1_000_000)  # this capture spans seconds
     pending: list[int] = []
     orig = stitch.Stitcher.drain
 

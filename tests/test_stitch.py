@@ -176,7 +176,7 @@ def test_late_requests_kept_are_bounded_and_expire() -> None:
     cross_node_request(tl, ray="1111111111111111-DFW")
     cross_node_request(tl, ray="2222222222222222-DFW", t=5_000_000, cport=40124, uport=51001)
     s = Stitcher(["node1", "node2"], late_ns=5_000_000_000)
-    s.LATE_MAX = 1
+    s.late_max = 1
     assert len(_drain_node(s, "node1", tl)) == 2
     assert [x.rid for x in s._late_all] == ["2222222222222222-DFW"]  # the newer one
     # node1's clock 10 s on (later traffic): past late_ns, the kept request is let go
@@ -223,9 +223,9 @@ def test_a_long_stream_keeps_bounded_state() -> None:
     out += s.result()["requests"]
     assert [r["request_id"] for r in out] == [f"{i:016x}-DFW" for i in range(n)]
     assert all(hops(r) == expected_cross(t) for r, t in zip(out, truths, strict=True))
-    # a SYN and a SYN-ACK per connection, for 2 * HORIZON_NS plus one 10 s step's worth of
+    # a SYN and a SYN-ACK per connection, for 2 * horizon_ns plus one 10 s step's worth of
     # connections (kept for good: 2 * n)
-    window_s = 2 * s.HORIZON_NS // 1_000_000_000 + 10
+    window_s = 2 * s.horizon_ns // 1_000_000_000 + 10
     assert most["_hs"] <= 2 * window_s, most
     # every other piece: a step's worth or a few windows, far below one per connection
     assert max(v for k, v in most.items() if k not in ("_hs", "_synacks", "_ends")) <= 40, most
@@ -267,7 +267,7 @@ def test_clocks_that_drift_apart_are_followed(drift: int) -> None:
     for i, r in enumerate(out):
         off = used[r["request_id"]]["node2"]
         assert abs(off["offset_ns"] - drift * i // n) <= off["error_ns"] + 10_000, (i, off)
-    # the windows a request can still need (HORIZON_NS and LINGER_NS back, and the span),
+    # the windows a request can still need (horizon_ns and linger_ns back, and the span),
     # plus a minute fed at a time: not one per 10 s of the whole run (180)
     assert most <= 20, most
 
