@@ -10,15 +10,15 @@ Python sources ship beside them and are what runs when:
   ``HOPSCOPE_MYPYC=0`` at build time): a warning, then a pure-Python install;
 - ``HOPSCOPE_PURE=1`` is set when hopscope runs;
 - a source changed since it was compiled (an edited checkout): see
-  ``hopscope/__init__.py``, which compares each source with the digest the
-  build recorded in ``hopscope/_compiled.py``.
+  ``hopscope/__init__.py``, which compares each source with the size and
+  CRC-32 the build recorded in ``hopscope/_compiled.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
+import zlib
 from pathlib import Path
 
 from setuptools import setup
@@ -35,9 +35,9 @@ def _say(msg: str) -> None:
     print(f"hopscope build: {msg}", file=sys.stderr)
 
 
-def _write_stamp(digests: dict[str, str]) -> None:
+def _write_stamp(digests: dict[str, str], *also: Path) -> None:
     lines = [
-        '"""Written by setup.py: the sources compiled by mypyc, and their SHA-256."""',
+        '"""Written by setup.py: the sources compiled by mypyc, and their size and CRC-32."""',
         "",
         "SOURCES: dict[str, str] = {",
         *(f"    {mod!r}: {digest!r}," for mod, digest in sorted(digests.items())),
@@ -45,13 +45,18 @@ def _write_stamp(digests: dict[str, str]) -> None:
         "",
     ]
     text = "\n".join(lines)
-    if not STAMP.exists() or STAMP.read_text() != text:
-        STAMP.write_text(text)
+    for path in (STAMP, *also):
+        if path.parent.is_dir() and (not path.exists() or path.read_text() != text):
+            path.write_text(text)
+
+
+def _digest(text: bytes) -> str:
+    """As ``hopscope.source_digest`` (not imported: the build must not import the package)."""
+    return f"{len(text)}:{zlib.crc32(text):08x}"
 
 
 def _digests() -> dict[str, str]:
-    return {p[:-3].replace("/", "."): hashlib.sha256((HERE / p).read_bytes()).hexdigest()
-            for p in COMPILED}
+    return {p[:-3].replace("/", "."): _digest((HERE / p).read_bytes()) for p in COMPILED}
 
 
 class OptionalBuildExt(build_ext):
@@ -60,21 +65,15 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means "pure Python"
-            self._fall_back(exc)
-
-    def build_extension(self, ext: object) -> None:
-        try:
-            super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
-            self._fall_back(exc)
-            raise
-
-    def _fall_back(self, exc: BaseException) -> None:
-        _say(f"compiling with mypyc failed ({type(exc).__name__}: {exc}); installing the pure-Python "
-             "modules (slower replay; install gcc and python3-dev, then reinstall, to compile)")
-        _write_stamp({})
-        self.extensions = []
+        except Exception as exc:  # any compiler failure means "pure Python"
+            _say(f"compiling with mypyc failed ({type(exc).__name__}: {exc}); installing the "
+                 "pure-Python modules (slower replay; install gcc and python3-dev, then "
+                 "reinstall, to compile)")
+            for ext in self.extensions:  # no partial build left to be imported
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+            self.extensions = []
+            # the copy build_py already placed in the wheel's tree, too
+            _write_stamp({}, Path(self.build_lib) / "hopscope" / "_compiled.py")
 
 
 def _extensions() -> list[object]:
@@ -90,7 +89,7 @@ def _extensions() -> list[object]:
         return []
     try:
         exts = mypycify(COMPILED, opt_level="3", group_name=GROUP)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypyc reports type errors by exiting
+    except (Exception, SystemExit) as exc:  # mypyc reports type errors by exiting
         _say(f"mypyc could not translate the sources ({exc}): not compiling")
         _write_stamp({})
         return []

@@ -653,6 +653,21 @@ def plan_section(ctx: Context) -> Finding:
     return Finding(OK, "a source for every hop", details)
 
 
+def build_section() -> Finding:
+    """Whether replay's hot path runs as its mypyc build or as the Python sources."""
+    import hopscope
+
+    details = {"compiled": hopscope.COMPILED, "reason": hopscope.PURE_REASON,
+               "stale": hopscope.STALE}
+    if hopscope.COMPILED:
+        return Finding(OK, "replay's hot path runs compiled (mypyc)", details)
+    fix = ("pip install -e . (or ./dev.sh setup) to rebuild" if hopscope.STALE else
+           None if "HOPSCOPE_PURE" in hopscope.PURE_REASON else
+           "install gcc and python3-dev, then reinstall hopscope, to compile it")
+    return Finding(DEGRADED, f"replay's hot path runs as Python sources, 1.7x slower: "
+                   f"{hopscope.PURE_REASON}", details, fix)
+
+
 def agent_section(ctx: Context, sections: dict[str, Finding]) -> tuple[Finding, int]:
     r = ctx.results
     tp, tc, pkt = bool(r.get("tracepoints")), bool(r.get("tc")), bool(r.get("af_packet"))
@@ -778,6 +793,7 @@ def collect(*, proxy_name: str = "traefik", netns: str | None = None,
         ("interfaces", lambda: interfaces_section(ctx, netns)),
         ("proxy", lambda: proxy_section(ctx, proxy_name, netns)),
         ("probe_plan", lambda: plan_section(ctx)),
+        ("build", build_section),
     ]
     for name, build in rest:
         sections[name] = _safely(name, build)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import _imp
 import os
 import sys
+import zlib
 
 __version__ = "0.1.0"
 
+#: the modules setup.py compiles (its ``COMPILED``)
+NATIVE = frozenset(("hopscope.model", "hopscope.capture", "hopscope.tcpflow", "hopscope.stitch"))
 #: True when the replay hot path runs as mypyc-compiled C extensions (see setup.py)
 COMPILED = False
 #: why it does not, when it does not ("" when it does)
@@ -38,25 +41,40 @@ def _source_first(names: frozenset[str]) -> None:
     sys.meta_path.insert(0, SourceFirst())
 
 
+def source_digest(text: bytes) -> str:
+    """What the build records of each compiled source (``setup.py``): its size and CRC-32.
+
+    A CRC, not a cryptographic hash: it guards against edits, not attacks, and
+    costs nothing at start-up (hashlib's import alone takes 4 ms).
+    """
+    return f"{len(text)}:{zlib.crc32(text):08x}"
+
+
 def _choose() -> tuple[bool, str, bool]:
     """Compiled or pure, for all the compiled modules at once (they call each other in C)."""
     try:
         from hopscope._compiled import SOURCES
     except ImportError:
+        _source_first(NATIVE)  # whatever extension may lie there, it is not a known build
         return False, "not built with mypyc (no hopscope/_compiled.py)", True
     if not SOURCES:
+        _source_first(NATIVE)
         return False, "the build did not compile (see the install's output)", False
     here = os.path.dirname(os.path.abspath(__file__))
     reason = ""
     stale = False
     if os.environ.get("HOPSCOPE_PURE", "") not in ("", "0"):
         reason = "HOPSCOPE_PURE is set"
+    elif not all(any(os.path.exists(os.path.join(here, mod.rpartition(".")[2] + sfx))
+                     for sfx in _imp.extension_suffixes()) for mod in SOURCES):
+        reason = "the build's extensions are missing"
+        stale = True
     else:
         for mod, digest in SOURCES.items():
             src = os.path.join(here, mod.rpartition(".")[2] + ".py")
             try:
                 with open(src, "rb") as f:
-                    if hashlib.sha256(f.read()).hexdigest() != digest:
+                    if source_digest(f.read()) != digest:
                         reason = (f"{src} changed since it was compiled (rebuild: "
                                   "pip install -e . or ./dev.sh setup)")
                         stale = True
@@ -64,7 +82,7 @@ def _choose() -> tuple[bool, str, bool]:
             except OSError:
                 continue  # no source beside the extension: nothing it could be stale against
     if reason:
-        _source_first(frozenset(SOURCES))
+        _source_first(NATIVE)
         return False, reason, stale
     return True, "", False
 

@@ -67,15 +67,12 @@ _IP4TCP: Final = struct.Struct(">2xHHH1xB2x4s4sHHIIBB")
 _IP6: Final = struct.Struct(">IHBB16s16s")
 _TCP: Final = struct.Struct(">HHIIBB")
 _U16: Final = struct.Struct(">H")
-_U16x3 = struct.Struct(">HHH")
+_U16x3: Final = struct.Struct(">HHH")
 
 # Extension headers that may sit between IPv6 and TCP.
 _IP6_EXT: Final = frozenset((0, 43, 60, 51))
 
 _new: Final = tuple.__new__
-
-#: decode (data, start, end, ts_ns, node, direction) -> Observation | None
-_Decoder = Callable[[bytes, int, int, int, str, str], "Observation | None"]
 
 
 @dataclass
@@ -217,26 +214,57 @@ def _ip_hash(data: bytes, l3: int, end: int) -> int:
     return 0
 
 
-def _raw_hasher(linktype: int) -> Callable[[bytes, int, int], int]:
-    """:func:`_ip_hash` behind this link type's header (-1 where it cannot look)."""
-    lt = _RAW_ALIASES.get(linktype, linktype)
-
-    def eth(data: bytes, s: int, e: int) -> int:
+def _link_hash(lt: int, data: bytes, s: int, e: int) -> int:
+    """:func:`_ip_hash` behind link type ``lt``'s header at ``data[s:e]`` (-1 where it cannot look)."""
+    if lt == LT_ETHERNET:
         return _ip_hash(data, s + 14, e) if data[s + 12 : s + 14] == b"\x08\x00" else -1
-
-    def sll(data: bytes, s: int, e: int) -> int:
-        return _ip_hash(data, s + 16, e) if data[s + 14 : s + 16] == b"\x08\x00" else -1
-
-    def sll2(data: bytes, s: int, e: int) -> int:
+    if lt == LT_SLL2:
         return _ip_hash(data, s + 20, e) if data[s : s + 2] == b"\x08\x00" else -1
-
-    def raw(data: bytes, s: int, e: int) -> int:
+    if lt == LT_SLL:
+        return _ip_hash(data, s + 16, e) if data[s + 14 : s + 16] == b"\x08\x00" else -1
+    if lt == LT_RAW or lt == LT_IPV4:
         return _ip_hash(data, s, e)
+    return -1
 
-    def unknown(data: bytes, s: int, e: int) -> int:
-        return -1
 
-    return {LT_ETHERNET: eth, LT_SLL: sll, LT_SLL2: sll2, LT_RAW: raw, LT_IPV4: raw}.get(lt, unknown)
+def _decode_link(link: _Link, data: bytes, s: int, e: int, ts: int, node: str,
+                 dr: str) -> Observation | None:
+    """Decode the frame at ``data[s:e]`` of ``link``'s link type (direction ``dr`` unless it says)."""
+    lt = link.linktype
+    if lt == LT_SLL2:  # tcpdump -i any
+        if e - s < 20:
+            return None
+        idx = (data[s + 4] << 24) | (data[s + 5] << 16) | (data[s + 6] << 8) | data[s + 7]
+        name = link.names.get(idx)
+        if name is None:
+            name = link.names[idx] = f"if{idx}"
+        return _decode_ip(data, s + 20, e, (data[s] << 8) | data[s + 1], ts, node, name,
+                          OUT if data[s + 10] == 4 else IN)
+    if lt == LT_ETHERNET:
+        if e - s < 14:
+            return None
+        et = (data[s + 12] << 8) | data[s + 13]
+        s += 14
+        while et == 0x8100 or et == 0x88A8:
+            et = (data[s + 2] << 8) | data[s + 3]
+            s += 4
+        return _decode_ip(data, s, e, et, ts, node, link.ifname, dr)
+    if lt == LT_SLL:
+        if e - s < 16:
+            return None
+        return _decode_ip(data, s + 16, e, (data[s + 14] << 8) | data[s + 15], ts, node,
+                          link.ifname, OUT if data[s + 1] == 4 else IN)
+    if lt == LT_RAW or lt == LT_IPV4 or lt == LT_IPV6:
+        if e <= s:
+            return None
+        v = data[s] >> 4
+        return _decode_ip(data, s, e, 0x0800 if v == 4 else 0x86DD if v == 6 else 0, ts, node,
+                          link.ifname, dr)
+    # LT_NULL: BSD loopback, the address family in either byte order
+    if e - s < 4:
+        return None
+    fam = max(int.from_bytes(data[s : s + 4], "little"), int.from_bytes(data[s : s + 4], "big"))
+    return _decode_ip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, link.ifname, dr)
 
 
 class _Link:
@@ -338,10 +366,8 @@ class CaptureReader:
         self.stats.interfaces[ifname or "(file)"] = SUPPORTED_LINKTYPES[link.linktype]
         rec = struct.Struct(endian + "IIII")
         node = self.node
-        decode = self._decoder(link)
         ksh, nsh = self.shard
-        raw_hash = _raw_hasher(link.linktype)
-        obs_hash = flow_hash
+        lt = link.linktype
         h = 0
         data = b""
         pos = 0
@@ -367,12 +393,13 @@ class CaptureReader:
                     break
                 npk += 1
                 if nsh > 1:
-                    h = raw_hash(data, pos + 16, end)
+                    h = _link_hash(lt, data, pos + 16, end)
                     if h >= 0 and h % nsh != ksh:
                         pos = end
                         continue
-                ob = decode(data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node, "")
-                if ob is not None and (nsh == 1 or h >= 0 or obs_hash(ob) % nsh == ksh):
+                ob = _decode_link(link, data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node,
+                                  "")
+                if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                     batch.append(ob)
                 pos = end
             stats.packets += npk
@@ -395,60 +422,6 @@ class CaptureReader:
                    f"{link.linktype}, which hopscope does not read; its packets are passed over")
         return False
 
-    def _decoder(self, link: _Link) -> _Decoder:
-        """A function (data, start, end, ts_ns, node, direction) -> Observation | None."""
-        lt = link.linktype
-        ifname = link.ifname
-        u16 = _U16.unpack_from
-        names = link.names
-
-        if lt == LT_ETHERNET:
-            def eth(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
-                if e - s < 14:
-                    return None
-                et = u16(data, s + 12)[0]
-                s += 14
-                while et == 0x8100 or et == 0x88A8:
-                    et = u16(data, s + 2)[0]
-                    s += 4
-                return _decode_ip(data, s, e, et, ts, node, ifname, dr)
-            return eth
-        if lt == LT_SLL:
-            def sll(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
-                if e - s < 16:
-                    return None
-                pt = data[s + 1]
-                return _decode_ip(data, s + 16, e, u16(data, s + 14)[0], ts, node, ifname,
-                           OUT if pt == 4 else IN)
-            return sll
-        if lt == LT_SLL2:
-            def sll2(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
-                if e - s < 20:
-                    return None
-                idx = int.from_bytes(data[s + 4 : s + 8], "big")
-                name = names.get(idx)
-                if name is None:
-                    name = names[idx] = f"if{idx}"
-                pt = data[s + 10]
-                return _decode_ip(data, s + 20, e, u16(data, s)[0], ts, node, name,
-                           OUT if pt == 4 else IN)
-            return sll2
-        if lt in (LT_RAW, LT_IPV4, LT_IPV6):
-            def raw(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
-                if e <= s:
-                    return None
-                v = data[s] >> 4
-                return _decode_ip(data, s, e, 0x0800 if v == 4 else 0x86DD if v == 6 else 0, ts, node,
-                           ifname, dr)
-            return raw
-
-        def null(data: bytes, s: int, e: int, ts: int, node: str, dr: str) -> Observation | None:
-            if e - s < 4:
-                return None
-            fam = max(int.from_bytes(data[s : s + 4], "little"), int.from_bytes(data[s : s + 4], "big"))
-            return _decode_ip(data, s + 4, e, 0x0800 if fam == 2 else 0x86DD, ts, node, ifname, dr)
-        return null
-
     # -- pcapng --------------------------------------------------------------
     def _pcapng(self, f: BinaryIO, head: bytes) -> Iterator[list[Observation]]:
         self.stats.format = "pcapng"
@@ -464,8 +437,8 @@ class CaptureReader:
         opt = struct.Struct("<HHI")
         want_dir = self.directions
         nifs = 0
-        # per interface: (decoder, multiplier, divisor, offset, name if Ethernet else "")
-        ifs: list[tuple[_Decoder, int, int, int, str] | None] = []
+        # per interface: (link, multiplier, divisor, offset, name if Ethernet else "")
+        ifs: list[tuple[_Link, int, int, int, str] | None] = []
         ksh, nsh = self.shard
         h = 0
         last_ts = 0
@@ -494,7 +467,7 @@ class CaptureReader:
                     npk += 1
                     info = ifs[ifid] if ifid < nifs else None
                     if info is not None:
-                        dec, mul, div, tsoff, ifname = info
+                        lk, mul, div, tsoff, ifname = info
                         s = pos + 28
                         # Ethernet carrying IPv4 (the common case) is decoded without a detour
                         fast = ifname and cap >= 34 and data[s + 12] == 8 and data[s + 13] == 0
@@ -524,7 +497,7 @@ class CaptureReader:
                         if fast:
                             ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
                         else:
-                            ob = dec(data, s, pe, last_ts, node, dr)
+                            ob = _decode_link(lk, data, s, pe, last_ts, node, dr)
                         if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                             batch.append(ob)
                     pos = end
@@ -562,13 +535,13 @@ class CaptureReader:
                     break
                 first = False
                 if btype == 1:  # Interface Description Block
-                    lk = self._idb(data, pos, end, endian, len(ifs))
-                    if lk is not None and self._link_ok(lk):
-                        ifs.append((self._decoder(lk), lk.scale[0], lk.scale[1], lk.tsoffset,
-                                    lk.ifname if lk.linktype == LT_ETHERNET else ""))
+                    link = self._idb(data, pos, end, endian, len(ifs))
+                    if link is not None and self._link_ok(link):
+                        ifs.append((link, link.scale[0], link.scale[1], link.tsoffset,
+                                    link.ifname if link.linktype == LT_ETHERNET else ""))
                         nifs = len(ifs)
-                        stats.interfaces[lk.ifname] = SUPPORTED_LINKTYPES[lk.linktype]
-                        self._snaplen0 = lk.snaplen if len(ifs) == 1 else self._snaplen0
+                        stats.interfaces[link.ifname] = SUPPORTED_LINKTYPES[link.linktype]
+                        self._snaplen0 = link.snaplen if len(ifs) == 1 else self._snaplen0
                     else:
                         ifs.append(None)
                         nifs = len(ifs)
@@ -580,7 +553,8 @@ class CaptureReader:
                     if info is not None:
                         orig = hdr.unpack_from(data, pos + 8)[0]
                         cap = min(orig, self._snaplen0 or orig, blen - 16)
-                        ob = info[0](data, pos + 12, pos + 12 + cap, last_ts, node, "")
+                        ob = _decode_link(info[0], data, pos + 12, pos + 12 + cap, last_ts, node,
+                                          "")
                         if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
                             batch.append(ob)
                 elif btype == 2:  # obsolete Packet Block
@@ -589,9 +563,10 @@ class CaptureReader:
                     hi, lo, cap, _orig = struct.unpack_from(endian + "IIII", data, pos + 12)
                     info = ifs[ifid] if ifid < len(ifs) else None
                     if info is not None:
-                        dec, mul, div, tsoff, _e = info
+                        lk, mul, div, tsoff, _e = info
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff
-                        ob = dec(data, pos + 28, min(pos + 28 + cap, end - 4), last_ts, node, "")
+                        ob = _decode_link(lk, data, pos + 28, min(pos + 28 + cap, end - 4), last_ts,
+                                          node, "")
                         if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
                             batch.append(ob)
                 # other blocks (NRB, ISB, DSB, custom) carry nothing we need

@@ -877,10 +877,11 @@ class Stitcher:
                       ("egress", "response", a, c.resp_first)]
             return chain
         bb = b or "?"
-        get = g.by.get
+        by = g.by
         none = _NONE
-        a_ov, a_ul = get((a, OVERLAY), none), get((a, UNDERLAY), none)
-        b_ul, b_ov, b_pod = get((b, UNDERLAY), none), get((b, OVERLAY), none), get((b, POD), none)
+        a_ov, a_ul = by.get((a, OVERLAY), none), by.get((a, UNDERLAY), none)
+        b_ul, b_ov, b_pod = by.get((b, UNDERLAY), none), by.get((b, OVERLAY), none), \
+            by.get((b, POD), none)
         return [
             ("", "", a, c.complete),
             ("ingress", "request", a, a_ov[0]),

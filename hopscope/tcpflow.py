@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
 
-from mypy_extensions import mypyc_attr
-
 from hopscope.model import (
     KIND_DROP,
     KIND_IPVS,
@@ -102,9 +100,13 @@ class Cidrs:
             self.service.network_address)
 
 
-@mypyc_attr(serializable=True)  # compiled, it still pickles: sightings cross processes
 class Sighting:
-    """One HTTP request on one connection at one interface of one node."""
+    """One HTTP request on one connection at one interface of one node.
+
+    Sightings cross between processes (replay's workers): they pickle as one
+    flat tuple (:meth:`__reduce__`), which also works compiled and is three
+    times faster than an instance dictionary either way.
+    """
 
     def __init__(self, node: str, ifname: str, point: str, flow: tuple[bytes, int, bytes, int],
                  seq0: int, first: int) -> None:
@@ -142,6 +144,14 @@ class Sighting:
         #: nothing will change it any more (response headers seen, or the connection ended)
         self.settled = False
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (_sighting, (
+            self.node, self.ifname, self.point, self.flow, self.seq0, self.first, self.complete,
+            self.resp_first, self.status, self.method, self.path, self.host, self.rid, self.flags,
+            self.edge_synack, self.edge_ack, self.reset_ts, self.complete_end, self.kernel_ts,
+            self.proxy_ts, self.nf_ts, self.nf_ns, self.nf_verdict, self.isn, self.ipvs_endpoint,
+            self.ipvs_ts, self.settled))
+
     def flag(self, f: str) -> None:
         if self.flags is None:
             self.flags = {f}
@@ -152,6 +162,38 @@ class Sighting:
         return (f"Sighting({self.node}/{self.ifname}/{self.point} {self.method} {self.path} "
                 f"rid={self.rid} first={self.first} complete={self.complete} "
                 f"resp={self.resp_first} status={self.status})")
+
+
+def _sighting(node: str, ifname: str, point: str, flow: tuple[bytes, int, bytes, int], seq0: int,
+              first: int, complete: int, resp_first: int, status: int, method: str, path: str,
+              host: str, rid: str, flags: set[str] | None, edge_synack: int, edge_ack: int,
+              reset_ts: int, complete_end: int, kernel_ts: int, proxy_ts: int, nf_ts: int,
+              nf_ns: int, nf_verdict: str, isn: int, ipvs_endpoint: str, ipvs_ts: int,
+              settled: bool) -> Sighting:
+    """A :class:`Sighting` from its pickled state (:meth:`Sighting.__reduce__`)."""
+    s = Sighting(node, ifname, point, flow, seq0, first)
+    s.complete = complete
+    s.resp_first = resp_first
+    s.status = status
+    s.method = method
+    s.path = path
+    s.host = host
+    s.rid = rid
+    s.flags = flags
+    s.edge_synack = edge_synack
+    s.edge_ack = edge_ack
+    s.reset_ts = reset_ts
+    s.complete_end = complete_end
+    s.kernel_ts = kernel_ts
+    s.proxy_ts = proxy_ts
+    s.nf_ts = nf_ts
+    s.nf_ns = nf_ns
+    s.nf_verdict = nf_verdict
+    s.isn = isn
+    s.ipvs_endpoint = ipvs_endpoint
+    s.ipvs_ts = ipvs_ts
+    s.settled = settled
+    return s
 
 
 @dataclass
@@ -305,7 +347,6 @@ class NodeTracker:
     # -- the hot path --------------------------------------------------------
     def feed(self, batch: Iterable[Observation]) -> None:
         streams = self._streams
-        get = streams.get
         npk = 0
         ts = self.last_ts
         for ob in batch:
@@ -317,7 +358,7 @@ class NodeTracker:
             npk += 1
             if ifname in SHARED_IFNAMES and vni < 0:
                 ifname = self._demux(ob)
-            e = get((ifname, vni, src, sport, dst, dport))
+            e = streams.get((ifname, vni, src, sport, dst, dport))
             if e is None:
                 if not (plen or flags & 0x02) or flags & 0x04:
                     self.passed_over += 1

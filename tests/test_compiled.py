@@ -112,3 +112,63 @@ def test_compiled_and_pure_print_the_same_bytes(case: Path) -> None:
         outs.append(got.stdout)
     assert json.loads(outs[0])["requests"], "a case without requests compares nothing"
     assert outs[0] == outs[1]
+
+
+def test_doctor_says_which_runs() -> None:
+    from hopscope.agent.doctor import build_section
+    from hopscope.agent.features import DEGRADED, OK
+
+    f = build_section()
+    assert f.details["compiled"] is hopscope.COMPILED
+    if hopscope.COMPILED:
+        assert f.status == OK and "compiled" in f.summary
+    else:
+        assert f.status == DEGRADED and hopscope.PURE_REASON in f.summary
+
+
+def test_a_sighting_pickles_whole() -> None:
+    """Replay's workers hand sightings over pickled: every attribute must survive (compiled or not)."""
+    import pickle
+
+    from hopscope.tcpflow import Sighting
+
+    s = Sighting("node1", "eth0", "nic", (b"\x01\x02\x03\x04", 40000, b"\x05\x06\x07\x08", 80), 7, 11)
+    names = [n for n in dir(s) if not n.startswith("_") and not callable(getattr(s, n))]
+    assert len(names) >= 27, names
+    for i, n in enumerate(sorted(names)):  # a distinct value of the attribute's own type for each
+        v = getattr(s, n)
+        setattr(s, n, {f"f{i}"} if n == "flags" else not v if isinstance(v, bool) else
+                (v + 1000 + i if isinstance(v, int) else f"v{i}" if isinstance(v, str) else v))
+    t = pickle.loads(pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(t) is Sighting
+    assert {n: getattr(t, n) for n in names} == {n: getattr(s, n) for n in names}
+
+
+def test_the_build_and_the_package_digest_alike() -> None:
+    """setup.py cannot import the package it builds: its copy of the digest must stay the same."""
+    spec = importlib.util.spec_from_file_location("_hopscope_setup_digest", ROOT / "setup.py")
+    assert spec is not None
+    text = (ROOT / "setup.py").read_text()
+    start = text.index("def _digest(")
+    ns: dict[str, object] = {}
+    exec(compile("import zlib\n" + text[start:text.index("\n\n\n", start)], "setup.py", "exec"), ns)
+    for blob in (b"", b"x", (ROOT / "hopscope" / "tcpflow.py").read_bytes()):
+        assert ns["_digest"](blob) == hopscope.source_digest(blob)  # type: ignore[operator]
+
+
+def test_the_package_knows_what_the_build_compiles() -> None:
+    text = (ROOT / "setup.py").read_text()
+    listed = text[text.index("COMPILED = [") : text.index("]", text.index("COMPILED = ["))]
+    paths = [p.strip().strip('"') for p in listed.removeprefix("COMPILED = [").split(",") if p.strip()]
+    assert {p[:-3].replace("/", ".") for p in paths} == hopscope.NATIVE == set(COMPILED_MODULES)
+
+
+@needs_build
+def test_a_stamp_without_its_extensions_claims_nothing(tmp_path: Path) -> None:
+    pkg = Path(hopscope.__file__).resolve().parent
+    shutil.copytree(pkg, tmp_path / "hopscope", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    got = _probe(pythonpath=tmp_path)
+    assert got["compiled"] is False and got["reason"] == "the build's extensions are missing"
+    files = got["files"]
+    assert isinstance(files, dict)
+    assert all(str(p).endswith(".py") for p in files.values()), files
