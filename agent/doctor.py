@@ -40,7 +40,7 @@ EXIT_OK, EXIT_CANNOT_RUN, EXIT_NOT_ROOT = 0, 1, 77
 SECTIONS = (
     "kernel", "kprobes", "fentry", "ipvs", "tc_clsact", "af_packet", "ringbuf", "btf",
     "tracefs", "tracepoints", "drop_reasons", "bcc", "kernel_headers", "compile_test",
-    "capabilities", "sysctls", "interfaces", "proxy", "probe_plan", "agent",
+    "capabilities", "sysctls", "interfaces", "proxy", "probe_plan", "build", "agent",
 )
 
 #: Tracepoints without which the agent's programs do not load.
