@@ -63,8 +63,11 @@ STATE = {
     "collector": [Path("/var/lib/private/hopscope-collector"), Path("/var/lib/hopscope-collector")],
 }
 #: what a hopscope wheel is built from, in a source checkout
-SOURCE_PARTS = ("pyproject.toml", "README.md", "hopscope", "agent", "collector", "bpf", "systemd")
-_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
+SOURCE_PARTS = ("pyproject.toml", "setup.py", "README.md", "hopscope", "agent", "collector", "bpf",
+                "systemd")
+#: never copied from a checkout: caches, and its own mypyc build (the wheel compiles anew)
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*", "*.so",
+                                 "_compiled.py")
 HEADERS_DROPIN = "headers.conf"
 MIN_PYTHON = (3, 11)
 
@@ -117,7 +120,7 @@ def _source_files(src: Path) -> Iterator[Path]:
                 rel = f.relative_to(src).parts
                 if f.is_file() and not any(x == "__pycache__" or x.endswith(".egg-info")
                                            or x.startswith(".") for x in rel) \
-                        and f.suffix != ".pyc":
+                        and f.suffix not in (".pyc", ".so") and f.name != "_compiled.py":
                     yield f
 
 

@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 from hopscope.agent import events as ev
 from hopscope.agent import features as ft
 
+import hopscope
 from hopscope import install as hi
 from hopscope.cli import main
 from hopscope.config import load_config
@@ -56,7 +58,7 @@ def test_the_wheel_carries_bpf_sources_and_units(tmp_path: Path) -> None:
     for part in hi.SOURCE_PARTS:
         p = REPO / part
         if p.is_dir():
-            shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(p, src / part, ignore=hi._IGNORE)
         else:
             shutil.copy2(p, src / part)
     cp = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
@@ -75,6 +77,19 @@ def test_the_wheel_carries_bpf_sources_and_units(tmp_path: Path) -> None:
     for f in ("hopscope-agent.service", "hopscope-collector.service", "agent.toml.example",
               "collector.toml.example"):
         assert f"hopscope/systemd/{f}" in names
+    # the replay hot path: compiled where this machine can (as it can in CI), and the
+    # record of what was compiled matches the sources the wheel carries
+    stamp: dict[str, object] = {}
+    exec(zipfile.ZipFile(whl).read("hopscope/_compiled.py"), stamp)
+    sources = stamp["SOURCES"]
+    assert isinstance(sources, dict)
+    if shutil.which("gcc") and Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        assert set(sources) == hopscope.NATIVE
+        for mod, digest in sources.items():
+            name = mod.rpartition(".")[2]
+            assert any(n.startswith(f"hopscope/{name}.") and n.endswith(".so") for n in names), mod
+            body = zipfile.ZipFile(whl).read(f"hopscope/{name}.py")
+            assert hopscope.source_digest(body) == digest, mod
 
 
 def test_render_config_sets_keys_and_keeps_the_rest() -> None:
