@@ -74,6 +74,9 @@ _IP6_EXT: Final = frozenset((0, 43, 60, 51))
 
 _new: Final = tuple.__new__
 
+#: SYN-ACKs whose ACK a reader that passes over pure ACKs still waits for, at most
+MAX_WANTED_ACKS: Final = 1 << 14
+
 
 @dataclass
 class ReadStats:
@@ -102,9 +105,25 @@ def _decode_ip(
     vni: int = -1,
     osrc: bytes = b"",
     odst: bytes = b"",
+    acks: dict[tuple[str, int, bytes], None] | None = None,
 ) -> Observation | None:
-    """Decode an IPv4/IPv6 packet at ``data[l3:end]`` into an Observation (TCP only)."""
+    """Decode an IPv4/IPv6 packet at ``data[l3:end]`` into an Observation (TCP only).
+
+    With ``acks`` (a reader's, see ``pure_acks``), a pure ACK is passed over
+    (None) unless it is the first of its flow at this interface since a SYN-ACK
+    the other way, whose flow ``acks`` then holds.
+    """
     if etype == 0x0800 and data[l3] == 0x45 and l3 + 40 <= end:
+        if acks is not None and data[l3 + 9] == 6 and not data[l3 + 33] & 0x07 \
+                and not (data[l3 + 6] & 0x1F or data[l3 + 7]):
+            # maybe a pure ACK (TCP, first fragment, no SYN/FIN/RST): decided from a few
+            # bytes, before anything is built
+            tl = (data[l3 + 2] << 8) | data[l3 + 3]
+            if (tl if tl else end - l3) - 20 - (data[l3 + 32] >> 4) * 4 <= 0:
+                k = (ifname, vni, data[l3 + 12 : l3 + 24])  # addresses and ports as sent
+                if k not in acks:
+                    return None
+                del acks[k]  # the handshake's ACK: the tracker times the handshake with it
         # the common case, IPv4 without options carrying TCP: one unpack
         # (typed: compiled, the fields are then native ints, not generic objects)
         tot: int
@@ -130,6 +149,11 @@ def _decode_ip(
                     ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq,
                     ack, flags, plen, ip_id, data[ps : l4end if l4end < end else end], vni, osrc,
                     odst))
+            if acks is not None and flags & 0x12 == 0x12:  # SYN-ACK: want the ACK the other way
+                if len(acks) >= MAX_WANTED_ACKS:
+                    del acks[next(iter(acks))]  # the oldest (its ACK carried data, or was lost)
+                acks[(ifname, vni, data[l3 + 16 : l3 + 20] + data[l3 + 12 : l3 + 16]
+                      + data[l3 + 22 : l3 + 24] + data[l3 + 20 : l3 + 22])] = None
             return _new(Observation, (
                 ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq, ack,
                 flags, 0, ip_id, b"", vni, osrc, odst))
@@ -188,7 +212,7 @@ def _decode_ip(
             et = _U16.unpack_from(data, inner + 12)[0]
             vni_ = int.from_bytes(data[l4 + 12 : l4 + 15], "big")
             return _decode_ip(data, inner + 14, end, et, ts, node, ifname, direction,
-                              vni_, src, dst)
+                              vni_, src, dst, acks)
     return None
 
 
@@ -228,7 +252,8 @@ def _link_hash(lt: int, data: bytes, s: int, e: int) -> int:
 
 
 def _decode_link(link: _Link, data: bytes, s: int, e: int, ts: int, node: str,
-                 dr: str) -> Observation | None:
+                 dr: str, acks: dict[tuple[str, int, bytes], None] | None = None
+                 ) -> Observation | None:
     """Decode the frame at ``data[s:e]`` of ``link``'s link type (direction ``dr`` unless it says)."""
     lt = link.linktype
     if lt == LT_SLL2:  # tcpdump -i any
@@ -239,7 +264,7 @@ def _decode_link(link: _Link, data: bytes, s: int, e: int, ts: int, node: str,
         if name is None:
             name = link.names[idx] = f"if{idx}"
         return _decode_ip(data, s + 20, e, (data[s] << 8) | data[s + 1], ts, node, name,
-                          OUT if data[s + 10] == 4 else IN)
+                          OUT if data[s + 10] == 4 else IN, -1, b"", b"", acks)
     if lt == LT_ETHERNET:
         if e - s < 14:
             return None
@@ -248,7 +273,8 @@ def _decode_link(link: _Link, data: bytes, s: int, e: int, ts: int, node: str,
         while et == 0x8100 or et == 0x88A8:
             et = (data[s + 2] << 8) | data[s + 3]
             s += 4
-        return _decode_ip(data, s, e, et, ts, node, link.ifname, dr)
+        return _decode_ip(data, s, e, et, ts, node, link.ifname, dr, -1, b"", b"",
+                          acks if link.ifname else None)
     if lt == LT_SLL:
         if e - s < 16:
             return None
@@ -293,11 +319,16 @@ class CaptureReader:
     def __init__(self, path: str | os.PathLike[str], node: str,
                  warn: Callable[[str], None] | None = None,
                  progress: Callable[[int], None] | None = None,
-                 shard: tuple[int, int] = (0, 1), directions: bool = True) -> None:
+                 shard: tuple[int, int] = (0, 1), directions: bool = True,
+                 pure_acks: bool = True) -> None:
         self.path = os.fspath(path)
         self.node = node
         #: read each packet's direction from pcapng's epb_flags (False: leave it "")
         self.directions = directions
+        #: False: pass over pure ACKs (no payload, no SYN/FIN/RST; a third of a busy
+        #: capture) but a handshake's, which is all a NodeTracker takes from them; not
+        #: on shared interface names ("", "any"), whose copies the tracker tells apart
+        self.pure_acks = pure_acks
         #: (k, n): keep only the TCP flows whose :func:`flow_hash` is k modulo n,
         #: so that n processes can share one file (every copy of a flow's
         #: packets, VXLAN-encapsulated or not, lands in the same shard)
@@ -367,6 +398,7 @@ class CaptureReader:
         rec = struct.Struct(endian + "IIII")
         node = self.node
         ksh, nsh = self.shard
+        acks: dict[tuple[str, int, bytes], None] | None = None if self.pure_acks else {}
         lt = link.linktype
         h = 0
         data = b""
@@ -398,7 +430,7 @@ class CaptureReader:
                         pos = end
                         continue
                 ob = _decode_link(link, data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node,
-                                  "")
+                                  "", acks)
                 if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                     batch.append(ob)
                 pos = end
@@ -440,6 +472,7 @@ class CaptureReader:
         # per interface: (link, multiplier, divisor, offset, name if Ethernet else "")
         ifs: list[tuple[_Link, int, int, int, str] | None] = []
         ksh, nsh = self.shard
+        acks: dict[tuple[str, int, bytes], None] | None = None if self.pure_acks else {}
         h = 0
         last_ts = 0
         done = 0
@@ -495,9 +528,10 @@ class CaptureReader:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
                         if fast:
-                            ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr)
+                            ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr,
+                                            -1, b"", b"", acks)
                         else:
-                            ob = _decode_link(lk, data, s, pe, last_ts, node, dr)
+                            ob = _decode_link(lk, data, s, pe, last_ts, node, dr, acks)
                         if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
                             batch.append(ob)
                     pos = end

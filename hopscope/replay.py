@@ -151,8 +151,10 @@ def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any,
                 counter.value += nbytes
 
     try:
-        # the stitcher infers direction from each node's role: skip reading epb_flags
-        reader = CaptureReader(path, node, shard=(k, n), progress=progress, directions=False)
+        # the stitcher infers direction from each node's role, and needs only a
+        # handshake's ACK of the pure ACKs: skip reading epb_flags and the rest
+        reader = CaptureReader(path, node, shard=(k, n), progress=progress, directions=False,
+                               pure_acks=False)
         tracker = NodeTracker(node, cidrs)
         since = 0
         for batch in reader:
@@ -243,8 +245,8 @@ def _drain(st: Stitcher, emit: Callable[[dict[str, Any]], None] | None) -> None:
 def _run_serial(pairs: list[tuple[str, Path]], st: Stitcher, warn: Callable[[str], None],
                 prog: _Progress, emit: Callable[[dict[str, Any]], None] | None) -> list[ReadStats]:
     """All captures in this process, read side by side in time order (so the join can drain)."""
-    readers = [CaptureReader(path, node, warn=warn, progress=prog, directions=False)
-               for node, path in pairs]
+    readers = [CaptureReader(path, node, warn=warn, progress=prog, directions=False,
+                             pure_acks=False) for node, path in pairs]
     its = [iter(r) for r in readers]
     trackers = [NodeTracker(node, st.cidrs) for node, _ in pairs]
     # the next batch comes from the capture that is furthest behind
