@@ -117,7 +117,9 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
         assert nat["endpoint"] == f"{pod.ip}:{pod.port}", (rid, nat)
         ing = next(h for h in a["hops"] if h["name"] == "ingress")
         assert sum(ch.values()) == ing["duration_ns"] and min(ch.values()) >= 0
-    assert compared >= 90 * 4
+    # every request compared hop by hop: 3 hops at least (a pod on the ingress node; Traefik's
+    # pooled upstream connections can send most of a run there: seen in CI, 355 for 90)
+    assert compared >= 90 * 3
     _check_diffs(diffs, tmp_path / "hop-diffs.json")  # agent minus capture
     # each agent reported what it saw and lost nothing
     for node, a in agents.agents.items():
@@ -146,7 +148,7 @@ def test_capture_source_gives_the_same_hops_as_tc(testbed: Instance, tmp_path: P
         for x, y in zip(a["hops"], b["hops"], strict=True):
             diffs.append((x["duration_ns"] - y["duration_ns"], rid, x["name"], x["node"]))
             compared += 1
-    assert compared >= 60 * 4
+    assert compared >= 60 * 3  # 3 hops at least each (see above)
     _check_diffs(diffs, tmp_path / "hop-diffs.json")  # tc minus capture source
     for node, a in cap.agents.items():
         env = json.loads(a.out.read_text())["agent"]
