@@ -23,7 +23,7 @@ import hopscope
 
 ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT / "pcaps"
-COMPILED_MODULES = ("hopscope.model", "hopscope.capture", "hopscope.tcpflow", "hopscope.stitch")
+COMPILED_MODULES = tuple(sorted(hopscope.NATIVE))
 
 _PROBE = ("import json, importlib, hopscope; "
           "print(json.dumps({'compiled': hopscope.COMPILED, 'stale': hopscope.STALE, "
