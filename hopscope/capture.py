@@ -62,8 +62,6 @@ _PCAP_MAGICS: Final = {
 _PCAPNG_SHB: Final = b"\x0a\x0d\x0d\x0a"
 
 _IP4: Final = struct.Struct(">BBHHHBBH4s4s")
-# IPv4 (no options) + TCP: total length, id, fragment, protocol, addresses, ports, seq, ack, offset, flags
-_IP4TCP: Final = struct.Struct(">2xHHH1xB2x4s4sHHIIBB")
 _IP6: Final = struct.Struct(">IHBB16s16s")
 _TCP: Final = struct.Struct(">HHIIBB")
 _U16: Final = struct.Struct(">H")
@@ -124,39 +122,46 @@ def _decode_ip(
                 if k not in acks:
                     return None
                 del acks[k]  # the handshake's ACK: the tracker times the handshake with it
-        # the common case, IPv4 without options carrying TCP: one unpack
-        # (typed: compiled, the fields are then native ints, not generic objects)
-        tot: int
-        ip_id: int
-        frag: int
-        proto: int
-        src: bytes
-        dst: bytes
-        sport: int
-        dport: int
-        seq: int
-        ack: int
-        doff: int
-        flags: int
-        tot, ip_id, frag, proto, src, dst, sport, dport, seq, ack, doff, flags = _IP4TCP.unpack_from(
-            data, l3)
-        if proto == 6 and not frag & 0x1FFF:
-            ps = l3 + 20 + (doff >> 4) * 4
-            l4end = l3 + tot if tot else end
-            plen = l4end - ps
-            if plen > 0:
+        # the common case, IPv4 without options: its fields read byte by byte (compiled,
+        # that is a few instructions each; a struct unpack builds a tuple of objects)
+        proto = data[l3 + 9]
+        if not (data[l3 + 6] & 0x1F or data[l3 + 7]):  # not a fragment after the first
+            if proto == 6:
+                l4 = l3 + 20
+                tot = (data[l3 + 2] << 8) | data[l3 + 3]
+                ps = l4 + (data[l4 + 12] >> 4) * 4
+                l4end = l3 + tot if tot else end
+                plen = l4end - ps
+                flags = data[l4 + 13]
+                if plen <= 0 and acks is not None and flags & 0x12 == 0x12:
+                    # a SYN-ACK: want the ACK the other way
+                    if len(acks) >= MAX_WANTED_ACKS:
+                        del acks[next(iter(acks))]  # the oldest (its ACK carried data, or was lost)
+                    acks[(ifname, vni, data[l3 + 16 : l3 + 20] + data[l3 + 12 : l3 + 16]
+                          + data[l3 + 22 : l3 + 24] + data[l3 + 20 : l3 + 22])] = None
                 return _new(Observation, (
-                    ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq,
-                    ack, flags, plen, ip_id, data[ps : l4end if l4end < end else end], vni, osrc,
-                    odst))
-            if acks is not None and flags & 0x12 == 0x12:  # SYN-ACK: want the ACK the other way
-                if len(acks) >= MAX_WANTED_ACKS:
-                    del acks[next(iter(acks))]  # the oldest (its ACK carried data, or was lost)
-                acks[(ifname, vni, data[l3 + 16 : l3 + 20] + data[l3 + 12 : l3 + 16]
-                      + data[l3 + 22 : l3 + 24] + data[l3 + 20 : l3 + 22])] = None
-            return _new(Observation, (
-                ts, -1, node, ifname, "", direction, KIND_PACKET, 6, src, dst, sport, dport, seq, ack,
-                flags, 0, ip_id, b"", vni, osrc, odst))
+                    ts, -1, node, ifname, "", direction, KIND_PACKET, 6,
+                    data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20],
+                    (data[l4] << 8) | data[l4 + 1], (data[l4 + 2] << 8) | data[l4 + 3],
+                    (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7],
+                    (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8)
+                    | data[l4 + 11],
+                    flags, plen if plen > 0 else 0, (data[l3 + 4] << 8) | data[l3 + 5],
+                    data[ps : l4end if l4end < end else end] if plen > 0 else b"", vni, osrc, odst))
+            if proto == 17 and vni < 0 and l3 + 44 <= end:
+                # VXLAN (UDP to 8472 or 4789, the I flag): the inner frame's packet
+                dport = (data[l3 + 22] << 8) | data[l3 + 23]
+                if (dport == 8472 or dport == 4789) and data[l3 + 28] & 0x08:
+                    inner = l3 + 36
+                    if inner + 14 > end:
+                        return None
+                    return _decode_ip(data, inner + 14, end,
+                                      (data[inner + 12] << 8) | data[inner + 13], ts, node, ifname,
+                                      direction,
+                                      (data[l3 + 32] << 16) | (data[l3 + 33] << 8) | data[l3 + 34],
+                                      data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20], acks)
+            return None
+        return None
     if etype == 0x0800:
         if end - l3 < 20:
             return None
@@ -217,25 +222,43 @@ def _decode_ip(
 
 
 def flow_hash(ob: Observation) -> int:
-    """A byte that is the same for both directions of a TCP flow (its inner flow for VXLAN)."""
-    return ob.src[-1] ^ ob.dst[-1] ^ (ob.sport & 0xFF) ^ (ob.dport & 0xFF)
+    """16 bits that are the same for both directions of a TCP flow (its inner flow for VXLAN).
+
+    The XOR of the addresses' and ports' even bytes, then of their odd bytes:
+    what :func:`_ip_hash` reads from an IPv4 header without building anything.
+    """
+    hi = (ob.sport ^ ob.dport) >> 8
+    lo = (ob.sport ^ ob.dport) & 0xFF
+    a = ob.src + ob.dst
+    for i in range(0, len(a) - 1, 2):
+        hi ^= a[i]
+        lo ^= a[i + 1]
+    return (hi << 8) | lo
+
+
+#: :func:`_ip_hash` of a packet that is no one's (not TCP, nor VXLAN around TCP)
+NOT_TCP: Final = -2
 
 
 def _ip_hash(data: bytes, l3: int, end: int) -> int:
-    """:func:`flow_hash` from raw IPv4 bytes (VXLAN looked into); 0 for non-TCP, -1 when unsure."""
+    """:func:`flow_hash` from raw IPv4 bytes (VXLAN looked into); :data:`NOT_TCP`; -1 when unsure."""
     if l3 + 24 > end or data[l3] != 0x45:
         return -1
     proto = data[l3 + 9]
-    if proto == 6:
-        return data[l3 + 15] ^ data[l3 + 19] ^ data[l3 + 21] ^ data[l3 + 23]
     if proto == 17 and data[l3 + 22 : l3 + 24] in (b"\x21\x18", b"\x12\xb5"):  # 8472, 4789
         i = l3 + 50  # UDP 8, VXLAN 8, inner Ethernet 14
         if i + 24 <= end and data[i - 2 : i] == b"\x08\x00" and data[i] == 0x45:
             if data[i + 9] != 6:
-                return 0
-            return data[i + 15] ^ data[i + 19] ^ data[i + 21] ^ data[i + 23]
-        return -1
-    return 0
+                return NOT_TCP
+            l3 = i
+        else:
+            return -1
+    elif proto != 6:
+        return NOT_TCP
+    return (((data[l3 + 12] ^ data[l3 + 14] ^ data[l3 + 16] ^ data[l3 + 18] ^ data[l3 + 20]
+              ^ data[l3 + 22]) << 8)
+            | (data[l3 + 13] ^ data[l3 + 15] ^ data[l3 + 17] ^ data[l3 + 19] ^ data[l3 + 21]
+               ^ data[l3 + 23]))
 
 
 def _link_hash(lt: int, data: bytes, s: int, e: int) -> int:
@@ -249,6 +272,60 @@ def _link_hash(lt: int, data: bytes, s: int, e: int) -> int:
     if lt == LT_RAW or lt == LT_IPV4:
         return _ip_hash(data, s, e)
     return -1
+
+
+#: Load a packet adds to its share: its captured bytes plus this (the per-packet work)
+PACKET_WEIGHT: Final = 256
+
+
+class Shares:
+    """Which of ``n`` readers of one file takes each TCP flow, the same in all of them.
+
+    A flow's :func:`flow_hash` names a bucket; a bucket belongs, from the first
+    packet seen in it, to the share with the least load so far (each packet adds
+    its captured bytes plus :data:`PACKET_WEIGHT` to its bucket's share). Every
+    reader scans the whole file and calls :meth:`owner` for the same packets in
+    the same order, so they agree without talking. Pooled keep-alive
+    connections carry a large part of a capture and a fixed split (hash modulo
+    n) left one reader with 58 % of the work; the flows that come later even it out.
+    """
+
+    __slots__ = ("buckets", "load0", "load1", "loads", "n")
+
+    def __init__(self, n: int) -> None:
+        if not 1 <= n < 255:
+            raise ValueError(f"shares: n must be 1 to 254, not {n}")
+        self.n = n
+        self.buckets: list[int] = [255] * 65536
+        # the first two shares' loads are plain attributes (compiled: native integers,
+        # not a list of int objects to box anew at every packet), the others' in a list
+        self.load0 = 0
+        self.load1 = 0
+        self.loads: list[int] = [0] * n
+
+    def load(self, k: int) -> int:
+        """Share ``k``'s load so far."""
+        return self.load0 if k == 0 else self.load1 if k == 1 else self.loads[k]
+
+    def owner(self, h: int, weight: int) -> int:
+        """The share of bucket ``h`` (assigned now if it has none), charged ``weight``."""
+        o = self.buckets[h]
+        if o == 255:
+            o = 0
+            least = self.load0
+            for i in range(1, self.n):
+                v = self.load(i)
+                if v < least:
+                    o = i
+                    least = v
+            self.buckets[h] = o
+        if o == 0:
+            self.load0 += weight
+        elif o == 1:
+            self.load1 += weight
+        else:
+            self.loads[o] += weight
+        return o
 
 
 def _decode_link(link: _Link, data: bytes, s: int, e: int, ts: int, node: str,
@@ -312,7 +389,7 @@ class CaptureReader:
     """Read one capture file of one node as batches of observations.
 
     ``shard=(k, n)`` keeps only the flows of shard k of n (see
-    :func:`flow_hash`); the default keeps everything. ``warn`` is called with one line per warning (truncation, corruption,
+    :class:`Shares`); the default keeps everything. ``warn`` is called with one line per warning (truncation, corruption,
     unsupported link types); the same lines are kept in :attr:`stats`.
     """
 
@@ -329,9 +406,9 @@ class CaptureReader:
         #: capture) but a handshake's, which is all a NodeTracker takes from them; not
         #: on shared interface names ("", "any"), whose copies the tracker tells apart
         self.pure_acks = pure_acks
-        #: (k, n): keep only the TCP flows whose :func:`flow_hash` is k modulo n,
+        #: (k, n): keep only the TCP flows that :class:`Shares` gives share k of n,
         #: so that n processes can share one file (every copy of a flow's
-        #: packets, VXLAN-encapsulated or not, lands in the same shard)
+        #: packets, VXLAN-encapsulated or not, lands in the same share)
         self.shard = shard
         self.stats = ReadStats(self.path)
         self._warn_cb = warn
@@ -398,6 +475,7 @@ class CaptureReader:
         rec = struct.Struct(endian + "IIII")
         node = self.node
         ksh, nsh = self.shard
+        shares = Shares(nsh)
         acks: dict[tuple[str, int, bytes], None] | None = None if self.pure_acks else {}
         lt = link.linktype
         h = 0
@@ -426,12 +504,21 @@ class CaptureReader:
                 npk += 1
                 if nsh > 1:
                     h = _link_hash(lt, data, pos + 16, end)
-                    if h >= 0 and h % nsh != ksh:
+                    if h == NOT_TCP or (h >= 0 and shares.owner(h, incl + PACKET_WEIGHT) != ksh):
+                        pos = end
+                        continue
+                    if h < 0:
+                        # unsure: every reader decodes it, so none may pass over a pure ACK
+                        ob = _decode_link(link, data, pos + 16, end,
+                                          sec * 1_000_000_000 + frac * mul, node, "")
+                        if ob is not None and shares.owner(flow_hash(ob),
+                                                           incl + PACKET_WEIGHT) == ksh:
+                            batch.append(ob)
                         pos = end
                         continue
                 ob = _decode_link(link, data, pos + 16, end, sec * 1_000_000_000 + frac * mul, node,
                                   "", acks)
-                if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
+                if ob is not None:
                     batch.append(ob)
                 pos = end
             stats.packets += npk
@@ -472,6 +559,7 @@ class CaptureReader:
         # per interface: (link, multiplier, divisor, offset, name if Ethernet else "")
         ifs: list[tuple[_Link, int, int, int, str] | None] = []
         ksh, nsh = self.shard
+        shares = Shares(nsh)
         acks: dict[tuple[str, int, bytes], None] | None = None if self.pure_acks else {}
         h = 0
         last_ts = 0
@@ -505,13 +593,17 @@ class CaptureReader:
                         # Ethernet carrying IPv4 (the common case) is decoded without a detour
                         fast = ifname and cap >= 34 and data[s + 12] == 8 and data[s + 13] == 0
                         h = -1
-                        if nsh > 1 and fast:
+                        if nsh > 1:
                             # another process's flow? (decided from the raw bytes; TCP inline)
-                            if cap >= 38 and data[s + 14] == 0x45 and data[s + 23] == 6:
-                                h = data[s + 29] ^ data[s + 33] ^ data[s + 35] ^ data[s + 37]
+                            if fast and cap >= 38 and data[s + 14] == 0x45 and data[s + 23] == 6:
+                                h = (((data[s + 26] ^ data[s + 28] ^ data[s + 30] ^ data[s + 32]
+                                       ^ data[s + 34] ^ data[s + 36]) << 8)
+                                     | (data[s + 27] ^ data[s + 29] ^ data[s + 31] ^ data[s + 33]
+                                        ^ data[s + 35] ^ data[s + 37]))
                             else:
-                                h = _ip_hash(data, s + 14, s + cap)
-                            if h >= 0 and h % nsh != ksh:
+                                h = _link_hash(lk.linktype, data, s,
+                                               s + cap if s + cap < end - 4 else end - 4)
+                            if h == NOT_TCP or (h >= 0 and shares.owner(h, cap + PACKET_WEIGHT) != ksh):
                                 pos = end
                                 continue
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff if mul != 1 or div != 1 or \
@@ -527,13 +619,20 @@ class CaptureReader:
                             elif code != 0:
                                 dr = self._epb_direction(data, oo, end - 4, endian)
                         pe = s + cap if s + cap < oo else oo
-                        if fast:
-                            ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr,
-                                            -1, b"", b"", acks)
+                        if nsh > 1 and h < 0:
+                            # unsure: every reader decodes it, so none may pass over a pure ACK
+                            ob = _decode_link(lk, data, s, pe, last_ts, node, dr)
+                            if ob is not None and shares.owner(flow_hash(ob),
+                                                               cap + PACKET_WEIGHT) == ksh:
+                                batch.append(ob)
                         else:
-                            ob = _decode_link(lk, data, s, pe, last_ts, node, dr, acks)
-                        if ob is not None and (nsh == 1 or h >= 0 or flow_hash(ob) % nsh == ksh):
-                            batch.append(ob)
+                            if fast:
+                                ob = _decode_ip(data, s + 14, pe, 0x0800, last_ts, node, ifname, dr,
+                                                -1, b"", b"", acks)
+                            else:
+                                ob = _decode_link(lk, data, s, pe, last_ts, node, dr, acks)
+                            if ob is not None:
+                                batch.append(ob)
                     pos = end
                     continue
                 if btype == 0x0A0D0D0A:  # Section Header Block (palindromic type)
@@ -589,7 +688,8 @@ class CaptureReader:
                         cap = min(orig, self._snaplen0 or orig, blen - 16)
                         ob = _decode_link(info[0], data, pos + 12, pos + 12 + cap, last_ts, node,
                                           "")
-                        if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
+                        if ob is not None and (nsh == 1 or shares.owner(
+                                flow_hash(ob), cap + PACKET_WEIGHT) == ksh):
                             batch.append(ob)
                 elif btype == 2:  # obsolete Packet Block
                     npk += 1
@@ -601,7 +701,8 @@ class CaptureReader:
                         last_ts = ((hi << 32) | lo) * mul // div + tsoff
                         ob = _decode_link(lk, data, pos + 28, min(pos + 28 + cap, end - 4), last_ts,
                                           node, "")
-                        if ob is not None and (nsh == 1 or flow_hash(ob) % nsh == ksh):
+                        if ob is not None and (nsh == 1 or shares.owner(
+                                flow_hash(ob), cap + PACKET_WEIGHT) == ksh):
                             batch.append(ob)
                 # other blocks (NRB, ISB, DSB, custom) carry nothing we need
                 pos = end
@@ -619,12 +720,24 @@ class CaptureReader:
             pos = 0
 
     def _refill(self, f: BinaryIO, data: bytes, pos: int) -> tuple[bytes, bool]:
-        """The unread rest of ``data`` and the next block of the file; True at the end."""
-        chunk = f.read(BLOCK)
-        self.stats.bytes_read += len(chunk)
+        """The unread rest of ``data`` and the next block of the file; True at the end.
+
+        From a regular file, the rest is read again with the block (a seek back):
+        one copy of the bytes instead of two (the block, then the two joined).
+        """
+        rest = len(data) - pos
+        if rest and f.seekable():
+            f.seek(-rest, os.SEEK_CUR)
+            data = f.read(BLOCK + rest)
+            new = len(data) - rest
+        else:
+            chunk = f.read(BLOCK)
+            new = len(chunk)
+            data = data[pos:] + chunk if rest else chunk
+        self.stats.bytes_read += new
         if self._progress is not None:
-            self._progress(len(chunk))
-        return data[pos:] + chunk, not chunk
+            self._progress(new)
+        return data, new <= 0
 
     def _corrupt(self, at: int, btype: int, blen: int) -> None:
         self._warn("corrupt", f"{self.path}: corrupt block (type {btype:#x}, length {blen}) at byte "

@@ -972,27 +972,70 @@ class NodeTracker:
             h.state = IDLE
 
 
+_CONTENT_LENGTH: Final = b"content-length"
+_TRANSFER_ENCODING: Final = b"transfer-encoding"
+_HOST: Final = b"host"
+_CF_RAY: Final = b"cf-ray"
+_X_REQUEST_ID: Final = b"x-request-id"
+
+
 @lru_cache(maxsize=8192)
 def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
     """Parse a header block once (the same bytes cross several points).
 
     Returns (is_request, chunked, content_length (-1 when absent), status, method,
-    path, host, request id). A few ``find`` calls on the lower-cased block are
-    cheaper than splitting it into lines, or than one regular expression (measured).
+    path, host, request id). One pass over the lines; a line is looked at only
+    when its first letter and the character after a wanted name's length could
+    make it that header (compiled, a few instructions a line; before, a ``find``
+    per header on the lower-cased block cost three times as much).
     """
-    low = head.lower()
-    first = head[: head.find(b"\r\n")]
-    cl = _header(head, low, b"\r\ncontent-length")
+    lines = head.split(b"\r\n")
+    first = lines[0]
+    cl = te = host = cf = xr = b""
+    seen = 0  # bits: 1 content-length, 2 transfer-encoding, 4 host, 8 cf-ray, 16 x-request-id
+    for k in range(1, len(lines)):
+        line = lines[k]
+        if not line:
+            break  # the blank line: the end of the head
+        c = line[0] | 0x20
+        if c == 99:  # c: content-length, cf-ray
+            if not seen & 1:
+                i = _value_at(line, _CONTENT_LENGTH)
+                if i >= 0:
+                    seen |= 1
+                    cl = line[i:]
+                    continue
+            if not seen & 8:
+                i = _value_at(line, _CF_RAY)
+                if i >= 0:
+                    seen |= 8
+                    cf = line[i:].strip()
+        elif c == 104:  # h
+            if not seen & 4:
+                i = _value_at(line, _HOST)
+                if i >= 0:
+                    seen |= 4
+                    host = line[i:].strip()
+        elif c == 116:  # t
+            if not seen & 2:
+                i = _value_at(line, _TRANSFER_ENCODING)
+                if i >= 0:
+                    seen |= 2
+                    te = line[i:].lower()
+        elif c == 120 and not seen & 16:  # x
+            i = _value_at(line, _X_REQUEST_ID)
+            if i >= 0:
+                seen |= 16
+                xr = line[i:].strip()
     chunked = False
     clen = -1
-    if cl is not None:
+    if seen & 1:
         try:
             clen = int(cl)
         except ValueError:
             clen = 0
-    else:
-        te = _header(low, low, b"\r\ntransfer-encoding")
-        chunked = te is not None and b"chunked" in te
+    elif seen & 2:
+        chunked = b"chunked" in te
     if first.startswith(b"HTTP/"):
         parts = first.split(b" ", 2)
         try:
@@ -1001,31 +1044,30 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
             status = 0
         return False, chunked, clen, status, "", "", "", ""
     parts = first.split(b" ")
-    host = _header(head, low, b"\r\nhost") or b""
-    rid = _header(head, low, b"\r\ncf-ray") or _header(head, low, b"\r\nx-request-id") or b""
+    rid = cf or xr
     return (True, chunked, max(clen, 0), 0, parts[0].decode("ascii", "replace"),
             parts[1].decode("utf-8", "replace") if len(parts) > 1 else "",
             host.decode("utf-8", "replace"), rid.decode("utf-8", "replace"))
 
 
-def _header(head: bytes, low: bytes, name: bytes) -> bytes | None:
-    """The value of the first header ``name`` (``b"\\r\\nname"``, lower case), or None.
+def _value_at(line: bytes, name: bytes) -> int:
+    """Where the value starts if header ``line`` is ``name`` (lower case), else -1.
 
-    Optional white space before the colon is tolerated, as the regular grammar's
-    neighbours (proxies, Go's server) do.
+    Any case; white space before the colon is tolerated, as the regular
+    grammar's neighbours (proxies, Go's server) do.
     """
-    i = low.find(name + b":")
-    if i < 0:
-        i = low.find(name + b" ")
-        if i < 0:
-            return None
-        j = low.find(b":", i, low.find(b"\r\n", i + 2))
-        if j < 0 or low[i + len(name) : j].strip():
-            return None
-        i = j + 1
-    else:
-        i += len(name) + 1
-    return head[i : low.find(b"\r\n", i)].strip()
+    n = len(name)
+    if len(line) <= n:
+        return -1
+    c = line[n]
+    if (c != 58 and c != 32 and c != 9) or line[:n].lower() != name:  # 58: ':'
+        return -1
+    if c == 58:
+        return n + 1
+    j = line.find(b":", n)
+    if j < 0 or line[n:j].strip():
+        return -1
+    return j + 1
 
 
 def _flow_of(st: _Stream, client_dir: int) -> tuple[bytes, int, bytes, int]:

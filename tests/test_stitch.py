@@ -644,3 +644,71 @@ def test_kprobe_events_split_kernel_in_and_name_the_ipvs_endpoint() -> None:
     tl.obs["node1"] = [o for o in tl.obs["node1"] if o.kind != KIND_IPVS]
     nat = stitch(tl)["requests"][0]["hops"][0]["children"][-1]
     assert nat["endpoint"] == f"{POD_IP['node2']}:8000" and "endpoint_by" not in nat
+
+
+# -- the header parser --------------------------------------------------------------
+
+_WANTED = (b"content-length", b"transfer-encoding", b"host", b"cf-ray", b"x-request-id")
+
+
+def _reference_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
+    """What _parse_head must return, written the obvious way: split, partition, compare."""
+    lines = head.split(b"\r\n")
+    vals: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        if not line:
+            break
+        name, sep, value = line.partition(b":")
+        key = name.rstrip(b" \t").lower()
+        if sep and key in _WANTED and key not in vals and key[-1:] not in (b" ", b"\t"):
+            vals[key] = value
+    clen, chunked = -1, False
+    if b"content-length" in vals:
+        try:
+            clen = int(vals[b"content-length"])
+        except ValueError:
+            clen = 0
+    else:
+        chunked = b"chunked" in vals.get(b"transfer-encoding", b"").lower()
+    words = lines[0].split(b" ")
+    if lines[0].startswith(b"HTTP/"):
+        status = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+        return False, chunked, clen, status, "", "", "", ""
+    rid = vals.get(b"cf-ray", b"").strip() or vals.get(b"x-request-id", b"").strip()
+    return (True, chunked, max(clen, 0), 0, words[0].decode("ascii", "replace"),
+            words[1].decode("utf-8", "replace") if len(words) > 1 else "",
+            vals.get(b"host", b"").strip().decode("utf-8", "replace"), rid.decode("utf-8", "replace"))
+
+
+_names = st_.sampled_from((*_WANTED, b"content-type", b"cf-connecting-ip", b"x-forwarded-for",
+                           b"hostname", b"x-request-id-2", b"te", b"connection"))
+_cased = _names.flatmap(lambda n: st_.lists(st_.booleans(), min_size=len(n), max_size=len(n)).map(
+    lambda up: bytes(c - 32 if u and 97 <= c <= 122 else c for c, u in zip(n, up, strict=True))))
+_value = st_.one_of(st_.integers(0, 10**6).map(lambda i: str(i).encode()),
+                    st_.sampled_from([b"chunked", b"gzip, Chunked", b"", b"8e4f-AMS", b"a:80"]),
+                    st_.binary(max_size=12).map(lambda b: bytes(c for c in b if c not in b"\r\n")))
+_line = st_.tuples(_cased, st_.sampled_from([b"", b" ", b"\t", b" \t "]), _value,
+                   st_.sampled_from([b"", b" ", b"  "])).map(
+    lambda t: t[0] + t[1] + b":" + t[3] + t[2])
+
+
+@settings(max_examples=400, deadline=None)
+@given(first=st_.sampled_from([b"GET /api/x?y=1 HTTP/1.1", b"POST / HTTP/1.1", b"HTTP/1.1 200 OK",
+                               b"HTTP/1.1 100 Continue", b"HTTP/1.1 bad", b"PATCH"]),
+       lines=st_.lists(st_.one_of(_line, st_.just(b"junk without colon")), max_size=10))
+def test_parse_head_matches_a_reference(first: bytes, lines: list[bytes]) -> None:
+    """One pass with peeks (tcpflow._parse_head) == split-and-partition, on headers of any case."""
+    from hopscope.tcpflow import _parse_head
+    head = b"\r\n".join([first, *lines]) + b"\r\n\r\n"
+    assert _parse_head(head) == _reference_head(head)
+
+
+def test_parse_head_examples() -> None:
+    from hopscope.tcpflow import _parse_head
+    req = (b"GET /a HTTP/1.1\r\nHost : api.example.com\r\nCF-RAY:  8e4f-AMS \r\n"
+           b"content-length: 12\r\nX-Request-Id: r1\r\nHost: second\r\n\r\n")
+    assert _parse_head(req) == (True, False, 12, 0, "GET", "/a", "api.example.com", "8e4f-AMS")
+    assert _parse_head(b"POST /b HTTP/1.1\r\nx-request-ID: r2\r\nTransfer-Encoding: gzip, chunked"
+                       b"\r\n\r\n") == (True, True, 0, 0, "POST", "/b", "", "r2")
+    assert _parse_head(b"HTTP/1.1 204 No Content\r\nContent-Lengthy: 3\r\n\r\n") == (
+        False, False, -1, 204, "", "", "", "")
