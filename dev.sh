@@ -67,11 +67,14 @@ setup_native() {
   # The replay hot path compiles with mypyc when the package installs (setup.py).
   # Rebuild when a compiled module's source changed since; until then the
   # Python sources run (hopscope/__init__.py notices), never a stale build.
-  if "$venv/bin/python" -c 'import sys, hopscope; sys.exit(1 if hopscope.STALE else 0)'; then
-    return
+  if ! "$venv/bin/python" -c 'import sys, hopscope; sys.exit(1 if hopscope.STALE else 0)'; then
+    echo "dev.sh: compiling the replay hot path with mypyc (about a minute)" >&2
+    "$venv/bin/python" -m pip install -q --no-deps -e .
   fi
-  echo "dev.sh: compiling the replay hot path with mypyc (about a minute)" >&2
-  "$venv/bin/python" -m pip install -q --no-deps -e .
+  # An editable install leaves the modules' bytecode to the first import, which
+  # cannot write it where PYTHONDONTWRITEBYTECODE is set: every command would
+  # compile them again (10 ms of each start). A wheel's install writes it.
+  "$venv/bin/python" -m compileall -q hopscope agent collector bpf systemd > /dev/null
 }
 
 cmd=${1:-help}

@@ -7,7 +7,6 @@ import ctypes
 import gc
 import heapq
 import ipaddress
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -356,7 +355,7 @@ class JsonWriter:
         self.out.write("]")
         for k, v in env.items():
             if k != "requests":
-                self.out.write(f",{json.dumps(k)}:{orjson.dumps(v).decode()}")
+                self.out.write(f",{orjson.dumps(k).decode()}:{orjson.dumps(v).decode()}")
         self.out.write("}\n")
 
 
