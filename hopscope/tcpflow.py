@@ -986,8 +986,8 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
     Returns (is_request, chunked, content_length (-1 when absent), status, method,
     path, host, request id). One pass over the lines; a line is looked at only
     when its first letter and the character after a wanted name's length could
-    make it that header (compiled, a few instructions a line; before, a ``find``
-    per header on the lower-cased block cost three times as much).
+    make it that header (compiled: about 12k instructions a head of this
+    traffic, against 16k for a ``find`` per header on the lower-cased block).
     """
     lines = head.split(b"\r\n")
     first = lines[0]
