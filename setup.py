@@ -3,7 +3,7 @@
 Everything else about the package is in ``pyproject.toml``. The modules in
 :data:`COMPILED` (the capture reader, the per-node tracker, the stitcher and
 the observation model) are plain, typed Python; mypyc (part of mypy) turns
-them into C extensions that run replay 1.4 to 1.7 times faster end to end. The
+them into C extensions that run replay 1.4 to 2.4 times faster end to end. The
 Python sources ship beside them and are what runs when:
 
 - the build could not compile (no C compiler or no Python headers, or

@@ -664,7 +664,7 @@ def build_section() -> Finding:
     fix = ("pip install -e . (or ./dev.sh setup) to rebuild" if hopscope.STALE else
            None if "HOPSCOPE_PURE" in hopscope.PURE_REASON else
            "install gcc and python3-dev, then reinstall hopscope, to compile it")
-    return Finding(DEGRADED, f"replay's hot path runs as Python sources, 1.4 to 1.7x slower: "
+    return Finding(DEGRADED, f"replay's hot path runs as Python sources, 1.4 to 2.4x slower: "
                    f"{hopscope.PURE_REASON}", details, fix)
 
 

@@ -112,55 +112,51 @@ def _decode_ip(
     the other way, whose flow ``acks`` then holds.
     """
     if etype == 0x0800 and data[l3] == 0x45 and l3 + 40 <= end:
-        if acks is not None and data[l3 + 9] == 6 and not data[l3 + 33] & 0x07 \
-                and not (data[l3 + 6] & 0x1F or data[l3 + 7]):
-            # maybe a pure ACK (TCP, first fragment, no SYN/FIN/RST): decided from a few
-            # bytes, before anything is built
-            tl = (data[l3 + 2] << 8) | data[l3 + 3]
-            if (tl if tl else end - l3) - 20 - (data[l3 + 32] >> 4) * 4 <= 0:
-                k = (ifname, vni, data[l3 + 12 : l3 + 24])  # addresses and ports as sent
-                if k not in acks:
-                    return None
-                del acks[k]  # the handshake's ACK: the tracker times the handshake with it
         # the common case, IPv4 without options: its fields read byte by byte (compiled,
         # that is a few instructions each; a struct unpack builds a tuple of objects)
+        if data[l3 + 6] & 0x1F or data[l3 + 7]:
+            return None  # not the first fragment: no L4 header
         proto = data[l3 + 9]
-        if not (data[l3 + 6] & 0x1F or data[l3 + 7]):  # not a fragment after the first
-            if proto == 6:
-                l4 = l3 + 20
-                tot = (data[l3 + 2] << 8) | data[l3 + 3]
-                ps = l4 + (data[l4 + 12] >> 4) * 4
-                l4end = l3 + tot if tot else end
-                plen = l4end - ps
-                flags = data[l4 + 13]
-                if plen <= 0 and acks is not None and flags & 0x12 == 0x12:
+        if proto == 6:
+            l4 = l3 + 20
+            tot = (data[l3 + 2] << 8) | data[l3 + 3]
+            ps = l4 + (data[l4 + 12] >> 4) * 4
+            l4end = l3 + tot if tot else end
+            plen = l4end - ps
+            flags = data[l4 + 13]
+            if plen <= 0 and acks is not None:
+                if not flags & 0x07:
+                    # a pure ACK (no SYN/FIN/RST), decided before anything is built
+                    k = (ifname, vni, data[l3 + 12 : l3 + 24])  # addresses and ports as sent
+                    if k not in acks:
+                        return None
+                    del acks[k]  # the handshake's ACK: the tracker times the handshake with it
+                elif flags & 0x12 == 0x12:
                     # a SYN-ACK: want the ACK the other way
                     if len(acks) >= MAX_WANTED_ACKS:
                         del acks[next(iter(acks))]  # the oldest (its ACK carried data, or was lost)
                     acks[(ifname, vni, data[l3 + 16 : l3 + 20] + data[l3 + 12 : l3 + 16]
                           + data[l3 + 22 : l3 + 24] + data[l3 + 20 : l3 + 22])] = None
-                return _new(Observation, (
-                    ts, -1, node, ifname, "", direction, KIND_PACKET, 6,
-                    data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20],
-                    (data[l4] << 8) | data[l4 + 1], (data[l4 + 2] << 8) | data[l4 + 3],
-                    (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7],
-                    (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8)
-                    | data[l4 + 11],
-                    flags, plen if plen > 0 else 0, (data[l3 + 4] << 8) | data[l3 + 5],
-                    data[ps : l4end if l4end < end else end] if plen > 0 else b"", vni, osrc, odst))
-            if proto == 17 and vni < 0 and l3 + 44 <= end:
-                # VXLAN (UDP to 8472 or 4789, the I flag): the inner frame's packet
-                dport = (data[l3 + 22] << 8) | data[l3 + 23]
-                if (dport == 8472 or dport == 4789) and data[l3 + 28] & 0x08:
-                    inner = l3 + 36
-                    if inner + 14 > end:
-                        return None
-                    return _decode_ip(data, inner + 14, end,
-                                      (data[inner + 12] << 8) | data[inner + 13], ts, node, ifname,
-                                      direction,
-                                      (data[l3 + 32] << 16) | (data[l3 + 33] << 8) | data[l3 + 34],
-                                      data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20], acks)
-            return None
+            return _new(Observation, (
+                ts, -1, node, ifname, "", direction, KIND_PACKET, 6,
+                data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20],
+                (data[l4] << 8) | data[l4 + 1], (data[l4 + 2] << 8) | data[l4 + 3],
+                (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7],
+                (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8) | data[l4 + 11],
+                flags, plen if plen > 0 else 0, (data[l3 + 4] << 8) | data[l3 + 5],
+                data[ps : l4end if l4end < end else end] if plen > 0 else b"", vni, osrc, odst))
+        if proto == 17 and vni < 0 and l3 + 44 <= end:
+            # VXLAN (UDP to 8472 or 4789, the I flag): the inner frame's packet
+            dport = (data[l3 + 22] << 8) | data[l3 + 23]
+            if (dport == 8472 or dport == 4789) and data[l3 + 28] & 0x08:
+                inner = l3 + 36
+                if inner + 14 > end:
+                    return None
+                return _decode_ip(data, inner + 14, end,
+                                  (data[inner + 12] << 8) | data[inner + 13], ts, node, ifname,
+                                  direction,
+                                  (data[l3 + 32] << 16) | (data[l3 + 33] << 8) | data[l3 + 34],
+                                  data[l3 + 12 : l3 + 16], data[l3 + 16 : l3 + 20], acks)
         return None
     if etype == 0x0800:
         if end - l3 < 20:
@@ -594,15 +590,10 @@ class CaptureReader:
                         fast = ifname and cap >= 34 and data[s + 12] == 8 and data[s + 13] == 0
                         h = -1
                         if nsh > 1:
-                            # another process's flow? (decided from the raw bytes; TCP inline)
-                            if fast and cap >= 38 and data[s + 14] == 0x45 and data[s + 23] == 6:
-                                h = (((data[s + 26] ^ data[s + 28] ^ data[s + 30] ^ data[s + 32]
-                                       ^ data[s + 34] ^ data[s + 36]) << 8)
-                                     | (data[s + 27] ^ data[s + 29] ^ data[s + 31] ^ data[s + 33]
-                                        ^ data[s + 35] ^ data[s + 37]))
-                            else:
-                                h = _link_hash(lk.linktype, data, s,
-                                               s + cap if s + cap < end - 4 else end - 4)
+                            # another process's flow? (decided from the raw bytes)
+                            ce = s + cap if s + cap < end - 4 else end - 4
+                            h = _ip_hash(data, s + 14, ce) if fast else _link_hash(
+                                lk.linktype, data, s, ce)
                             if h == NOT_TCP or (h >= 0 and shares.owner(h, cap + PACKET_WEIGHT) != ksh):
                                 pos = end
                                 continue

@@ -61,7 +61,7 @@ needs_build = pytest.mark.skipif(not hopscope.COMPILED and bool(_can_compile()),
 
 @needs_build
 def test_the_build_compiled() -> None:
-    """With a compiler, headers and mypyc at hand the hot path runs compiled (else 1.4-1.7x slower)."""
+    """With a compiler, headers and mypyc at hand the hot path runs compiled (else 1.4-2.4x slower)."""
     got = _probe()
     assert got["compiled"] is True, f"running the Python sources: {got['reason']}"
     files = got["files"]
