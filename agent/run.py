@@ -18,10 +18,10 @@ are logged per source.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
-import queue
 import select
 import signal
 import sys
@@ -62,6 +62,14 @@ _DROP_KINDS = frozenset({ev.EV_DROP})
 RECORD_MAX_FRAME = (1 << 24) - 1
 _FAR = 1 << 62
 NF_DROP = b"NETFILTER_DROP"
+#: batches waiting for the shipping thread, at most (more are dropped, counted as
+#: ``ship_queue``: the thread fell that far behind)
+SHIP_QUEUE = 256
+#: the shipping thread takes the batches queued for it this often
+SHIP_POLL_S = 0.05
+#: batches not yet acked kept in memory, not on disk, up to this many bytes (the spool's
+#: memory tier): a kill -9 loses at most this much, a clean stop writes it to the spool
+SPOOL_MEMORY = 16 << 20
 IPVS_FUNCS = {"ip_vs_schedule", "ip_vs_conn_new"}
 
 
@@ -183,25 +191,35 @@ _Queued = tuple[list[Observation], list[tuple[int, int]], dict[str, int], "ev.Ra
 
 
 class LiveShip:
-    """Ship observation batches to the collector from a background thread."""
+    """Ship observation batches to the collector from a background thread.
+
+    The thread runs an event loop that takes the batches :meth:`put` queued every
+    :data:`SHIP_POLL_S`: no wake-up per batch, no executor thread. The spool keeps up
+    to :data:`SPOOL_MEMORY` bytes of batches in memory (``Spool(memory_bytes=)``):
+    with a collector that acks, nothing goes to disk. (Measured in the replica, py-spy:
+    a queue read through ``run_in_executor`` per batch and a spool file per batch,
+    written, read back and deleted, had been most of a shipping agent's CPU.)
+    """
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.q: queue.Queue[_Queued | None] = queue.Queue(maxsize=256)
         self.dropped = 0
+        self._pending: collections.deque[_Queued] = collections.deque()
+        self._closing = False
+        self._running = True
         self.t = threading.Thread(target=self._main, name="hopscope-ship", daemon=True)
         self.t.start()
 
     def put(self, obs: list[Observation], clock: list[tuple[int, int]], lost: dict[str, int],
             raw: ev.RawEvents | None = None, records: int = 0) -> None:
         """Queue a batch: observations, or (``raw``) drops and ``records`` raw events."""
-        try:
-            self.q.put_nowait((obs, clock, lost, raw))
-        except queue.Full:
-            self.dropped += len(obs) + records
+        if not self._running or len(self._pending) >= SHIP_QUEUE:
+            self.dropped += len(obs) + records  # stopped (logged there), or that far behind
+        else:
+            self._pending.append((obs, clock, lost, raw))
 
     def close(self, timeout: float = 10.0) -> None:
-        self.q.put(None)
+        self._closing = True
         self.t.join(timeout)
 
     def _main(self) -> None:
@@ -209,6 +227,8 @@ class LiveShip:
             asyncio.run(self._run())
         except BaseException as exc:  # the agent goes on stitching/recording locally
             log.error("shipping stopped: %s", exc)
+        finally:
+            self._running = False
 
     async def _run(self) -> None:
         import tempfile
@@ -218,19 +238,28 @@ class LiveShip:
         from hopscope.collector.spool import Spool
 
         spool_dir = self.cfg.spool_dir or tempfile.mkdtemp(prefix="hopscope-spool-")
-        loop = asyncio.get_running_loop()
-        with Spool(Path(spool_dir), max_bytes=self.cfg.spool_max) as spool:
+        with Spool(Path(spool_dir), max_bytes=self.cfg.spool_max,
+                   memory_bytes=SPOOL_MEMORY) as spool:
             sh = Shipper(self.cfg, spool)
+            await sh.pump()  # connect first: the sequence goes on from what the collector has
+            pending = self._pending
+            idle = 0.0
             while True:
-                item = await loop.run_in_executor(None, self._get)
-                if item is None:
-                    break
-                if item is _TICK:
+                closing = self._closing  # read first: every batch put before it is queued
+                if pending:
+                    for _ in range(min(len(pending), 8)):
+                        obs, clock, lost, raw = pending.popleft()
+                        sh.append(obs, clock, {**lost, "ship_queue": self.dropped}, raw)
                     await sh.pump()
+                    idle = 0.0
                     continue
-                obs, clock, lost, raw = item
-                sh.append(obs, clock, {**lost, "ship_queue": self.dropped}, raw)
-                await sh.pump()
+                if closing:
+                    break
+                if idle >= 0.5:  # acks, and a reconnect when due
+                    await sh.pump()
+                    idle = 0.0
+                await asyncio.sleep(SHIP_POLL_S)
+                idle += SHIP_POLL_S
             deadline = time.monotonic() + 10
             while len(spool) and time.monotonic() < deadline:
                 await sh.pump(until_empty=True)
@@ -238,15 +267,6 @@ class LiveShip:
                     await asyncio.sleep(0.2)
             if sh.writer is not None:
                 await wire.close_writer(sh.writer)
-
-    def _get(self) -> Any:
-        try:
-            return self.q.get(timeout=0.5)
-        except queue.Empty:
-            return _TICK
-
-
-_TICK = object()
 
 
 class Agent:
@@ -286,6 +306,8 @@ class Agent:
         self.nrequests = 0
         self.final_stats: dict[str, int] = {}
         self.decode_errors = 0
+        self._lost_cache: dict[str, int] = {}
+        self._lost_at = 0.0  # when the cached loss counters are read again
         self.observations = 0
         self.ship: LiveShip | None = None
         self._stop = False
@@ -579,7 +601,7 @@ class Agent:
             self.pktbuf.add(ready)
         if self.ship is not None:
             clock, self.clock = self.clock, []
-            self.ship.put(ready, clock, self.lost())
+            self.ship.put(ready, clock, self._lost_for_ship(final))
 
     def _ship_raw(self, cut: int) -> None:
         """Hand the records taken since the last call (and the drops decoded from them) to
@@ -621,7 +643,7 @@ class Agent:
                 self._record_seq += 1
             if self.ship is not None:
                 clock, self.clock = self.clock, []
-                self.ship.put(obs, clock, self.lost(), raw, n)
+                self.ship.put(obs, clock, self._lost_for_ship(cut == _FAR), raw, n)
 
     def _name_rules(self, obs: list[Observation]) -> None:
         """Add the iptables rule to NETFILTER_DROP drops (payload ``REASON<TAB>rule``)."""
@@ -689,6 +711,16 @@ class Agent:
         out = {k: v for k, v in s.items() if k.endswith("_lost")}
         out["decode_errors"] = self.decode_errors
         return out
+
+    def _lost_for_ship(self, final: bool) -> dict[str, int]:
+        """The loss counters a shipped batch carries (cumulative): read from the kernel at
+        most every LOSS_CHECK_S (each read is a bpf(2) call per counter and CPU: it had
+        been 7 % of a shipping agent's samples, once per batch), and for the last batch."""
+        now = time.monotonic()
+        if final or now >= self._lost_at:
+            self._lost_cache = self.lost()
+            self._lost_at = now + LOSS_CHECK_S
+        return self._lost_cache
 
     def close(self) -> None:
         try:

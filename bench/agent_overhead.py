@@ -7,11 +7,16 @@ runs two phases, in ABBA order (the first arm alternates between rounds, so
 that a drift of the machine's speed cancels):
 
 * ``baseline``: no agent;
-* ``agents``: ``hopscope agent run --record`` on every node, each in its
+* ``agents``: ``hopscope agent run --collector`` on every node, each in its
   node's namespace, started (compiled, attached, ready) before the phase and
-  stopped after it, so that neither start-up nor stop is measured. Not
-  ``--out``: that makes the agent stitch in-process, which a production
-  agent leaves to the collector (``--stitch-in-agent`` measures it anyway).
+  stopped after it, so that neither start-up nor stop is measured. They ship
+  as on a node (spool on disk) to ``bench/_sink.py``, a collector that acks
+  and keeps the frames (in memory) but stitches nothing, in the replica's
+  internet namespace; its CPU is left out of the replica's, as the
+  generators' is. ``--via record`` gives them ``--record`` files on disk
+  instead. Not ``--out``: that makes the agent stitch in-process, which a
+  production agent leaves to the collector (``--stitch-in-agent`` measures
+  it anyway).
 
 In each phase ``--clients`` load generators (``hopscope testbed traffic``,
 each a Python process with ``--concurrency`` connections, Cloudflare's
@@ -37,7 +42,7 @@ the ``--seconds`` in the middle. In it:
   hands every packet on): its run time per run is what any classifier costs
   there before doing anything (``--no-noop-beside`` leaves it out).
 
-After an agents phase every agent's ``--record`` file is stitched together
+After an agents phase every agent's record (the sink's frames) is stitched together
 (``hopscope.testbed.agents.stitch_records``) and every request a generator
 got a 200/201 for must be there, without ``incomplete``/``no_response``.
 
@@ -251,8 +256,64 @@ def bpf_stats(enable: bool) -> Iterator[None]:
 AGENT_EXTRA: list[str] = []
 
 
+@dataclass
+class Sink:
+    """The collector the agents ship to (``bench/_sink.py``, in the replica's internet)."""
+
+    proc: subprocess.Popen[bytes]
+    addr: str  # ADDR:PORT
+    token: Path
+    out: Path  # where it writes each node's frames (tmpfs: a collector is off the node)
+    spool: Path  # the agents' spools (on disk, as a node's state directory is)
+
+
+#: the sink, in ``--via ship`` runs (its CPU is left out of the replica's, as the generators')
+SINK: Sink | None = None
+SINK_PORT = 7000
+
+
+@contextlib.contextmanager
+def running_sink(inst: Instance, work: Path) -> Iterator[Sink]:
+    """``bench/_sink.py`` in the replica's internet namespace until the body ends."""
+    global SINK
+    spool = Path(tempfile.mkdtemp(prefix="hopscope-overhead-spool-"))
+    token = work / "token"
+    token.write_text(os.urandom(24).hex())
+    token.chmod(0o600)
+    out, ready = work / "sink", work / "sink.ready"
+    addr = f"{inst.topology.public_gw}:{SINK_PORT}"
+    with open(work / "sink.log", "wb") as lf:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", inst.topology.ns("inet"), sys.executable,
+             str(REPO / "bench" / "_sink.py"), "--listen", addr, "--token-file", str(token),
+             "--out", str(out), "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, cwd=REPO)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HopscopeError("the collector sink did not start: "
+                                    + (work / "sink.log").read_text(errors="replace")[-300:])
+            time.sleep(0.05)
+        if int(ready.read_text()) != proc.pid:
+            raise HopscopeError(f"the collector sink runs as pid {ready.read_text()}")
+        SINK = Sink(proc, addr, token, out, spool)
+        yield SINK
+    finally:
+        SINK = None
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(spool, ignore_errors=True)
+
+
 def start_agents(inst: Instance, out_dir: Path, stitch_in_agent: bool) -> AgentSet:
-    """``hopscope agent run --record`` on every node, all launched, then all awaited.
+    """``hopscope agent run`` on every node, all launched, then all awaited: shipping to
+    the sink when it runs (:data:`SINK`), else with ``--record``.
 
     Like :func:`hopscope.testbed.agents.start_agent`, without ``--out``
     unless ``stitch_in_agent``.
@@ -267,8 +328,12 @@ def start_agents(inst: Instance, out_dir: Path, stitch_in_agent: bool) -> AgentS
             out = out_dir / f"agent-{node}.json"
             ready[node] = out_dir / f"agent-{node}.ready"
             argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "hopscope", "-v", "agent",
-                    "run", "--node", node, "--record", str(rec),
-                    "--ready-file", str(ready[node])]
+                    "run", "--node", node, "--ready-file", str(ready[node])]
+            if SINK is not None:  # shipped: the sink's frames become the record after the stop
+                argv += ["--collector", SINK.addr, "--token-file", str(SINK.token),
+                         "--spool", str(SINK.spool / node)]
+            else:
+                argv += ["--record", str(rec)]
             if stitch_in_agent:
                 argv += ["--out", str(out)]
             argv += AGENT_EXTRA
@@ -296,7 +361,8 @@ def start_agents(inst: Instance, out_dir: Path, stitch_in_agent: bool) -> AgentS
 def stop_agents(s: AgentSet) -> None:
     """SIGTERM every agent at once (they drain and detach in parallel), once: a second
     one may find the interpreter exiting with the default handler back. Clean up after
-    one that had to be killed."""
+    one that had to be killed. With the sink, each node's frames (every batch acked
+    before its agent exits) become the agent's record file."""
     for a in s.agents.values():
         if a.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -311,6 +377,9 @@ def stop_agents(s: AgentSet) -> None:
         if rc != 0:
             log.warning("agent on %s exited %s: removing its filters", a.node, rc)
             remove_stale_in(a.ns)
+        if SINK is not None:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.move(SINK.out / f"{a.node}.frames", a.record)
 
 
 _EVENTS = re.compile(r"detached; events (\{.*\})")
@@ -394,7 +463,7 @@ class Snapshot:
     mono: float
     wall_ns: int
     busy: int  # the machine's busy ticks
-    clients: int  # the generators' ticks
+    clients: int  # the generators' ticks (and the collector sink's)
     replica: int  # ticks of the replica's processes (Traefik, pods)
     agents: dict[str, tuple[int, int]]  # node -> the agent's (user, system) ticks
     status: dict[str, dict[str, int]]  # node -> the agent's memory and context switches
@@ -414,8 +483,9 @@ def snapshot(inst: Instance, clients: Sequence[Client], agents: AgentSet | None,
             st = program_stats(prog)
             if st is not None:
                 bpf[prog] = st
+    load = [c.proc.pid for c in clients] + ([SINK.proc.pid] if SINK is not None else [])
     s = Snapshot(time.monotonic(), time.time_ns(), machine_busy_ticks(),
-                 total_ticks(c.proc.pid for c in clients), total_ticks(inst.pids.values()),
+                 total_ticks(load), total_ticks(inst.pids.values()),
                  {n: process_ticks(a.proc.pid) for n, a in procs.items()},
                  {n: process_status(a.proc.pid) for n, a in procs.items()}, bpf)
     if end and bpf:
@@ -822,6 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="connections per load generator (default 16)")
     ap.add_argument("--new-conn-ratio", type=float, default=0.1,
                     help="probability of a new connection before a request (default 0.1)")
+    ap.add_argument("--via", choices=("ship", "record"), default="ship",
+                    help="how the agents hand their events on: to a collector (a sink that "
+                         "acks and keeps the frames, in the replica's internet; default), or "
+                         "--record files on the work directory's disk")
     ap.add_argument("--stitch-in-agent", action="store_true",
                     help="run the agents with --out too (they stitch in-process)")
     ap.add_argument("--decode-here", action="store_true",
@@ -854,8 +928,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         NOOP_FD = _noop_tc.load()  # before any namespace handle: inherited by all
     prefix = f"hsbo{os.urandom(2).hex()}-"
     load = Load(a.clients, a.concurrency, a.new_conn_ratio, a.warmup, a.seconds)
+    # shipped: the frames the sink keeps go to memory (a collector is off the node; a
+    # disk here would add the writeback of ~10 MB/s per agent that no node does)
+    shm = "/dev/shm" if a.via == "ship" and os.path.isdir("/dev/shm") else None
     work_ctx = (contextlib.nullcontext(str(a.keep / prefix.rstrip("-"))) if a.keep
-                else tempfile.TemporaryDirectory(prefix="hopscope-overhead-"))
+                else tempfile.TemporaryDirectory(prefix="hopscope-overhead-", dir=shm))
     rounds: list[tuple[Phase, Phase]] = []
     calibration: list[dict[str, Any]] = []
     bpf_ids: set[int] = set()
@@ -868,8 +945,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.calibrate:
                 calibration = calibrate(inst, load, Path(wd), a.keep is not None)
             else:
-                rounds = run_rounds(inst, a.rounds, load, Path(wd), a.keep is not None,
-                                    a.stitch_in_agent, bpf_ids)
+                Path(wd).mkdir(parents=True, exist_ok=True)
+                with (running_sink(inst, Path(wd)) if a.via == "ship"
+                      else contextlib.nullcontext()):
+                    rounds = run_rounds(inst, a.rounds, load, Path(wd), a.keep is not None,
+                                        a.stitch_in_agent, bpf_ids)
     except KeyboardInterrupt:
         print("agent_overhead: interrupted (replica torn down)", file=sys.stderr)
         return 130
@@ -889,7 +969,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {"rounds": a.rounds, "seconds": a.seconds, "warmup": a.warmup,
                    "clients": a.clients, "concurrency": a.concurrency,
                    "new_conn_ratio": a.new_conn_ratio, "bpf_stats": not a.no_bpf_stats,
-                   "agent_mode": " ".join(["--record", *AGENT_EXTRA]
+                   "via": a.via,
+                   "agent_mode": " ".join(["--collector" if a.via == "ship" else "--record",
+                                           *AGENT_EXTRA]
                                           + (["--out"] if a.stitch_in_agent else []))},
     }
     if a.calibrate:

@@ -12,6 +12,17 @@ Caps: ``max_bytes`` (file bytes, header included) and ``max_files``. When
 an append would go over either, the oldest batches are deleted first and
 counted in :attr:`Spool.dropped_batches` / :attr:`Spool.dropped_bytes`.
 
+Memory first (``memory_bytes``, what a live agent uses): while the batches
+not yet acked fit in ``memory_bytes`` they stay in memory and no file is
+written; one that does not fit goes to disk with every batch held in memory
+before it, and :meth:`Spool.close` writes what memory still holds. With a
+collector that acks, a live agent then writes nothing to disk (a file per
+batch, read back and deleted milliseconds later, had been most of its shipping
+cost); a ``kill -9`` loses at most ``memory_bytes`` of batches, and, while
+the collector is away at the next start, the sequence can restart below what
+the collector acked (the last seq is written at most once a second): batches
+it then takes for duplicates are lost.
+
 Use::
 
     with Spool(state_dir / "spool", max_bytes=256 << 20) as spool:
@@ -70,7 +81,7 @@ class Spool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = 256 << 20,
-                 max_files: int = 100_000, fsync: bool = False) -> None:
+                 max_files: int = 100_000, fsync: bool = False, memory_bytes: int = 0) -> None:
         if max_bytes <= HEADER_SIZE or max_files < 1:
             raise SpoolError(f"spool caps too small: max_bytes={max_bytes},"
                              f" max_files={max_files}")
@@ -78,6 +89,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_files = max_files
         self.fsync = fsync
+        self.memory_bytes = memory_bytes
         #: batches deleted to make room (or too large to ever fit), and their bytes
         self.dropped_batches = 0
         self.dropped_bytes = 0
@@ -87,6 +99,9 @@ class Spool:
         self.write_errors = 0
         self._index: OrderedDict[int, int] = OrderedDict()  # seq -> file size
         self._bytes = 0
+        self._mem: dict[int, bytes] = {}  # seq -> data, the batches held in memory only
+        self._mem_bytes = 0  # their sizes as files
+        self._last_written = 0.0  # when last_seq was written (memory first: once a second)
         self._last = -1
         self._last_warn = 0.0
         self._lock_fd = -1
@@ -172,6 +187,11 @@ class Spool:
             log.warning("spool %s: cannot record the last seq %d: %s", self.dir, self._last, exc)
 
     def close(self) -> None:
+        """Write the batches held in memory to disk (and the last seq), then unlock."""
+        if self._lock_fd >= 0 and self._mem:
+            self.flush()
+        if self._lock_fd >= 0 and self.memory_bytes:
+            self._write_last()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -209,6 +229,31 @@ class Spool:
             self._write_last()  # no file will tell this seq
             return False
         self._enforce(size)
+        if self.memory_bytes:
+            if self._mem_bytes + size <= self.memory_bytes:
+                self._mem[seq] = data
+                self._mem_bytes += size
+                self._index[seq] = size
+                self._bytes += size
+                return True
+            self.flush()  # the collector is behind: from here on, disk
+        if not self._write(seq, data):
+            return False
+        self._index[seq] = size
+        self._bytes += size
+        return True
+
+    def flush(self) -> None:
+        """Write the batches held in memory to disk, oldest first (one that cannot be
+        written is dropped and counted)."""
+        for seq, data in list(self._mem.items()):
+            del self._mem[seq]
+            self._mem_bytes -= HEADER_SIZE + len(data)
+            if not self._write(seq, data):
+                self._forget(seq)
+
+    def _write(self, seq: int, data: bytes) -> bool:
+        """One batch's file, written to a temporary name and renamed into place."""
         path = self.dir / _fname(seq)
         tmp = self.dir / f"{_TMP_PREFIX}{_fname(seq)}"
         head = _HEAD.pack(MAGIC, seq, len(data), zlib.crc32(data))
@@ -236,8 +281,6 @@ class Spool:
                       exc.strerror or exc)
             self._write_last()
             return False
-        self._index[seq] = size
-        self._bytes += size
         return True
 
     def _fsync_dir(self) -> None:
@@ -282,6 +325,10 @@ class Spool:
                         self.dropped_batches, self.dropped_bytes)
 
     def _unlink(self, seq: int) -> None:
+        data = self._mem.pop(seq, None)
+        if data is not None:
+            self._mem_bytes -= HEADER_SIZE + len(data)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / _fname(seq))
 
@@ -299,11 +346,19 @@ class Spool:
             self._unlink(first)
             n += 1
         if n and not self._index:
-            self._write_last()  # the files that told the last seq are gone
+            # the files that told the last seq are gone (memory first: none was written,
+            # and a file per ack would be what memory saves; close() writes it too)
+            now = time.monotonic()
+            if not self.memory_bytes or now - self._last_written >= 1.0:
+                self._last_written = now
+                self._write_last()
         return n
 
     def read(self, seq: int) -> bytes | None:
         """One batch's bytes; None when it is gone, or corrupt (then deleted, warned)."""
+        data = self._mem.get(seq)
+        if data is not None:
+            return data
         path = self.dir / _fname(seq)
         try:
             with open(path, "rb") as f:
@@ -339,6 +394,9 @@ class Spool:
         return None
 
     def _forget(self, seq: int) -> None:
+        data = self._mem.pop(seq, None)
+        if data is not None:
+            self._mem_bytes -= HEADER_SIZE + len(data)
         size = self._index.pop(seq, None)
         if size is not None:
             self._bytes -= size
@@ -353,5 +411,6 @@ class Spool:
                 yield seq, data
 
     def __repr__(self) -> str:
-        return (f"Spool({str(self.dir)!r}, {len(self)} batches, {self._bytes} bytes,"
+        return (f"Spool({str(self.dir)!r}, {len(self)} batches ({len(self._mem)} in memory),"
+                f" {self._bytes} bytes,"
                 f" last_seq={self._last}, dropped={self.dropped_batches})")

@@ -248,3 +248,80 @@ def test_spool_against_a_model(script: list[tuple[str, int]], max_bytes: int,
                 assert sp.nbytes <= max_bytes and len(sp) <= max_files
         finally:
             sp.close()
+
+
+mem_ops = st.lists(st.one_of(st.tuples(st.just("append"), st.integers(0, 120)),
+                             st.tuples(st.just("ack"), st.integers(0, 40)),
+                             st.tuples(st.just("restart"), st.just(0)),
+                             st.tuples(st.just("crash"), st.just(0))), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(mem_ops, st.integers(HEADER_SIZE + 40, 600), st.integers(1, 6),
+       st.sampled_from([HEADER_SIZE + 60, 250, 400, 1 << 20]))
+def test_memory_first_spool_against_a_model(script: list[tuple[str, int]], max_bytes: int,
+                                            max_files: int, memory: int) -> None:
+    """With a memory tier: the same batches as on disk alone, only the ones that did not fit
+    in memory (with every one held before them) are files, a clean stop writes memory to
+    disk, and a crash loses exactly what memory held."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "s")
+        sp = Spool(d, max_bytes=max_bytes, max_files=max_files, memory_bytes=memory)
+        model: list[tuple[int, bytes, bool]] = []  # seq, data, on disk
+        seq = 0
+        known = -1  # the last seq the spool was told of (a crash may forget some)
+        try:
+            for op, arg in script:
+                if op == "append":
+                    seq += 1
+                    known = seq
+                    data = bytes([seq % 256]) * arg
+                    size = HEADER_SIZE + arg
+                    if size > max_bytes:
+                        assert not sp.append(seq, data)
+                        continue
+                    while model and (len(model) + 1 > max_files or size + sum(
+                            HEADER_SIZE + len(x) for _, x, _ in model) > max_bytes):
+                        model.pop(0)
+                    in_mem = sum(HEADER_SIZE + len(x) for _, x, disk in model if not disk)
+                    if in_mem + size <= memory:
+                        model.append((seq, data, False))
+                    else:  # spilled: everything held before it, and it
+                        model = [(s, x, True) for s, x, _ in model] + [(seq, data, True)]
+                    assert sp.append(seq, data)
+                elif op == "ack":
+                    sp.ack(arg)
+                    model = [m for m in model if m[0] > arg]
+                elif op == "restart":
+                    sp.close()
+                    model = [(s, x, True) for s, x, _ in model]
+                    sp = Spool(d, max_bytes=max_bytes, max_files=max_files, memory_bytes=memory)
+                    assert sp.last_seq == known
+                else:  # kill -9: the lock goes with the process, memory is not written
+                    os.close(sp._lock_fd)
+                    sp._lock_fd = -1
+                    model = [m for m in model if m[2]]
+                    sp = Spool(d, max_bytes=max_bytes, max_files=max_files, memory_bytes=memory)
+                    assert max((s for s, _, _ in model), default=-1) <= sp.last_seq <= seq
+                    known = sp.last_seq
+                assert list(sp) == [(s, x) for s, x, _ in model]
+                files = sorted(int(n.split(".")[0]) for n in os.listdir(d) if n.endswith(".hsb"))
+                assert files == [s for s, _, disk in model if disk]
+        finally:
+            sp.close()
+
+
+def test_memory_first_writes_nothing_while_acked(tmp_path: Path) -> None:
+    """A collector that keeps up: no batch file is ever written, and last_seq at most once
+    a second, then at close."""
+    with Spool(tmp_path, memory_bytes=1 << 20) as sp:
+        for s in range(1, 200):
+            assert sp.append(s, frame(s))
+            assert sp.read(s) == frame(s)
+            assert sp.ack(s) == 1
+            assert not [n for n in os.listdir(tmp_path) if n.endswith(".hsb")]
+        writes_during = (tmp_path / "last_seq").read_text().strip()
+        assert int(writes_during) < 199  # written early, not after every ack
+    assert (tmp_path / "last_seq").read_text().strip() == "199"
+    with Spool(tmp_path, memory_bytes=1 << 20) as sp:
+        assert sp.last_seq == 199 and len(sp) == 0
