@@ -63,6 +63,11 @@ class RingReader:
         """Bytes written by the producer and not yet consumed."""
         return self._prod_pos[0] - self._cons_pos[0]
 
+    @property
+    def consumed(self) -> int:
+        """Bytes released since the ring was made (the consumer position: it only grows)."""
+        return int(self._cons_pos[0])
+
     def drain(self, handle: Callable[[mmap.mmap, list[tuple[int, int]]], object],
               limit: int = 1 << 16) -> int:
         """Give every complete record (at most ``limit``) to ``handle(buffer, records)``,

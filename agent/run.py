@@ -66,7 +66,7 @@ NF_DROP = b"NETFILTER_DROP"
 #: ``ship_queue``: the thread fell that far behind)
 SHIP_QUEUE = 256
 #: the shipping thread takes the batches queued for it this often
-SHIP_POLL_S = 0.05
+SHIP_POLL_S = 0.1
 #: batches not yet acked kept in memory, not on disk, up to this many bytes (the spool's
 #: memory tier): a kill -9 loses at most this much, a clean stop writes it to the spool
 SPOOL_MEMORY = 16 << 20
@@ -78,9 +78,13 @@ def kprobes_available(tracefs: str | None) -> bool:
     return bool((tracefs and os.path.exists(os.path.join(tracefs, "kprobe_events")))
                 or os.path.isdir("/sys/bus/event_source/devices/kprobe"))
 #: the loop drains its source this often: events are not woken up for one by one (the BPF
-#: programs submit with BPF_RB_NO_WAKEUP), so an agent wakes ~50 times a second, not once
-#: per burst of events (measured: 480-730 wake-ups a second, half the agent's CPU)
-LOOP_S = 0.02
+#: programs submit with BPF_RB_NO_WAKEUP), so an agent wakes ~20 times a second, not once
+#: per burst of events (measured: 480-730 wake-ups a second had been half the agent's CPU;
+#: a 20 ms loop, 50 a second, still cost the agent 1.7 times this one: bench/README.md)
+LOOP_S = 0.05
+#: ... and this soon after a drain that took more than a quarter of the ring buffer: a
+#: burst gets the drain rate of a 10 ms loop (a 4 MiB ring then keeps up with ~400 MB/s)
+LOOP_BUSY_S = 0.01
 #: interfaces are scanned again when netlink says a link changed, and at least this often
 RESCAN_S = 30.0
 #: the proxy's known processes are checked this often (a full process scan only when one
@@ -93,12 +97,17 @@ LOSS_CHECK_S = 1.0
 LOSS_WARN_EVERY_S = 10.0
 
 
+def next_tick_s(taken: int, ring_bytes: int) -> float:
+    """How long the loop sleeps after a drain that took ``taken`` of ``ring_bytes``."""
+    return LOOP_BUSY_S if taken > ring_bytes // 4 else LOOP_S
+
+
 class LossWatch:
     """Turns the cumulative loss counters into at most one warning per ``every`` seconds,
     naming each source that lost events since the last warning, how many, and the
     longest the agent's loop was late meanwhile (a loop that falls behind lets the ring
-    fill up; in the replica at saturation single events were lost while the loop was at
-    most 50 ms late, far from filling 4 MiB: not understood yet, see docs/agent.md)."""
+    fill up; the single events once lost in the replica at saturation, with the ring far
+    from full, were a torn consumer position, since fixed: docs/agent.md)."""
 
     def __init__(self, every: float = LOSS_WARN_EVERY_S) -> None:
         self.every = every
@@ -505,9 +514,10 @@ class Agent:
         next_loss = tick + LOSS_CHECK_S
         losses = LossWatch()
         links = _link_watch()
+        step = LOOP_S
         try:
             while not self._stop:
-                tick += LOOP_S
+                tick += step
                 now = time.monotonic()
                 if tick > now:
                     time.sleep(tick - now)
@@ -517,7 +527,11 @@ class Agent:
                     tick = now  # behind: no catching up in a burst
                 if t_end is not None and now >= t_end:
                     break
+                ring = self.ring
+                before = ring.consumed if ring is not None else 0
                 self._drain(0)
+                if ring is not None:
+                    step = next_tick_s(ring.consumed - before, ring.size)
                 self._feed(final=False)
                 if now >= next_clock:
                     self._sample_clock()
@@ -530,7 +544,7 @@ class Agent:
                     if warn:
                         log.warning("%s", warn)
                     next_loss = now + LOSS_CHECK_S
-                if now >= next_scan or (links is not None and _links_changed(links)):
+                if now >= next_scan or (links is not None and links.changed()):
                     self._rescan()
                     next_scan = now + RESCAN_S
                     next_proxy = now + PROXY_CHECK_S
@@ -757,33 +771,48 @@ def _comment(rid: str) -> Callable[[Observation], str]:
     return lambda _o: f"request {rid}"
 
 
-def _link_watch() -> Any:
-    """A netlink socket that hears of links coming and going (None if it cannot be had)."""
+class LinkWatch:
+    """A netlink socket that hears of links coming and going.
+
+    :meth:`changed` runs on every tick of the agent's loop: one ``poll(2)`` on the
+    socket's fd, looked up once (pyroute2's ``fileno()`` walks several Python layers).
+    """
+
+    def __init__(self, ipr: Any) -> None:
+        self.ipr = ipr
+        self._poll = select.poll()
+        self._poll.register(ipr.fileno(), select.POLLIN)
+
+    def changed(self) -> bool:
+        """Were there link events since the last call (drains them)?"""
+        changed = False
+        while self._poll.poll(0):
+            try:
+                msgs = self.ipr.get()
+            except Exception:  # a partial read: rescan anyway
+                return True
+            changed = changed or bool(msgs)
+            if not msgs:
+                break
+        return changed
+
+    def close(self) -> None:
+        self.ipr.close()
+
+
+def _link_watch() -> LinkWatch | None:
+    """A :class:`LinkWatch` (None if netlink cannot be had)."""
     try:
         from pyroute2 import IPRoute
         from pyroute2.netlink.rtnl import RTMGRP_LINK
 
         ipr = IPRoute()
         ipr.bind(groups=RTMGRP_LINK)
-        return ipr
+        return LinkWatch(ipr)
     except Exception as exc:  # pyroute2 raises its own and OSError
         log.warning("no netlink link events (%s): interfaces are rescanned every %.0f s",
                     exc, RESCAN_S)
         return None
-
-
-def _links_changed(ipr: Any) -> bool:
-    """Were there link events since the last call (drains them)?"""
-    changed = False
-    while select.select([ipr.fileno()], [], [], 0)[0]:
-        try:
-            msgs = ipr.get()
-        except Exception:  # a partial read: rescan anyway
-            return True
-        changed = changed or bool(msgs)
-        if not msgs:
-            break
-    return changed
 
 
 def read_record(path: str) -> list[Observation]:

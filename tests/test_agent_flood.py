@@ -23,13 +23,15 @@ prog = bpfprog.AgentProgram(s, source=bpfprog.BPF_DIR / "flood.c",
 ring = RingReader(prog.ring_fd(), prog.ring_size)
 delivered = 0
 marked = 0
+nbytes = 0  # ring bytes of the records delivered: headers and padding included
 seqs = []
 def count(buf, recs):
-    global delivered
+    global delivered, nbytes
     for at, n in recs:
         assert n == ev.HDR_SIZE
         seqs.append(ev.EVENT.unpack_from(buf, at)[4])
         delivered += 1
+        nbytes += (n + 8 + 7) & ~7
 def take(ring):
     global marked
     while True:  # small copies: the byte cap splits the ring's contents
@@ -53,7 +55,8 @@ st = prog.stats()
 prog.close()
 print("RESULT " + json.dumps({"generated": calls * 64, "delivered": delivered,
                               "sent": st["flood_sent"], "lost": st["flood_lost"],
-                              "marked": marked, "bursts_in_order": all(
+                              "marked": marked, "consumed": ring.consumed, "bytes": nbytes,
+                              "bursts_in_order": all(
                                   (b - a) % 64 == 1 or b == 0 for a, b in zip(seqs, seqs[1:]))}))
 """
 
@@ -69,5 +72,6 @@ def test_generated_equals_delivered_plus_lost(how: str) -> None:
     assert r["sent"] == r["delivered"]
     assert r["delivered"] + r["lost"] == r["generated"]
     assert r["bursts_in_order"]  # each record read once, in the order written
+    assert r["consumed"] == r["bytes"] > 0  # what the agent's loop paces itself by
     if how == "take":
         assert r["marked"] == r["delivered"]  # every record's kind byte was looked at
