@@ -17,8 +17,8 @@ not yet acked fit in ``memory_bytes`` they stay in memory and no file is
 written; one that does not fit goes to disk with every batch held in memory
 before it, and :meth:`Spool.close` writes what memory still holds. With a
 collector that acks, a live agent then writes nothing to disk (a file per
-batch, read back and deleted milliseconds later, had been most of its shipping
-cost); a ``kill -9`` loses at most ``memory_bytes`` of batches, and, while
+batch, read back and deleted milliseconds later, was much of what shipping
+cost it: bench/README.md); a ``kill -9`` loses at most ``memory_bytes`` of batches, and, while
 the collector is away at the next start, the sequence can restart below what
 the collector acked (the last seq is written at most once a second): batches
 it then takes for duplicates are lost.

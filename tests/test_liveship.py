@@ -137,5 +137,3 @@ def test_a_batch_put_after_the_thread_died_is_counted(tmp_path: Path) -> None:
     ship.put(_obs(1), [], {}, None, 5)
     assert ship.dropped == 3 + 5
     ship.close()
-
-
