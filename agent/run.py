@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -246,9 +247,11 @@ class LiveShip:
         from hopscope.collector import wire
         from hopscope.collector.spool import Spool
 
-        spool_dir = self.cfg.spool_dir or tempfile.mkdtemp(prefix="hopscope-spool-")
-        with Spool(Path(spool_dir), max_bytes=self.cfg.spool_max,
-                   memory_bytes=SPOOL_MEMORY) as spool:
+        # without --spool: a temporary directory, gone when the agent stops (as documented)
+        tmp = (contextlib.nullcontext(self.cfg.spool_dir) if self.cfg.spool_dir
+               else tempfile.TemporaryDirectory(prefix="hopscope-spool-"))
+        with tmp as spool_dir, Spool(Path(spool_dir), max_bytes=self.cfg.spool_max,
+                                     memory_bytes=SPOOL_MEMORY) as spool:
             sh = Shipper(self.cfg, spool)
             await sh.pump()  # connect first: the sequence goes on from what the collector has
             pending = self._pending

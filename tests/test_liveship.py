@@ -137,3 +137,25 @@ def test_a_batch_put_after_the_thread_died_is_counted(tmp_path: Path) -> None:
     ship.put(_obs(1), [], {}, None, 5)
     assert ship.dropped == 3 + 5
     ship.close()
+
+
+def test_without_a_spool_directory_the_temporary_one_goes_with_the_agent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --spool: the spool lives in a temporary directory while shipping, removed at the
+    stop (it had been left in /tmp by every run)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    port = _free_port()
+    with Collector(port) as coll:
+        cfg = _cfg(port, tmp_path)
+        cfg.spool_dir = None
+        ship = LiveShip(cfg)
+        ship.put(_obs(0), [], {})
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob("hopscope-spool-*")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(tmp_path.glob("hopscope-spool-*"))  # there while it runs
+        ship.close()
+    assert len(coll.batches) == 1
+    assert not list(tmp_path.glob("hopscope-spool-*"))
