@@ -543,7 +543,7 @@ class Agent:
                     self._take()
                     next_take = now + 0.2
                 if now >= next_loss:
-                    warn = losses.update(self.lost(), now)
+                    warn = losses.update(self._lost_recent(fresh=True), now)
                     if warn:
                         log.warning("%s", warn)
                     next_loss = now + LOSS_CHECK_S
@@ -618,7 +618,7 @@ class Agent:
             self.pktbuf.add(ready)
         if self.ship is not None:
             clock, self.clock = self.clock, []
-            self.ship.put(ready, clock, self._lost_for_ship(final))
+            self.ship.put(ready, clock, self._lost_recent(final))
 
     def _ship_raw(self, cut: int) -> None:
         """Hand the records taken since the last call (and the drops decoded from them) to
@@ -660,7 +660,7 @@ class Agent:
                 self._record_seq += 1
             if self.ship is not None:
                 clock, self.clock = self.clock, []
-                self.ship.put(obs, clock, self._lost_for_ship(cut == _FAR), raw, n)
+                self.ship.put(obs, clock, self._lost_recent(cut == _FAR), raw, n)
 
     def _name_rules(self, obs: list[Observation]) -> None:
         """Add the iptables rule to NETFILTER_DROP drops (payload ``REASON<TAB>rule``)."""
@@ -729,12 +729,13 @@ class Agent:
         out["decode_errors"] = self.decode_errors
         return out
 
-    def _lost_for_ship(self, final: bool) -> dict[str, int]:
-        """The loss counters a shipped batch carries (cumulative): read from the kernel at
-        most every LOSS_CHECK_S (each read is a bpf(2) call per counter and CPU: it had
-        been 7 % of a shipping agent's samples, once per batch), and for the last batch."""
+    def _lost_recent(self, fresh: bool) -> dict[str, int]:
+        """The loss counters (cumulative), read from the kernel when ``fresh`` (the loop's
+        loss check, the last batch) or older than LOSS_CHECK_S; shipped batches carry these
+        (a read per batch, a bpf(2) call per counter and CPU, had been 7 % of a shipping
+        agent's samples)."""
         now = time.monotonic()
-        if final or now >= self._lost_at:
+        if fresh or now >= self._lost_at:
             self._lost_cache = self.lost()
             self._lost_at = now + LOSS_CHECK_S
         return self._lost_cache

@@ -188,13 +188,13 @@ class Spool:
 
     def close(self) -> None:
         """Write the batches held in memory to disk (and the last seq), then unlock."""
-        if self._lock_fd >= 0 and self._mem:
+        if self._lock_fd < 0:
+            return
+        if self.memory_bytes:
             self.flush()
-        if self._lock_fd >= 0 and self.memory_bytes:
             self._write_last()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = -1
 
     def __enter__(self) -> Spool:
         return self
