@@ -66,8 +66,9 @@ NF_DROP = b"NETFILTER_DROP"
 #: batches waiting for the shipping thread, at most (more are dropped, counted as
 #: ``ship_queue``: the thread fell that far behind)
 SHIP_QUEUE = 256
-#: the shipping thread takes the batches queued for it this often
-SHIP_POLL_S = 0.1
+#: the shipping thread takes the batches queued for it this often (each wake-up of a
+#: thread costs this VM about 60 µs of CPU before it does anything)
+SHIP_POLL_S = 0.2
 #: batches not yet acked kept in memory, not on disk, up to this many bytes (the spool's
 #: memory tier): a kill -9 loses at most this much, a clean stop writes it to the spool
 SPOOL_MEMORY = 16 << 20
@@ -79,10 +80,11 @@ def kprobes_available(tracefs: str | None) -> bool:
     return bool((tracefs and os.path.exists(os.path.join(tracefs, "kprobe_events")))
                 or os.path.isdir("/sys/bus/event_source/devices/kprobe"))
 #: the loop drains its source this often: events are not woken up for one by one (the BPF
-#: programs submit with BPF_RB_NO_WAKEUP), so an agent wakes ~20 times a second, not once
+#: programs submit with BPF_RB_NO_WAKEUP), so an agent wakes ~10 times a second, not once
 #: per burst of events (measured: 480-730 wake-ups a second had been half the agent's CPU;
-#: a 20 ms loop, 50 a second, still cost the agent 1.7 times this one: bench/README.md)
-LOOP_S = 0.05
+#: a 20 ms loop cost the agents' processes 1.7 times a 50 ms one, and that 1.2 times this
+#: one, whose batches are also half as many: bench/README.md)
+LOOP_S = 0.1
 #: ... and this soon after a drain that took more than a quarter of the ring buffer: a
 #: burst gets the drain rate of a 10 ms loop (a 4 MiB ring then keeps up with ~400 MB/s)
 LOOP_BUSY_S = 0.01
@@ -194,7 +196,7 @@ def wanted_interfaces(override: dict[str, str], links: list[dict[str, Any]] | No
 
 
 def proxy_tgids(name: str, netns: int) -> list[int]:
-    return sorted(p.pid for p in ft.find_processes(name) if p.netns_inode == netns)
+    return ft.process_pids(name, netns)
 
 
 _Queued = tuple[list[Observation], list[tuple[int, int]], dict[str, int], "ev.RawEvents | None"]

@@ -193,8 +193,15 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_OK;
     }
     if (hs_is_start(skb, &p)) {
+        /* look before writing: on a kept-alive connection every message finds the entry
+         * the one before it left (set in place), and most never had one (an LRU map's
+         * update and delete take a bucket lock and, for an update, a free element) */
+        __u8 *open = follow.lookup(&k);
         if (hs_ends_head(skb, &p)) {
-            follow.delete(&k);
+            if (open)
+                follow.delete(&k);
+        } else if (open) {
+            *open = HS_FOLLOW;
         } else {
             __u8 n = HS_FOLLOW;
             follow.update(&k, &n);

@@ -86,3 +86,58 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
     assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 1518
     # a body segment of a flow no start was seen on: nothing
     assert cases["body"]["events"] == []
+
+
+FOLLOW_CHILD = r"""
+import json
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from hopscope.agent import bpfprog, bpfsys, events as ev
+from hopscope.agent.ringbuf import RingReader
+bpfprog.prepare_kernel_env()
+prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64))
+tc_in, _tc_out = prog._tc_fds()
+prog._maps["ifroles"].set(1, bpfprog.ROLE_CODES["nic"])
+ring = RingReader(prog.ring_fd(), prog.ring_size)
+segs = {
+    "open": b"GET /a HTTP/1.1\r\nHost: api.example.com\r\nX-Long: " + b"x" * 200,
+    "closed": b"GET /b HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    "more": b"y" * 300,
+}
+out = []
+for step in json.loads(__import__("sys").argv[1]):
+    flow, what = step.split(":")
+    frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
+                  / TCP(sport=41000 + int(flow), dport=80, flags="PA", seq=1, ack=1)
+                  / segs[what])
+    rv, _ns = bpfsys.prog_test_run(tc_in, frame)
+    got = []
+    ring.drain(lambda buf, recs: got.extend(
+        ev.EVENT.unpack_from(buf, at)[[k for k, _ in ev.FIELDS].index("why")]
+        for at, _n in recs))
+    out.append([rv, got])
+prog.close()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_segments_after_an_open_head_follow_it() -> None:
+    """A start whose head does not end in its segment sends the next HS_FOLLOW (2) segments
+    of its half-connection too; a later start sets the count again (in place, the entry
+    already there), a start that ends its head stops it; other flows are not affected."""
+    steps = ["1:open", "1:more", "2:more", "1:open", "1:more", "1:more", "1:more",
+             "1:open", "1:closed", "1:more", "2:closed", "2:more"]
+    cp = subprocess.run([sys.executable, "-c", FOLLOW_CHILD, json.dumps(steps)],
+                        capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, cp.stderr[-2000:]
+    got = json.loads(line[7:])
+    assert all(rv == 0 for rv, _ in got)  # TC_ACT_OK, every frame
+    start, follow = ev.WHY_START, ev.WHY_FOLLOW
+    assert [whys for _, whys in got] == [
+        [start], [follow],  # flow 1: an open head, then a segment that continues it
+        [],  # flow 2: a body segment, no start seen
+        [start], [follow], [follow], [],  # the count set again: two more, then none
+        [start], [start], [],  # an open head, closed by the next start: nothing follows
+        [start], [],  # flow 2: a closed head: nothing follows
+    ]

@@ -248,6 +248,49 @@ def test_listening_sockets_from_proc_net_tcp() -> None:
     assert v6[0].dual_stack_candidate and not v4[0].dual_stack_candidate
 
 
+def _fake_proc(root: Path, pid: int, comm: bytes, cmdline: bytes, netns: str) -> None:
+    d = root / str(pid)
+    (d / "ns").mkdir(parents=True)
+    (d / "comm").write_bytes(comm + b"\n")
+    (d / "cmdline").write_bytes(cmdline)
+    ns = root / "namespaces" / netns
+    ns.parent.mkdir(exist_ok=True)
+    ns.touch()
+    os.link(ns, d / "ns" / "net")  # same inode: what ns/net's stat gives on a real /proc
+
+
+def test_process_pids_by_comm_or_argv0_in_one_namespace(tmp_path: Path) -> None:
+    _fake_proc(tmp_path, 10, b"traefik", b"/usr/local/bin/traefik\0--configfile=x\0", "a")
+    _fake_proc(tmp_path, 11, b"traefik-wrapped"[:15], b"/opt/bin/traefik\0", "a")
+    _fake_proc(tmp_path, 12, b"traefik", b"traefik\0", "b")
+    _fake_proc(tmp_path, 13, b"python3", b"python3\0-m\0traefik\0", "a")
+    _fake_proc(tmp_path, 14, b"traefikx", b"traefikx\0", "a")
+    (tmp_path / "self").mkdir()
+    (tmp_path / "15").mkdir()  # exited between the listing and the reads
+    ns_a = (tmp_path / "namespaces" / "a").stat().st_ino
+    assert ft.process_pids("traefik", None, str(tmp_path)) == [10, 11, 12]
+    assert ft.process_pids("traefik", ns_a, str(tmp_path)) == [10, 11]
+    assert ft.process_pids("nginx", None, str(tmp_path)) == []
+    assert ft.process_pids("traefik", None, str(tmp_path / "missing")) == []
+
+
+def test_process_pids_finds_a_live_process_as_psutil_does(tmp_path: Path) -> None:
+    name = f"hs-sleep-{secrets.token_hex(3)}"
+    exe = tmp_path / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+    child = subprocess.Popen([str(exe), "30"])
+    try:
+        own_ns = os.stat("/proc/self/ns/net").st_ino
+        assert ft.process_pids(name, own_ns) == [child.pid]
+        assert ft.process_pids(name, own_ns + 1) == []
+        assert [p.pid for p in ft.find_processes(name)] == [child.pid]
+        assert os.getpid() not in ft.process_pids(Path(sys.executable).name)
+    finally:
+        child.kill()
+        child.wait()
+    assert ft.process_pids(name) == []
+
+
 def test_mounts_and_tracefs(tmp_path: Path) -> None:
     m = tmp_path / "mounts"
     m.write_text("proc /proc proc rw 0 0\nnodev /sys/kernel/debug/tracing tracefs rw 0 0\n")
