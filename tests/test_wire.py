@@ -161,6 +161,39 @@ def test_encode_refuses_over_the_cap() -> None:
         encode_batch("a", 1, "n", 0, obs(50), max_frame=1000)
 
 
+def test_the_kept_packer_starts_every_frame_afresh() -> None:
+    """Frames are packed by one Packer per thread, kept between frames: each frame is
+    exactly what msgpack.packb gives, after a frame that failed half-way, after one too
+    large to keep the buffer of, and from several threads at once."""
+    import threading
+
+    good = encode_batch("a", 1, "n", 0, obs(3))
+    assert good == wire._framed(msgpack.packb(msgpack.unpackb(good[wire.HEADER_SIZE:]),
+                                              use_bin_type=True), wire.MAX_FRAME, "x")
+    with pytest.raises(BadFrame):
+        wire._packb({"ok": b"x" * 1000, "bad": object()}, "frame")
+    assert encode_batch("a", 1, "n", 0, obs(3)) == good
+    big = wire._packb({"b": bytes(wire._PACKER_KEEP + 1)}, "frame")
+    assert msgpack.unpackb(big) == {"b": bytes(wire._PACKER_KEEP + 1)}
+    assert encode_batch("a", 1, "n", 0, obs(3)) == good
+    raw = [os.urandom(n) for n in (10, 300_000, 7, 70_000)]
+    errors: list[str] = []
+
+    def pack(k: int) -> None:
+        for i in range(200):
+            body = raw[(k + i) % len(raw)]
+            want = msgpack.packb({"k": k, "i": i, "body": body}, use_bin_type=True)
+            if wire._packb({"k": k, "i": i, "body": body}, "frame") != want:
+                errors.append(f"thread {k} frame {i}")
+
+    threads = [threading.Thread(target=pack, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def test_encode_check_refuses_a_bad_row() -> None:
     bad = obs(2)
     bad[1] = bad[1]._replace(sport="80")  # type: ignore[arg-type]
