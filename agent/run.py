@@ -4,7 +4,7 @@ Start-up (in this order): a private mount namespace for tracefs and headers
 (:func:`~hopscope.agent.bpfprog.prepare_kernel_env`), stale tc filters of a
 killed agent removed, ``bpf/agent.c`` compiled and loaded, the node's
 network namespace allowed in the tracepoint filters, the proxy's processes
-found (psutil, by name, in this namespace; re-scanned as it restarts), tc
+found (by comm or argv[0] in /proc, in this namespace; re-scanned as it restarts), tc
 classifiers attached to the interfaces by role (re-scanned as pod veths
 come and go). Then, until SIGTERM/SIGINT: the ring buffer is drained in
 batches, decoded into observations, held back a few milliseconds so that

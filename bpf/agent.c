@@ -198,8 +198,11 @@ static __always_inline void hs_write_enter(void)
     if (!hs_is_proxy(id >> 32))
         return;
     __u32 tid = (__u32)id;
-    __u64 ts = bpf_ktime_get_ns();
-    write_open.update(&tid, &ts);
+    struct hs_write_slot *w = hs_write_slot(tid);
+    if (w) {
+        w->ts = bpf_ktime_get_ns();
+        w->tid = tid;
+    }
 }
 
 static __always_inline void hs_write_exit(void)
@@ -208,7 +211,9 @@ static __always_inline void hs_write_exit(void)
     if (!hs_is_proxy(id >> 32))
         return;
     __u32 tid = (__u32)id;
-    write_open.delete(&tid);
+    struct hs_write_slot *w = hs_write_slot(tid);
+    if (w && w->tid == tid)
+        w->tid = 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { hs_write_enter(); return 0; }

@@ -62,8 +62,28 @@ BPF_HASH(netns_ok, __u32, __u8, 1024);
 /* the proxy's processes (struct hs_proxy_set, hopscope.h): every write-like syscall of the
  * machine asks whether it is the proxy's, compared inline (a hash lookup cost more) */
 BPF_ARRAY(proxy_set, struct hs_proxy_set, 1);
-/* the proxy's threads inside a write-like syscall: tid -> when it entered */
-BPF_HASH(write_open, __u32, __u64, 8192);
+/* the proxy's threads inside a write-like syscall: slot tid % HS_WRITE_SLOTS holds the
+ * thread and when it entered. An array, not a hash keyed by tid: its lookup is inlined, it
+ * takes no lock and allocates no element (the hash's update and delete were most of the
+ * syscall programs' time on the proxy's writes). Two proxy threads whose tids share a slot
+ * (tids HS_WRITE_SLOTS apart), writing at the same time, lose the proxy sub-hop of one of
+ * them: a slot only ever answers for the tid it holds. */
+#ifndef HS_WRITE_SLOTS
+#define HS_WRITE_SLOTS 16384
+#endif
+struct hs_write_slot {
+    __u32 tid;  /* 0: free */
+    __u32 pad;
+    __u64 ts;   /* bpf_ktime_get_ns() at the syscall's entry */
+};
+BPF_ARRAY(write_open, struct hs_write_slot, HS_WRITE_SLOTS);
+
+/* The write_open slot of thread tid (never null for an array: the index is in range). */
+static __always_inline struct hs_write_slot *hs_write_slot(__u32 tid)
+{
+    __u32 i = tid & (HS_WRITE_SLOTS - 1);
+    return write_open.lookup(&i);
+}
 /* per half-connection at one interface: segments still to send after a message start */
 BPF_TABLE("lru_hash", struct hs_flowkey, __u8, follow, 65536);
 /* handshakes waiting for their ACK at the nic (client -> server) */

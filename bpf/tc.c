@@ -211,9 +211,9 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
         if (dir == HS_DIR_OUT && (role == HS_ROLE_OVERLAY || role == HS_ROLE_POD)) {
             /* sent inside the proxy's write (the overlay path runs in the syscall) */
             __u32 tid = (__u32)bpf_get_current_pid_tgid();
-            __u64 *w = write_open.lookup(&tid);
-            if (w) {
-                aux = *w;
+            struct hs_write_slot *w = hs_write_slot(tid);
+            if (w && tid && w->tid == tid) {
+                aux = w->ts;
                 hs_count(HS_STAT_PROXY_WRITES);
             }
         }
