@@ -67,7 +67,8 @@ BPF_ARRAY(proxy_set, struct hs_proxy_set, 1);
  * takes no lock and allocates no element (the hash's update and delete were most of the
  * syscall programs' time on the proxy's writes). Two proxy threads whose tids share a slot
  * (tids HS_WRITE_SLOTS apart), writing at the same time, lose the proxy sub-hop of one of
- * them: a slot only ever answers for the tid it holds. */
+ * them (a slot answers only for the tid it holds); a packet of one classified in the
+ * nanoseconds between the other's two stores on entry takes the other's entry time. */
 #ifndef HS_WRITE_SLOTS
 #define HS_WRITE_SLOTS 16384
 #endif
