@@ -1361,29 +1361,25 @@ class ProxyProcess:
 
 
 def find_processes(name: str) -> list[ProxyProcess]:
-    """Processes named ``name`` (comm or argv[0]'s basename), with their :80 listeners."""
+    """Processes named ``name`` (matched as :func:`process_pids` matches them, the agent's
+    rule), with their name, command line and :80 listeners (psutil reads the first two)."""
     import psutil
 
     out = []
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        info = p.info
-        if info["pid"] == me:
+    for pid in process_pids(name):
+        try:
+            p = psutil.Process(pid)
+            pname, cmd = p.name(), p.cmdline()
+        except psutil.Error:  # gone meanwhile, or not ours to read
             continue
-        cmd = info.get("cmdline") or []
-        argv0 = os.path.basename(cmd[0]) if cmd else ""
-        if info.get("name") != name and argv0 != name:
-            continue
-        pid = int(info["pid"])
-        out.append(ProxyProcess(pid, str(info.get("name")), " ".join(cmd)[:200],
-                                netns_inode_of_pid(pid), proxy_listeners(pid)))
+        out.append(ProxyProcess(pid, pname, " ".join(cmd)[:200], netns_inode_of_pid(pid),
+                                proxy_listeners(pid)))
     return out
 
 
 def process_pids(name: str, netns: int | None = None, proc: str = "/proc") -> list[int]:
-    """Pids of the processes named ``name`` (their comm, or argv[0]'s basename, as
-    :func:`find_processes` matches), only those in network namespace ``netns`` when given;
-    sorted, this process left out.
+    """Pids of the processes named ``name`` (their comm, or argv[0]'s basename), only those
+    in network namespace ``netns`` when given; sorted, this process left out.
 
     What the live agent runs at every rescan: two small reads per process (its ``comm``,
     and its ``cmdline`` when the comm differs), no psutil objects and none of the socket

@@ -195,10 +195,6 @@ def wanted_interfaces(override: dict[str, str], links: list[dict[str, Any]] | No
             for i in ft.attached_interfaces(ifaces)}
 
 
-def proxy_tgids(name: str, netns: int) -> list[int]:
-    return ft.process_pids(name, netns)
-
-
 _Queued = tuple[list[Observation], list[tuple[int, int]], dict[str, int], "ev.RawEvents | None"]
 
 
@@ -469,7 +465,7 @@ class Agent:
         self._pods_netns(links)
         if not first:
             self._attach_kprobes()
-        tg = proxy_tgids(self.cfg.proxy, self.netns)
+        tg = ft.process_pids(self.cfg.proxy, self.netns)
         self.prog.set_proxy_tgids(tg)
         self._proxy = tg
         if first and not tg:
@@ -482,7 +478,7 @@ class Agent:
             return
         if self._proxy and all(os.path.exists(f"/proc/{p}") for p in self._proxy):
             return
-        tg = proxy_tgids(self.cfg.proxy, self.netns)
+        tg = ft.process_pids(self.cfg.proxy, self.netns)
         if tg != self._proxy:
             log.info("%s processes: %s", self.cfg.proxy, tg or "none")
             self.prog.set_proxy_tgids(tg)

@@ -246,11 +246,17 @@ class Spool:
     def flush(self) -> None:
         """Write the batches held in memory to disk, oldest first (one that cannot be
         written is dropped and counted)."""
-        for seq, data in list(self._mem.items()):
-            del self._mem[seq]
-            self._mem_bytes -= HEADER_SIZE + len(data)
-            if not self._write(seq, data):
+        for seq in list(self._mem):
+            data = self._mem_pop(seq)
+            if data is not None and not self._write(seq, data):
                 self._forget(seq)
+
+    def _mem_pop(self, seq: int) -> bytes | None:
+        """Take batch ``seq`` out of memory (None when it is not held there)."""
+        data = self._mem.pop(seq, None)
+        if data is not None:
+            self._mem_bytes -= HEADER_SIZE + len(data)
+        return data
 
     def _write(self, seq: int, data: bytes) -> bool:
         """One batch's file, written to a temporary name and renamed into place."""
@@ -325,9 +331,7 @@ class Spool:
                         self.dropped_batches, self.dropped_bytes)
 
     def _unlink(self, seq: int) -> None:
-        data = self._mem.pop(seq, None)
-        if data is not None:
-            self._mem_bytes -= HEADER_SIZE + len(data)
+        if self._mem_pop(seq) is not None:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / _fname(seq))
@@ -394,9 +398,7 @@ class Spool:
         return None
 
     def _forget(self, seq: int) -> None:
-        data = self._mem.pop(seq, None)
-        if data is not None:
-            self._mem_bytes -= HEADER_SIZE + len(data)
+        self._mem_pop(seq)
         size = self._index.pop(seq, None)
         if size is not None:
             self._bytes -= size

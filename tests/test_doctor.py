@@ -284,6 +284,10 @@ def test_process_pids_finds_a_live_process_as_psutil_does(tmp_path: Path) -> Non
         assert ft.process_pids(name, own_ns) == [child.pid]
         assert ft.process_pids(name, own_ns + 1) == []
         assert [p.pid for p in ft.find_processes(name)] == [child.pid]
+        import psutil  # an independent scan: the same process, by its name
+
+        assert [p.pid for p in psutil.process_iter(["name"])
+                if p.info["name"] == name] == [child.pid]
         assert os.getpid() not in ft.process_pids(Path(sys.executable).name)
     finally:
         child.kill()
