@@ -24,10 +24,12 @@ Paths (what ``bpf/tc.c`` does with each frame):
 * ``start 60 B`` / ``start 560 B``: a segment that starts an HTTP message, sent with
   its payload (a head that ends in it: no follow-up expected);
 * ``start, head open``: a start whose head does not end in the segment (the flow
-  is followed: an update of the ``follow`` LRU hash);
+  is followed: an update of the ``follow`` LRU hash; and no blank line in it, so the
+  head cut scans all of it);
 * ``VXLAN start 560 B`` (underlay role): the same start inside VXLAN;
 * ``response, head + body``: a response whose 110-byte head and 490 bytes of body share
-  the segment (the replica's responses look so), on the way out: sent with its payload.
+  the segment (the replica's responses look so), on the way out: sent with its head (the
+  body scanned backwards for the blank line and cut off, ``hs_head_len``).
 
 Needs root and bcc (as the agent). ``--json`` prints the results as JSON.
 

@@ -54,7 +54,11 @@ BPF_PERCPU_ARRAY(stats, __u64, HS_STAT_MAX);
  * process-context tracepoint ran): sharing one would let it overwrite a half-built event. */
 #define HS_SCRATCH_TC    0
 #define HS_SCRATCH_TRACE 1
-BPF_PERCPU_ARRAY(scratch, struct hs_event, 2);
+struct hs_scratch {
+    struct hs_event e;
+    __u8 slack[16]; /* hs_head_len reads and zeroes up to 16 bytes past the payload */
+};
+BPF_PERCPU_ARRAY(scratch, struct hs_scratch, 2);
 /* ifindex -> role, for the interfaces the agent attached to */
 BPF_ARRAY(ifroles, __u8, HS_MAX_IFINDEX);
 /* network namespaces whose drops and socket events belong to this node */
@@ -115,9 +119,10 @@ static __always_inline int hs_is_proxy(__u32 tgid)
 static __always_inline struct hs_event *hs_event_new(int slot, __u8 kind, __u8 dir,
                                                      __u32 netns)
 {
-    struct hs_event *e = scratch.lookup(&slot);
-    if (!e)
+    struct hs_scratch *s = scratch.lookup(&slot);
+    if (!s)
         return 0;
+    struct hs_event *e = &s->e;
     __builtin_memset(e, 0, HS_EVENT_HDR);
     e->ts_mono_ns = bpf_ktime_get_ns();
     e->netns = netns;

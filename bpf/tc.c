@@ -93,6 +93,43 @@ static __always_inline int hs_ends_head(struct __sk_buff *skb, struct hs_pkt *p)
     return w == 0x0a0d0a0d;
 }
 
+/* How many of the n bytes at pl to send: up to and including the last "\r\n\r\n" among
+ * them, or all n when there is none. The first one ends an HTTP head; what follows it is
+ * body, which the stitcher never reads (it counts the segment's bytes by plen). Cutting at
+ * the last one keeps the whole head, and the end of a chunked body ("0\r\n\r\n") with it.
+ * The scan goes backwards 16 bytes at a time, so it costs the body's length, not the head's:
+ * 16 bytes with no '\r' are passed over in a few instructions (zero-byte tests on w ^ "\r"*8),
+ * and a bodiless message ends in the pattern. Written for the verifier: the only branch
+ * on the bytes either returns or leaves no register it looked at alive, so each word's
+ * paths join again (no n compared per position: the 16 bytes after n are zeroed instead,
+ * so that no match can run past them). pl has 16 bytes to spare (struct hs_scratch). */
+static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
+{
+    if (n < 8)
+        return n;
+    n &= HS_PAYLOAD_MAX - 1;
+    *(__u64 *)(pl + n) = 0;
+    *(__u64 *)(pl + n + 8) = 0;
+    __u32 j = (n - 1) >> 4; /* the 16 bytes holding the last one */
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < HS_PAYLOAD_MAX / 16; i++) {
+        __u32 o = (j & (HS_PAYLOAD_MAX / 16 - 1)) << 4;
+        __u64 t = *(const __u64 *)(pl + o) ^ 0x0d0d0d0d0d0d0d0dULL;
+        __u64 u = *(const __u64 *)(pl + o + 8) ^ 0x0d0d0d0d0d0d0d0dULL;
+        if ((((t - 0x0101010101010101ULL) & ~t) | ((u - 0x0101010101010101ULL) & ~u)) &
+            0x8080808080808080ULL) {
+#pragma unroll
+            for (int k = 15; k >= 0; k--)
+                if (*(const __u32 *)(pl + o + k) == 0x0a0d0a0d)
+                    return o + k + 4;
+        }
+        if (j == 0)
+            break;
+        j--;
+    }
+    return n;
+}
+
 static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32 ifindex, int reverse)
 {
     k->saddr = reverse ? p->daddr : p->saddr;
@@ -134,6 +171,7 @@ static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p,
             bpf_skb_load_bytes(skb, p->payoff, e->payload,
                                ((n - 1) & (HS_PAYLOAD_MAX - 1)) + 1) < 0)
             n = 0;
+        n = hs_head_len(e->payload, n);
     }
     hs_submit(e, n, HS_STAT_TC_SENT, HS_STAT_TC_LOST);
 }

@@ -1,7 +1,8 @@
 """The tc classifiers on crafted frames, run inside the kernel (BPF_PROG_TEST_RUN): every
 frame passes unchanged (TC_ACT_OK), and what each one sends to the ring buffer is what the
-stitcher needs: a message's start with its first bytes (at most HS_PAYLOAD_MAX - 1) and the
-whole TCP payload length, nothing for a pure ACK or a segment of a body."""
+stitcher needs: a message's start with its first bytes (at most HS_PAYLOAD_MAX - 1, up to
+the last blank line among them: the head, not the body after it) and the whole TCP payload
+length, nothing for a pure ACK or a segment of a body."""
 
 from __future__ import annotations
 
@@ -74,11 +75,11 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
         assert len(evs) == 1, (name, evs)
         return bytes.fromhex(evs[0]["payload"]), bytes.fromhex(cases[name]["sent"]), evs[0]
 
-    # a response: its first bytes, the body that shares the segment included
+    # a response: its head, not the body that shares the segment; the whole length
     got, sent, e = one("response")
-    assert got == sent and got.startswith(head) and e["plen"] == len(sent)
+    assert got == head and len(sent) > len(head) and e["plen"] == len(sent)
     got, sent, e = one("request")
-    assert got == sent and e["plen"] == len(sent)
+    assert got == sent[:sent.index(b"\r\n\r\n") + 4] and e["plen"] == len(sent)
     got, sent, _e = one("open_head")
     assert got == sent
     # a start longer than an event holds: its first HS_PAYLOAD_MAX - 1 bytes, its length
@@ -86,6 +87,79 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
     assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 1518
     # a body segment of a flow no start was seen on: nothing
     assert cases["body"]["events"] == []
+
+
+CUT_CHILD = r"""
+import json, sys
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from hopscope.agent import bpfprog, bpfsys, events as ev
+from hopscope.agent.ringbuf import RingReader
+bpfprog.prepare_kernel_env()
+prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64))
+tc_in, _tc_out = prog._tc_fds()
+prog._maps["ifroles"].set(1, bpfprog.ROLE_CODES["nic"])
+ring = RingReader(prog.ring_fd(), prog.ring_size)
+out = []
+for i, p in enumerate(json.loads(sys.argv[1])):
+    frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
+                  / TCP(sport=42000 + i % 20000, dport=80, flags="PA", seq=1, ack=1)
+                  / bytes.fromhex(p))
+    rv, _ns = bpfsys.prog_test_run(tc_in, frame)
+    got = []
+    ring.drain(lambda buf, recs: got.extend(bytes(buf[at + ev.HDR_SIZE:at + n]).hex()
+                                            for at, n in recs))
+    out.append([rv, got])
+prog.close()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _cut_reference(payload: bytes) -> bytes:
+    """What a start segment should carry: its first HS_PAYLOAD_MAX - 1 bytes, up to and
+    including the last ``\\r\\n\\r\\n`` among them (all of them when there is none)."""
+    cap = payload[:ev.PAYLOAD_MAX - 1]
+    end = cap.rfind(b"\r\n\r\n")
+    return cap if end < 0 else cap[:end + 4]
+
+
+def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
+    """The in-kernel cut (``hs_head_len`` in bpf/tc.c, a backward scan 16 bytes at a time)
+    against a Python reference, on starts made to hit its edges: the pattern at every offset
+    of a 16-byte block and across blocks, at the very end, past the 1023 bytes an event
+    holds, absent, several in a body, the end of a chunked body; tiny and capped payloads;
+    and a start shorter than the one before it, whose stale bytes in the per-CPU scratch
+    event would complete a pattern across the end of the payload if they were looked at."""
+    import random
+
+    rnd = random.Random(7)
+    alphabet = [b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b"bc", b"x" * 13, b"\r\r\n"]
+    payloads = [
+        b"GET / HTTP/1.1\r\n\r\n",  # bodiless: the pattern at the end
+        b"GET /\r\n\r\n",  # 11 bytes: one 16-byte block
+        b"GET /a\r\n\r",  # a pattern the payload's end cuts short
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /u HTTP/1.1\r\n\r\n--b\r\n\r\ndata\r\n\r\nmore",  # several: the last
+        b"GET /" + b"p" * 1100 + b" HTTP/1.1\r\n\r\n",  # the pattern past the cap
+        b"GET /" + b"p" * 1013 + b"\r\n\r\n" + b"q" * 40,  # ends exactly at byte 1022
+        b"GET /" + b"p" * 1014 + b"\r\n\r\n",  # would end at 1023: beyond the cap
+        b"GET /" + b"a" * 95 + b"\r\n\r\n" + b"b" * 100,  # then ...
+        b"GET /" + b"a" * 95 + b"\r\n",  # ... this: its scratch bytes 102.. hold "\r\n"
+    ]
+    for pad in range(40):  # the pattern at every offset of two blocks, then a body
+        payloads.append(b"GET " + b"h" * pad + b"\r\n\r\n" + b"{" * rnd.randrange(0, 60))
+    for _ in range(150):
+        body = b"".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 160)))
+        payloads.append(b"HTTP/1.1 200 OK\r\n" + body[:rnd.randrange(0, 1500)])
+    cp = subprocess.run([sys.executable, "-c", CUT_CHILD, json.dumps([p.hex() for p in payloads])],
+                        capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, cp.stderr[-2000:]
+    got = json.loads(line[7:])
+    assert len(got) == len(payloads)
+    for p, (rv, evs) in zip(payloads, got, strict=True):
+        assert rv == 0 and len(evs) == 1, (p, evs)
+        assert bytes.fromhex(evs[0]) == _cut_reference(p), p
 
 
 FOLLOW_CHILD = r"""
