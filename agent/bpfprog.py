@@ -106,6 +106,14 @@ MAPS: dict[str, tuple[int, int, bool]] = {
     "stats": (4, 8, True),
     "events": (0, 0, False),  # the ring buffer: only its fd (agent/ringbuf.py maps it)
 }
+#: the proxy's syscalls ``bpf/agent.c`` can trace (``sys_enter_*``/``sys_exit_*``: the
+#: thread is sending), each compiled in by its ``HS_SC_*`` define
+PROXY_CALLS = ("write", "writev", "sendto", "sendmsg", "connect")
+#: traced by default: Traefik's (Go's net package writes with write(2), connects with
+#: connect(2); writev for vectored writes). Each one traced runs its two programs on every
+#: such call of every process of the machine: sendto/sendmsg (most other programs' sends)
+#: cost a proxy that never makes them ~2 µs a request in the replica (bench/README.md).
+PROXY_CALLS_DEFAULT = ("write", "writev", "connect")
 #: the roles array's size (bpf/maps.h HS_MAX_IFINDEX): interfaces beyond are not watched
 MAX_IFINDEX = 65536
 #: offsets only the kprobe programs need (netfilter may be absent from a kernel)
@@ -143,6 +151,8 @@ class Settings:
     tp_kfree_rx_sk: bool = True
     #: tc programs may call bpf_get_current_pid_tgid (6.10+): the proxy point
     tc_pid_tgid: bool = True
+    #: the proxy's syscalls traced (of PROXY_CALLS)
+    proxy_calls: tuple[str, ...] = PROXY_CALLS_DEFAULT
 
 
 def proxy_set_value(tgids: Sequence[int]) -> int:
@@ -166,6 +176,10 @@ def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, i
     pages = settings.ringbuf_pages
     if pages <= 0 or pages & (pages - 1):
         raise AgentError(f"ring buffer pages {pages} is not a power of two")
+    unknown = sorted(set(settings.proxy_calls) - set(PROXY_CALLS))
+    if unknown:
+        raise AgentError(f"proxy syscalls {', '.join(unknown)}: not traceable here (choose "
+                         f"from {', '.join(PROXY_CALLS)})")
     defs = {
         "HS_ENTRY_PORT": settings.entry_port,
         "HS_VXLAN_PORT": settings.vxlan_ports[0],
@@ -178,6 +192,7 @@ def cflags(settings: Settings, offsets: Mapping[str, int], extra: Mapping[str, i
         "HS_TP_PROBE_SKB": int(settings.tp_probe_skb),
         "HS_TP_KFREE_RX_SK": int(settings.tp_kfree_rx_sk),
         "HS_TC_PID_TGID": int(settings.tc_pid_tgid),
+        **{f"HS_SC_{c.upper()}": int(c in settings.proxy_calls) for c in PROXY_CALLS},
         **offsets, **extra,
     }
     return [f"-I{BPF_DIR}", *(f"-D{k}={int(v)}" for k, v in defs.items())]

@@ -148,6 +148,8 @@ class AgentConfig:
     local: bool = False
     out: str | None = None  # write the envelope (JSON) here on stop
     proxy: str = "traefik"
+    #: the proxy's syscalls traced (bpfprog.PROXY_CALLS; default Traefik's)
+    proxy_calls: tuple[str, ...] = bpfprog.PROXY_CALLS_DEFAULT
     entry_port: int = 80
     interfaces: dict[str, str] = field(default_factory=dict)  # name -> point (override)
     duration: float = 0.0  # 0: until signalled
@@ -390,7 +392,8 @@ class Agent:
                           if cfg.settings.tp_probe_skb else
                           "kprobe tcp_rcv_established on entry-port sockets (tcp:tcp_probe "
                           "has no skb here)"),
-            "proxy": (f"syscalls:sys_enter_write* of {cfg.proxy} + tc egress in its thread"
+            "proxy": (f"syscalls:sys_enter_{{{','.join(cfg.proxy_calls)}}} of {cfg.proxy} + tc "
+                      "egress in its thread"
                       if cfg.settings.tc_pid_tgid else "none: tc cannot tell the thread here "
                       "(proxy+service_nat merged)"),
             "drops": "tracepoint skb:kfree_skb (reasons from its format file); the rule behind "
@@ -869,6 +872,7 @@ def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentP
     cfg.settings.drop_reason_min = next(
         (k for k, v in reasons.items() if v == "NOT_SPECIFIED"), 2)
     cfg.settings.entry_port = cfg.entry_port
+    cfg.settings.proxy_calls = cfg.proxy_calls
     fmt = ft.find_tracefs()
     cfg.settings.kprobes = cfg.kprobes and kprobes_available(fmt)
     probe, kfree = (tracepoint_fields(fmt, tp) for tp in ("tcp:tcp_probe", "skb:kfree_skb"))

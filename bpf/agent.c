@@ -216,13 +216,26 @@ static __always_inline void hs_write_exit(void)
         w->tid = 0;
 }
 
+/* Which of them: HS_SC_* (agent/bpfprog.py PROXY_CALLS, --proxy-calls). Every one attached
+ * runs for every such syscall of the machine, so only the proxy's own are compiled in (Go's
+ * net package, Traefik's, writes with write(2) and connects with connect(2)). */
+#if HS_SC_WRITE
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { hs_write_enter(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_write) { hs_write_exit(); return 0; }
+#endif
+#if HS_SC_WRITEV
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { hs_write_enter(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev) { hs_write_exit(); return 0; }
+#endif
+#if HS_SC_SENDTO
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { hs_write_enter(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { hs_write_exit(); return 0; }
+#endif
+#if HS_SC_SENDMSG
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { hs_write_enter(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { hs_write_exit(); return 0; }
+#endif
+#if HS_SC_CONNECT
 TRACEPOINT_PROBE(syscalls, sys_enter_connect) { hs_write_enter(); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) { hs_write_exit(); return 0; }
+#endif

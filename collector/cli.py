@@ -178,6 +178,13 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
                    "(counted, and reported to the collector as lost).")
 @click.option("--proxy", default="traefik", show_default=True,
               help="The proxy's process name (followed across restarts).")
+@click.option("--proxy-calls", default="write,writev,connect", show_default=True,
+              metavar="CALL,...",
+              help="The proxy's syscalls to trace for the proxy sub-hop, of write, writev, "
+                   "sendto, sendmsg, connect. Each one traced runs for every such call of "
+                   "every process on the node: the default is Traefik's (Go writes with "
+                   "write, connects with connect); a proxy that sends with send() or "
+                   "sendmsg() needs sendto or sendmsg (HAProxy sends with send(): sendto).")
 @click.option("--entry-port", default=80, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--iface", "ifaces", multiple=True, metavar="NAME=POINT",
               help="Attach to these interfaces only (point nic, overlay, underlay, pod or "
@@ -211,7 +218,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
             token_file: str | None, spool_dir: str | None, spool_max: int, proxy: str,
-            entry_port: int,
+            proxy_calls: str, entry_port: int,
             ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
             slow_pcap: str | None, slower_than: str, packet_buffer: int, no_kprobes: bool,
             decode_here: bool, ready_file: str | None) -> None:
@@ -223,6 +230,7 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
     """
     import socket as _socket
 
+    from hopscope.agent.bpfprog import PROXY_CALLS
     from hopscope.agent.run import AgentConfig, print_request, run_agent
     from hopscope.agent.ship import ShipConfig
 
@@ -232,6 +240,11 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
         raise UsageError("hopscope agent run: needs root (BPF, tc, tracefs): run it with sudo "
                          "or as the hopscope-agent service")
     node = node or _socket.gethostname()
+    calls = tuple(dict.fromkeys(c.strip() for c in proxy_calls.split(",") if c.strip()))
+    bad = [c for c in calls if c not in PROXY_CALLS]
+    if bad or not calls:
+        raise UsageError(f"--proxy-calls {proxy_calls!r}: expected a comma-separated list of "
+                         f"{', '.join(PROXY_CALLS)}")
     override = {}
     for item in ifaces:
         name, sep, point = item.partition("=")
@@ -255,7 +268,8 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
             os.makedirs(slow_pcap, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--slow-pcap {slow_pcap}: {exc.strerror}") from None
-    cfg = AgentConfig(node=node, local=local, out=out, proxy=proxy, entry_port=entry_port,
+    cfg = AgentConfig(node=node, local=local, out=out, proxy=proxy, proxy_calls=calls,
+                      entry_port=entry_port,
                       interfaces=override, duration=parse_duration(duration) / 1e9,
                       ship=shipcfg, ready_file=ready_file, record=record, source=source,
                       slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),

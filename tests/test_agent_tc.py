@@ -215,3 +215,49 @@ def test_segments_after_an_open_head_follow_it() -> None:
         [start], [start], [],  # an open head, closed by the next start: nothing follows
         [start], [],  # flow 2: a closed head: nothing follows
     ]
+
+
+CALLS_CHILD = r"""
+import json, sys
+from hopscope.agent import bpfprog
+bpfprog.prepare_kernel_env()
+out = {}
+for calls in json.loads(sys.argv[1]):
+    prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64, proxy_calls=tuple(calls)))
+    out[",".join(calls)] = sorted(tp.decode() for tp in prog.bpf.tracepoint_fds
+                                  if tp.startswith(b"syscalls:"))
+    prog.close()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_only_the_proxy_calls_asked_for_are_traced() -> None:
+    """``--proxy-calls`` compiles in the syscall tracepoints of those calls only (each one
+    runs for every such call of the machine): Traefik's by default, others when asked."""
+    from hopscope.agent import bpfprog
+
+    cases = [list(bpfprog.PROXY_CALLS_DEFAULT), ["write", "sendto"], list(bpfprog.PROXY_CALLS)]
+    cp = subprocess.run([sys.executable, "-c", CALLS_CHILD, json.dumps(cases)],
+                        capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, cp.stderr[-2000:]
+    got = json.loads(line[7:])
+    for calls in cases:
+        want = sorted(f"syscalls:sys_{edge}_{c}" for c in calls for edge in ("enter", "exit"))
+        assert got[",".join(calls)] == want
+    assert bpfprog.PROXY_CALLS_DEFAULT == ("write", "writev", "connect")
+    with pytest.raises(bpfprog.AgentError, match="sendfile: not traceable"):
+        bpfprog.cflags(bpfprog.Settings(proxy_calls=("write", "sendfile")), {})
+    # the command line's default is the programs', and a bad list is one line
+    from hopscope.collector.cli import run_cmd
+
+    opt = next(p for p in run_cmd.params if p.name == "proxy_calls")
+    assert isinstance(opt.default, str)
+    assert tuple(opt.default.split(",")) == bpfprog.PROXY_CALLS_DEFAULT
+    bad = subprocess.run([sys.executable, "-m", "hopscope", "agent", "run", "--local",
+                          "--proxy-calls", "write,sendfile"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert bad.stderr.splitlines() == ["hopscope: --proxy-calls 'write,sendfile': expected a "
+                                       "comma-separated list of write, writev, sendto, "
+                                       "sendmsg, connect"]

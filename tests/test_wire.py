@@ -162,9 +162,10 @@ def test_encode_refuses_over_the_cap() -> None:
 
 
 def test_the_kept_packer_starts_every_frame_afresh() -> None:
-    """Frames are packed by one Packer per thread, kept between frames: each frame is
-    exactly what msgpack.packb gives, after a frame that failed half-way, after one too
-    large to keep the buffer of, and from several threads at once."""
+    """Frames are packed by one Packer per thread, kept between frames, and copied out of
+    its buffer once with their length prefix: each frame is exactly what msgpack.packb
+    gives, framed, after a frame that failed half-way or was refused by size, after one
+    too large to keep the buffer of, and from several threads at once."""
     import threading
 
     good = encode_batch("a", 1, "n", 0, obs(3))
@@ -172,6 +173,9 @@ def test_the_kept_packer_starts_every_frame_afresh() -> None:
                                               use_bin_type=True), wire.MAX_FRAME, "x")
     with pytest.raises(BadFrame):
         wire._packb({"ok": b"x" * 1000, "bad": object()}, "frame")
+    assert encode_batch("a", 1, "n", 0, obs(3)) == good
+    with pytest.raises(FrameTooLarge):  # packed whole, refused by size: the view let go
+        encode_batch("a", 1, "n", 0, obs(50), max_frame=1000)
     assert encode_batch("a", 1, "n", 0, obs(3)) == good
     big = wire._packb({"b": bytes(wire._PACKER_KEEP + 1)}, "frame")
     assert msgpack.unpackb(big) == {"b": bytes(wire._PACKER_KEEP + 1)}
