@@ -1,8 +1,8 @@
 """Build hook: compile the replay hot path with mypyc when it can be.
 
 Everything else about the package is in ``pyproject.toml``. The modules in
-:data:`COMPILED` (the capture reader, the per-node tracker, the stitcher and
-the observation model) are plain, typed Python; mypyc (part of mypy) turns
+:data:`COMPILED` (the capture reader, the per-node tracker, the stitcher,
+the observation model, and the live agent's ring-buffer walk) are plain, typed Python; mypyc (part of mypy) turns
 them into C extensions that run replay 1.4 to 2.4 times faster end to end. The
 Python sources ship beside them and are what runs when:
 
@@ -26,7 +26,8 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 #: compiled together, as one mypyc group (cross-module calls are C calls)
-COMPILED = ["hopscope/model.py", "hopscope/capture.py", "hopscope/tcpflow.py", "hopscope/stitch.py"]
+COMPILED = ["hopscope/model.py", "hopscope/capture.py", "hopscope/tcpflow.py", "hopscope/stitch.py",
+            "hopscope/ringwalk.py"]
 STAMP = HERE / "hopscope" / "_compiled.py"
 GROUP = "hopscope._native"
 

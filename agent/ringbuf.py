@@ -9,7 +9,8 @@ before it moves the consumer position on.
 
 Layout (kernel/bpf/ringbuf.c): every record starts with an 8-byte header,
 ``u32 len`` (bit 31: still being written, bit 30: discarded) and ``u32
-pg_off``; records are 8-byte aligned.
+pg_off``; records are 8-byte aligned. :func:`hopscope.ringwalk.walk` (compiled)
+walks them for :meth:`RingReader.take`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import struct
 from collections.abc import Callable, Container, Iterable
 
 from hopscope.errors import HopscopeError
+from hopscope.ringwalk import BUSY, DISCARD, LEN_MASK, walk
 
-BUSY = 1 << 31
-DISCARD = 1 << 30
-LEN_MASK = DISCARD - 1
 _U32 = struct.Struct("<I")
 
 
@@ -112,32 +111,14 @@ class RingReader:
         ``kind_at`` is one of ``kinds``. One copy however many records: the kernel maps
         the data pages twice in a row, so the span never wraps.
         """
-        prod_mm = self._prod
-        words = self._words
         start = self._cons_pos[0]
         base = self.page + (start & self.mask)
         # offsets in the mapping from here on: the span never wraps (see above)
-        end = base + (self._prod_pos[0] - start)
-        cap = base + max_bytes
-        at = base
-        n = 0
-        marked: list[tuple[int, int]] = []
-        while at < end and n < limit:
-            ln = words[at >> 2]
-            if ln & BUSY:
-                break
-            size = ln & LEN_MASK
-            nxt = at + ((size + 15) & ~7)  # the 8-byte header, the data, padded to 8
-            if nxt > cap and n:
-                break
-            if kinds and size > kind_at and prod_mm[at + 8 + kind_at] in kinds \
-                    and not ln & DISCARD:
-                marked.append((at + 8 - base, size))
-            at = nxt
-            n += 1
+        at, n, marked = walk(self._words, base, base + (self._prod_pos[0] - start),
+                             base + max_bytes, limit, kind_at, kinds)
         if at == base:
             return b"", 0, marked
-        blob = prod_mm[base:at]
+        blob = self._prod[base:at]
         self._release(start + at - base)
         self.records += n
         return blob, n, marked

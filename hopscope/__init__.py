@@ -10,7 +10,8 @@ import zlib
 __version__ = "0.1.0"
 
 #: the modules setup.py compiles (its ``COMPILED``)
-NATIVE = frozenset(("hopscope.model", "hopscope.capture", "hopscope.tcpflow", "hopscope.stitch"))
+NATIVE = frozenset(("hopscope.model", "hopscope.capture", "hopscope.tcpflow", "hopscope.stitch",
+                    "hopscope.ringwalk"))
 #: True when the replay hot path runs as mypyc-compiled C extensions (see setup.py)
 COMPILED = False
 #: why it does not, when it does not ("" when it does)

@@ -251,3 +251,66 @@ def test_consumer_position_is_stored_whole() -> None:
     shared.close()
     assert loads > 10_000  # the child did load the word while the stores went on
     assert torn == 0
+
+
+def _walk_impls() -> list[tuple[str, object]]:
+    """``hopscope.ringwalk.walk`` as loaded (compiled when built) and from its source."""
+    import importlib.util
+
+    from hopscope import ringwalk
+
+    spec = importlib.util.spec_from_file_location("_ringwalk_source",
+                                                  ringwalk.__file__.rpartition("/")[0]
+                                                  + "/ringwalk.py")
+    assert spec is not None and spec.loader is not None
+    src = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(src)
+    return [("loaded", ringwalk.walk), ("source", src.walk)]
+
+
+def test_ring_walk_against_a_reference() -> None:
+    """The walk ``RingReader.take`` stands on (compiled with mypyc when built): random rings
+    of records of every size, some discarded, one still being written, from a base offset
+    that is not 0, with byte caps and record limits; it stops where a plain reading of the
+    same records says, and marks exactly the kept records of the wanted kinds."""
+    import random
+
+    from hopscope.ringwalk import BUSY, DISCARD
+
+    rnd = random.Random(11)
+    kind_at = ev.KIND_AT
+    for _case in range(300):
+        base = 8 * rnd.randrange(0, 64)
+        recs = []
+        for _ in range(rnd.randrange(0, 40)):
+            size = rnd.choice([ev.HDR_SIZE, ev.HDR_SIZE + rnd.randrange(0, 1024), 3, kind_at])
+            recs.append((size, rnd.random() < 0.1, rnd.choice([1, 3, 3, 2]) if size > kind_at
+                         else 0))
+        busy_at = rnd.randrange(0, len(recs) + 1) if rnd.random() < 0.3 else -1
+        buf = bytearray(base)
+        starts = []
+        for i, (size, discarded, kind) in enumerate(recs):
+            starts.append(len(buf))
+            hdr = size | (DISCARD if discarded else 0) | (BUSY if i == busy_at else 0)
+            data = bytearray(rnd.randbytes(size))
+            if size > kind_at:
+                data[kind_at] = kind
+            buf += hdr.to_bytes(4, "little") + bytes(4) + data + bytes(-size % 8)
+        end = len(buf)
+        buf += bytes(64)
+        words = memoryview(bytes(buf)).cast("I")
+        limit = rnd.choice([1 << 16, rnd.randrange(1, 8)])
+        max_bytes = rnd.choice([1 << 62, rnd.randrange(0, 4000)])
+        kinds = rnd.choice([frozenset(), frozenset({3}), frozenset({1, 3})])
+        # the reference: record by record
+        at, n, marked = base, 0, []
+        for i, (size, discarded, kind) in enumerate(recs):
+            nxt = starts[i] + 8 + size + (-size % 8)
+            if i == busy_at or n == limit or (nxt > base + max_bytes and n):
+                break
+            if kinds and size > kind_at and not discarded and kind in kinds:
+                marked.append((starts[i] + 8 - base, size))
+            at, n = nxt, n + 1
+        for name, walk in _walk_impls():
+            got = walk(words, base, end, base + max_bytes, limit, kind_at, kinds)  # type: ignore[operator]
+            assert got == (at, n, marked), (name, _case)
