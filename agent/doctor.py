@@ -654,17 +654,20 @@ def plan_section(ctx: Context) -> Finding:
 
 
 def build_section() -> Finding:
-    """Whether replay's hot path runs as its mypyc build or as the Python sources."""
+    """Whether the hot path (replay's, and the agent's ring walk) runs as its mypyc build or
+    as the Python sources."""
     import hopscope
 
     details = {"compiled": hopscope.COMPILED, "reason": hopscope.PURE_REASON,
                "stale": hopscope.STALE}
     if hopscope.COMPILED:
-        return Finding(OK, "replay's hot path runs compiled (mypyc)", details)
+        return Finding(OK, "the hot path (replay, the agent's ring walk) runs compiled (mypyc)",
+                       details)
     fix = ("pip install -e . (or ./dev.sh setup) to rebuild" if hopscope.STALE else
            None if "HOPSCOPE_PURE" in hopscope.PURE_REASON else
            "install gcc and python3-dev, then reinstall hopscope, to compile it")
-    return Finding(DEGRADED, f"replay's hot path runs as Python sources, 1.4 to 2.4x slower: "
+    return Finding(DEGRADED, "the hot path (replay, the agent's ring walk) runs as Python "
+                   "sources, 1.4 to 2.5x slower: "
                    f"{hopscope.PURE_REASON}", details, fix)
 
 
