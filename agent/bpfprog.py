@@ -112,7 +112,7 @@ PROXY_CALLS = ("write", "writev", "sendto", "sendmsg", "connect")
 #: traced by default: Traefik's (Go's net package writes with write(2), connects with
 #: connect(2); writev for vectored writes). Each one traced runs its two programs on every
 #: such call of every process of the machine: sendto/sendmsg (most other programs' sends)
-#: cost a proxy that never makes them ~2 µs a request in the replica (bench/README.md).
+#: cost a proxy that never makes them 1.5 to 1.9 µs a request in the replica (bench/README.md).
 PROXY_CALLS_DEFAULT = ("write", "writev", "connect")
 #: the roles array's size (bpf/maps.h HS_MAX_IFINDEX): interfaces beyond are not watched
 MAX_IFINDEX = 65536
