@@ -107,6 +107,10 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
 {
     if (n < 8)
         return n;
+    /* kept from clang, which knows n < HS_PAYLOAD_MAX and would drop the mask: 6.1's
+     * verifier walks the impossible side of the test above too (n at least 8 and at most
+     * 3, say) and refuses pl + n there unless the mask gives n a range again */
+    asm volatile("" : "+r"(n));
     n &= HS_PAYLOAD_MAX - 1;
     *(__u64 *)(pl + n) = 0;
     *(__u64 *)(pl + n + 8) = 0;

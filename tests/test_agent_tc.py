@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from hopscope.agent import events as ev
 
 pytestmark = pytest.mark.privileged
 
-CHILD = r"""
-import json
+#: a child's start: the agent's programs loaded, the test run's device (lo) a nic
+NIC_PROLOGUE = r"""
+import json, sys
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from hopscope.agent import bpfprog, bpfsys, events as ev
@@ -28,6 +30,10 @@ roles = prog._maps["ifroles"]
 lo = 1  # the test run's skb device
 roles.set(lo, bpfprog.ROLE_CODES["nic"])
 ring = RingReader(prog.ring_fd(), prog.ring_size)
+"""
+
+
+CHILD = NIC_PROLOGUE + r"""
 head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 490\r\n"
         b"X-Served-By: api-3@node3\r\n\r\n")
 cases = {
@@ -60,12 +66,18 @@ print("RESULT " + json.dumps({"cases": out, "head": head.hex()}))
 """
 
 
-def test_classifiers_pass_frames_and_send_heads() -> None:
-    cp = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                        timeout=120)
+def _run_child(code: str, *args: str) -> Any:
+    """Run ``code`` in a fresh interpreter (the programs loaded there are gone with it);
+    what it printed after ``RESULT``, as JSON."""
+    cp = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                        timeout=300)
     line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, cp.stderr[-2000:]
-    r = json.loads(line[7:])
+    return json.loads(line[7:])
+
+
+def test_classifiers_pass_frames_and_send_heads() -> None:
+    r = _run_child(CHILD)
     cases, head = r["cases"], bytes.fromhex(r["head"])
     assert all(c["verdict"] == 0 for c in cases.values())  # TC_ACT_OK, every frame
     assert cases["pure_ack"]["events"] == []
@@ -89,17 +101,7 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
     assert cases["body"]["events"] == []
 
 
-CUT_CHILD = r"""
-import json, sys
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
-from hopscope.agent import bpfprog, bpfsys, events as ev
-from hopscope.agent.ringbuf import RingReader
-bpfprog.prepare_kernel_env()
-prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64))
-tc_in, _tc_out = prog._tc_fds()
-prog._maps["ifroles"].set(1, bpfprog.ROLE_CODES["nic"])
-ring = RingReader(prog.ring_fd(), prog.ring_size)
+CUT_CHILD = NIC_PROLOGUE + r"""
 out = []
 for i, p in enumerate(json.loads(sys.argv[1])):
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
@@ -151,35 +153,21 @@ def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
     for _ in range(150):
         body = b"".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 160)))
         payloads.append(b"HTTP/1.1 200 OK\r\n" + body[:rnd.randrange(0, 1500)])
-    cp = subprocess.run([sys.executable, "-c", CUT_CHILD, json.dumps([p.hex() for p in payloads])],
-                        capture_output=True, text=True, timeout=300)
-    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, cp.stderr[-2000:]
-    got = json.loads(line[7:])
+    got = _run_child(CUT_CHILD, json.dumps([p.hex() for p in payloads]))
     assert len(got) == len(payloads)
     for p, (rv, evs) in zip(payloads, got, strict=True):
         assert rv == 0 and len(evs) == 1, (p, evs)
         assert bytes.fromhex(evs[0]) == _cut_reference(p), p
 
 
-FOLLOW_CHILD = r"""
-import json
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
-from hopscope.agent import bpfprog, bpfsys, events as ev
-from hopscope.agent.ringbuf import RingReader
-bpfprog.prepare_kernel_env()
-prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64))
-tc_in, _tc_out = prog._tc_fds()
-prog._maps["ifroles"].set(1, bpfprog.ROLE_CODES["nic"])
-ring = RingReader(prog.ring_fd(), prog.ring_size)
+FOLLOW_CHILD = NIC_PROLOGUE + r"""
 segs = {
     "open": b"GET /a HTTP/1.1\r\nHost: api.example.com\r\nX-Long: " + b"x" * 200,
     "closed": b"GET /b HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     "more": b"y" * 300,
 }
 out = []
-for step in json.loads(__import__("sys").argv[1]):
+for step in json.loads(sys.argv[1]):
     flow, what = step.split(":")
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
                   / TCP(sport=41000 + int(flow), dport=80, flags="PA", seq=1, ack=1)
@@ -201,11 +189,7 @@ def test_segments_after_an_open_head_follow_it() -> None:
     already there), a start that ends its head stops it; other flows are not affected."""
     steps = ["1:open", "1:more", "2:more", "1:open", "1:more", "1:more", "1:more",
              "1:open", "1:closed", "1:more", "2:closed", "2:more"]
-    cp = subprocess.run([sys.executable, "-c", FOLLOW_CHILD, json.dumps(steps)],
-                        capture_output=True, text=True, timeout=120)
-    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, cp.stderr[-2000:]
-    got = json.loads(line[7:])
+    got = _run_child(FOLLOW_CHILD, json.dumps(steps))
     assert all(rv == 0 for rv, _ in got)  # TC_ACT_OK, every frame
     start, follow = ev.WHY_START, ev.WHY_FOLLOW
     assert [whys for _, whys in got] == [
@@ -237,11 +221,7 @@ def test_only_the_proxy_calls_asked_for_are_traced() -> None:
     from hopscope.agent import bpfprog
 
     cases = [list(bpfprog.PROXY_CALLS_DEFAULT), ["write", "sendto"], list(bpfprog.PROXY_CALLS)]
-    cp = subprocess.run([sys.executable, "-c", CALLS_CHILD, json.dumps(cases)],
-                        capture_output=True, text=True, timeout=300)
-    line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, cp.stderr[-2000:]
-    got = json.loads(line[7:])
+    got = _run_child(CALLS_CHILD, json.dumps(cases))
     for calls in cases:
         want = sorted(f"syscalls:sys_{edge}_{c}" for c in calls for edge in ("enter", "exit"))
         assert got[",".join(calls)] == want
