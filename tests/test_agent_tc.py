@@ -143,8 +143,9 @@ def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"POST /u HTTP/1.1\r\n\r\n--b\r\n\r\ndata\r\n\r\nmore",  # several: the last
         b"GET /" + b"p" * 1100 + b" HTTP/1.1\r\n\r\n",  # the pattern past the cap
-        b"GET /" + b"p" * 1013 + b"\r\n\r\n" + b"q" * 40,  # ends exactly at byte 1022
-        b"GET /" + b"p" * 1014 + b"\r\n\r\n",  # would end at 1023: beyond the cap
+        b"GET /" + b"p" * 1013 + b"\r\n\r\n" + b"q" * 40,  # cut at 1022, the body past the cap
+        b"GET /" + b"p" * 1014 + b"\r\n\r\n",  # 1023 bytes: the pattern in an event's last 4
+        b"GET /" + b"p" * 1016 + b"\r\n\r\n",  # the cap (1023) cuts the pattern in two
         b"GET /" + b"a" * 95 + b"\r\n\r\n" + b"b" * 100,  # then ...
         b"GET /" + b"a" * 95 + b"\r\n",  # ... this: its scratch bytes 102.. hold "\r\n"
     ]
