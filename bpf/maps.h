@@ -24,22 +24,6 @@
 #ifndef HS_FOLLOW
 #define HS_FOLLOW 2
 #endif
-/* the proxy's syscalls traced (agent.c), 1 each; the agent defines all five */
-#ifndef HS_SC_WRITE
-#define HS_SC_WRITE 1
-#endif
-#ifndef HS_SC_WRITEV
-#define HS_SC_WRITEV 1
-#endif
-#ifndef HS_SC_SENDTO
-#define HS_SC_SENDTO 1
-#endif
-#ifndef HS_SC_SENDMSG
-#define HS_SC_SENDMSG 1
-#endif
-#ifndef HS_SC_CONNECT
-#define HS_SC_CONNECT 1
-#endif
 
 /* interface roles by ifindex (an array: its lookup is inlined, a hash's is a call) */
 #ifndef HS_MAX_IFINDEX

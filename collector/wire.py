@@ -203,10 +203,11 @@ _PACKER_KEEP = 4 << 20
 _packers = threading.local()
 
 
-@contextlib.contextmanager
-def _packed(obj: Any, what: str) -> Iterator[memoryview]:
-    """``obj`` packed by this thread's Packer: a view of its buffer, valid inside the
-    ``with`` (the frame is copied out once, by the caller, with its length prefix)."""
+def _pack_framed(obj: Any, what: str, max_frame: int, frame_what: str, hint: str = "") -> bytes:
+    """``obj`` packed by this thread's Packer, behind its length prefix, copied out of the
+    packer's buffer once (a live agent's batch is a few hundred KB: packing, then copying
+    out, then prefixing had been three copies). :class:`BadFrame` when a value cannot be
+    packed, :class:`FrameTooLarge` beyond ``max_frame``."""
     p: msgpack.Packer | None = getattr(_packers, "p", None)
     if p is None:
         p = _packers.p = msgpack.Packer(use_bin_type=True, autoreset=False)
@@ -217,37 +218,16 @@ def _packed(obj: Any, what: str) -> Iterator[memoryview]:
         _packers.p = None  # its buffer holds part of the bad frame; start afresh
         raise BadFrame(f"cannot encode {what}: {exc}") from exc
     view = p.getbuffer()
+    n = len(view)
     try:
-        yield view
+        if n > max_frame:
+            raise FrameTooLarge(f"{frame_what} encodes to {n} bytes, over the frame cap of "
+                                f"{max_frame} bytes{hint}")
+        return n.to_bytes(HEADER_SIZE, "big") + view
     finally:
-        n = len(view)
         view.release()
         if n > _PACKER_KEEP:
             _packers.p = None
-
-
-def _packb(obj: Any, what: str) -> bytes:
-    with _packed(obj, what) as body:
-        return bytes(body)
-
-
-def _check_size(n: int, max_frame: int, what: str, hint: str) -> None:
-    if n > max_frame:
-        raise FrameTooLarge(f"{what} encodes to {n} bytes, over the frame cap of {max_frame}"
-                            f" bytes{hint}")
-
-
-def _framed(body: bytes, max_frame: int, what: str, hint: str = "") -> bytes:
-    _check_size(len(body), max_frame, what, hint)
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
-
-
-def _pack_framed(obj: Any, what: str, max_frame: int, frame_what: str, hint: str = "") -> bytes:
-    """:func:`_framed` of :func:`_packb`, in one copy of the packed bytes (a live agent's
-    batch is a few hundred KB: packing, then copying out, then prefixing had been three)."""
-    with _packed(obj, what) as body:
-        _check_size(len(body), max_frame, frame_what, hint)
-        return len(body).to_bytes(HEADER_SIZE, "big") + body
 
 
 def encode_batch(
