@@ -89,8 +89,29 @@ static __always_inline struct hs_write_slot *hs_write_slot(__u32 tid)
     __u32 i = tid & (HS_WRITE_SLOTS - 1);
     return write_open.lookup(&i);
 }
-/* per half-connection at one interface: segments still to send after a message start */
+/* per half-connection at one interface: segments still to send after a message start
+ * whose head did not end in its segment */
 BPF_TABLE("lru_hash", struct hs_flowkey, __u8, follow, 65536);
+/* how many follow entries are open, on every CPU: while none is (the common case), a
+ * segment that starts no message is passed without a lookup. Counted when an insert or a
+ * delete succeeds; an entry the LRU evicts (65,536 heads open at once) leaves it too high,
+ * which costs lookups, never an event. */
+BPF_ARRAY(follow_open, __s64, 1);
+
+static __always_inline int hs_follow_any(void)
+{
+    int zero = 0;
+    __s64 *n = follow_open.lookup(&zero);
+    return n && *n > 0;
+}
+
+static __always_inline void hs_follow_count(__s64 d)
+{
+    int zero = 0;
+    __s64 *n = follow_open.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, d);
+}
 /* handshakes waiting for their ACK at the nic (client -> server) */
 BPF_TABLE("lru_hash", struct hs_flowkey, __u8, hs_wait, 16384);
 

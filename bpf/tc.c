@@ -2,8 +2,8 @@
  *
  * Every packet passes unchanged (TC_ACT_OK). Only what the stitcher needs is
  * sent to user space: SYN/FIN/RST, the handshake's ACK at the nic, the segment
- * that starts an HTTP message (with its first bytes) and up to HS_FOLLOW
- * segments after it when its headers may continue. State lives in the kernel.
+ * that starts an HTTP message (with its head) and up to HS_FOLLOW segments
+ * after it when its head did not end in it. State lives in the kernel.
  */
 #include <linux/pkt_cls.h>
 
@@ -84,36 +84,34 @@ static __always_inline int hs_is_start(struct __sk_buff *skb, struct hs_pkt *p)
     return 0;
 }
 
-/* Does the segment end with the blank line that ends the headers? */
-static __always_inline int hs_ends_head(struct __sk_buff *skb, struct hs_pkt *p)
-{
-    __u32 w = 0;
-    if (p->plen < 4 || bpf_skb_load_bytes(skb, p->payoff + p->plen - 4, &w, 4) < 0)
-        return 0;
-    return w == 0x0a0d0a0d;
-}
-
 /* How many of the n bytes at pl to send: up to and including the last "\r\n\r\n" among
- * them, or all n when there is none. The first one ends an HTTP head; what follows it is
- * body, which the stitcher never reads (it counts the segment's bytes by plen). Cutting at
- * the last one keeps the whole head, and the end of a chunked body ("0\r\n\r\n") with it.
- * The scan goes backwards 16 bytes at a time, so it costs the body's length, not the head's:
- * 16 bytes with no '\r' are passed over in a few instructions (zero-byte tests on w ^ "\r"*8),
- * and a bodiless message ends in the pattern. Written for the verifier: the only branch
- * on the bytes either returns or leaves no register it looked at alive, so each word's
- * paths join again (no n compared per position: the 16 bytes after n are zeroed instead,
- * so that no match can run past them). pl has 16 bytes to spare (struct hs_scratch). */
+ * them, with HS_HEAD_DONE set (a head ends in them), or all n when there is none. The
+ * first one ends an HTTP head; what follows it is body, which the stitcher never reads (it
+ * counts the segment's bytes by plen). Cutting at the last one keeps the whole head, and
+ * the end of a chunked body ("0\r\n\r\n") with it. The scan goes backwards 16 bytes at a
+ * time, so it costs the body's length, not the head's: 16 bytes with no '\r' are passed
+ * over in a few instructions (zero-byte tests on w ^ "\r"*8), and a bodiless message ends
+ * in the pattern. Written for the verifier: the only branch on the bytes either returns or
+ * leaves no register it looked at alive, so each word's paths join again; n is compared
+ * with no position (the 16 bytes after n are zeroed instead, so that no match can run
+ * past them: a version that compared, even only for the 4 windows of a payload shorter
+ * than 8 bytes, gave 6.1's verifier E2BIG). pl has 16 bytes to spare (struct hs_scratch). */
+#define HS_HEAD_DONE 0x8000 /* above any length: HS_PAYLOAD_MAX is at most 4096 */
 static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
 {
-    if (n < 8)
-        return n;
     /* kept from clang, which knows n < HS_PAYLOAD_MAX and would drop the mask: 6.1's
-     * verifier walks the impossible side of the test above too (n at least 8 and at most
-     * 3, say) and refuses pl + n there unless the mask gives n a range again */
+     * verifier refuses pl + n without the range the mask gives n */
     asm volatile("" : "+r"(n));
     n &= HS_PAYLOAD_MAX - 1;
     *(__u64 *)(pl + n) = 0;
     *(__u64 *)(pl + n + 8) = 0;
+    if (n < 8) { /* a segment that continues a head can be this short */
+#pragma unroll
+        for (int k = 3; k >= 0; k--)
+            if (*(const __u32 *)(pl + k) == 0x0a0d0a0d)
+                return (k + 4) | HS_HEAD_DONE;
+        return n;
+    }
     __u32 j = (n - 1) >> 4; /* the 16 bytes holding the last one */
 #pragma clang loop unroll(disable)
     for (int i = 0; i < HS_PAYLOAD_MAX / 16; i++) {
@@ -125,7 +123,7 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
 #pragma unroll
             for (int k = 15; k >= 0; k--)
                 if (*(const __u32 *)(pl + o + k) == 0x0a0d0a0d)
-                    return o + k + 4;
+                    return (o + k + 4) | HS_HEAD_DONE;
         }
         if (j == 0)
             break;
@@ -144,12 +142,14 @@ static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32
     k->vni = p->vni;
 }
 
-static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
-                                        __u64 aux)
+/* Send the packet; for a start or a follow, with its payload up to its last blank line.
+ * Returns whether a head ends in the bytes sent (a blank line among them). */
+static __always_inline int hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
+                                       __u64 aux)
 {
     struct hs_event *e = hs_event_new(HS_SCRATCH_TC, HS_EV_PKT, dir, 0);
     if (!e)
-        return;
+        return 0;
     e->aux_ns = aux;
     e->ifindex = skb->ifindex;
     e->seq = p->seq;
@@ -178,6 +178,29 @@ static __always_inline void hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p,
         n = hs_head_len(e->payload, n);
     }
     hs_submit(e, n, HS_STAT_TC_SENT, HS_STAT_TC_LOST);
+    return (n & HS_HEAD_DONE) != 0;
+}
+
+/* After a start (open: its head did not end in it), or a segment that ended the head it
+ * followed (open false): keep the flow's follow entry, or drop it. Looks before writing
+ * (an LRU map's update and delete take a bucket lock and, for an update, a free element),
+ * and not at all when no entry is open anywhere: most starts end their head in their own
+ * segment, so most flows never have one. */
+static __always_inline void hs_follow_set(struct hs_flowkey *k, int open)
+{
+    if (!open && !hs_follow_any())
+        return;
+    __u8 *left = follow.lookup(k);
+    if (!open) {
+        if (left && follow.delete(k) == 0)
+            hs_follow_count(-1);
+    } else if (left) {
+        *left = HS_FOLLOW; /* a kept-alive connection's next open head */
+    } else {
+        __u8 n = HS_FOLLOW;
+        if (follow.insert(k, &n) == 0)
+            hs_follow_count(1);
+    }
 }
 
 static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
@@ -216,11 +239,18 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_OK;
     int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == HS_NO_VNI);
     if (p.flags & 0x07) { /* SYN, FIN, RST */
+        struct hs_flowkey k = {};
         if (nic && dir == HS_DIR_OUT && (p.flags & 0x12) == 0x12) {
-            struct hs_flowkey k = {};
             __u8 one = 1;
             hs_key(&k, &p, ifindex, 1);
             hs_wait.update(&k, &one);
+        } else if ((p.flags & 0x05) && hs_follow_any()) {
+            /* FIN, RST: a head left open on the connection will not go on (its entry
+             * would stay in the map, and in the count, until the LRU evicted it) */
+            hs_key(&k, &p, ifindex, 0);
+            hs_follow_set(&k, 0);
+            hs_key(&k, &p, ifindex, 1);
+            hs_follow_set(&k, 0);
         }
         hs_emit_pkt(skb, &p, dir, HS_WHY_CONTROL, 0);
         return TC_ACT_OK;
@@ -235,19 +265,6 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_OK;
     }
     if (hs_is_start(skb, &p)) {
-        /* look before writing: on a kept-alive connection every message finds the entry
-         * the one before it left (set in place), and most never had one (an LRU map's
-         * update and delete take a bucket lock and, for an update, a free element) */
-        __u8 *open = follow.lookup(&k);
-        if (hs_ends_head(skb, &p)) {
-            if (open)
-                follow.delete(&k);
-        } else if (open) {
-            *open = HS_FOLLOW;
-        } else {
-            __u8 n = HS_FOLLOW;
-            follow.update(&k, &n);
-        }
         __u64 aux = 0;
 #if HS_TC_PID_TGID /* tc programs may call it from 6.10 on */
         if (dir == HS_DIR_OUT && (role == HS_ROLE_OVERLAY || role == HS_ROLE_POD)) {
@@ -260,16 +277,21 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
             }
         }
 #endif
-        hs_emit_pkt(skb, &p, dir, HS_WHY_START, aux);
+        hs_follow_set(&k, !hs_emit_pkt(skb, &p, dir, HS_WHY_START, aux));
         return TC_ACT_OK;
     }
+    if (!hs_follow_any()) /* no head open anywhere: a body segment, nothing to send */
+        return TC_ACT_OK;
     __u8 *left = follow.lookup(&k);
     if (left) {
-        if (*left <= 1)
-            follow.delete(&k);
-        else
-            *left -= 1;
-        hs_emit_pkt(skb, &p, dir, HS_WHY_FOLLOW, 0);
+        /* the next HS_FOLLOW segments, or fewer: up to one that ends the head */
+        __u8 more = *left;
+        if (hs_emit_pkt(skb, &p, dir, HS_WHY_FOLLOW, 0) || more <= 1) {
+            if (follow.delete(&k) == 0)
+                hs_follow_count(-1);
+        } else {
+            *left = more - 1;
+        }
     }
     return TC_ACT_OK;
 }

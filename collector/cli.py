@@ -186,6 +186,11 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
                    "write, connects with connect); a proxy that sends with send() or "
                    "sendmsg() needs sendto or sendmsg (HAProxy sends with send(): sendto).")
 @click.option("--entry-port", default=80, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--sched", type=click.Choice(["batch", "normal"]), default="batch",
+              show_default=True,
+              help="How the agent's threads are scheduled: batch (SCHED_BATCH: the agent, "
+                   "which drains its ring buffer on a timer, never preempts the node's work "
+                   "when it wakes; its share of the CPU is the same) or normal.")
 @click.option("--iface", "ifaces", multiple=True, metavar="NAME=POINT",
               help="Attach to these interfaces only (point nic, overlay, underlay, pod or "
                    "nic+underlay); default: found by role.")
@@ -218,7 +223,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), hidden=True)
 def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str | None,
             token_file: str | None, spool_dir: str | None, spool_max: int, proxy: str,
-            proxy_calls: str, entry_port: int,
+            proxy_calls: str, entry_port: int, sched: str,
             ifaces: tuple[str, ...], duration: str, record: str | None, source: str,
             slow_pcap: str | None, slower_than: str, packet_buffer: int, no_kprobes: bool,
             decode_here: bool, ready_file: str | None) -> None:
@@ -269,7 +274,7 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
         except OSError as exc:
             raise UsageError(f"--slow-pcap {slow_pcap}: {exc.strerror}") from None
     cfg = AgentConfig(node=node, local=local, out=out, proxy=proxy, proxy_calls=calls,
-                      entry_port=entry_port,
+                      entry_port=entry_port, sched=sched,
                       interfaces=override, duration=parse_duration(duration) / 1e9,
                       ship=shipcfg, ready_file=ready_file, record=record, source=source,
                       slow_pcap=slow_pcap, slower_than_ns=parse_duration(slower_than),

@@ -8,6 +8,7 @@ tc clsact, tracepoints and ring buffers).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -346,11 +347,17 @@ def _hopscope_progs() -> list[str]:
             if p.get("name", "").startswith("hs_tc_")]
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of a process's threads."""
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
 def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path: Path) -> None:
     node = "node3"
     ns = testbed.ns(node)
     a = start_agent(testbed, node, tmp_path / "first")
     assert _hopscope_filters(ns)  # attached on every role's interface
+    assert _policies(a.proc.pid) == {os.SCHED_BATCH}  # --sched batch, every thread
     # it loaded with bcc, then went on without it (exec): LLVM is not in its memory
     maps = Path(f"/proc/{a.proc.pid}/maps").read_text()
     assert "libbcc" not in maps and "LLVM" not in maps
@@ -361,7 +368,8 @@ def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path:
     stop_agent(a, signal.SIGKILL)
     stale = _hopscope_filters(ns)
     assert stale, "a killed agent leaves its filters (the next one must remove them)"
-    b = start_agent(testbed, node, tmp_path / "second")
+    b = start_agent(testbed, node, tmp_path / "second", ["--sched", "normal"])
+    assert _policies(b.proc.pid) == {os.SCHED_OTHER}
     assert "stale tc filter" in b.log.read_text()
     assert sorted(_hopscope_filters(ns)) == sorted(stale)  # its own, once each
     assert stop_agent(b) == 0

@@ -163,43 +163,61 @@ def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
 
 FOLLOW_CHILD = NIC_PROLOGUE + r"""
 segs = {
-    "open": b"GET /a HTTP/1.1\r\nHost: api.example.com\r\nX-Long: " + b"x" * 200,
-    "closed": b"GET /b HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
-    "more": b"y" * 300,
+    "open": ("PA", b"GET /a HTTP/1.1\r\nHost: api.example.com\r\nX-Long: " + b"x" * 200),
+    "closed": ("PA", b"GET /b HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
+    "more": ("PA", b"y" * 300),
+    "ends": ("PA", b"z" * 50 + b"\r\n\r\n" + b"{" * 80),  # the rest of a head, a body
+    "crlf": ("PA", b"\r\n\r\n"),  # a head's last four bytes alone
+    "response": ("PA", b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n" + b"[" * 200),
+    "fin": ("FA", b""),
 }
+follow, follow_open = prog.bpf["follow"], prog.bpf["follow_open"]
 out = []
 for step in json.loads(sys.argv[1]):
     flow, what = step.split(":")
+    flags, payload = segs[what]
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
-                  / TCP(sport=41000 + int(flow), dport=80, flags="PA", seq=1, ack=1)
-                  / segs[what])
+                  / TCP(sport=41000 + int(flow), dport=80, flags=flags, seq=1, ack=1)
+                  / payload)
     rv, _ns = bpfsys.prog_test_run(tc_in, frame)
     got = []
     ring.drain(lambda buf, recs: got.extend(
         ev.EVENT.unpack_from(buf, at)[[k for k, _ in ev.FIELDS].index("why")]
         for at, _n in recs))
-    out.append([rv, got])
+    out.append([rv, got, len(list(follow.keys())), follow_open[0].value])
 prog.close()
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_segments_after_an_open_head_follow_it() -> None:
-    """A start whose head does not end in its segment sends the next HS_FOLLOW (2) segments
-    of its half-connection too; a later start sets the count again (in place, the entry
-    already there), a start that ends its head stops it; other flows are not affected."""
+    """A start whose head does not end in its segment (no blank line in it) sends the next
+    HS_FOLLOW (2) segments of its half-connection too, or fewer: up to one that ends the
+    head; a later start sets the count again (in place, the entry already there), a start
+    whose head ends in it stops it, and so does a FIN; other flows are not affected. A
+    start with its whole head and part of a body opens nothing (the body is not sent). The
+    count of open entries (``follow_open``, which lets body segments pass without a lookup
+    while it is 0) is the map's, after every segment."""
     steps = ["1:open", "1:more", "2:more", "1:open", "1:more", "1:more", "1:more",
-             "1:open", "1:closed", "1:more", "2:closed", "2:more"]
+             "1:open", "1:closed", "1:more", "2:closed", "2:more",
+             "2:response", "2:more", "1:open", "2:open", "1:ends", "1:more", "2:crlf",
+             "2:more", "1:open", "1:fin", "1:more"]
     got = _run_child(FOLLOW_CHILD, json.dumps(steps))
-    assert all(rv == 0 for rv, _ in got)  # TC_ACT_OK, every frame
-    start, follow = ev.WHY_START, ev.WHY_FOLLOW
-    assert [whys for _, whys in got] == [
-        [start], [follow],  # flow 1: an open head, then a segment that continues it
-        [],  # flow 2: a body segment, no start seen
-        [start], [follow], [follow], [],  # the count set again: two more, then none
-        [start], [start], [],  # an open head, closed by the next start: nothing follows
-        [start], [],  # flow 2: a closed head: nothing follows
+    assert all(rv == 0 for rv, *_ in got)  # TC_ACT_OK, every frame
+    start, follow, control = ev.WHY_START, ev.WHY_FOLLOW, ev.WHY_CONTROL
+    assert [(whys, entries) for _, whys, entries, _n in got] == [
+        ([start], 1), ([follow], 1),  # flow 1: an open head, then a segment that continues it
+        ([], 1),  # flow 2: a body segment, no start seen
+        ([start], 1), ([follow], 1), ([follow], 0), ([], 0),  # set again: two more, none
+        ([start], 1), ([start], 0), ([], 0),  # an open head, closed by the next start
+        ([start], 0), ([], 0),  # flow 2: a closed head: nothing follows
+        ([start], 0), ([], 0),  # a response, its head whole, a body after it: nothing
+        ([start], 1), ([start], 2),  # open heads on both flows
+        ([follow], 1), ([], 1),  # flow 1: the segment that ends the head, and no more
+        ([follow], 0), ([], 0),  # flow 2: ended by a segment of four bytes
+        ([start], 1), ([control], 0), ([], 0),  # an open head, then the connection's FIN
     ]
+    assert all(entries == n for _, _, entries, n in got)  # the count is the map's
 
 
 CALLS_CHILD = r"""
