@@ -96,7 +96,10 @@ static __always_inline int hs_is_start(struct __sk_buff *skb, struct hs_pkt *p)
  * with no position (the 16 bytes after n are zeroed instead, so that no match can run
  * past them: a version that compared, even only for the 4 windows of a payload shorter
  * than 8 bytes, gave 6.1's verifier E2BIG). pl has 16 bytes to spare (struct hs_scratch). */
-#define HS_HEAD_DONE 0x8000 /* above any length: HS_PAYLOAD_MAX is at most 4096 */
+#define HS_HEAD_DONE 0x8000 /* above any length; hs_submit's mask takes it off */
+#if HS_PAYLOAD_MAX > HS_HEAD_DONE
+#error "HS_PAYLOAD_MAX must stay below HS_HEAD_DONE"
+#endif
 static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
 {
     /* kept from clang, which knows n < HS_PAYLOAD_MAX and would drop the mask: 6.1's
