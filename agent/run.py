@@ -932,10 +932,10 @@ def keep_heap() -> None:
     the frames it ships) and frees them again; by default glibc maps such blocks afresh
     and unmaps them on free (and trims a thread's heap as soon as its top is free), so
     that every tick faulted their pages in again, zeroed by the kernel: in the replica at
-    saturation 225 page faults a second per agent, 16 with these thresholds, and most of
-    the agent's time in the kernel (bench/README.md). The blocks now come from the heap
-    and stay there, reused: the resident size is about the same. Without glibc (musl)
-    this does nothing."""
+    saturation 225 page faults a second per agent against 16 with these thresholds, and
+    the agents' share of their time in the kernel 21 to 26 % against 6 to 24 %
+    (bench/README.md). The blocks now come from the heap and stay there, reused: the
+    resident size is about the same. Without glibc (musl) this does nothing."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
