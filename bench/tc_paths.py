@@ -29,7 +29,11 @@ Paths (what ``bpf/tc.c`` does with each frame):
 * ``VXLAN start 560 B`` (underlay role): the same start inside VXLAN;
 * ``response, head + body``: a response whose 110-byte head and 490 bytes of body share
   the segment (the replica's responses look so), on the way out: sent with its head (the
-  body scanned backwards for the blank line and cut off, ``hs_head_len``).
+  blank line found by ``hs_head_len``'s scan from both ends, the body cut off);
+* ``response, body past cap``: the same with 1,301 bytes of body, more than an event's
+  1,023 bytes (the replica's task lists);
+* ``POST, head + body``: a 580-byte request head and a 90-byte body (the replica's
+  POSTs): the blank line near the end.
 
 Needs root and bcc (as the agent). ``--json`` prints the results as JSON.
 
@@ -71,8 +75,11 @@ def frames() -> list[tuple[str, int, str, bytes]]:
            b"\r\nX-Forwarded-For: 203.0.113.7\r\n" + b"X-Pad: " + b"a" * 420 + b"\r\n\r\n")[:560]
     big = big[:-4] + b"\r\n\r\n"
     open_head = big[:-4] + b"\r\nX-"
+    post = big[:-4] + b"\r\nContent-Length: 90\r\n\r\n" + b'{"title": "' + b"t" * 77 + b'"}'
     response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 490\r\n"
                 b"X-Served-By: api-3@node3\r\n\r\n" + b"[" + b"1," * 244 + b"1]")
+    long_body = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1301"
+                 b"\r\nX-Served-By: api-3@node3\r\n\r\n" + b"[" + b"1," * 649 + b"1]")
     nic, underlay = bpfprog.ROLE_CODES["nic"], bpfprog.ROLE_CODES["underlay"]
 
     def tcp(sport: int, flags: str, payload: bytes = b"", seq: int = 1000) -> bytes:
@@ -95,6 +102,8 @@ def frames() -> list[tuple[str, int, str, bytes]]:
         ("start, head open", nic, "in", tcp(40005, "PA", open_head)),
         ("VXLAN start 560 B", underlay, "in", vx),
         ("response, head + body", nic, "out", tcp(40006, "PA", response)),
+        ("response, body past cap", nic, "out", tcp(40007, "PA", long_body)),
+        ("POST, head + body", nic, "in", tcp(40008, "PA", post)),
     ]
 
 

@@ -84,22 +84,36 @@ static __always_inline int hs_is_start(struct __sk_buff *skb, struct hs_pkt *p)
     return 0;
 }
 
-/* How many of the n bytes at pl to send: up to and including the last "\r\n\r\n" among
- * them, with HS_HEAD_DONE set (a head ends in them), or all n when there is none. The
- * first one ends an HTTP head; what follows it is body, which the stitcher never reads (it
- * counts the segment's bytes by plen). Cutting at the last one keeps the whole head, and
- * the end of a chunked body ("0\r\n\r\n") with it. The scan goes backwards 16 bytes at a
- * time, so it costs the body's length, not the head's: 16 bytes with no '\r' are passed
- * over in a few instructions (zero-byte tests on w ^ "\r"*8), and a bodiless message ends
- * in the pattern. Written for the verifier: the only branch on the bytes either returns or
- * leaves no register it looked at alive, so each word's paths join again; n is compared
- * with no position (the 16 bytes after n are zeroed instead, so that no match can run
- * past them: a version that compared, even only for the 4 windows of a payload shorter
- * than 8 bytes, gave 6.1's verifier E2BIG). pl has 16 bytes to spare (struct hs_scratch). */
+/* How many of the n bytes at pl to send: up to and including a "\r\n\r\n" among them,
+ * with HS_HEAD_DONE set (a head ends in them), or all n when there is none. The first one
+ * ends an HTTP head; what follows it is body, which the stitcher never reads (it counts
+ * the segment's bytes by plen). Bytes that end in the pattern (a bodiless message, a
+ * chunked body's end) are sent whole. Otherwise the scan works from both ends at once, 16
+ * bytes a step each way, and stops at the first pattern either finds: from the front, the
+ * head's end (the first blank line); from the back, the last blank line, which ends the
+ * head too when the body holds none. So it costs the shorter of head and body, not the
+ * body (a 150-byte response head before 870 bytes of body: 10 steps, not 55).
+ * From the front, a block is looked at closely only when two '\r' stand two bytes apart
+ * in it ("\r?\r": in a head, only a blank line); from the back, when it holds a '\r'.
+ * Written for the verifier: the only branches on the bytes either return or leave no
+ * register they looked at alive, so each step's paths join again; n is compared with no
+ * position (the 16 bytes after n are zeroed instead, so that no match can run past them:
+ * a version that compared, even only for the 4 windows of a payload shorter than 8
+ * bytes, gave 6.1's verifier E2BIG). pl has 16 bytes to spare (struct hs_scratch). */
 #define HS_HEAD_DONE 0x8000 /* above any length; hs_submit's mask takes it off */
 #if HS_PAYLOAD_MAX > HS_HEAD_DONE
 #error "HS_PAYLOAD_MAX must stay below HS_HEAD_DONE"
 #endif
+#define HS_CR8 0x0d0d0d0d0d0d0d0dULL
+#define HS_CRLF2 0x0a0d0a0d /* "\r\n\r\n" as a little-endian word */
+/* The high bit of every byte of w that is '\r' (a 0x0c right after a '\r' can be marked
+ * too, never in a head; the blocks marked are checked exactly). */
+static __always_inline __u64 hs_cr_bytes(__u64 w)
+{
+    w ^= HS_CR8;
+    return (w - 0x0101010101010101ULL) & ~w & 0x8080808080808080ULL;
+}
+
 static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
 {
     /* kept from clang, which knows n < HS_PAYLOAD_MAX and would drop the mask: 6.1's
@@ -111,24 +125,36 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
     if (n < 8) { /* a segment that continues a head can be this short */
 #pragma unroll
         for (int k = 3; k >= 0; k--)
-            if (*(const __u32 *)(pl + k) == 0x0a0d0a0d)
+            if (*(const __u32 *)(pl + k) == HS_CRLF2)
                 return (k + 4) | HS_HEAD_DONE;
         return n;
     }
-    __u32 j = (n - 1) >> 4; /* the 16 bytes holding the last one */
+    if (*(const __u32 *)(pl + ((n - 4) & (HS_PAYLOAD_MAX - 1))) == HS_CRLF2)
+        return n | HS_HEAD_DONE;
+    __u32 j = (n - 1) >> 4; /* the next block from the back: first the one with byte n-1 */
 #pragma clang loop unroll(disable)
-    for (int i = 0; i < HS_PAYLOAD_MAX / 16; i++) {
-        __u32 o = (j & (HS_PAYLOAD_MAX / 16 - 1)) << 4;
-        __u64 t = *(const __u64 *)(pl + o) ^ 0x0d0d0d0d0d0d0d0dULL;
-        __u64 u = *(const __u64 *)(pl + o + 8) ^ 0x0d0d0d0d0d0d0d0dULL;
-        if ((((t - 0x0101010101010101ULL) & ~t) | ((u - 0x0101010101010101ULL) & ~u)) &
-            0x8080808080808080ULL) {
+    for (int i = 0; i < HS_PAYLOAD_MAX / 32; i++) {
+        /* block i from the front: a pattern starting in it (read up to 3 bytes on) */
+        __u32 o = (i << 4) & (HS_PAYLOAD_MAX - 16);
+        if ((hs_cr_bytes(*(const __u64 *)(pl + o)) & hs_cr_bytes(*(const __u64 *)(pl + o + 2))) |
+            (hs_cr_bytes(*(const __u64 *)(pl + o + 8)) &
+             hs_cr_bytes(*(const __u64 *)(pl + o + 10)))) {
 #pragma unroll
-            for (int k = 15; k >= 0; k--)
-                if (*(const __u32 *)(pl + o + k) == 0x0a0d0a0d)
+            for (int k = 0; k < 16; k++)
+                if (*(const __u32 *)(pl + o + k) == HS_CRLF2)
                     return (o + k + 4) | HS_HEAD_DONE;
         }
-        if (j == 0)
+        if (j <= i) /* that was the last block not looked at */
+            break;
+        /* block j from the back */
+        o = (j & (HS_PAYLOAD_MAX / 16 - 1)) << 4;
+        if (hs_cr_bytes(*(const __u64 *)(pl + o)) | hs_cr_bytes(*(const __u64 *)(pl + o + 8))) {
+#pragma unroll
+            for (int k = 15; k >= 0; k--)
+                if (*(const __u32 *)(pl + o + k) == HS_CRLF2)
+                    return (o + k + 4) | HS_HEAD_DONE;
+        }
+        if (j <= i + 1)
             break;
         j--;
     }

@@ -1,7 +1,7 @@
 """The tc classifiers on crafted frames, run inside the kernel (BPF_PROG_TEST_RUN): every
 frame passes unchanged (TC_ACT_OK), and what each one sends to the ring buffer is what the
 stitcher needs: a message's start with its first bytes (at most HS_PAYLOAD_MAX - 1, up to
-the last blank line among them: the head, not the body after it) and the whole TCP payload
+a blank line among them: the head, not the body after it) and the whole TCP payload
 length, nothing for a pure ACK or a segment of a body."""
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ print("RESULT " + json.dumps({"cases": out, "head": head.hex()}))
 """
 
 
-def _run_child(code: str, *args: str) -> Any:
-    """Run ``code`` in a fresh interpreter (the programs loaded there are gone with it);
-    what it printed after ``RESULT``, as JSON."""
-    cp = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                        timeout=300)
+def _run_child(code: str, arg: str = "") -> Any:
+    """Run ``code`` in a fresh interpreter (the programs loaded there are gone with it),
+    ``arg`` on its stdin; what it printed after ``RESULT``, as JSON."""
+    cp = subprocess.run([sys.executable, "-c", code], input=arg, capture_output=True,
+                        text=True, timeout=300)
     line = next((ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, cp.stderr[-2000:]
     return json.loads(line[7:])
@@ -103,7 +103,7 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
 
 CUT_CHILD = NIC_PROLOGUE + r"""
 out = []
-for i, p in enumerate(json.loads(sys.argv[1])):
+for i, p in enumerate(json.loads(sys.stdin.read())):
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
                   / TCP(sport=42000 + i % 20000, dport=80, flags="PA", seq=1, ack=1)
                   / bytes.fromhex(p))
@@ -118,18 +118,36 @@ print("RESULT " + json.dumps(out))
 
 
 def _cut_reference(payload: bytes) -> bytes:
-    """What a start segment should carry: its first HS_PAYLOAD_MAX - 1 bytes, up to and
-    including the last ``\\r\\n\\r\\n`` among them (all of them when there is none)."""
+    """What a start segment should carry: its first HS_PAYLOAD_MAX - 1 bytes, all of them
+    when they end in ``\\r\\n\\r\\n`` or hold none; else up to and including the one
+    that ``hs_head_len``'s two-ended scan meets first: 16-byte blocks taken alternately
+    from the front (the first pattern starting in the block) and from the back (the last)."""
     cap = payload[:ev.PAYLOAD_MAX - 1]
-    end = cap.rfind(b"\r\n\r\n")
-    return cap if end < 0 else cap[:end + 4]
+    n = len(cap)
+    starts = [p for p in range(n - 3) if cap[p:p + 4] == b"\r\n\r\n"]
+    if not starts or n < 8 or cap.endswith(b"\r\n\r\n"):
+        return cap if not starts else cap[:starts[-1] + 4]
+    front, back = 0, (n - 1) // 16
+    while True:
+        found = [p for p in starts if p // 16 == front]
+        if found:
+            return cap[:found[0] + 4]
+        if back <= front:
+            return cap
+        found = [p for p in starts if p // 16 == back]
+        if found:
+            return cap[:found[-1] + 4]
+        if back <= front + 1:
+            return cap
+        front, back = front + 1, back - 1
 
 
-def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
-    """The in-kernel cut (``hs_head_len`` in bpf/tc.c, a backward scan 16 bytes at a time)
-    against a Python reference, on starts made to hit its edges: the pattern at every offset
-    of a 16-byte block and across blocks, at the very end, past the 1023 bytes an event
-    holds, absent, several in a body, the end of a chunked body; tiny and capped payloads;
+def test_start_segments_carry_the_head_up_to_a_blank_line() -> None:
+    """The in-kernel cut (``hs_head_len`` in bpf/tc.c, a scan from both ends 16 bytes at a
+    time) against a Python reference, on starts made to hit its edges: the pattern at every
+    offset of a 16-byte block and across blocks, at the very end, past the 1023 bytes an
+    event holds, absent, several in a body (met from the front or from the back), the end of
+    a chunked body, "\\r?\\r" that is no blank line; tiny and capped payloads;
     and a start shorter than the one before it, whose stale bytes in the per-CPU scratch
     event would complete a pattern across the end of the payload if they were looked at."""
     import random
@@ -148,12 +166,23 @@ def test_start_segments_carry_the_head_up_to_the_last_blank_line() -> None:
         b"GET /" + b"p" * 1016 + b"\r\n\r\n",  # the cap (1023) cuts the pattern in two
         b"GET /" + b"a" * 95 + b"\r\n\r\n" + b"b" * 100,  # then ...
         b"GET /" + b"a" * 95 + b"\r\n",  # ... this: its scratch bytes 102.. hold "\r\n"
+        # a short head, a long body with blank lines: the front's pattern, the first
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"[" * 500 + b"\r\n\r\n" + b"]" * 300,
+        # a long head, a short body with one: the back's, the last
+        b"POST /" + b"h" * 600 + b"\r\n\r\n" + b"{}\r\n\r\n{}",
+        b"GET /\r\rx\rx\r\r\n\rA\r\n\r\n" + b"b" * 200,  # "\r?\r" before the blank line
     ]
     for pad in range(40):  # the pattern at every offset of two blocks, then a body
         payloads.append(b"GET " + b"h" * pad + b"\r\n\r\n" + b"{" * rnd.randrange(0, 60))
     for _ in range(150):
         body = b"".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 160)))
         payloads.append(b"HTTP/1.1 200 OK\r\n" + body[:rnd.randrange(0, 1500)])
+    for _ in range(60):  # sparse patterns anywhere in up to 1,100 bytes
+        buf = bytearray(b"x" * rnd.randrange(8, 1100))
+        for _ in range(rnd.randrange(0, 4)):
+            at = rnd.randrange(0, len(buf))
+            buf[at:at + 4] = rnd.choice([b"\r\n\r\n", b"\r\n", b"\rx\r", b"\r\r\n"])
+        payloads.append(b"GET " + bytes(buf))
     got = _run_child(CUT_CHILD, json.dumps([p.hex() for p in payloads]))
     assert len(got) == len(payloads)
     for p, (rv, evs) in zip(payloads, got, strict=True):
@@ -173,7 +202,7 @@ segs = {
 }
 follow, follow_open = prog.bpf["follow"], prog.bpf["follow_open"]
 out = []
-for step in json.loads(sys.argv[1]):
+for step in json.loads(sys.stdin.read()):
     flow, what = step.split(":")
     flags, payload = segs[what]
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
@@ -225,7 +254,7 @@ import json, sys
 from hopscope.agent import bpfprog
 bpfprog.prepare_kernel_env()
 out = {}
-for calls in json.loads(sys.argv[1]):
+for calls in json.loads(sys.stdin.read()):
     prog = bpfprog.AgentProgram(bpfprog.Settings(ringbuf_pages=64, proxy_calls=tuple(calls)))
     out[",".join(calls)] = sorted(tp.decode() for tp in prog.bpf.tracepoint_fds
                                   if tp.startswith(b"syscalls:"))
