@@ -1,7 +1,8 @@
 """What this node's kernel offers the eBPF agent: probing functions.
 
 Every function here only *reads*: files under ``/proc``, ``/sys`` and
-``/lib/modules``, ``ip``/``tc``/``modinfo`` listings, the process table.
+``/lib/modules``, netlink (pyroute2) and ``ip``/``tc``/``modinfo`` listings,
+the process table.
 The few that touch the kernel do so without leaving anything behind:
 
 * :func:`bpf_create_ringbuf` and :func:`bpf_load_trivial` create a ring
@@ -964,21 +965,135 @@ def _ns_args(netns: str | None) -> list[str]:
     return ["-n", netns] if netns else []
 
 
+# In this namespace (the agent's, and doctor's by default) the listings come from netlink
+# (pyroute2): no process is forked from the agent (60 MB and more) every rescan, and
+# :func:`node_listing` reads everything a rescan needs over one socket with one dump of
+# the links. A named namespace (doctor --netns, the tests) is read with iproute2's JSON
+# output, `ip -n NAME`. Both give the same dicts, in the shape of `ip -j`
+# (tests/test_features_netlink.py compares them).
+
+#: ARPHRD_* -> the link_type `ip -j` prints (those the classification looks at)
+_LINK_TYPES = {1: "ether", 772: "loopback", 65534: "none"}
+
+
+@contextlib.contextmanager
+def _netlink(what: str) -> Iterator[Any]:
+    """An rtnetlink socket of this namespace; its errors as HopscopeError naming ``what``."""
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise HopscopeError(f"{what}: pyroute2 is not installed ({exc})") from exc
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except HopscopeError:
+        raise
+    except Exception as exc:  # pyroute2's NetlinkError, OSError
+        raise HopscopeError(f"{what}: netlink: {exc}") from exc
+
+
+def _nl_links(ipr: Any) -> list[dict[str, Any]]:
+    msgs = list(ipr.get_links())
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
+    out: list[dict[str, Any]] = []
+    for m in msgs:
+        link: dict[str, Any] = {"ifindex": m["index"], "ifname": m.get_attr("IFLA_IFNAME"),
+                                "operstate": m.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
+                                "link_type": _LINK_TYPES.get(m["ifi_type"], "none")}
+        master = m.get_attr("IFLA_MASTER")
+        if master:
+            link["master"] = names.get(master, str(master))
+        nsid = m.get_attr("IFLA_LINK_NETNSID")
+        if nsid is not None:
+            link["link_netnsid"] = nsid
+        li = m.get_attr("IFLA_LINKINFO")
+        kind = li.get_attr("IFLA_INFO_KIND") if li is not None else None
+        if kind:
+            info: dict[str, Any] = {"info_kind": kind}
+            data = li.get_attr("IFLA_INFO_DATA")
+            if kind == "vxlan" and data is not None:
+                vx: dict[str, Any] = {"id": data.get_attr("IFLA_VXLAN_ID"),
+                                      "port": data.get_attr("IFLA_VXLAN_PORT")}
+                if data.get_attr("IFLA_VXLAN_LOCAL"):
+                    vx["local"] = data.get_attr("IFLA_VXLAN_LOCAL")
+                dev = data.get_attr("IFLA_VXLAN_LINK")
+                if dev:
+                    vx["link"] = names.get(dev, str(dev))
+                info["info_data"] = vx
+            link["linkinfo"] = info
+        out.append(link)
+    return out
+
+
+def _names(links: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    return {int(link["ifindex"]): str(link["ifname"]) for link in links}
+
+
+def _nl_addrs(ipr: Any, names: Mapping[int, str]) -> list[dict[str, Any]]:
+    by_if: dict[int, list[dict[str, Any]]] = {}
+    for a in ipr.get_addr():
+        local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+        if local:
+            by_if.setdefault(a["index"], []).append({"local": local})
+    return [{"ifname": names.get(i, str(i)), "addr_info": ai} for i, ai in by_if.items()]
+
+
+def _nl_defaults(ipr: Any, names: Mapping[int, str]) -> list[str]:
+    devs: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.route("dump", family=family):
+            table = r.get_attr("RTA_TABLE") or r["table"]
+            oif = r.get_attr("RTA_OIF")
+            if r["dst_len"] == 0 and table == 254 and r["type"] == 1 and oif:
+                d = names.get(oif)
+                if d and d not in devs:
+                    devs.append(d)
+    return devs
+
+
+def _nl_peers(ipr: Any, ifindex: int) -> list[str]:
+    return sorted({str(d) for n in ipr.fdb("dump", ifindex=ifindex)
+                   if (d := n.get_attr("NDA_DST"))})
+
+
+def _nl_route_dev(ipr: Any, dst: str, names: Mapping[int, str]) -> str | None:
+    for r in ipr.route("get", dst=dst):
+        oif = r.get_attr("RTA_OIF")
+        if oif:
+            return names.get(oif) or str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
 def ip_links(netns: str | None = None) -> list[dict[str, Any]]:
+    """The namespace's links as ``ip -d -j link show`` gives them (the fields that
+    :func:`classify_interfaces` and :func:`pod_peer_nsids` read)."""
+    if netns is None:
+        with _netlink("listing interfaces of this namespace") as ipr:
+            return _nl_links(ipr)
     return list(_json_cmd(["ip", *_ns_args(netns), "-d", "-j", "link", "show"],
-                          f"listing interfaces of {netns or 'this namespace'}"))
+                          f"listing interfaces of {netns}"))
 
 
 def ip_addrs(netns: str | None = None) -> list[dict[str, Any]]:
+    """The namespace's addresses as ``ip -j addr show`` gives them (``ifname`` and each
+    ``addr_info``'s ``local``)."""
+    if netns is None:
+        with _netlink("listing addresses of this namespace") as ipr:
+            return _nl_addrs(ipr, _names(_nl_links(ipr)))
     return list(_json_cmd(["ip", *_ns_args(netns), "-j", "addr", "show"],
-                          f"listing addresses of {netns or 'this namespace'}"))
+                          f"listing addresses of {netns}"))
 
 
 def default_route_devs(netns: str | None = None) -> list[str]:
+    """The devices of the main table's default routes, IPv4 then IPv6 (``ip route show
+    default``; a multipath route names none)."""
+    if netns is None:
+        with _netlink("reading default routes of this namespace") as ipr:
+            return _nl_defaults(ipr, _names(_nl_links(ipr)))
     devs: list[str] = []
     for fam in ("-4", "-6"):
         routes = _json_cmd(["ip", *_ns_args(netns), fam, "-j", "route", "show", "default"],
-                           f"reading default routes of {netns or 'this namespace'}")
+                           f"reading default routes of {netns}")
         for r in routes:
             d = r.get("dev")
             if d and d not in devs:
@@ -988,6 +1103,10 @@ def default_route_devs(netns: str | None = None) -> list[str]:
 
 def vxlan_peers(dev: str, netns: str | None = None) -> list[str]:
     """Remote VTEP addresses in a VXLAN device's FDB (``bridge fdb show dev``)."""
+    if netns is None:
+        with _netlink(f"reading the FDB of {dev}") as ipr:
+            idx = ipr.link_lookup(ifname=dev)
+            return _nl_peers(ipr, idx[0]) if idx else []
     fdb = _json_cmd(["bridge", *_ns_args(netns), "-j", "fdb", "show", "dev", dev],
                     f"reading the FDB of {dev}")
     return sorted({str(e["dst"]) for e in fdb if e.get("dst")})
@@ -995,6 +1114,9 @@ def vxlan_peers(dev: str, netns: str | None = None) -> list[str]:
 
 def route_dev(dst: str, netns: str | None = None) -> str | None:
     """The device ``ip route get <dst>`` picks."""
+    if netns is None:
+        with _netlink(f"looking up the route to {dst}") as ipr:
+            return _nl_route_dev(ipr, dst, {})
     routes = _json_cmd(["ip", *_ns_args(netns), "-j", "route", "get", dst],
                        f"looking up the route to {dst}")
     return str(routes[0]["dev"]) if routes and routes[0].get("dev") else None
@@ -1156,13 +1278,46 @@ def vxlan_route_devs(links: Sequence[Mapping[str, Any]], netns: str | None = Non
     return route_devs
 
 
+@dataclass
+class Listing:
+    """What classifying a namespace's interfaces reads (:func:`classify_interfaces`)."""
+
+    links: list[dict[str, Any]]
+    addrs: list[dict[str, Any]]
+    defaults: list[str]
+    route_devs: dict[str, list[str]]
+
+
+def node_listing(netns: str | None = None) -> Listing:
+    """Links, addresses, default routes and the VXLANs' underlays of a namespace. In this
+    one: over one netlink socket, the links dumped once."""
+    if netns is not None:
+        links = ip_links(netns)
+        return Listing(links, ip_addrs(netns), default_route_devs(netns),
+                       vxlan_route_devs(links, netns))
+    with _netlink("listing interfaces of this namespace") as ipr:
+        links = _nl_links(ipr)
+        names = _names(links)
+        route_devs: dict[str, list[str]] = {}
+        for link in links:
+            li = link.get("linkinfo") or {}
+            data = li.get("info_data") or {}
+            if li.get("info_kind") == "vxlan" and not (data.get("link") or data.get("local")):
+                try:
+                    devs = [_nl_route_dev(ipr, peer, names)
+                            for peer in _nl_peers(ipr, int(link["ifindex"]))[:16]]
+                except Exception as exc:  # a peer with no route: as vxlan_route_devs
+                    log.debug("underlay of %s: %s", link["ifname"], exc)
+                    continue
+                route_devs[str(link["ifname"])] = [d for d in devs if d]
+        return Listing(links, _nl_addrs(ipr, names), _nl_defaults(ipr, names), route_devs)
+
+
 def discover_interfaces(netns: str | None = None) -> tuple[list[Interface], dict[str, int]]:
     """The interfaces of a namespace with their roles, and name -> ifindex."""
-    links = ip_links(netns)
-    addrs = ip_addrs(netns)
-    defaults = default_route_devs(netns)
-    ifaces = classify_interfaces(links, defaults, addrs, vxlan_route_devs(links, netns))
-    return ifaces, {str(link["ifname"]): int(link["ifindex"]) for link in links}
+    ls = node_listing(netns)
+    ifaces = classify_interfaces(ls.links, ls.defaults, ls.addrs, ls.route_devs)
+    return ifaces, {str(link["ifname"]): int(link["ifindex"]) for link in ls.links}
 
 
 def pod_peer_nsids(links: Sequence[Mapping[str, Any]]) -> set[int]:

@@ -186,16 +186,14 @@ def clock_sample() -> tuple[int, int]:
     return best[1], best[2]
 
 
-def wanted_interfaces(override: dict[str, str], links: list[dict[str, Any]] | None = None
+def wanted_interfaces(override: dict[str, str], listing: ft.Listing | None = None
                       ) -> dict[int, ev.Iface]:
     """ifindex -> interface to attach to, by role (or as ``override`` names them)."""
-    if links is None:
-        links = ft.ip_links()
-    by_name = {str(link["ifname"]): int(link["ifindex"]) for link in links}
+    ls = listing or ft.node_listing()
+    by_name = {str(link["ifname"]): int(link["ifindex"]) for link in ls.links}
     if override:
         return {by_name[n]: ev.Iface(n, p) for n, p in override.items() if n in by_name}
-    ifaces = ft.classify_interfaces(links, ft.default_route_devs(), ft.ip_addrs(),
-                                    ft.vxlan_route_devs(links))
+    ifaces = ft.classify_interfaces(ls.links, ls.defaults, ls.addrs, ls.route_devs)
     return {by_name[i.name]: ev.Iface(i.name, i.point)
             for i in ft.attached_interfaces(ifaces)}
 
@@ -443,8 +441,8 @@ class Agent:
 
     def _rescan(self, first: bool = False) -> None:
         try:
-            links = ft.ip_links()
-            want = wanted_interfaces(self.cfg.interfaces, links)
+            listing = ft.node_listing()
+            want = wanted_interfaces(self.cfg.interfaces, listing)
         except Exception as exc:
             log.warning("interface scan failed: %s", exc)
             return
@@ -468,7 +466,7 @@ class Agent:
                     self.ifaces[idx] = itf
                 except bpfprog.AgentError as exc:
                     log.warning("%s", exc)
-        self._pods_netns(links)
+        self._pods_netns(listing.links)
         if not first:
             self._attach_kprobes()
         tg = ft.process_pids(self.cfg.proxy, self.netns)
