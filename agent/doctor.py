@@ -512,9 +512,7 @@ def sysctls_section(ctx: Context) -> Finding:
 def interfaces_section(ctx: Context, netns: str | None) -> Finding:
     where = f"namespace {netns}" if netns else "this network namespace"
     try:
-        links = ft.ip_links(netns)
-        addrs = ft.ip_addrs(netns)
-        defaults = ft.default_route_devs(netns)
+        listing = ft.node_listing(netns)
         qdiscs = ft.tc_qdiscs(netns)
     except HopscopeError as exc:
         return Finding(DEGRADED, f"cannot list interfaces of {where}: {exc}", {},
@@ -524,8 +522,8 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
     except HopscopeError as exc:
         log.debug("tc filters unreadable: %s", exc)
         hooks = ft.tc_hooks(qdiscs)
-    route_devs = ft.vxlan_route_devs(links, netns)
-    ifaces = ft.classify_interfaces(links, defaults, addrs, route_devs)
+    defaults = listing.defaults
+    ifaces = ft.classify_interfaces(listing.links, defaults, listing.addrs, listing.route_devs)
     for i in ifaces:
         i.tc = hooks.get(i.name, ft.TcHook())
     watched = {i.name for i in ft.attached_interfaces(ifaces)}

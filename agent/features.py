@@ -20,7 +20,7 @@ The few that touch the kernel do so without leaving anything behind:
 
 Parsers take text and file-readers take paths (with the real ones as
 defaults) so the tests can point them at fixtures. The agent reuses
-:func:`plan_probes`, :func:`discover_interfaces`, :func:`find_processes`
+:func:`plan_probes`, :func:`node_listing`, :func:`find_processes`
 and :func:`private_mounts`.
 """
 
@@ -43,7 +43,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -965,12 +965,11 @@ def _ns_args(netns: str | None) -> list[str]:
     return ["-n", netns] if netns else []
 
 
-# In this namespace (the agent's, and doctor's by default) the listings come from netlink
-# (pyroute2): no process is forked from the agent (60 MB and more) every rescan, and
-# :func:`node_listing` reads everything a rescan needs over one socket with one dump of
-# the links. A named namespace (doctor --netns, the tests) is read with iproute2's JSON
-# output, `ip -n NAME`. Both give the same dicts, in the shape of `ip -j`
-# (tests/test_features_netlink.py compares them).
+# :func:`node_listing` of this namespace (the agent's rescans, doctor's by default) reads
+# netlink (pyroute2) over one socket with one dump of the links: no process is forked
+# from the agent (60 MB and more) every rescan. A named namespace (doctor --netns) is read
+# with iproute2's JSON output, `ip -n NAME -j` (the functions below). Both give the same
+# dicts, in the shape of `ip -j` (tests/test_features_netlink.py compares them).
 
 #: ARPHRD_* -> the link_type `ip -j` prints (those the classification looks at)
 _LINK_TYPES = {1: "ether", 772: "loopback", 65534: "none"}
@@ -1060,40 +1059,25 @@ def _nl_route_dev(ipr: Any, dst: str, names: Mapping[int, str]) -> str | None:
     for r in ipr.route("get", dst=dst):
         oif = r.get_attr("RTA_OIF")
         if oif:
-            return names.get(oif) or str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+            return names.get(oif)
     return None
 
 
 def ip_links(netns: str | None = None) -> list[dict[str, Any]]:
-    """The namespace's links as ``ip -d -j link show`` gives them (the fields that
-    :func:`classify_interfaces` and :func:`pod_peer_nsids` read)."""
-    if netns is None:
-        with _netlink("listing interfaces of this namespace") as ipr:
-            return _nl_links(ipr)
     return list(_json_cmd(["ip", *_ns_args(netns), "-d", "-j", "link", "show"],
-                          f"listing interfaces of {netns}"))
+                          f"listing interfaces of {netns or 'this namespace'}"))
 
 
 def ip_addrs(netns: str | None = None) -> list[dict[str, Any]]:
-    """The namespace's addresses as ``ip -j addr show`` gives them (``ifname`` and each
-    ``addr_info``'s ``local``)."""
-    if netns is None:
-        with _netlink("listing addresses of this namespace") as ipr:
-            return _nl_addrs(ipr, _names(_nl_links(ipr)))
     return list(_json_cmd(["ip", *_ns_args(netns), "-j", "addr", "show"],
-                          f"listing addresses of {netns}"))
+                          f"listing addresses of {netns or 'this namespace'}"))
 
 
 def default_route_devs(netns: str | None = None) -> list[str]:
-    """The devices of the main table's default routes, IPv4 then IPv6 (``ip route show
-    default``; a multipath route names none)."""
-    if netns is None:
-        with _netlink("reading default routes of this namespace") as ipr:
-            return _nl_defaults(ipr, _names(_nl_links(ipr)))
     devs: list[str] = []
     for fam in ("-4", "-6"):
         routes = _json_cmd(["ip", *_ns_args(netns), fam, "-j", "route", "show", "default"],
-                           f"reading default routes of {netns}")
+                           f"reading default routes of {netns or 'this namespace'}")
         for r in routes:
             d = r.get("dev")
             if d and d not in devs:
@@ -1103,10 +1087,6 @@ def default_route_devs(netns: str | None = None) -> list[str]:
 
 def vxlan_peers(dev: str, netns: str | None = None) -> list[str]:
     """Remote VTEP addresses in a VXLAN device's FDB (``bridge fdb show dev``)."""
-    if netns is None:
-        with _netlink(f"reading the FDB of {dev}") as ipr:
-            idx = ipr.link_lookup(ifname=dev)
-            return _nl_peers(ipr, idx[0]) if idx else []
     fdb = _json_cmd(["bridge", *_ns_args(netns), "-j", "fdb", "show", "dev", dev],
                     f"reading the FDB of {dev}")
     return sorted({str(e["dst"]) for e in fdb if e.get("dst")})
@@ -1114,9 +1094,6 @@ def vxlan_peers(dev: str, netns: str | None = None) -> list[str]:
 
 def route_dev(dst: str, netns: str | None = None) -> str | None:
     """The device ``ip route get <dst>`` picks."""
-    if netns is None:
-        with _netlink(f"looking up the route to {dst}") as ipr:
-            return _nl_route_dev(ipr, dst, {})
     routes = _json_cmd(["ip", *_ns_args(netns), "-j", "route", "get", dst],
                        f"looking up the route to {dst}")
     return str(routes[0]["dev"]) if routes and routes[0].get("dev") else None
@@ -1260,9 +1237,12 @@ def vxlan_underlays(links: Sequence[Mapping[str, Any]], addrs: Sequence[Mapping[
     return out
 
 
-def vxlan_route_devs(links: Sequence[Mapping[str, Any]], netns: str | None = None
-                     ) -> dict[str, list[str]]:
-    """For VXLANs without a bound device or local address: where their FDB peers route."""
+def _vxlan_route_devs(links: Sequence[Mapping[str, Any]],
+                      peers: Callable[[Mapping[str, Any]], list[str]],
+                      route: Callable[[str], str | None]) -> dict[str, list[str]]:
+    """For VXLANs without a bound device or local address: where their FDB peers
+    (``peers`` of the link) route (``route`` of a peer). A VXLAN whose lookup fails (a
+    peer with no route) is left out."""
     route_devs: dict[str, list[str]] = {}
     for link in links:
         li = link.get("linkinfo") or {}
@@ -1270,12 +1250,19 @@ def vxlan_route_devs(links: Sequence[Mapping[str, Any]], netns: str | None = Non
         if li.get("info_kind") == "vxlan" and not (data.get("link") or data.get("local")):
             name = str(link["ifname"])
             try:
-                devs = [route_dev(peer, netns) for peer in vxlan_peers(name, netns)[:16]]
+                devs = [route(peer) for peer in peers(link)[:16]]
             except HopscopeError as exc:
                 log.debug("underlay of %s: %s", name, exc)
                 continue
             route_devs[name] = [d for d in devs if d]
     return route_devs
+
+
+def vxlan_route_devs(links: Sequence[Mapping[str, Any]], netns: str | None = None
+                     ) -> dict[str, list[str]]:
+    """:func:`_vxlan_route_devs` with ``bridge fdb`` and ``ip route get``."""
+    return _vxlan_route_devs(links, lambda link: vxlan_peers(str(link["ifname"]), netns),
+                             lambda dst: route_dev(dst, netns))
 
 
 @dataclass
@@ -1289,35 +1276,26 @@ class Listing:
 
 
 def node_listing(netns: str | None = None) -> Listing:
-    """Links, addresses, default routes and the VXLANs' underlays of a namespace. In this
-    one: over one netlink socket, the links dumped once."""
+    """Links, addresses, default routes and the VXLANs' underlays of a namespace: of this
+    one over one netlink socket, the links dumped once; of a named one with iproute2."""
     if netns is not None:
         links = ip_links(netns)
         return Listing(links, ip_addrs(netns), default_route_devs(netns),
                        vxlan_route_devs(links, netns))
-    with _netlink("listing interfaces of this namespace") as ipr:
+    what = "listing interfaces of this namespace"
+    with _netlink(what) as ipr:
         links = _nl_links(ipr)
         names = _names(links)
-        route_devs: dict[str, list[str]] = {}
-        for link in links:
-            li = link.get("linkinfo") or {}
-            data = li.get("info_data") or {}
-            if li.get("info_kind") == "vxlan" and not (data.get("link") or data.get("local")):
-                try:
-                    devs = [_nl_route_dev(ipr, peer, names)
-                            for peer in _nl_peers(ipr, int(link["ifindex"]))[:16]]
-                except Exception as exc:  # a peer with no route: as vxlan_route_devs
-                    log.debug("underlay of %s: %s", link["ifname"], exc)
-                    continue
-                route_devs[str(link["ifname"])] = [d for d in devs if d]
+
+        def route(dst: str) -> str | None:
+            try:
+                return _nl_route_dev(ipr, dst, names)
+            except Exception as exc:  # pyroute2's NetlinkError: no route
+                raise HopscopeError(f"looking up the route to {dst}: {exc}") from exc
+
+        route_devs = _vxlan_route_devs(
+            links, lambda link: _nl_peers(ipr, int(link["ifindex"])), route)
         return Listing(links, _nl_addrs(ipr, names), _nl_defaults(ipr, names), route_devs)
-
-
-def discover_interfaces(netns: str | None = None) -> tuple[list[Interface], dict[str, int]]:
-    """The interfaces of a namespace with their roles, and name -> ifindex."""
-    ls = node_listing(netns)
-    ifaces = classify_interfaces(ls.links, ls.defaults, ls.addrs, ls.route_devs)
-    return ifaces, {str(link["ifname"]): int(link["ifindex"]) for link in ls.links}
 
 
 def pod_peer_nsids(links: Sequence[Mapping[str, Any]]) -> set[int]:

@@ -186,10 +186,8 @@ def clock_sample() -> tuple[int, int]:
     return best[1], best[2]
 
 
-def wanted_interfaces(override: dict[str, str], listing: ft.Listing | None = None
-                      ) -> dict[int, ev.Iface]:
+def wanted_interfaces(override: dict[str, str], ls: ft.Listing) -> dict[int, ev.Iface]:
     """ifindex -> interface to attach to, by role (or as ``override`` names them)."""
-    ls = listing or ft.node_listing()
     by_name = {str(link["ifname"]): int(link["ifindex"]) for link in ls.links}
     if override:
         return {by_name[n]: ev.Iface(n, p) for n, p in override.items() if n in by_name}

@@ -171,7 +171,7 @@ static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32
     k->vni = p->vni;
 }
 
-/* Send the packet; for a start or a follow, with its payload up to its last blank line.
+/* Send the packet; for a start or a follow, with its payload cut by hs_head_len.
  * Returns whether a head ends in the bytes sent (a blank line among them). */
 static __always_inline int hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, __u8 dir, __u8 why,
                                        __u64 aux)
@@ -273,7 +273,7 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
             __u8 one = 1;
             hs_key(&k, &p, ifindex, 1);
             hs_wait.update(&k, &one);
-        } else if ((p.flags & 0x05) && hs_follow_any()) {
+        } else if (p.flags & 0x05) {
             /* FIN, RST: a head left open on the connection will not go on (its entry
              * would stay in the map, and in the count, until the LRU evicted it) */
             hs_key(&k, &p, ifindex, 0);
