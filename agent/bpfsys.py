@@ -22,10 +22,15 @@ from hopscope.errors import HopscopeError
 #: bpf(2) commands (include/uapi/linux/bpf.h)
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 PROG_TEST_RUN = 10
+OBJ_GET_INFO_BY_FD = 15
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _ATTR = struct.Struct("<I4xQQQ")  # map_fd, key, value | next_key, flags
 # prog_fd, retval, data size in, size out, data in, data out, repeat, duration (ns)
 _TEST_RUN = struct.Struct("<IIIIQQII")
+# BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info
+_INFO = struct.Struct("<IIQ")
+# the head of struct bpf_map_info: type, id, key_size, value_size, max_entries
+_MAP_INFO = struct.Struct("<IIIII")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -74,10 +79,31 @@ def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
     return n
 
 
+def map_shape(fd: int) -> tuple[int, int, int]:
+    """(key size, value size, max entries) of the map ``fd`` as the kernel made it."""
+    info = ctypes.create_string_buffer(_MAP_INFO.size)
+    attr = ctypes.create_string_buffer(_INFO.pack(fd, _MAP_INFO.size, ctypes.addressof(info)),
+                                       _INFO.size)
+    r = _bpf(OBJ_GET_INFO_BY_FD, attr)
+    if r < 0:
+        raise BpfSysError(f"map fd {fd}: BPF_OBJ_GET_INFO_BY_FD failed: {os.strerror(-r)}")
+    _type, _id, key_size, value_size, max_entries = _MAP_INFO.unpack(info.raw)
+    return key_size, value_size, max_entries
+
+
 class Map:
-    """One map by its fd, with fixed-size integer keys and values (little-endian)."""
+    """One map by its fd, with fixed-size integer keys and values (little-endian).
+
+    The sizes are checked against the kernel's map at once: a mirror that drifted from
+    bpf/maps.h would otherwise read past its buffers or write short values."""
 
     def __init__(self, fd: int, key_size: int, value_size: int, per_cpu: bool = False) -> None:
+        got = map_shape(fd)[:2]
+        if got != (key_size, value_size):
+            raise BpfSysError(
+                f"map fd {fd}: the kernel's map has {got[0]}-byte keys and {got[1]}-byte "
+                f"values, the agent expected {key_size} and {value_size}: bpf/maps.h and "
+                f"agent/bpfprog.py MAPS disagree (a mismatched install?)")
         self.fd = fd
         self.key_size = key_size
         self.value_size = value_size

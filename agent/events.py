@@ -107,8 +107,9 @@ TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2
 def header_defines(path: Path = HEADER) -> dict[str, int]:
     """The integer ``#define``s of the shared header (for tests and the loader)."""
     out: dict[str, int] = {}
-    for m in re.finditer(r"^#define\s+(HS_\w+)\s+(\d+)\b", path.read_text(), re.M):
-        out[m.group(1)] = int(m.group(2))
+    for m in re.finditer(r"^#define\s+(HS_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", path.read_text(),
+                         re.M):
+        out[m.group(1)] = int(m.group(2), 0)
     return out
 
 

@@ -600,6 +600,13 @@ def tc_helper_pid_tgid() -> bool:
     return bpf_load_trivial(BPF_PROG_TYPE_SCHED_CLS, prog=_PID_TGID_PROG).ok
 
 
+#: BPF_PROG_LOAD's attributes (union bpf_attr, tests/test_bpfsys.py checks them against
+#: <linux/bpf.h>): prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+#: kern_version, prog_flags; then the name, the expected attach type, the BTF id at offsets
+PROG_LOAD_HEAD = struct.Struct("<IIQQIIQII")
+PROG_NAME_OFF, EXPECTED_ATTACH_TYPE_OFF, ATTACH_BTF_ID_OFF = 48, 68, 108
+
+
 def bpf_load_trivial(prog_type: int, expected_attach_type: int = 0,
                      attach_btf_id: int = 0, keep_fd: bool = False,
                      prog: bytes = b"") -> BpfResult:
@@ -614,12 +621,12 @@ def bpf_load_trivial(prog_type: int, expected_attach_type: int = 0,
     lic = ctypes.create_string_buffer(b"GPL")
     logbuf = ctypes.create_string_buffer(4096)
     attr = ctypes.create_string_buffer(128)
-    struct.pack_into("<IIQQIIQII", attr, 0, prog_type, len(code) // 8,
-                     ctypes.addressof(insns), ctypes.addressof(lic), 1, len(logbuf),
-                     ctypes.addressof(logbuf), 0, 0)
-    struct.pack_into("16s", attr, 48, b"hopscope_probe")
-    struct.pack_into("<I", attr, 68, expected_attach_type)
-    struct.pack_into("<I", attr, 108, attach_btf_id)
+    PROG_LOAD_HEAD.pack_into(attr, 0, prog_type, len(code) // 8, ctypes.addressof(insns),
+                             ctypes.addressof(lic), 1, len(logbuf), ctypes.addressof(logbuf),
+                             0, 0)
+    struct.pack_into("16s", attr, PROG_NAME_OFF, b"hopscope_probe")
+    struct.pack_into("<I", attr, EXPECTED_ATTACH_TYPE_OFF, expected_attach_type)
+    struct.pack_into("<I", attr, ATTACH_BTF_ID_OFF, attach_btf_id)
     fd, err = _bpf(BPF_PROG_LOAD, attr)
     return _result(fd, err, logbuf.raw, keep_fd)
 

@@ -1,8 +1,8 @@
 /* hopscope: the events the agent's BPF programs emit, and the constants they share.
  *
  * One header for the kernel side (the programs in bpf/, compiled by bcc) and the user side
- * (agent/events.py mirrors struct hs_event; tests/test_bpf_header.py checks the
- * mirror against this file with a C compiler). Only fixed-width types: the
+ * (agent/events.py mirrors struct hs_event and the constants; tests/test_agent_events.py
+ * checks the mirror against this file with a C compiler). Only fixed-width types: the
  * layout is the same for every compiler that builds it.
  */
 #ifndef HOPSCOPE_H

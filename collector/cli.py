@@ -9,9 +9,11 @@ from its SQLite file with ``--db PATH``).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
+import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +32,24 @@ from hopscope.render import drop_lines, fmt_ns, render_envelope, trace_text
 from hopscope.replay import parse_cidrs
 
 log = logging.getLogger(__name__)
+
+
+class Duration(click.ParamType):
+    """A duration option (``300ms``, ``10m``, ...): checked when given (on the command line
+    or in a config file, which then names the file and the key), kept as its text."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            parse_duration(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+DURATION = Duration()
 
 
 # --------------------------------------------------------------------------
@@ -59,21 +79,23 @@ def collector() -> None:
               "node that sends).")
 @click.option("--pod-cidr", default="10.42.0.0/16", show_default=True)
 @click.option("--service-cidr", default="10.43.0.0/16", show_default=True)
-@click.option("--entry-port", "entry_ports", multiple=True, type=int, default=(80,),
-              show_default=True)
-@click.option("--idle-flush", default="5s", show_default=True,
+@click.option("--entry-port", "entry_ports", multiple=True, type=click.IntRange(1, 65535),
+              default=(80,), show_default=True)
+@click.option("--idle-flush", default="5s", show_default=True, type=DURATION,
               help="Flush a node that sent nothing for this long.")
-@click.option("--late-window", default="5m", show_default=True,
+@click.option("--late-window", default="5m", show_default=True, type=DURATION,
               help="Keep a request stored incomplete this long: a node's data that comes "
                    "later (an agent that was cut off) completes it (0: off).")
-@click.option("--retention", default="7d", show_default=True,
+@click.option("--retention", default="7d", show_default=True, type=DURATION,
               help="Keep stored requests and drops this long.")
-@click.option("--max-db-bytes", default=1 << 30, show_default=True, type=int,
+@click.option("--max-db-bytes", default=1 << 30, show_default=True,
+              type=click.IntRange(1 << 20, None),
               help="Prune the oldest requests and raw batches beyond this size (the"
                    " database and its segment files).")
-@click.option("--raw-keep", default="15m", show_default=True,
+@click.option("--raw-keep", default="15m", show_default=True, type=DURATION,
               help="Keep the agents' raw batches this long (re-stitched after a restart).")
-@click.option("--feed-backlog", default=64 << 20, show_default=True, type=int,
+@click.option("--feed-backlog", default=64 << 20, show_default=True,
+              type=click.IntRange(1 << 20, None),
               help="Bytes of acked batches that may wait for the stitcher; above it, acks"
                    " wait (a burst is taken in at full speed up to this much).")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
@@ -89,6 +111,7 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
           feed_backlog: int, otlp_endpoint: str | None, otlp_headers: tuple[str, ...]) -> None:
     """Receive agents' batches, stitch requests, store them, serve the JSON API.
 
+    \b
         hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\
             --db /var/lib/hopscope/collector.db --http 127.0.0.1:7001
     """
@@ -309,49 +332,89 @@ def cleanup_cmd() -> None:
 # queries
 
 
-def _source(collector_url: str | None, db: str | None) -> Callable[[str], dict[str, Any]]:
-    """A GET function on the collector's API, or on the database directly."""
-    if db:
-        store = SqliteStore(db, readonly=True)
+class _Source:
+    """GET on the collector's API, or on its database directly; each answer checked to be
+    what this version's commands read (a JSON object holding ``key``'s list)."""
 
-        def local(target: str) -> dict[str, Any]:
-            status, body = api_get(store, target)
-            if status != 200:
-                raise HopscopeError(str(body.get("error", f"HTTP {status}")))
-            return body
+    def __init__(self, collector_url: str | None, db: str | None) -> None:
+        ctx = click.get_current_context(silent=True)
+        if db and collector_url and ctx is not None and ctx.get_parameter_source(
+                "collector_url") == click.core.ParameterSource.COMMANDLINE:
+            raise UsageError("give --collector URL or --db PATH, not both")
+        # (a --db given with $HOPSCOPE_COLLECTOR set reads the database)
+        self.store: SqliteStore | None = None
+        if db:
+            self.store = SqliteStore(db, readonly=True)
+            self.where = db
+            return
+        if not collector_url:
+            raise UsageError("say where to read: --collector URL (or $HOPSCOPE_COLLECTOR) or "
+                             "--db PATH")
+        base = collector_url if "://" in collector_url else f"http://{collector_url}"
+        scheme = urllib.parse.urlsplit(base).scheme
+        if scheme not in ("http", "https"):
+            raise UsageError(f"--collector {collector_url}: the collector's API is HTTP: give "
+                             "http://HOST:PORT (its --http address)")
+        self.where = base.rstrip("/")
 
-        return local
-    if not collector_url:
-        raise UsageError("say where to read: --collector URL (or $HOPSCOPE_COLLECTOR) or --db PATH")
-    base = collector_url if "://" in collector_url else f"http://{collector_url}"
+    def get(self, target: str, key: str) -> dict[str, Any]:
+        body = self._local(target) if self.store is not None else self._remote(target)
+        if not isinstance(body, dict) or not isinstance(body.get(key), list):
+            raise HopscopeError(
+                f"{self.where}: the answer to {target.split('?')[0]} holds no {key!r} list: "
+                "not a hopscope collector's API, or one of another version")
+        return body
 
-    def remote(target: str) -> dict[str, Any]:
-        url = base.rstrip("/") + target
+    def _local(self, target: str) -> Any:
+        assert self.store is not None
+        try:
+            status, body = api_get(self.store, target)
+        except sqlite3.Error as exc:
+            raise HopscopeError(f"database {self.where}: {exc}: a store of another hopscope "
+                                "version?") from None
+        if status != 200:
+            raise HopscopeError(f"{self.where}: {body.get('error', f'HTTP {status}')}")
+        return body
+
+    def _remote(self, target: str) -> Any:
+        url = self.where + target
         try:
             with urllib.request.urlopen(url, timeout=30) as resp:
-                body: dict[str, Any] = json.loads(resp.read())
-                return body
+                return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             try:
                 msg = json.loads(exc.read()).get("error", "")
-            except ValueError:
+            except (ValueError, AttributeError):
                 msg = ""
             raise HopscopeError(f"{url}: HTTP {exc.code}{': ' + msg if msg else ''}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise HopscopeError(f"cannot reach the collector at {base}: {reason}") from None
-        except ValueError as exc:
-            raise HopscopeError(f"{url}: not JSON: {exc}") from None
+            raise HopscopeError(f"cannot reach the collector at {self.where}: {reason} (is it "
+                                "running, and is this its --http address?)") from None
+        except (http.client.HTTPException, ValueError) as exc:
+            # BadStatusLine: something that is not HTTP answered (the agents' port?)
+            raise HopscopeError(
+                f"{self.where}: not the collector's HTTP API ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:80]}): give its --http address, not the "
+                "agents' --listen port") from None
 
-    return remote
+    def render(self, fn: Callable[[], str]) -> str:
+        """``fn()``, an answer this version cannot lay out named as such (one line)."""
+        try:
+            return fn()
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            raise HopscopeError(f"{self.where}: an answer this hopscope cannot read "
+                                f"({type(exc).__name__}: {exc}): a collector of another "
+                                "version?") from None
 
 
-def _where(f: Callable[..., Any]) -> Callable[..., Any]:
+def _where(f: Callable[..., Any],
+           json_help: str = "Print the hop-model JSON envelope.") -> Callable[..., Any]:
     f = click.option("--collector", "collector_url", envvar="HOPSCOPE_COLLECTOR",
                      metavar="URL", help="The collector's HTTP API (env HOPSCOPE_COLLECTOR).")(f)
     f = click.option("--db", "db", type=click.Path(dir_okay=False),
                      help="Read the collector's SQLite store directly.")(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Print the hop-model JSON envelope.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help=json_help)(f)
     return f
 
 
@@ -365,7 +428,7 @@ def _since_opts(f: Callable[..., Any], default: str) -> Callable[..., Any]:
     f = click.option("--anchor", type=click.Choice(["auto", "now", "newest"]), default="auto",
                      show_default=True, help="What --since counts back from: now, the newest "
                      "stored request, or auto (now, unless nothing stored is that recent).")(f)
-    return click.option("--since", default=default, show_default=True,
+    return click.option("--since", default=default, show_default=True, type=DURATION,
                         help="How far back: 10m, 1h, 2d.")(f)
 
 
@@ -382,17 +445,20 @@ def _dump(body: dict[str, Any]) -> None:
 @_where
 def trace(request_id: str, collector_url: str | None, db: str | None, as_json: bool) -> None:
     """One request's hops (a waterfall), and the clock offsets they were corrected with."""
-    env = _source(collector_url, db)("/trace/" + urllib.parse.quote(request_id, safe=""))
+    if not request_id.strip():
+        raise UsageError("empty request id: give one from `hopscope requests` (its cf-ray)")
+    src = _Source(collector_url, db)
+    env = src.get("/trace/" + urllib.parse.quote(request_id, safe=""), "requests")
     if as_json:
         _dump(env)
         return
-    click.echo(trace_text(env))
+    click.echo(src.render(lambda: trace_text(env)))
 
 
 @click.command()
 @_where
 @_since("10m")
-@click.option("--slower-than", default=None, help="Only requests slower than this (300ms, 1.5s).")
+@click.option("--slower-than", default=None, type=DURATION, help="Only requests slower than this (300ms, 1.5s).")
 @click.option("--path", default=None, help="Only this path (a prefix when it ends with *).")
 @click.option("--status", default=None, help="Only this status class or code (5xx, 503).")
 @click.option("--node", default=None, help="Only requests through this node.")
@@ -404,18 +470,25 @@ def requests(collector_url: str | None, db: str | None, as_json: bool, since: st
     """Stored requests, filtered; waterfalls and the per-hop table."""
     slower = str(parse_duration(slower_than)) if slower_than else None
     parse_duration(since)
-    env = _source(collector_url, db)("/requests?" + _qs(
+    src = _Source(collector_url, db)
+    env = src.get("/requests?" + _qs(
         since=since, anchor=anchor, slower_than=slower, path=path, status=status, node=node,
-        limit=limit))
+        limit=limit), "requests")
     if as_json:
         _dump(env)
         return
-    click.echo(render_envelope({**env, "clock_offsets": {}}, max_requests=None))
+    click.echo(src.render(lambda: render_envelope({**env, "clock_offsets": {}},
+                                                  max_requests=None)))
 
+
+
+def _where_stats(f: Callable[..., Any]) -> Callable[..., Any]:
+    return _where(f, 'Print the table as JSON: {"by", "since_ns", "hops": [{"name", "dir", '
+                     '"count", "p50", "p90", "p99", "max"}]} (ns).')
 
 
 @click.command()
-@_where
+@_where_stats
 @_since("1h")
 @click.option("--by", type=click.Choice(["node", "path"]), default=None,
               help="One table per node (the hop's) or per path.")
@@ -423,14 +496,19 @@ def stats(collector_url: str | None, db: str | None, as_json: bool, since: str, 
           by: str | None) -> None:
     """Per-hop latency: count, p50, p90, p99, max."""
     parse_duration(since)
-    body = _source(collector_url, db)("/stats?" + _qs(since=since, anchor=anchor, by=by))
+    src = _Source(collector_url, db)
+    body = src.get("/stats?" + _qs(since=since, anchor=anchor, by=by), "hops")
     if as_json:
         _dump(body)
         return
-    rows = body.get("hops") or []
+    rows = body["hops"]
     if not rows:
         click.echo("No requests stored in that window.")
         return
+    click.echo(src.render(lambda: _stats_text(rows, by)))
+
+
+def _stats_text(rows: list[dict[str, Any]], by: str | None) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r.get(by, "")) if by else "", []).append(r)
@@ -447,8 +525,7 @@ def stats(collector_url: str | None, db: str | None, as_json: bool, since: str, 
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
         out.append("\n".join(lines))
-    click.echo("\n\n".join(out))
-
+    return "\n\n".join(out)
 
 
 @click.command()
@@ -458,13 +535,14 @@ def drops(collector_url: str | None, db: str | None, as_json: bool, since: str,
           anchor: str) -> None:
     """Drops: connection attempts unanswered, requests without a response."""
     parse_duration(since)
-    env = _source(collector_url, db)("/drops?" + _qs(since=since, anchor=anchor))
+    src = _Source(collector_url, db)
+    env = src.get("/drops?" + _qs(since=since, anchor=anchor), "drops")
     if as_json:
         _dump(env)
         return
-    ds = env.get("drops") or []
+    ds = env["drops"]
     if not ds:
         click.echo("No drops in that window.")
         return
-    click.echo(drop_lines(ds))
+    click.echo(src.render(lambda: drop_lines(ds)))
 

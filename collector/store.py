@@ -217,6 +217,13 @@ class SqliteStore:
                 if not self.path.exists():
                     raise UsageError(f"no collector database at {self.path}")
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+                tables = {r[0] for r in self.db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"requests", "batches"} & tables:
+                    self.db.close()
+                    raise UsageError(f"database {self.path}: not a hopscope collector store "
+                                     "(no requests or batches table): give the file the "
+                                     "collector's --db names")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)

@@ -477,7 +477,7 @@ class CaptureReader:
         h = 0
         data = b""
         pos = 0
-        done = 0
+        done = 24  # bytes before data[0]: the file header, read above
         eof = False
         stats = self.stats
         sec: int

@@ -59,6 +59,18 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("hopscope: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `hopscope replay --json ... | head`: the reader had enough
+            _quiet_stdout()
+            sys.exit(0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush has nowhere to fail."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(cls=_Group)
@@ -77,10 +89,14 @@ def run(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("hopscope: aborted", err=True)
         sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `hopscope`, `hopscope agent`: help
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         hint = "; see --help" if isinstance(exc, click.UsageError) else ""
         click.echo(f"hopscope: {exc.format_message().rstrip('.')}{hint}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:  # `hopscope replay ... | head`
+        _quiet_stdout()
         sys.exit(0)
     sys.exit(rv if isinstance(rv, int) else 0)

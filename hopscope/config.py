@@ -94,6 +94,8 @@ def load_config(ctx: click.Context, path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from None
     keys = option_keys(ctx.command)
     out: dict[str, Any] = {}
     for raw_key, raw in data.items():

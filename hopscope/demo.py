@@ -211,21 +211,27 @@ def _largest_other_shift(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> in
 @click.option("--keep", "keep_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the captures and the agents' records and logs in this directory "
                    "(default: a temporary one, removed).")
+@click.option("--prefix", default=DEMO_PREFIX, show_default=True,
+              help="Namespace prefix of the demo's replica (a replica left under it by a "
+                   "killed demo is removed first).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"agents": envelope, "replay": envelope, "agents_error": ""} '
                    "as JSON instead.")
-def demo(requests: int, keep_dir: Path | None, as_json: bool) -> None:
-    """Build the replica, run the agents, send traffic with two faults, explain (root, ~1 min)."""
+def demo(requests: int, keep_dir: Path | None, prefix: str, as_json: bool) -> None:
+    """Build the replica, run the agents, send traffic with two faults, explain (root, ~30 s)."""
     import json
+
+    from hopscope.testbed.topology import normalize_prefix
 
     if not 10 <= requests <= 5000:
         raise click.BadParameter("give 10..5000", param_hint="--requests")
+    prefix = normalize_prefix(prefix)
     try:
         if keep_dir is not None:
             keep_dir.mkdir(parents=True, exist_ok=True)
-            res = run_demo(keep_dir, requests=requests)
+            res = run_demo(keep_dir, prefix=prefix, requests=requests)
         else:
             with tempfile.TemporaryDirectory(prefix="hopscope-demo-") as tmp:
-                res = run_demo(Path(tmp), requests=requests)
+                res = run_demo(Path(tmp), prefix=prefix, requests=requests)
     except HopscopeError:
         raise
     except OSError as exc:

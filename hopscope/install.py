@@ -708,6 +708,7 @@ def install(role: str, root: Path | None, no_apt: bool, no_start: bool, source: 
     when it exists), the token, the unit; then enable and start it. Running it again
     changes nothing when nothing changed. See docs/install.md.
 
+    \b
         hopscope install collector --listen 0.0.0.0:7000
         hopscope install agent --collector 10.0.0.1:7000 --token-file collector.token
     """

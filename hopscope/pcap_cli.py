@@ -67,18 +67,22 @@ def request_packets(rid: str, obs: Iterable[Observation]) -> list[Observation]:
     return buf.request(rid, 1 << 62)
 
 
+def _warn(msg: str) -> None:
+    click.echo(f"hopscope: warning: {msg}", err=True)
+
+
 def _from_captures(rid: str, files: tuple[str, ...], named: tuple[str, ...]
                    ) -> tuple[dict[str, Any] | None, list[Observation]]:
-    from hopscope.capture import read_all
+    from hopscope.capture import CaptureReader
     from hopscope.replay import node_files, replay
 
     pairs = node_files(files, named)
-    env = replay(pairs, progress=False).envelope
+    env = replay(pairs, progress=False, warn=_warn).envelope
     req = next((r for r in env["requests"] if r["request_id"] == rid), None)
     obs: list[Observation] = []
-    for node, path in pairs:
-        got, _st = read_all(path, node)
-        obs += got
+    for node, path in pairs:  # again, all of them (the replay showed the warnings)
+        for batch in CaptureReader(path, node, warn=lambda _msg: None):
+            obs += batch
     return req, obs
 
 
@@ -103,19 +107,36 @@ def _from_store(rid: str, db: str) -> tuple[dict[str, Any] | None, list[Observat
               help="A capture and its node's name (default: the file's stem names the node).")
 @click.option("--db", default=None, type=click.Path(dir_okay=False),
               help="Read the collector's store instead of captures.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print what was written as JSON: {"request_id", "out", "packets", "nodes", '
+                   '"stitched"}.')
 def pcap(request_id: str, captures: tuple[str, ...], out: str, named: tuple[str, ...],
-         db: str | None) -> None:
+         db: str | None, as_json: bool) -> None:
     """Write one request's packets, from every node, as one pcapng (for Wireshark).
 
+    \b
         hopscope pcap 8ccc9856a34ef348-DFW node1.pcapng node2.pcapng -o req.pcapng
         hopscope pcap 8ccc9856a34ef348-DFW --db /var/lib/hopscope/hs.db -o req.pcapng
     """
+    import json
+
+    from hopscope.errors import HopscopeError
     from hopscope.pcapwrite import write_pcapng
 
-    if bool(db) == bool(captures or named):
+    if db and (captures or named):
         raise UsageError("give the captures (FILE... or --node NAME=FILE) or --db, not both")
+    if not db and not (captures or named):
+        raise UsageError("where are the packets? give the captures (FILE... or --node "
+                         "NAME=FILE) or the collector's store (--db PATH)")
     if db and not Path(db).exists():
         raise UsageError(f"--db {db}: no such file")
+    if out == "-":
+        raise UsageError("-o -: give a file name (the pcapng is written whole, then renamed "
+                         "into place)")
+    if not Path(out).resolve().parent.is_dir():
+        raise UsageError(f"-o {out}: no directory {Path(out).resolve().parent} to write it in")
+    if not request_id.strip():
+        raise UsageError("empty request id: give one from `hopscope requests` (its cf-ray)")
     req, obs = _from_store(request_id, db) if db else _from_captures(request_id, captures, named)
     pkts = request_packets(request_id, obs)
     if not pkts:
@@ -123,8 +144,15 @@ def pcap(request_id: str, captures: tuple[str, ...], out: str, named: tuple[str,
         raise UsageError(f"no packets of request {request_id} in {where}: is the id right "
                          "(hopscope requests lists them)?")
     info = req or {"request_id": request_id}
-    n = write_pcapng(out, pkts, lambda o: hop_comment(info, o))
+    try:
+        n = write_pcapng(out, pkts, lambda o: hop_comment(info, o))
+    except OSError as exc:
+        raise HopscopeError(f"cannot write {out}: {exc.strerror or exc}") from None
     nodes = sorted({o.node for o in pkts})
+    if as_json:
+        click.echo(json.dumps({"request_id": request_id, "out": out, "packets": n,
+                               "nodes": nodes, "stitched": req is not None}))
+        return
     click.echo(f"{n} packets of {request_id} from {', '.join(nodes)} written to {out}"
                + ("" if req else " (the request itself was not stitched: no hop comments)"),
                err=True)

@@ -25,12 +25,14 @@ def _warn(msg: str) -> None:
 @click.option("--pod-cidr", default="10.42.0.0/16", show_default=True, help="Cluster pod network.")
 @click.option("--service-cidr", default="10.43.0.0/16", show_default=True,
               help="Cluster service (ClusterIP) network.")
-@click.option("--entry-port", "entry_ports", multiple=True, type=int, default=(80,),
+@click.option("--entry-port", "entry_ports", multiple=True, type=click.IntRange(1, 65535),
+              default=(80,),
               show_default=True, help="Port Traefik listens on for Cloudflare (repeatable).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None,
               help="Processes to use (default: the CPUs; large captures are split by flow).")
 @click.option("--all", "show_all", is_flag=True, help="Show a waterfall for every request.")
-@click.option("--limit", default=20, show_default=True, help="Waterfalls to show (slowest and flagged).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(0, None),
+              help="Waterfalls to show (slowest and flagged).")
 def replay(files: tuple[str, ...], named: tuple[str, ...], as_json: bool, reference: str | None,
            pod_cidr: str, service_cidr: str, entry_ports: tuple[int, ...], jobs: int | None,
            show_all: bool, limit: int) -> None:

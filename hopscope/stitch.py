@@ -965,16 +965,14 @@ class Stitcher:
                 last = max(rs, key=lambda r: (ref_t(r.node, r.first),
                                               _POINT_ORDER.get(r.point, 0)))
                 node, point, first = last.node, last.point, ref_t(last.node, last.first)
-            drop = {
+            reason = self._kernel_reason(node, last.flow)
+            drops.append({
                 "node": node, "point": point,
                 "kind": "refused" if any(r.refused for r in rs) else "syn_unanswered",
+                **(_reason_rule(reason) if reason else {}),  # the contract's key order
                 "flow": flow_str(*last.flow), "packets": last.packets,
                 "first_ns": first,
-            }
-            reason = self._kernel_reason(node, last.flow)
-            if reason:
-                drop.update(_reason_rule(reason))
-            drops.append(drop)
+            })
         drops += self._kernel_drops(final, horizon)
         if final and not self.late_ns:
             self._synacks.clear()

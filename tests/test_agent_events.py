@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,6 +79,44 @@ int main(void) {{
     assert (d["HS_ROLE_NIC"], d["HS_ROLE_OVERLAY"], d["HS_ROLE_UNDERLAY"], d["HS_ROLE_POD"],
             d["HS_ROLE_NIC_UNDERLAY"]) == (ev.ROLE_NIC, ev.ROLE_OVERLAY, ev.ROLE_UNDERLAY,
                                            ev.ROLE_POD, ev.ROLE_NIC_UNDERLAY)
+    assert (d["HS_DIR_IN"], d["HS_DIR_OUT"]) == (ev.DIR_IN, ev.DIR_OUT)
+    assert (d["HS_WHY_CONTROL"], d["HS_WHY_HS_ACK"], d["HS_WHY_START"], d["HS_WHY_FOLLOW"]) == (
+        ev.WHY_CONTROL, ev.WHY_HS_ACK, ev.WHY_START, ev.WHY_FOLLOW)
+    assert d["HS_NO_VNI"] == ev.NO_VNI
+    assert ev.header_defines(ev.BPF_DIR / "maps.h")["HS_MAX_IFINDEX"] == bpfprog.MAX_IFINDEX
+
+
+#: the counters' names in the header (HS_STAT_*) and in the mirror (source_what), where they
+#: are not the one lower-cased
+_STAT_NAMES = {"HS_STAT_PROXY_WRITES": "tc_proxy_writes", "HS_STAT_TC_IPV6": "tc_ipv6_skipped"}
+
+
+def test_counters_mirror_the_header_by_name() -> None:
+    """Each per-CPU counter is read from the index the programs count it at: a swapped
+    entry would report one source's losses as another's."""
+    d = {k: v for k, v in ev.header_defines().items()
+         if k.startswith("HS_STAT_") and k != "HS_STAT_MAX"}
+    want = {_STAT_NAMES.get(k, k.removeprefix("HS_STAT_").lower()): v for k, v in d.items()}
+    assert want == ev.STAT_INDEX
+
+
+def test_map_shapes_mirror_maps_h() -> None:
+    """The key and value sizes the agent reads and writes its maps with (bpfprog.MAPS), from
+    the declarations in bpf/maps.h (the loader also checks them against the kernel's)."""
+    sizes = {"__u8": 1, "__u32": 4, "__u64": 8, "__s64": 8,
+             "struct hs_proxy_set": 4 * bpfprog.MAX_PROXY}
+    text = (ev.BPF_DIR / "maps.h").read_text()
+    decl = {}
+    for m in re.finditer(r"^BPF_(PERCPU_ARRAY|ARRAY|HASH)\((\w+), ([\w ]+?)(?:, ([\w ]+?))?"
+                         r"(?:, \w+)?\);", text, re.M):
+        kind, name, a, b = m.groups()
+        if name not in bpfprog.MAPS:
+            continue
+        if kind == "HASH":
+            decl[name] = (sizes[a], sizes[b], False)
+        else:  # arrays: a __u32 index, the value type
+            decl[name] = (4, sizes[a], kind == "PERCPU_ARRAY")
+    assert decl == {k: v for k, v in bpfprog.MAPS.items() if k != "events"}
 
 
 def _raw(**kw: object) -> bytes:

@@ -22,7 +22,13 @@ import pytest
 from hopscope.capture import read_all
 from hopscope.replay import replay
 from hopscope.testbed import faults
-from hopscope.testbed.agents import running_agents, start_agent, stitch_records, stop_agent
+from hopscope.testbed.agents import (
+    remove_stale_in,
+    running_agents,
+    start_agent,
+    stitch_records,
+    stop_agent,
+)
 from hopscope.testbed.capture import capturing
 from hopscope.testbed.topology import Instance
 from hopscope.testbed.traffic import TrafficConfig, run_traffic
@@ -355,23 +361,31 @@ def _policies(pid: int) -> set[int]:
 def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path: Path) -> None:
     node = "node3"
     ns = testbed.ns(node)
-    a = start_agent(testbed, node, tmp_path / "first")
-    assert _hopscope_filters(ns)  # attached on every role's interface
-    assert _policies(a.proc.pid) == {os.SCHED_BATCH}  # --sched batch, every thread
-    # it loaded with bcc, then went on without it (exec): LLVM is not in its memory
-    maps = Path(f"/proc/{a.proc.pid}/maps").read_text()
-    assert "libbcc" not in maps and "LLVM" not in maps
-    rss = next(int(ln.split()[1]) for ln in Path(f"/proc/{a.proc.pid}/status").read_text()
-               .splitlines() if ln.startswith("VmRSS:"))
-    assert rss < 80 * 1024, f"agent RSS {rss} kB"
-    assert "continuing without bcc" in a.log.read_text()
-    stop_agent(a, signal.SIGKILL)
-    stale = _hopscope_filters(ns)
-    assert stale, "a killed agent leaves its filters (the next one must remove them)"
-    b = start_agent(testbed, node, tmp_path / "second", ["--sched", "normal"])
-    assert _policies(b.proc.pid) == {os.SCHED_OTHER}
-    assert "stale tc filter" in b.log.read_text()
-    assert sorted(_hopscope_filters(ns)) == sorted(stale)  # its own, once each
-    assert stop_agent(b) == 0
-    assert _hopscope_filters(ns) == []
-    assert _hopscope_progs() == []
+    started = []
+    try:
+        a = start_agent(testbed, node, tmp_path / "first")
+        started.append(a)
+        assert _hopscope_filters(ns)  # attached on every role's interface
+        assert _policies(a.proc.pid) == {os.SCHED_BATCH}  # --sched batch, every thread
+        # it loaded with bcc, then went on without it (exec): LLVM is not in its memory
+        maps = Path(f"/proc/{a.proc.pid}/maps").read_text()
+        assert "libbcc" not in maps and "LLVM" not in maps
+        rss = next(int(ln.split()[1]) for ln in Path(f"/proc/{a.proc.pid}/status")
+                   .read_text().splitlines() if ln.startswith("VmRSS:"))
+        assert rss < 80 * 1024, f"agent RSS {rss} kB"
+        assert "continuing without bcc" in a.log.read_text()
+        stop_agent(a, signal.SIGKILL)
+        stale = _hopscope_filters(ns)
+        assert stale, "a killed agent leaves its filters (the next one must remove them)"
+        b = start_agent(testbed, node, tmp_path / "second", ["--sched", "normal"])
+        started.append(b)
+        assert _policies(b.proc.pid) == {os.SCHED_OTHER}
+        assert "stale tc filter" in b.log.read_text()
+        assert sorted(_hopscope_filters(ns)) == sorted(stale)  # its own, once each
+        assert stop_agent(b) == 0
+        assert _hopscope_filters(ns) == []
+        assert _hopscope_progs() == []
+    finally:  # a failure above leaves no agent and no filter to the module's other tests
+        for x in started:
+            stop_agent(x)
+        remove_stale_in(ns)

@@ -603,9 +603,16 @@ def test_offsets_always_inside_every_bound(truth: list[int], delays: list[tuple[
                                                   hi=truth[j] - truth[i] + fwd)
     offs = s._offsets(pairs, strict=False)
     assert offs is not None
+    # every node linked to n0 through the kept pairs gets an offset (the rest: unknown)
+    linked, grew = {"n0"}, True
+    while grew:
+        more = {b if a in linked else a for a, b in pairs if (a in linked) != (b in linked)}
+        grew = bool(more)
+        linked |= more
+    assert {n for n in nodes if offs[n].error_ns >= 0} == linked
     for (a, b), bd in pairs.items():
         assert bd.lo is not None and bd.hi is not None
-        if offs[a].error_ns >= 0 and offs[b].error_ns >= 0:
+        if a in linked:
             assert bd.lo <= offs[b].offset_ns - offs[a].offset_ns <= bd.hi
 
 

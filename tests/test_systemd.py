@@ -43,6 +43,7 @@ from click.testing import CliRunner
 from hopscope.cli import main
 from hopscope.config import config_option, load_config, option_keys
 from hopscope.install import HEADERS_DROPIN, Installer, Options, data_dir, render_config
+from hopscope.testbed.agents import remove_stale_in
 from hopscope.testbed.topology import Instance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -543,15 +544,18 @@ def test_stop_post_removes_what_a_killed_agent_left(testbed: Instance,
     node = "node2"
     with state_dir() as state:
         a = start_unit_agent(testbed, node, state, unit_env["caps"], unit_env["dropin"])
-        assert stop(a, signal.SIGKILL) == -signal.SIGKILL
-        left = hopscope_filters(testbed.ns(node))
-        assert left, "a killed agent leaves its tc filters (the programs stay attached)"
-        out = run_stop_post(testbed, node, unit_env["caps"], unit_env["dropin"], state)
-        assert f"removed {len(left)} hopscope tc filter(s)" in out, out
-        assert hopscope_filters(testbed.ns(node)) == []
-        # and again: nothing left, says so
-        assert "no hopscope tc filters left" in run_stop_post(
-            testbed, node, unit_env["caps"], unit_env["dropin"], state)
+        try:
+            assert stop(a, signal.SIGKILL) == -signal.SIGKILL
+            left = hopscope_filters(testbed.ns(node))
+            assert left, "a killed agent leaves its tc filters (the programs stay attached)"
+            out = run_stop_post(testbed, node, unit_env["caps"], unit_env["dropin"], state)
+            assert f"removed {len(left)} hopscope tc filter(s)" in out, out
+            assert hopscope_filters(testbed.ns(node)) == []
+            # and again: nothing left, says so
+            assert "no hopscope tc filters left" in run_stop_post(
+                testbed, node, unit_env["caps"], unit_env["dropin"], state)
+        finally:  # a failure above leaves no filter to the module's other tests
+            remove_stale_in(testbed.ns(node))
 
 
 #: capability taken away -> (agent options, what the agent says)
@@ -594,7 +598,10 @@ def test_without_systemds_mounts_the_agent_would_need_cap_sys_admin(
     with state_dir() as state:
         a = start_unit_agent(testbed, "node3", state, unit_env["caps"], unit_env["dropin"],
                              extra={"duration": "2s"}, tracefs=False, wait_ready=False)
-        a.proc.wait(90)
+        try:
+            a.proc.wait(90)
+        finally:
+            stop(a)
         log = a.text()
     assert a.proc.returncode != 0
     assert "cannot make a private mount namespace" in log and "CAP_SYS_ADMIN" in log, log

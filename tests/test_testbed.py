@@ -304,13 +304,16 @@ def test_with_block_always_tears_down(root_snapshot: dict[str, str]) -> None:
     before = take_root_snapshot()
     prefix = unique_prefix("w")
     pids: list[int] = []
-    with pytest.raises(RuntimeError, match="boom"), build.replica(prefix) as inst:
-        pids = list(inst.pids.values())
-        assert len(pids) == 6 and all(netns.pid_alive(p) for p in pids)
-        assert netns.list_namespaces(prefix)
-        raise RuntimeError("boom")
-    assert _leftovers(prefix, pids) == []
-    assert snapshot_diff(before, take_root_snapshot()) == []
+    try:
+        with pytest.raises(RuntimeError, match="boom"), build.replica(prefix) as inst:
+            pids = list(inst.pids.values())
+            assert len(pids) == 6 and all(netns.pid_alive(p) for p in pids)
+            assert netns.list_namespaces(prefix)
+            raise RuntimeError("boom")
+        assert _leftovers(prefix, pids) == []
+        assert snapshot_diff(before, take_root_snapshot()) == []
+    finally:
+        build.down(prefix)  # nothing to do unless the teardown under test failed
 
 
 @pytest.mark.privileged
@@ -323,20 +326,26 @@ def test_failed_up_cleans_up_and_down_finishes_a_partial_up(
     monkeypatch.setattr(build, "_start_traefik", broken)
     # 1) up cleans up after itself
     prefix = unique_prefix("f")
-    with pytest.raises(TestbedError, match="injected"):
-        build.up(prefix)
-    assert _leftovers(prefix, []) == []
+    try:
+        with pytest.raises(TestbedError, match="injected"):
+            build.up(prefix)
+        assert _leftovers(prefix, []) == []
+    finally:
+        build.down(prefix)  # nothing to do unless the cleanup under test failed
     # 2) an up that died without cleaning (as after SIGKILL): down finds everything
     prefix = unique_prefix("g")
-    with pytest.raises(TestbedError, match="injected"):
-        build.up(prefix, cleanup_on_error=False)
-    inst = build.load_instance(prefix)
-    pids = list(inst.pids.values())
-    assert inst.phase == "pods" and len(pids) == 3 and all(netns.pid_alive(p) for p in pids)
-    state_path(prefix).unlink()  # down must also work by scanning
-    res = build.down(prefix)
-    assert len(res["namespaces"]) == 8 and sorted(res["pids"]) == sorted(pids)
-    assert _leftovers(prefix, pids) == []
+    try:
+        with pytest.raises(TestbedError, match="injected"):
+            build.up(prefix, cleanup_on_error=False)
+        inst = build.load_instance(prefix)
+        pids = list(inst.pids.values())
+        assert inst.phase == "pods" and len(pids) == 3 and all(netns.pid_alive(p) for p in pids)
+        state_path(prefix).unlink()  # down must also work by scanning
+        res = build.down(prefix)
+        assert len(res["namespaces"]) == 8 and sorted(res["pids"]) == sorted(pids)
+        assert _leftovers(prefix, pids) == []
+    finally:
+        build.down(prefix)
 
 
 @pytest.mark.privileged

@@ -143,7 +143,7 @@ class _FakePacket:
     def __init__(self, n: int) -> None:
         self.n = n
         self.mark = 0x4000
-        self.verdict: tuple[str, int, int] | None = None
+        self.verdict: tuple[str, int] | None = None
 
     def get_mark(self) -> int:
         return self.mark
@@ -152,23 +152,28 @@ class _FakePacket:
         self.mark = m
 
     def repeat(self) -> None:
-        self.verdict = ("repeat", self.mark, time.monotonic_ns())
+        self.verdict = ("repeat", self.mark)
 
 
 def test_holder_holds_packets_concurrently_and_keeps_marks() -> None:
-    h = Holder(hold_ns=20_000_000, mark_bit=DEFAULT_MARK_BIT)
+    now = [1_000_000_000]
+    h = Holder(hold_ns=20_000_000, mark_bit=DEFAULT_MARK_BIT, clock=lambda: now[0])
     pkts = [_FakePacket(i) for i in range(50)]
-    t0 = time.monotonic_ns()
-    for p in pkts:
+    for i, p in enumerate(pkts):  # 50 packets, 10 µs apart
+        now[0] += 10_000 * (i > 0)
         h.on_packet(p)
-    while h.heap:
-        time.sleep(0.001)
-        h.release_due()
-    took = (time.monotonic_ns() - t0) / 1e6
-    assert 20 <= took < 200  # 50 packets held together (one after the other: 1000 ms)
-    assert all(p.verdict is not None and p.verdict[0] == "repeat" for p in pkts)
-    assert all(p.mark == 0x4000 | DEFAULT_MARK_BIT for p in pkts)  # other bits kept
-    assert h.stats.held == h.stats.released == 50
+    assert h.stats.max_in_flight == 50 and h.stats.released == 0
+    now[0] += 20_000_000 - 490_000 - 1  # 1 ns before the first one's deadline
+    h.release_due()
+    assert h.stats.released == 0 and all(p.verdict is None for p in pkts)
+    now[0] += 1 + 245_000  # the first 25 due (held together: not one after the other)
+    h.release_due()
+    assert [p.verdict is not None for p in pkts] == [True] * 25 + [False] * 25
+    now[0] += 245_000
+    h.release_due()
+    assert not h.heap and all(p.verdict == ("repeat", 0x4000 | DEFAULT_MARK_BIT) for p in pkts)
+    assert h.stats.held == h.stats.released == 50  # other mark bits kept, each released once
+    assert h.stats.summary()["late_us_max"] == 245  # the first, released 245 µs late
 
 
 def test_rule_spec_matches_only_unmarked_packets() -> None:

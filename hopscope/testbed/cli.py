@@ -76,7 +76,7 @@ def down(prefix: str) -> None:
 
 @testbed.command()
 @prefix_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 def status(prefix: str, as_json: bool) -> None:
     """Show what runs: namespaces, processes, a request through each node."""
     st = build.status(prefix)

@@ -48,6 +48,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,7 +135,9 @@ class Stats:
 class Holder:
     """The heap of held packets and the loop that releases them."""
 
-    def __init__(self, hold_ns: int, mark_bit: int) -> None:
+    def __init__(self, hold_ns: int, mark_bit: int,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.clock = clock
         self.hold_ns = hold_ns
         self.mark_bit = mark_bit
         self.heap: list[tuple[int, int, Any]] = []
@@ -147,7 +150,7 @@ class Holder:
 
     def on_packet(self, pkt: Any) -> None:
         """NetfilterQueue callback: remember the packet and its deadline."""
-        deadline = time.monotonic_ns() + self.hold_ns
+        deadline = self.clock() + self.hold_ns
         heapq.heappush(self.heap, (deadline, next(self.seq), pkt))
         self.stats.held += 1
         if len(self.heap) > self.stats.max_in_flight:
@@ -166,11 +169,12 @@ class Holder:
 
     def release_due(self) -> None:
         heap = self.heap
-        now = time.monotonic_ns()
+        clock = self.clock
+        now = clock()
         while heap and heap[0][0] <= now:
             deadline, _, pkt = heapq.heappop(heap)
             self.release(pkt, now - deadline)
-            now = time.monotonic_ns()
+            now = clock()
 
     def release_all(self) -> None:
         while self.heap:
