@@ -52,6 +52,12 @@ pytestmark = pytest.mark.privileged
 #: request on cni0 1.8 ms before on the pod's veth (a vCPU taken away between the bridge
 #: and the veth), replay stamps the first copy at the point (cni0), the agent watches the
 #: veth (whose capture agreed with it within 3 us).
+#: Between TOL_NS and MAX_NS the same: a full CI run had three requests, each with one
+#: boundary on node2's receive side (underlay or flannel.1 in) stamped 60 to 100 µs apart by
+#: the two sources, the hops on either side off by as much in opposite directions (their
+#: sum within 8 µs) and every other hop within 8 µs. Such exact shifts (sum within
+#: MEDIAN_NS) are counted apart, up to 2 % of the hops; the other hops outside TOL_NS up
+#: to 1 %.
 TOL_NS = 50_000
 MAX_NS = 200_000
 SHIFT_MAX_NS = 5_000_000
@@ -59,13 +65,14 @@ MEDIAN_NS = 10_000
 NODES = ["node1", "node2", "node3"]
 
 
-def _shifts(diffs: list[tuple[int, str, str, str]]) -> set[int]:
-    """Indexes of pairs of consecutive hops of one request (``diffs`` in hop order) whose
-    differences cancel out within TOL_NS: a boundary shifted, nothing else."""
+def _shifts(diffs: list[tuple[int, str, str, str]], above: int, within: int) -> set[int]:
+    """Indexes of pairs of consecutive hops of one request (``diffs`` in hop order), one of
+    them off by more than ``above``, whose differences cancel out within ``within``: a
+    boundary shifted, nothing else."""
     out: set[int] = set()
     for i in range(len(diffs) - 1):
         (d1, r1, *_), (d2, r2, *_) = diffs[i], diffs[i + 1]
-        if r1 == r2 and max(abs(d1), abs(d2)) > MAX_NS and abs(d1 + d2) <= TOL_NS:
+        if r1 == r2 and max(abs(d1), abs(d2)) > above and abs(d1 + d2) <= within:
             out.update((i, i + 1))
     return out
 
@@ -73,12 +80,15 @@ def _shifts(diffs: list[tuple[int, str, str, str]]) -> set[int]:
 def _check_diffs(diffs: list[tuple[int, str, str, str]], keep: Path) -> None:
     """(difference, request, hop, node) of every shared hop, each request's in hop order,
     against the bounds above; kept in ``keep`` for a failure's sake."""
-    shifted = _shifts(diffs)
+    shifted = _shifts(diffs, MAX_NS, TOL_NS)
     beyond = [d for i, d in enumerate(diffs) if abs(d[0]) > MAX_NS and i not in shifted]
+    exact = _shifts(diffs, TOL_NS, MEDIAN_NS)
+    outside = [d for i, d in enumerate(diffs) if abs(d[0]) > TOL_NS and i not in exact]
+    n = len(diffs)
     diffs.sort(key=lambda d: -abs(d[0]))
     keep.write_text(json.dumps(diffs))
-    outside = [d for d in diffs if abs(d[0]) > TOL_NS]
-    assert len(outside) <= len(diffs) // 100 and not beyond, (beyond, diffs[:5])
+    assert len(exact) <= n // 50, (len(exact), diffs[:5])
+    assert len(outside) <= n // 100 and not beyond, (beyond, outside[:5], diffs[:5])
     assert abs(diffs[0][0]) <= SHIFT_MAX_NS, diffs[:5]
     assert statistics.median(abs(d[0]) for d in diffs) <= MEDIAN_NS, diffs[:5]
 
