@@ -432,8 +432,10 @@ def _filter_name(msg: Any) -> str:
         return ""
 
 
-def remove_filters(ipr: Any, ifindex: int, drop_empty_clsact: bool = False) -> int:
-    """Delete hopscope's tc filters on one interface; returns how many."""
+def remove_filters(ipr: Any, ifindex: int, drop_empty_clsact: bool = False,
+                   failed: list[str] | None = None) -> int:
+    """Delete hopscope's tc filters on one interface; returns how many (those that could not
+    be deleted are logged, and told in ``failed``)."""
     n = 0
     left = 0
     for parent in (TC_INGRESS, TC_EGRESS):
@@ -450,8 +452,12 @@ def remove_filters(ipr: Any, ifindex: int, drop_empty_clsact: bool = False) -> i
                     ipr.tc("del-filter", "bpf", ifindex, m["handle"], parent=parent, prio=prio)
                     n += 1
                 except Exception as exc:
-                    log.warning("cannot remove filter %s on ifindex %d: %s", _filter_name(m),
-                                ifindex, exc)
+                    log.log(logging.WARNING if failed is None else logging.DEBUG,
+                            "cannot remove filter %s on ifindex %d: %s", _filter_name(m),
+                            ifindex, exc)
+                    if failed is not None:
+                        failed.append(f"{_filter_name(m)} on ifindex {ifindex}: {exc}")
+                    left += 1
             else:
                 left += 1
     if drop_empty_clsact and not left:
@@ -461,14 +467,18 @@ def remove_filters(ipr: Any, ifindex: int, drop_empty_clsact: bool = False) -> i
 
 
 def remove_stale() -> int:
-    """Filters a killed agent left on this namespace's interfaces (found by name)."""
+    """Filters a killed agent left on this namespace's interfaces (found by name); a clsact
+    qdisc left empty by their removal goes too. Raises AgentError when some could not be
+    removed (no CAP_NET_ADMIN)."""
     from pyroute2 import IPRoute
 
     n = 0
+    failed: list[str] = []
     with IPRoute() as ipr:
         for link in ipr.get_links():
-            n += remove_filters(ipr, link["index"])
-    if n:
-        log.warning("removed %d stale tc filter(s) a previous agent left", n)
+            n += remove_filters(ipr, link["index"], drop_empty_clsact=True, failed=failed)
+    if failed:
+        raise AgentError(f"could not remove {len(failed)} hopscope tc filter(s) ({failed[0]}): "
+                         "run it as root (CAP_NET_ADMIN)")
     return n
 

@@ -1671,7 +1671,11 @@ def plan_to_dicts(items: Sequence[PlanItem]) -> list[dict[str, Any]]:
 
 
 def check_netns(name: str | None) -> None:
-    """Raise UsageError when a named network namespace does not exist."""
+    """Raise UsageError when a named network namespace does not exist (or ``name`` is no
+    namespace's name: empty, a path)."""
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise UsageError(f"--netns {name!r}: give a namespace's name as `ip netns list` "
+                         "shows it (no path)")
     if name is not None and not netns_exists(name):
         raise UsageError(
             f"network namespace {name!r} not found in {NETNS_DIR}: "

@@ -73,6 +73,9 @@ SHIP_POLL_S = 0.2
 #: batches not yet acked kept in memory, not on disk, up to this many bytes (the spool's
 #: memory tier): a kill -9 loses at most this much, a clean stop writes it to the spool
 SPOOL_MEMORY = 16 << 20
+#: at a stop, how long the shipping thread tries to hand the collector what it holds
+#: before the spool keeps the rest (written to --spool's disk)
+SHIP_DRAIN_S = 5.0
 IPVS_FUNCS = {"ip_vs_schedule", "ip_vs_conn_new"}
 
 
@@ -216,6 +219,9 @@ class LiveShip:
         self._pending: collections.deque[_Queued] = collections.deque()
         self._closing = False
         self._running = True
+        #: at the end: batches the collector had not acked, and where they stayed
+        self.left = 0
+        self.kept_in: str | None = None
         self.t = threading.Thread(target=self._main, name="hopscope-ship", daemon=True)
         self.t.start()
 
@@ -227,9 +233,14 @@ class LiveShip:
         else:
             self._pending.append((obs, clock, lost, raw))
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = SHIP_DRAIN_S + 30) -> None:
+        """Stop: the thread drains for SHIP_DRAIN_S, then the spool writes what memory holds
+        (well within ``timeout``: a thread cut off then would lose it)."""
         self._closing = True
         self.t.join(timeout)
+        if self.t.is_alive():
+            log.error("the shipping thread did not finish in %.0f s: batches it held in "
+                      "memory are lost", timeout)
 
     def _main(self) -> None:
         try:
@@ -271,13 +282,22 @@ class LiveShip:
                     idle = 0.0
                 await asyncio.sleep(SHIP_POLL_S)
                 idle += SHIP_POLL_S
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + SHIP_DRAIN_S
             while len(spool) and time.monotonic() < deadline:
                 await sh.pump(until_empty=True)
                 if len(spool):
+                    if sh.writer is None and sh.next_try >= deadline:
+                        break  # no connection, and none to be tried in time
                     await asyncio.sleep(0.2)
             if sh.writer is not None:
                 await wire.close_writer(sh.writer)
+            self.left = len(spool)
+            self.kept_in = self.cfg.spool_dir
+            if self.left:
+                log.warning("%d batches not acked by the collector: %s", self.left,
+                            f"kept in the spool {self.cfg.spool_dir} for the next start"
+                            if self.cfg.spool_dir else
+                            "lost with the temporary spool (give --spool DIR to keep them)")
 
 
 class Agent:
@@ -444,6 +464,12 @@ class Agent:
         except Exception as exc:
             log.warning("interface scan failed: %s", exc)
             return
+        if first:
+            names = {str(link["ifname"]) for link in listing.links}
+            for name in self.cfg.interfaces:
+                if name not in names:
+                    log.warning("--iface %s: no interface of that name in this network "
+                                "namespace (yet): watched once it appears", name)
         if self.cap is not None:
             if want != self.ifaces:
                 self.ifaces.clear()
@@ -766,9 +792,13 @@ class Agent:
                             "observations": self.observations,
                             "decode_errors": self.decode_errors}
             tmp = self.cfg.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(env, f)
-            os.replace(tmp, self.cfg.out)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(env, f)
+                os.replace(tmp, self.cfg.out)
+            except OSError as exc:
+                log.error("cannot write %s: %s: the run's envelope is lost", self.cfg.out,
+                          exc.strerror or exc)
 
 
 def _comment(rid: str) -> Callable[[Observation], str]:
@@ -867,7 +897,9 @@ def tracepoint_fields(tracefs: str | None, tracepoint: str) -> set[str]:
 def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentProgram:
     """Remove a killed agent's filters, compile and load bpf/agent.c (tracepoints attached),
     and attach the kprobes the kernel has."""
-    bpfprog.remove_stale()
+    stale = bpfprog.remove_stale()
+    if stale:
+        log.warning("removed %d stale tc filter(s) a previous agent left", stale)
     cfg.settings.drop_reason_min = next(
         (k for k, v in reasons.items() if v == "NOT_SPECIFIED"), 2)
     cfg.settings.entry_port = cfg.entry_port

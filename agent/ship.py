@@ -107,7 +107,8 @@ class Shipper:
         except (AuthFailed, BadVersion):
             raise
         except (OSError, TimeoutError, WireError) as exc:
-            self._failed(f"cannot reach the collector at {self.cfg.host}:{self.cfg.port}: {exc}")
+            self._failed(f"cannot reach the collector at {self.cfg.host}:{self.cfg.port}: "
+                         f"{exc or type(exc).__name__}")
             return False
         self.reader, self.writer = r, w
         self.res.connects += 1

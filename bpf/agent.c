@@ -65,11 +65,11 @@ static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
 /* The segment (skb->data: its TCP header) reached a socket on the entry port: the
  * kernel event of "queued on the proxy's socket". */
 static __always_inline void hs_kernel_emit(__u32 inum, __u32 local, __u32 remote, __u16 lport,
-                                           __u16 rport, void *skb, __u32 plen)
+                                           __u16 rport, const void *skb, __u32 plen)
 {
     void *data = 0;
     __u8 th[14] = {};
-    bpf_probe_read_kernel(&data, sizeof(data), (char *)skb + HS_SKB_DATA_OFF);
+    bpf_probe_read_kernel(&data, sizeof(data), (const char *)skb + HS_SKB_DATA_OFF);
     if (!data || bpf_probe_read_kernel(th, sizeof(th), data) < 0)
         return;
     struct hs_event *e = hs_event_new(HS_SCRATCH_TRACE, HS_EV_KERNEL, HS_DIR_IN, inum);

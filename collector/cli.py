@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -262,11 +263,14 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
     from hopscope.agent.run import AgentConfig, print_request, run_agent
     from hopscope.agent.ship import ShipConfig
 
-    from hopscope.errors import UsageError
+    from hopscope.errors import PrivilegeError, UsageError
 
     if os.geteuid() != 0:
-        raise UsageError("hopscope agent run: needs root (BPF, tc, tracefs): run it with sudo "
-                         "or as the hopscope-agent service")
+        raise PrivilegeError("agent run needs root (BPF, tc, tracefs): run it with sudo or as "
+                             "the hopscope-agent service")
+    for path, opt in ((out, "--out"), (record, "--record")):
+        if path:
+            _check_writable(path, opt)
     node = node or _socket.gethostname()
     calls = tuple(dict.fromkeys(c.strip() for c in proxy_calls.split(",") if c.strip()))
     bad = [c for c in calls if c not in PROXY_CALLS]
@@ -309,8 +313,26 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                     if k.endswith("_sent") and k != "flood_sent")
     pcaps = f"; {agent.exported} slow requests written to {slow_pcap}" if slow_pcap else ""
     raw = f" and {agent.raw_records} events shipped raw" if agent.raw else ""
+    left = ""
+    if agent.ship is not None and agent.ship.left:
+        left = (f"; {agent.ship.left} batches not acked by the collector, "
+                + (f"kept in {agent.ship.kept_in}" if agent.ship.kept_in else "lost"))
     click.echo(f"agent {node}: {agent.observations} observations{raw}, "
-               f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}", err=True)
+               f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}{left}", err=True)
+
+
+def _check_writable(path: str, opt: str) -> None:
+    """Refuse ``opt PATH`` now when nothing can be written there (not at the stop, with the
+    run's results in hand): a file is made and removed beside it."""
+    parent = Path(path).resolve().parent
+    probe = parent / f".{Path(path).name}.hopscope-check-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(f"{opt} {path}: cannot write in {parent}: "
+                         f"{exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @agent.command("cleanup")
@@ -323,7 +345,7 @@ def cleanup_cmd() -> None:
     """
     from hopscope.agent.bpfprog import remove_stale
 
-    n = remove_stale()
+    n = remove_stale()  # AgentError (one line) when some could not be removed
     click.echo(f"removed {n} hopscope tc filter(s) a previous agent left" if n
                else "no hopscope tc filters left", err=True)
 

@@ -399,3 +399,36 @@ def test_nothing_left_after_kill_9_and_after_a_stop(testbed: Instance, tmp_path:
         for x in started:
             stop_agent(x)
         remove_stale_in(ns)
+
+
+def test_testbed_agents_stopped_by_sigterm_detach_every_agent(testbed: Instance,
+                                                              tmp_path: Path) -> None:
+    """`hopscope testbed agents` ended by SIGTERM (a shell's kill, a CI timeout) stops its
+    agents, which detach: it had died at once, its three agents left running, attached."""
+    import select
+
+    p = subprocess.Popen([sys.executable, "-m", "hopscope", "testbed", "agents", "--prefix",
+                          testbed.prefix, "--out", str(tmp_path / "agents"), "--count", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None
+        seen, deadline = "", time.monotonic() + 120
+        while "agents running" not in seen and time.monotonic() < deadline:
+            if select.select([p.stderr], [], [], 1.0)[0]:
+                line = p.stderr.readline()
+                assert line, seen  # it ended before its agents ran
+                seen += line
+        assert "agents running" in seen, seen
+        assert all(_hopscope_filters(testbed.ns(n)) for n in NODES)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert "Traceback" not in err and out.strip()  # then stitched and reported
+        assert [n for n in NODES if _hopscope_filters(testbed.ns(n))] == []
+        assert _hopscope_progs() == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for n in NODES:
+            remove_stale_in(testbed.ns(n))

@@ -209,3 +209,23 @@ rp.replay([("node1", {str(bad)!r})], jobs=2, progress=False, warn=print)
     assert cp.stdout.count("corrupt packet record") == 1
     assert f"corrupt packet record at byte {len(data)} " in cp.stdout
     assert "corrupt packet record" not in cp.stderr  # not from the workers too
+
+
+@pytest.mark.privileged
+def test_agent_run_refuses_an_output_it_cannot_write_before_loading(tmp_path: Path) -> None:
+    """Checked at the start (it had run for --duration, then lost the envelope to a
+    traceback at the stop)."""
+    for opt in ("--out", "--record"):
+        cp = hs("agent", "run", "--local", opt, str(tmp_path / "no" / "x"), "--duration", "1s")
+        one_line(cp, opt, "cannot write in", str(tmp_path / "no"))
+    assert list(tmp_path.iterdir()) == []  # and nothing made on the way
+
+
+def test_options_of_doctor_and_the_testbed_checked_first(tmp_path: Path) -> None:
+    for bad in ("", "../../etc"):
+        one_line(hs("doctor", "--netns", bad), "--netns", "no path")
+    one_line(hs("testbed", "agents", "--prefix", "zz", "--out", str(tmp_path / "a"),
+                "--count", "-5"), "--count")
+    one_line(hs("testbed", "capture", "--prefix", "zz", "--out", str(tmp_path / "c"),
+                "--duration", "nan"), "--duration nan")
+    assert list(tmp_path.iterdir()) == []

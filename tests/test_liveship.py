@@ -159,3 +159,26 @@ def test_without_a_spool_directory_the_temporary_one_goes_with_the_agent(
         ship.close()
     assert len(coll.batches) == 1
     assert not list(tmp_path.glob("hopscope-spool-*"))
+
+
+def test_a_stop_with_the_collector_away_keeps_every_batch_in_the_spool(tmp_path: Path) -> None:
+    """Stopped while the collector is away (and no reconnect is due before the drain's end):
+    the batches memory held are written to the spool, said, and shipped by the next start,
+    each once. (They had been lost: the stop's wait for the thread ran out first.)"""
+    port = _free_port()
+    spool = tmp_path / "spool"
+    cfg = _cfg(port, spool)
+    cfg.backoff_min = cfg.backoff_max = 60.0  # the next try lies past the drain
+    ship = LiveShip(cfg)
+    sent = [_obs(k) for k in range(10)]
+    for obs in sent:
+        ship.put(obs, [], {})
+    ship.close()
+    assert not ship.t.is_alive()
+    assert ship.left == 10 and ship.kept_in == str(spool)
+    assert len(_files(spool)) == 10  # memory written out at the stop
+    with Collector(port) as coll:
+        again = LiveShip(_cfg(port, spool))
+        again.close()
+    assert [list(b.obs) for b in coll.batches] == sent and again.left == 0
+    assert _files(spool) == []

@@ -661,10 +661,18 @@ def capture_cmd(out_dir: Path, duration: float | None, nodes: str, prefix: str, 
     For `hopscope replay OUT/*.pcapng`. Runs for --duration seconds, or
     until Ctrl-C / SIGTERM; then flushes and merges.
     """
-    if duration is not None and duration <= 0:
-        raise UsageError(f"--duration {duration} is not positive: give seconds, e.g. --duration 10")
+    if duration is not None and not 0 < duration < float("inf"):  # (nan too)
+        raise UsageError(f"--duration {duration} is not a positive number of seconds: e.g. "
+                         "--duration 10")
     inst = load_instance(prefix)
     node_list = [n.strip() for n in nodes.split(",") if n.strip()] or None
+    if nodes.strip() and not node_list:
+        raise UsageError(f"--nodes {nodes!r}: give node names, e.g. --nodes node1,node2 "
+                         "(or leave it out: all)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: {exc.strerror or exc}") from None
 
     phase = {"now": "starting", "requested": False}
 

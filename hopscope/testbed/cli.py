@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from hopscope.errors import HopscopeError
+from hopscope.errors import HopscopeError, UsageError
 from hopscope.testbed import build
 from hopscope.testbed.topology import DEFAULT_PREFIX, load_instance
 
@@ -143,8 +143,9 @@ def traffic(prefix: str, count: int | None, duration: float | None, concurrency:
 @prefix_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for each agent's log, envelope and observations.")
-@click.option("--count", type=int, default=60, show_default=True,
-              help="Requests to send while the agents run (0: none, wait for Ctrl-C).")
+@click.option("--count", type=click.IntRange(0, None), default=60, show_default=True,
+              help="Requests to send while the agents run (0: none, wait for Ctrl-C or "
+                   "SIGTERM).")
 @click.option("--node", "node", default="all", show_default=True,
               help="Node to send to, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stitched envelope as JSON.")
@@ -157,10 +158,26 @@ def agents_cmd(prefix: str, out_dir: str, count: int, node: str, as_json: bool) 
 
     from hopscope.render import render_envelope
     from hopscope.testbed.agents import running_agents, stitch_records
+    from hopscope.testbed.netns import require_root
     from hopscope.testbed.traffic import TrafficConfig, run_traffic
 
+    require_root("testbed agents")
     inst = load_instance(prefix)
     names = [n.name for n in inst.topology.nodes]
+    if node != "all" and node not in names:
+        raise UsageError(f"--node {node}: the replica's nodes are {', '.join(names)} (or all)")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: {exc.strerror or exc}") from None
+    stop: list[int] = []
+
+    def on_term(_sig: int, _frame: object) -> None:
+        if count > 0:  # mid-traffic: unwind, the agents are stopped (detached) on the way
+            raise KeyboardInterrupt
+        stop.append(1)
+
+    signal.signal(signal.SIGTERM, on_term)
     with running_agents(inst, Path(out_dir)) as agents:
         click.echo(f"agents running on {', '.join(names)} (logs in {out_dir})", err=True)
         if count > 0:
@@ -169,7 +186,6 @@ def agents_cmd(prefix: str, out_dir: str, count: int, node: str, as_json: bool) 
                                                            nodes=nodes, seed=1))
             click.echo(res.text(), err=True)
         else:
-            stop = []
             signal.signal(signal.SIGINT, lambda *_: stop.append(1))
             while not stop:
                 time.sleep(0.2)

@@ -392,7 +392,10 @@ def run_traffic(topo: Topology, cfg: TrafficConfig, out: str | Path | None = Non
     by_node: Counter[str] = Counter()
     served: Counter[str] = Counter()
     records: list[dict[str, Any]] = []
-    fh: IO[str] | None = open(out, "w") if out else None  # noqa: SIM115
+    try:
+        fh: IO[str] | None = open(out, "w") if out else None  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"--out {out}: {exc.strerror or exc}") from None
 
     def sink(rec: dict[str, Any]) -> None:
         by_status[str(rec["status"]) if not rec["error"] else "error"] += 1
