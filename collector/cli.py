@@ -218,7 +218,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--iface", "ifaces", multiple=True, metavar="NAME=POINT",
               help="Attach to these interfaces only (point nic, overlay, underlay, pod or "
                    "nic+underlay); default: found by role.")
-@click.option("--duration", default="0s", show_default=True,
+@click.option("--duration", default="0s", show_default=True, type=DURATION,
               help="Stop after this long (0: until SIGTERM/SIGINT).")
 @click.option("--record", default=None, type=click.Path(dir_okay=False),
               help="Also write every observation here, for offline stitching "
@@ -231,7 +231,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
 @click.option("--slow-pcap", default=None, type=click.Path(file_okay=False),
               help="Write the packets of every request slower than --slower-than, from the "
                    "rolling packet buffer, to DIR/NODE-REQUESTID.pcapng.")
-@click.option("--slower-than", default="500ms", show_default=True,
+@click.option("--slower-than", default="500ms", show_default=True, type=DURATION,
               help="What --slow-pcap calls slow (the request's total).")
 @click.option("--packet-buffer", default=20_000, show_default=True,
               type=click.IntRange(100, 10_000_000),

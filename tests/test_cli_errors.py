@@ -228,4 +228,8 @@ def test_options_of_doctor_and_the_testbed_checked_first(tmp_path: Path) -> None
                 "--count", "-5"), "--count")
     one_line(hs("testbed", "capture", "--prefix", "zz", "--out", str(tmp_path / "c"),
                 "--duration", "nan"), "--duration nan")
+    one_line(hs("testbed", "traffic", "--prefix", "zz", "--count", "5", "--duration", "1"),
+             "--count or --duration, not both")
+    one_line(hs("agent", "run", "--local", "--slower-than", "fast"), "--slower-than",
+             "bad duration 'fast'")
     assert list(tmp_path.iterdir()) == []

@@ -125,6 +125,8 @@ def traffic(prefix: str, count: int | None, duration: float | None, concurrency:
     """Send bounded Cloudflare-style HTTP/1.1 load from the edge namespace."""
     from hopscope.testbed.traffic import TrafficConfig, run_traffic
 
+    if count is not None and duration is not None:
+        raise UsageError("give --count or --duration, not both")
     inst = load_instance(prefix)
     nodes = [] if node == "all" else [n.strip() for n in node.split(",") if n.strip()]
     cfg = TrafficConfig(count=count, duration=duration, concurrency=concurrency,

@@ -88,8 +88,10 @@ class TrafficConfig:
                         ("--new-conn-ratio", self.new_conn_ratio)):
             if not 0.0 <= v <= 1.0:
                 raise UsageError(f"{name} must be between 0 and 1, got {v}")
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            raise UsageError("timeouts must be positive")
+        if not self.timeout > 0:
+            raise UsageError(f"--timeout {self.timeout}: give a positive number of seconds")
+        if not self.connect_timeout > 0:
+            raise UsageError(f"connect timeout {self.connect_timeout}: must be positive")
 
 
 @dataclass
