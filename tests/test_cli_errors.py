@@ -230,6 +230,8 @@ def test_options_of_doctor_and_the_testbed_checked_first(tmp_path: Path) -> None
                 "--duration", "nan"), "--duration nan")
     one_line(hs("testbed", "traffic", "--prefix", "zz", "--count", "5", "--duration", "1"),
              "--count or --duration, not both")
+    for ms in ("-5", "nan"):
+        one_line(hs("testbed", "up", "--prefix", "zz", "--service-ms", ms), "--service-ms")
     one_line(hs("agent", "run", "--local", "--slower-than", "fast"), "--slower-than",
              "bad duration 'fast'")
     assert list(tmp_path.iterdir()) == []

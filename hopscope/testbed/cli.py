@@ -48,6 +48,8 @@ def testbed() -> None:
 def up(prefix: str, as_json: bool, service_ms: float, access_log: bool,
        dial_timeout: float, service_proxy: str) -> None:
     """Build the replica (root). Refuses when one with this prefix is already up."""
+    if not 0 <= service_ms <= 60_000:  # (nan too)
+        raise UsageError(f"--service-ms {service_ms:g}: give 0 to 60000 ms")
     inst = build.up(prefix, service_ms=service_ms, access_log=access_log,
                     progress=build._stderr_progress, dial_timeout_s=dial_timeout,
                     service_proxy=service_proxy)
