@@ -491,7 +491,6 @@ def requests(collector_url: str | None, db: str | None, as_json: bool, since: st
              limit: int) -> None:
     """Stored requests, filtered; waterfalls and the per-hop table."""
     slower = str(parse_duration(slower_than)) if slower_than else None
-    parse_duration(since)
     src = _Source(collector_url, db)
     env = src.get("/requests?" + _qs(
         since=since, anchor=anchor, slower_than=slower, path=path, status=status, node=node,
@@ -517,7 +516,6 @@ def _where_stats(f: Callable[..., Any]) -> Callable[..., Any]:
 def stats(collector_url: str | None, db: str | None, as_json: bool, since: str, anchor: str,
           by: str | None) -> None:
     """Per-hop latency: count, p50, p90, p99, max."""
-    parse_duration(since)
     src = _Source(collector_url, db)
     body = src.get("/stats?" + _qs(since=since, anchor=anchor, by=by), "hops")
     if as_json:
@@ -556,7 +554,6 @@ def _stats_text(rows: list[dict[str, Any]], by: str | None) -> str:
 def drops(collector_url: str | None, db: str | None, as_json: bool, since: str,
           anchor: str) -> None:
     """Drops: connection attempts unanswered, requests without a response."""
-    parse_duration(since)
     src = _Source(collector_url, db)
     env = src.get("/drops?" + _qs(since=since, anchor=anchor), "drops")
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -66,8 +67,6 @@ class _Group(click.Group):
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null: the interpreter's last flush has nowhere to fail."""
-    import os
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

@@ -6,6 +6,8 @@
   failure, never a skip.
 * ``testbed`` (module scope): a running replica with a unique prefix
   (``t<pid><random>-``), torn down after the module whatever happens.
+* :func:`c_output` / :func:`c_values` (with the ``needs_gcc`` mark): a small C program
+  compiled and run, how a Python mirror of a C layout is held against its header.
 * ``root_snapshot`` (session scope): the root namespace's interfaces,
   routes, firewall, a few sysctls and a hash of UFW's files, taken before
   any replica is built; compare with :func:`take_root_snapshot`.
@@ -18,8 +20,9 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         problem = root_netns_problem()
         if problem:
             pytest.skip(problem)
+
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
+
+
+def c_output(tmp_path: Path, headers: Sequence[str], body: str,
+             cflags: Sequence[str] = ()) -> str:
+    """Compile a program including ``<stddef.h>``, ``<stdio.h>`` and ``headers`` (each as
+    written after ``#include``) whose ``main`` runs ``body``; run it: what it printed."""
+    name = f"prog{secrets.token_hex(3)}"
+    src = tmp_path / f"{name}.c"
+    includes = "\n".join(f"#include {h}" for h in ("<stddef.h>", "<stdio.h>", *headers))
+    src.write_text(f"{includes}\nint main(void) {{\n{body}\n    return 0;\n}}\n")
+    exe = tmp_path / name
+    subprocess.run(["gcc", *cflags, "-o", str(exe), str(src)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+
+
+def c_values(tmp_path: Path, headers: Sequence[str], exprs: Mapping[str, str],
+             cflags: Sequence[str] = ()) -> dict[str, int]:
+    """The value of each C expression of ``exprs`` (key -> expression) as the compiler has
+    it (``offsetof(...)``, ``sizeof(...)``, a constant), by key."""
+    body = "\n".join(f'    printf("%ld\\n", (long)({e}));' for e in exprs.values())
+    got = c_output(tmp_path, headers, body, cflags).split()
+    return dict(zip(exprs, map(int, got), strict=True))
 
 
 def unique_prefix(tag: str = "t") -> str:

@@ -9,7 +9,6 @@ real socket (privileged).
 from __future__ import annotations
 
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import c_values, needs_gcc
 from hopscope.agent import afpacket as af
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -232,7 +232,7 @@ def test_flush_takes_the_block_still_being_filled() -> None:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
+@needs_gcc
 def test_ring_layout_matches_the_uapi_header(tmp_path: Path) -> None:
     fields = {
         "block_status": "offsetof(struct tpacket_block_desc, hdr.bh1.block_status)",
@@ -257,22 +257,8 @@ def test_ring_layout_matches_the_uapi_header(tmp_path: Path) -> None:
         "tpacket_req3": "sizeof(struct tpacket_req3)",
         "tpacket_stats_v3": "sizeof(struct tpacket_stats_v3)",
     }
-    body = "\n".join(f'    printf("{k} %ld\\n", (long)({v}));' for k, v in fields.items())
-    src = tmp_path / "ring.c"
-    src.write_text(f"""#include <stddef.h>
-#include <stdio.h>
-#include <sys/socket.h>
-#include <linux/if_packet.h>
-#include <linux/filter.h>
-int main(void) {{
-{body}
-    return 0;
-}}
-""")
-    exe = tmp_path / "ring"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
-    got = {k: int(v) for k, v in (line.split() for line in subprocess.run(
-        [str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())}
+    got = c_values(tmp_path, ["<sys/socket.h>", "<linux/if_packet.h>", "<linux/filter.h>"],
+                   fields)
     # the Python side: struct formats and constants of hopscope.agent.afpacket
     assert [got["block_status"], got["num_pkts"], got["offset_to_first_pkt"]] == [8, 12, 16]
     assert af._BLOCK.unpack(bytes(range(20)))[0] == int.from_bytes(bytes(range(8, 12)), "little")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import c_output, needs_gcc
 from hopscope.agent import bpfprog
 from hopscope.agent import events as ev
 
@@ -34,34 +33,23 @@ def _offsets() -> dict[str, int]:
     return out
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
+@needs_gcc
 def test_python_mirror_matches_the_header(tmp_path: Path) -> None:
     names = [n for n, _ in ev.FIELDS] + ["payload"]
     body = "\n".join(f'    printf("{n} %zu\\n", offsetof(struct hs_event, {n}));' for n in names)
-    src = tmp_path / "layout.c"
-    src.write_text(f"""#include <stddef.h>
-#include <stdio.h>
-#include <linux/types.h>
-#include "hopscope.h"
-int main(void) {{
-{body}
-    printf("sizeof %zu\\n", sizeof(struct hs_event));
-    printf("HS_EVENT_HDR %d\\n", HS_EVENT_HDR);
-    printf("proxy_set %zu\\n", sizeof(struct hs_proxy_set));
-    struct hs_proxy_set ps = {{{{3, 70000}}}};
+    body += r"""
+    printf("sizeof %zu\n", sizeof(struct hs_event));
+    printf("HS_EVENT_HDR %d\n", HS_EVENT_HDR);
+    printf("proxy_set %zu\n", sizeof(struct hs_proxy_set));
+    struct hs_proxy_set ps = {{3, 70000}};
     const unsigned char *b = (const unsigned char *)&ps;
     printf("proxy_bytes ");
     for (size_t i = 0; i < sizeof(ps); i++)
         printf("%02x", b[i]);
-    printf("\\n");
-    return 0;
-}}
-""")
-    exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-I", str(ev.BPF_DIR), f"-DHS_MAX_PROXY={bpfprog.MAX_PROXY}", "-o",
-                    str(exe), str(src)], check=True)
-    got = dict(line.split() for line in subprocess.run(
-        [str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
+    printf("\n");"""
+    out = c_output(tmp_path, ["<linux/types.h>", '"hopscope.h"'], body,
+                   ["-I", str(ev.BPF_DIR), f"-DHS_MAX_PROXY={bpfprog.MAX_PROXY}"])
+    got = dict(line.split() for line in out.splitlines())
     want = _offsets()
     for n in names:
         assert int(got[n]) == want[n], n

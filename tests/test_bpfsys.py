@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import c_values, needs_gcc
 from hopscope.agent import bpfsys
 from hopscope.agent import features as ft
 
@@ -81,22 +80,10 @@ WANT = {
 }
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
+@needs_gcc
 def test_attr_layouts_match_the_uapi_header(tmp_path: Path) -> None:
-    body = "\n".join(f'    printf("%zu\\n", offsetof({m}));' for m in WANT)
-    src = tmp_path / "attr.c"
-    src.write_text(f"""#include <stddef.h>
-#include <stdio.h>
-#include <linux/bpf.h>
-int main(void) {{
-{body}
-    return 0;
-}}
-""")
-    exe = tmp_path / "attr"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
-    got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()
-    assert dict(zip(WANT, map(int, got), strict=True)) == WANT
+    got = c_values(tmp_path, ["<linux/bpf.h>"], {m: f"offsetof({m})" for m in WANT})
+    assert got == WANT
 
 
 def _array_map(value_size: int) -> int:
