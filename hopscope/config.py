@@ -6,16 +6,17 @@ and ``hopscope collector serve --config /etc/hopscope/collector.toml``
 
 * Keys are the command's long option names without the dashes in front
   (``token-file``, ``entry-port``, ``collector``); ``token_file`` is the same
-  key. Values are TOML strings, integers, booleans, or arrays for repeatable
-  options; a repeatable ``NAME=VALUE`` option (``iface``, ``otlp-header``)
-  also takes a table (``iface = { eth0 = "nic" }``).
+  key (giving both is an error). Values are TOML strings, integers, booleans,
+  or arrays for repeatable options; a repeatable ``NAME=VALUE`` option
+  (``iface``, ``otlp-header``) also takes a table (``iface = { eth0 = "nic" }``).
 * The file gives defaults: an option given on the command line wins.
 * In the values of path options, ``$VAR`` and ``${VAR}`` are replaced from the
   environment when the option is used (so that ``token-file =
   "${CREDENTIALS_DIRECTORY}/token"`` reads the credential systemd's
   ``LoadCredential=`` hands the service).
-* An unknown key, a value of the wrong type, a file that is not TOML: one
-  error line naming the file and the key.
+* An unknown key, a value of the wrong type (``true`` for a number, ``1.5``
+  for an integer), a file that is not TOML: one error line naming the file and
+  the key.
 """
 
 from __future__ import annotations
@@ -67,6 +68,25 @@ def expand_vars(value: str, where: str) -> str:
     return _VAR.sub(sub, value)
 
 
+def _kind(opt: click.Option) -> str:
+    """What a value of ``opt`` must be, as the error says it."""
+    if isinstance(opt.type, click.types.IntParamType):
+        return "an integer"
+    if isinstance(opt.type, click.types.FloatParamType):
+        return "a number"
+    return "a string"
+
+
+def _scalar(path: str, key: str, opt: click.Option, x: Any) -> Any:
+    """One TOML value for ``opt``: a boolean only for a flag, an integer (not a float,
+    which click would truncate) for an integer option."""
+    if isinstance(x, bool) and not opt.is_flag:
+        raise UsageError(f"{path}: {key}: expected {_kind(opt)}, not {str(x).lower()}")
+    if isinstance(x, float) and isinstance(opt.type, click.types.IntParamType):
+        raise UsageError(f"{path}: {key}: expected an integer, not {x!r}")
+    return x if isinstance(x, (bool, int, float)) else str(x)
+
+
 def _shape(path: str, key: str, opt: click.Option, value: Any) -> Any:
     """The TOML value in the shape click expects for ``opt`` (not yet converted)."""
     if isinstance(value, dict):
@@ -77,12 +97,12 @@ def _shape(path: str, key: str, opt: click.Option, value: Any) -> Any:
         items = value if isinstance(value, list) else [value]
         if any(isinstance(x, (dict, list)) for x in items):
             raise UsageError(f"{path}: {key}: expected an array of values")
-        return [x if isinstance(x, (bool, int, float)) else str(x) for x in items]
+        return [_scalar(path, key, opt, x) for x in items]
     if isinstance(value, list):
         raise UsageError(f"{path}: {key}: takes one value, not an array")
     if opt.is_flag and not isinstance(value, bool):
         raise UsageError(f"{path}: {key}: expected true or false, not {value!r}")
-    return value if isinstance(value, (bool, int, float)) else str(value)
+    return _scalar(path, key, opt, value)
 
 
 def load_config(ctx: click.Context, path: str) -> dict[str, Any]:
@@ -98,6 +118,7 @@ def load_config(ctx: click.Context, path: str) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from None
     keys = option_keys(ctx.command)
     out: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # option name -> the key that set it
     for raw_key, raw in data.items():
         key = raw_key.replace("_", "-")
         opt = keys.get(key)
@@ -106,6 +127,10 @@ def load_config(ctx: click.Context, path: str) -> dict[str, Any]:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise UsageError(f"{path}: unknown key {raw_key!r}{hint}; the keys are the options "
                              f"of `{ctx.command_path}`: {', '.join(sorted(keys))}")
+        if opt.name in seen:
+            raise UsageError(f"{path}: {seen[opt.name]!r} and {raw_key!r} are the same key: "
+                             "keep one")
+        seen[opt.name] = raw_key
         value = _shape(path, raw_key, opt, raw)
         if isinstance(opt.type, click.Path) and isinstance(value, str) and _VAR.search(value):
             # expanded when used: a command-line flag may replace it

@@ -40,6 +40,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,24 @@ CHANGED = frozenset({"created", "written", "updated", "installed", "removed", "f
                      "enabled", "started", "restarted", "disabled", "reloaded"})
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _open_mode(path: Path) -> bool:
+    """Let group and others read ``path`` (and search or run it, for a directory or an
+    executable), as a 022 umask would have made it; not through a symlink. Whether it
+    changed."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        return False
+    mode = stat.S_IMODE(st.st_mode)
+    want = 0o055 if stat.S_ISDIR(st.st_mode) or mode & 0o100 else 0o044
+    if mode & want == want:
+        return False
+    os.chmod(path, mode | want)
+    return True
 
 
 def run_cmd(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -328,6 +347,15 @@ class Installer:
 
     # -- install -------------------------------------------------------------------------
     def install(self) -> list[Step]:
+        # what it makes must be readable by the collector's dynamic user, whatever umask
+        # root's shell has (077 and 027 on hardened hosts); secrets are written 0600 anyway
+        umask = os.umask(0o022)
+        try:
+            return self._install()
+        finally:
+            os.umask(umask)
+
+    def _install(self) -> list[Step]:
         o = self.opts
         if self.role == "agent" and not self.p(self.config_path()).exists():
             if not o.collector:
@@ -337,8 +365,14 @@ class Installer:
             if o.token_file is None and not self.p(self.token_path()).exists():
                 raise UsageError("hopscope install agent: --collector needs --token-file (the "
                                  f"collector's token; copied to {self.token_path()}, mode 0600)")
+        if self.role == "agent" and o.token_file is None and \
+                not self.p(self.token_path()).exists() and self._config_names_token():
+            raise UsageError(f"hopscope install agent: {self.token_path()} is missing (the "
+                             f"token {self.config_path()} names): give --token-file (the "
+                             "collector's token)")
         if o.token_file is not None:
             self._read_token(o.token_file)  # refuse a bad one before changing anything
+        self._check_addresses()
         src = self._source()
         if src is None and not self.p(VENV / STAMP).exists():
             raise UsageError("this hopscope is not a source checkout: give --from (a hopscope "
@@ -353,6 +387,7 @@ class Installer:
         if self.role == "agent":
             self.headers()
         self.venv(python, src)
+        self.readable()
         self.config()
         self.token()
         units_changed = self.units()
@@ -432,6 +467,49 @@ class Installer:
         self.write_file("headers", path, headers_dropin(release, tree.build, tree.source))
         self.steps[-1].detail += (f" (no headers for {release}: {tree.version}'s, in the "
                                   "service's mount namespace only)")
+
+    def _config_values(self) -> dict[str, Any]:
+        """The existing configuration's keys (dashes), or {} when it cannot be read."""
+        try:
+            data = tomllib.loads(self.p(self.config_path()).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k.replace("_", "-"): v for k, v in data.items()}
+
+    def _config_names_token(self) -> bool:
+        """Does the agent's configuration (when there is one) read the token this installs?"""
+        if not self.p(self.config_path()).exists():
+            return False
+        return self._config_values().get("token-file", str(self.token_path())) == \
+            str(self.token_path())
+
+    def _check_addresses(self) -> None:
+        """HOST:PORT options, checked as the commands will check them, before any change."""
+        from hopscope.collector.server import parse_hostport
+
+        for opt, value in (("--collector", self.opts.collector), ("--listen", self.opts.listen),
+                           ("--http", self.opts.http)):
+            if value:
+                parse_hostport(value, opt)
+
+    def readable(self) -> None:
+        """/etc/hopscope and the venv open to other users (the collector runs as a dynamic
+        user): repairs what an install under a strict umask left (the tokens are not
+        touched: root's, 0600)."""
+        fixed: list[str] = []
+        for top in (ETC, PREFIX):
+            if _open_mode(self.p(top)):
+                fixed.append(str(top))
+        n = 0
+        for dirpath, _dirs, filenames in os.walk(self.p(VENV)):
+            n += _open_mode(Path(dirpath))
+            for name in filenames:
+                n += _open_mode(Path(dirpath) / name)
+        if n:
+            fixed.append(f"{VENV} ({n} files and directories)")
+        if fixed:
+            self.step("modes", "fixed", f"{', '.join(fixed)}: readable by the services' users "
+                      "again (an earlier install ran under a strict umask)")
 
     def _rmdir_empty(self, path: Path) -> None:
         with contextlib.suppress(OSError):
@@ -526,7 +604,9 @@ class Installer:
                                    ("--listen", self.opts.listen),
                                    ("--http", self.opts.http)) if v}
         if real.exists():
-            note = (f"; not applied: {', '.join(asked)} (edit the file)") if asked else ""
+            have = self._config_values()
+            differ = [k for k, v in asked.items() if have.get(k[2:]) != v]
+            note = (f"; not applied: {', '.join(differ)} (edit the file)") if differ else ""
             self.step("config", "kept", f"{path} exists{note}")
             return
         example = (data_dir() / f"{self.role}.toml.example").read_text()
@@ -566,11 +646,20 @@ class Installer:
                       f"agents, `hopscope install agent --token-file {path} ...`")
 
     def _token_mode(self, path: Path) -> None:
+        """Root's, 0600: the agent runs as root without CAP_DAC_OVERRIDE, the collector
+        gets it as a credential from systemd (which reads it as root)."""
         real = self.p(path)
-        mode = stat.S_IMODE(real.stat().st_mode)
+        st = real.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        fixes = []
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+            os.chown(real, 0, 0)
+            fixes.append(f"owner {st.st_uid}:{st.st_gid} -> 0:0")
         if mode & 0o077:
             os.chmod(real, 0o600)
-            self.step("token", "fixed", f"{path}: mode {mode:04o} -> 0600")
+            fixes.append(f"mode {mode:04o} -> 0600")
+        if fixes:
+            self.step("token", "fixed", f"{path}: {', '.join(fixes)}")
         else:
             self.step("token", "unchanged", f"{path} (mode {mode:04o})")
 
@@ -647,8 +736,12 @@ class Installer:
                   if r != self.role and self.p(UNIT_DIR / unit_name(r)).exists()]
         if others:
             self.step("venv", "kept", f"{VENV}: {', '.join(others)} uses it")
-        elif not self.remove("venv", PREFIX):
-            self.step("venv", "unchanged", f"{PREFIX}: not there")
+        else:
+            if not self.remove("venv", VENV):
+                self.step("venv", "unchanged", f"{VENV}: not there")
+            self._rmdir_empty(PREFIX)
+            if self.p(PREFIX).exists():
+                self.step("venv", "kept", f"{PREFIX}: holds files hopscope did not put there")
         secrets_and_state = [self.config_path(), self.token_path(), *STATE[self.role]]
         if o.purge:
             for path in secrets_and_state:
@@ -668,6 +761,16 @@ class Installer:
 
 def _say(s: Step) -> None:
     click.echo(f"{s.what:<8} {s.status:<10} {s.detail}".rstrip())
+
+
+def _steps(run: Callable[[], list[Step]], what: str) -> None:
+    """Run the steps; a file that cannot be written or removed is one error line."""
+    try:
+        run()
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise HopscopeError(f"hopscope {what}: {where}{exc.strerror or exc}; the steps above "
+                            "are done, the rest not (run it again once fixed)") from None
 
 
 def _need_root(root: Path | None) -> None:
@@ -721,7 +824,7 @@ def install(role: str, root: Path | None, no_apt: bool, no_start: bool, source: 
                              start=not no_start, source=source, collector=collector,
                              token_file=token_file, listen=listen, http=http, python=python),
                      say=_say)
-    inst.install()
+    _steps(inst.install, f"install {role}")
     where = f" in {root}" if root else ""
     if inst.changed:
         click.echo(f"hopscope {role}: installed{where}")
@@ -744,7 +847,7 @@ def uninstall(role: str, root: Path | None, purge: bool) -> None:
     _need_root(root)
     inst = Installer(Options(role=role, root=root.resolve() if root else None, purge=purge),
                      say=_say)
-    inst.uninstall()
+    _steps(inst.uninstall, f"uninstall {role}")
     where = f" from {root}" if root else ""
     if inst.changed:
         click.echo(f"hopscope {role}: uninstalled{where}")

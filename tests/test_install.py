@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -61,13 +62,17 @@ def test_the_wheel_carries_bpf_sources_and_units(tmp_path: Path) -> None:
             shutil.copytree(p, src / part, ignore=hi._IGNORE)
         else:
             shutil.copy2(p, src / part)
-    cp = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                         "--no-build-isolation", "-w", str(tmp_path / "w"), str(src)],
+    # pyproject's build requirements: this venv's own setuptools when it meets them (no
+    # download), else pip's isolated build, as `hopscope install` builds
+    from importlib.metadata import version
+
+    need = re.search(r'"setuptools>=(\d+)"', (REPO / "pyproject.toml").read_text())
+    assert need, "pyproject.toml: setuptools>=N in build-system.requires"
+    have = int(version("setuptools").split(".")[0])
+    isolation = ["--no-build-isolation"] if have >= int(need.group(1)) else []
+    cp = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
+                         "-w", str(tmp_path / "w"), str(src)],
                         capture_output=True, text=True, timeout=300)
-    if cp.returncode != 0 and "setuptools" in cp.stderr:
-        cp = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                             str(tmp_path / "w"), str(src)], capture_output=True, text=True,
-                            timeout=300)
     assert cp.returncode == 0, cp.stderr
     (whl,) = (tmp_path / "w").glob("hopscope-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
@@ -316,11 +321,13 @@ class Staged:
             (self.bin / prog).write_text(FAKE)
             (self.bin / prog).chmod(0o755)
 
-    def hopscope(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    def hopscope(self, *args: str, ok: bool = True, umask: int | None = None
+                 ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}",
                "HOPSCOPE_TEST_CALLS": str(self.calls)}
         cp = subprocess.run([sys.executable, "-m", "hopscope", *args], capture_output=True,
-                            text=True, timeout=900, env=env)
+                            text=True, timeout=900, env=env,
+                            preexec_fn=None if umask is None else lambda: os.umask(umask))
         if ok:
             assert cp.returncode == 0, cp.stdout + cp.stderr
         assert not self.calls.exists(), "called: " + self.calls.read_text()
@@ -340,15 +347,31 @@ class Staged:
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Staged]:
     """Both roles installed into one staging root (the collector first: its token is the
-    agent's)."""
+    agent's), the collector under the strict umask of a hardened host's root shell."""
     work = tmp_path_factory.mktemp("install")
     s = Staged(work / "root", work)
     s.first["collector"] = s.hopscope("install", "collector", "--root", str(s.root),
-                                      "--listen", "0.0.0.0:7000")
+                                      "--listen", "0.0.0.0:7000", umask=0o077)
     token = s.root / "etc/hopscope/collector.token"
     s.first["agent"] = s.hopscope("install", "agent", "--root", str(s.root),
                                   "--collector", "10.0.0.1:7000", "--token-file", str(token))
     yield s
+
+
+def _closed(root: Path) -> list[str]:
+    """What the collector's dynamic user could not read (or search) of the venv and
+    /etc/hopscope, but the tokens."""
+    out = []
+    paths = [root / "etc/hopscope", root / "opt/hopscope", *(root / "opt/hopscope").rglob("*")]
+    paths += [p for p in (root / "etc/hopscope").iterdir() if p.suffix != ".token"]
+    for p in paths:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        want = 0o005 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o100 else 0o004
+        if st.st_mode & want != want:
+            out.append(f"{p.relative_to(root)} {stat.S_IMODE(st.st_mode):04o}")
+    return out
 
 
 def _cmd(group: str, name: str) -> click.Command:
@@ -382,6 +405,9 @@ def test_staged_install_lays_out_the_node(staged: Staged) -> None:
         assert os.readlink(link) == f"/etc/systemd/system/{unit.name}"
         tok = r / f"etc/hopscope/{role}.token"
         assert stat.S_IMODE(tok.stat().st_mode) == 0o600
+    # installed under umask 077: the collector's dynamic user reads the venv and its config
+    assert _closed(r) == []
+    assert stat.S_IMODE((r / "etc/hopscope").stat().st_mode) == 0o755
     assert (r / "etc/hopscope/agent.token").read_bytes() == \
         (r / "etc/hopscope/collector.token").read_bytes()
     # the headers drop-in exactly when this kernel has no headers
@@ -452,9 +478,72 @@ def test_second_install_changes_nothing_and_says_so(staged: Staged) -> None:
         st = _statuses(cp.stdout)
         assert not set(st.values()) & hi.CHANGED, cp.stdout
         assert st["config"] == "kept"
-        if args[0] == "collector":
-            assert "not applied: --listen" in cp.stdout
+        assert "not applied" not in cp.stdout  # --listen as the file has it
+    cp = staged.hopscope("install", "collector", "--listen", "0.0.0.0:7002", "--root",
+                         str(staged.root))
+    assert "exists; not applied: --listen (edit the file)" in cp.stdout
     assert _tree(staged.root) == before
+
+
+@pytest.mark.slow
+def test_install_repairs_what_a_strict_umask_closed(staged: Staged) -> None:
+    r = staged.root
+    site = next(staged.venv.glob("lib/python3*/site-packages"))
+    closed = [r / "etc/hopscope", r / "opt/hopscope", staged.venv, site / "hopscope",
+              site / "hopscope/cli.py", staged.venv / "pyvenv.cfg"]
+    for p in closed:
+        p.chmod(0o700 if p.is_dir() else 0o600)
+    assert len(_closed(r)) == len(closed)
+    cp = staged.hopscope("install", "collector", "--root", str(r))
+    assert _statuses(cp.stdout)["modes"] == "fixed", cp.stdout
+    assert "/opt/hopscope/venv (4 files and directories)" in cp.stdout
+    assert _closed(r) == []
+    assert stat.S_IMODE((r / "etc/hopscope/collector.token").stat().st_mode) == 0o600
+
+
+@pytest.mark.slow
+def test_install_refuses_before_any_change(staged: Staged) -> None:
+    r = staged.root
+    before = _tree(r)
+    for args, want in ((["agent", "--collector", "nohost"], "bad --collector 'nohost'"),
+                       (["collector", "--listen", "garbage"], "bad --listen 'garbage'"),
+                       (["collector", "--http", "x:y"], "bad --http 'x:y'")):
+        cp = staged.hopscope("install", *args, "--root", str(r), ok=False)
+        assert cp.returncode == 2 and want in cp.stderr and cp.stdout == "", cp.stderr
+    assert _tree(r) == before
+    tok = r / "etc/hopscope/agent.token"
+    kept = tok.read_bytes()
+    tok.unlink()
+    try:
+        before = _tree(r)
+        # the kept agent.toml reads a token that is gone: the agent could not start
+        cp = staged.hopscope("install", "agent", "--root", str(r), ok=False)
+        assert cp.returncode == 2 and cp.stdout == "", cp.stdout
+        assert cp.stderr.strip() == "hopscope: hopscope install agent: /etc/hopscope/" \
+            "agent.token is missing (the token /etc/hopscope/agent.toml names): give " \
+            "--token-file (the collector's token)"
+        assert _tree(r) == before
+    finally:
+        tok.write_bytes(kept)
+        tok.chmod(0o600)
+
+
+@pytest.mark.slow
+def test_a_file_that_cannot_be_written_is_one_line(staged: Staged) -> None:
+    unit = staged.root / "etc/systemd/system/hopscope-agent.service"
+    good = unit.read_text()
+    unit.write_text(good + "# edited\n")
+    blocker = unit.with_name(unit.name + ".hopscope-tmp")
+    blocker.mkdir()
+    try:
+        cp = staged.hopscope("install", "agent", "--root", str(staged.root), ok=False)
+        assert cp.returncode == 1 and "Traceback" not in cp.stderr
+        assert cp.stderr.strip() == f"hopscope: hopscope install agent: {blocker}: Is a " \
+            "directory; the steps above are done, the rest not (run it again once fixed)"
+    finally:
+        blocker.rmdir()
+    cp = staged.hopscope("install", "agent", "--root", str(staged.root))
+    assert _statuses(cp.stdout)["unit"] == "updated" and unit.read_text() == good
 
 
 @pytest.mark.slow
@@ -464,10 +553,13 @@ def test_existing_config_is_kept_and_token_mode_fixed(staged: Staged) -> None:
     cfg.write_text(mine)
     tok = staged.root / "etc/hopscope/agent.token"
     os.chmod(tok, 0o644)
+    os.chown(tok, 1000, 1000)  # the agent, root without CAP_DAC_OVERRIDE, could not read it
     cp = staged.hopscope("install", "agent", "--root", str(staged.root))
     st = _statuses(cp.stdout)
     assert st["config"] == "kept" and st["token"] == "fixed", cp.stdout
+    assert "agent.token: owner 1000:1000 -> 0:0, mode 0644 -> 0600" in cp.stdout
     assert cfg.read_text() == mine and stat.S_IMODE(tok.stat().st_mode) == 0o600
+    assert (tok.stat().st_uid, tok.stat().st_gid) == (0, 0)
     assert cp.stdout.strip().endswith(f"hopscope agent: installed in {staged.root}")
 
 
@@ -488,8 +580,13 @@ def test_uninstall_then_purge(staged: Staged) -> None:
     assert cp.stdout.strip().endswith(f"hopscope agent: nothing to remove from {r}")
     (r / "var/lib/private/hopscope-collector").mkdir(parents=True)
     (r / "var/lib/hopscope-collector").symlink_to("private/hopscope-collector")
-    staged.hopscope("uninstall", "collector", "--root", str(r), "--purge")
-    assert not (r / "opt/hopscope").exists()
+    notes = r / "opt/hopscope/NOTES"  # the operator's, beside the venv
+    notes.write_text("the next upgrade's wheel goes here\n")
+    cp = staged.hopscope("uninstall", "collector", "--root", str(r), "--purge")
+    assert not staged.venv.exists() and notes.exists()
+    assert "/opt/hopscope: holds files hopscope did not put there" in cp.stdout
+    notes.unlink()
+    (r / "opt/hopscope").rmdir()
     assert not (units / "hopscope-collector.service").exists()
     for p in ("etc/hopscope/collector.toml", "etc/hopscope/collector.token",
               "var/lib/private/hopscope-collector", "var/lib/hopscope-collector"):

@@ -42,6 +42,7 @@ from click.testing import CliRunner
 
 from hopscope.cli import main
 from hopscope.config import config_option, load_config, option_keys
+from hopscope.errors import PrivilegeError, UsageError
 from hopscope.install import HEADERS_DROPIN, Installer, Options, data_dir, render_config
 from hopscope.testbed.agents import remove_stale_in
 from hopscope.testbed.topology import Instance
@@ -89,6 +90,9 @@ def command(settings: dict[str, list[str]], key: str, python: str, config: str |
 
 # -- the units -------------------------------------------------------------------------------
 
+#: exit statuses a restart would not cure: a usage or config error, missing privileges
+NO_RETRY = [str(UsageError.exit_code), str(PrivilegeError.exit_code)]
+
 
 def test_agent_unit_has_what_issue_6_asks() -> None:
     s = unit_settings(AGENT_UNIT)
@@ -107,6 +111,7 @@ def test_agent_unit_has_what_issue_6_asks() -> None:
     assert "ReadWritePaths" not in s  # the state directory is the only writable path
     assert one(s, "ProtectHome") == "yes" and one(s, "PrivateTmp") == "yes"
     assert one(s, "Restart") == "on-failure"
+    assert one(s, "RestartPreventExitStatus").split() == NO_RETRY
     assert one(s, "KillSignal") == "SIGTERM" and one(s, "TimeoutStopSec")
     assert shlex.split(one(s, "ExecStopPost"))[-2:] == ["agent", "cleanup"]
     assert "sys-kernel-tracing.mount" in one(s, "After")
@@ -123,6 +128,7 @@ def test_collector_unit_is_unprivileged() -> None:
     assert one(s, "LoadCredential") == "token:/etc/hopscope/collector.token"
     assert one(s, "NoNewPrivileges") == "yes" and one(s, "ProtectSystem") == "strict"
     assert one(s, "Restart") == "on-failure"
+    assert one(s, "RestartPreventExitStatus").split() == NO_RETRY
     start = shlex.split(one(s, "ExecStart"))
     assert start[-3:] == ["serve", "--config", "/etc/hopscope/collector.toml"]
     assert "User" not in s
@@ -269,6 +275,14 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         (serve, '[listen]\nx = 1\n', "listen: a table is not a value of --listen"),
         (["agent", "run"], 'local = "yes"\n', "local: expected true or false"),
         (["agent", "run"], 'source = "ebpf"\n', "source = 'ebpf'"),
+        # click would take true as 1 and cut 70000.9 to 70000
+        (["agent", "run"], 'entry-port = true\n', "entry-port: expected an integer, not true"),
+        (serve, 'entry-port = [80, true]\n', "entry-port: expected an integer, not true"),
+        (["agent", "run"], 'spool-max = 70000.9\n',
+         "spool-max: expected an integer, not 70000.9"),
+        (serve, 'listen = false\n', "listen: expected a string, not false"),
+        (serve, 'token_file = "/x"\ntoken-file = "/y"\n',
+         "'token_file' and 'token-file' are the same key"),
     ]
     for i, (cmd, text, want) in enumerate(cases):
         cfg = tmp_path / f"c{i}.toml"
