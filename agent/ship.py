@@ -112,7 +112,8 @@ class Shipper:
             return False
         self.reader, self.writer = r, w
         self.res.connects += 1
-        self.backoff = self.cfg.backoff_min
+        # the backoff goes back to its minimum once an ack shows progress, not here: a
+        # collector that welcomes and then refuses must not be dialled ten times a second
         self.max_frame = welcome.max_frame
         self.acked = welcome.acked
         self.sent = welcome.acked
@@ -139,6 +140,8 @@ class Shipper:
         assert self.reader is not None
         frame = await asyncio.wait_for(wire.read_frame(self.reader, wire.HELLO_MAX_FRAME), ACK_TIMEOUT)
         if isinstance(frame, wire.Ack):
+            if frame.seq > self.acked:
+                self.backoff = self.cfg.backoff_min
             self.acked = max(self.acked, frame.seq)
             self.res.acked = self.acked
             self.spool.ack(frame.seq)
@@ -147,6 +150,7 @@ class Shipper:
             if frame.code == "bad-frame" and frame.seq >= 0:
                 log.warning("batch %d refused for good (%s): dropped from the spool",
                             frame.seq, frame.message)
+                self.spool.refused(frame.seq)
                 self.spool.ack(frame.seq)
             raise exc
         else:

@@ -117,9 +117,12 @@ class BatchLog:
         return sorted(int(n[:-len(SUFFIX)]) for n in names
                       if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit())
 
-    def size(self) -> int:
+    def size(self, only: set[int] | None = None) -> int:
+        """The segments' bytes on disk (of those in ``only``, when given)."""
         total = 0
         for seg in self.segments():
+            if only is not None and seg not in only:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 total += self._path(seg).stat().st_size
         return total

@@ -118,6 +118,9 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
     """
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS "
+                         "first); without them the agents' port would be plain TCP")
     ctx = wire.server_ssl_context(tls_cert, tls_key, ca=tls_client_ca) if tls_cert and tls_key \
         else None
     cfg = CollectorConfig(
@@ -172,6 +175,11 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
     from hopscope.agent.ship import ship as run_ship
 
     host, port = parse_hostport(collector_addr, "--collector")
+    wire.check_name(node, "--node")
+    if agent_id is not None:
+        wire.check_name(agent_id, "--agent-id")
+    else:
+        wire.check_name(f"hopscope-agent@{node}", "--node (in the agent id)")
     ctx = wire.client_ssl_context(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
     cfg = ShipConfig(capture=capture, node=node, host=host, port=port,
                      token=wire.read_token(token_file), agent=agent_id or "",
@@ -271,7 +279,8 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
     for path, opt in ((out, "--out"), (record, "--record")):
         if path:
             _check_writable(path, opt)
-    node = node or _socket.gethostname()
+    node = wire.check_name(node or _socket.gethostname(), "--node")
+    wire.check_name(f"hopscope-agent@{node}", "--node (in the agent id)")
     calls = tuple(dict.fromkeys(c.strip() for c in proxy_calls.split(",") if c.strip()))
     bad = [c for c in calls if c not in PROXY_CALLS]
     if bad or not calls:
@@ -415,10 +424,10 @@ class _Source:
                                 "running, and is this its --http address?)") from None
         except (http.client.HTTPException, ValueError) as exc:
             # BadStatusLine: something that is not HTTP answered (the agents' port?)
+            said = ascii(" ".join(str(exc).split())[:60])  # bytes of another protocol
             raise HopscopeError(
                 f"{self.where}: not the collector's HTTP API ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:80]}): give its --http address, not the "
-                "agents' --listen port") from None
+                f"{said}): give its --http address, not the agents' --listen port") from None
 
     def render(self, fn: Callable[[], str]) -> str:
         """``fn()``, an answer this version cannot lay out named as such (one line)."""

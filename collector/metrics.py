@@ -208,12 +208,15 @@ class CollectorMetrics:
                        self.drops)
         off = GaugeMetricFamily("hopscope_clock_offset_seconds",
                                 "Each node's clock minus the reference node's, as estimated "
-                                "from cross-node traffic by the stitcher.",
+                                "from cross-node traffic by the stitcher (a node whose "
+                                "offset is not known yet is left out).",
                                 labels=["node", "reference"])
         err = GaugeMetricFamily("hopscope_clock_offset_error_seconds",
                                 "Half-width of the interval bounding each node's clock offset.",
                                 labels=["node", "reference"])
         for node, (o, e) in sorted(self.offsets.items()):
+            if e < 0:  # unknown (error_ns -1): no cross-node traffic with the reference yet
+                continue
             off.add_metric([node, self.reference], o / _S)
             err.add_metric([node, self.reference], e / _S)
         yield off

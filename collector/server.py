@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -43,7 +44,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from hopscope.collector import wire
 from hopscope.collector.metrics import CollectorMetrics
 from hopscope.collector.otlp import OtlpConfig, OtlpExporter
-from hopscope.collector.store import SqliteStore, _drop_key, parse_duration, resolve_since
+from hopscope.collector.store import (
+    SqliteStore,
+    _drop_key,
+    in_range,
+    parse_duration,
+    resolve_since,
+)
 from hopscope.collector.writer import BatchWriter
 
 from hopscope.errors import HopscopeError, UsageError
@@ -352,10 +359,10 @@ class Collector:
         payload: bytes | None = None  # not JSON: /metrics
         ctype = "application/json"
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            line = await _http_line(reader)
             accept = ""
             while True:  # headers: only Accept matters (for /metrics)
-                h = await asyncio.wait_for(reader.readline(), 10)
+                h = await _http_line(reader)
                 if h in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = h.decode("latin-1").partition(":")
@@ -403,23 +410,25 @@ class Collector:
         self._tasks.append(self.start_feeder())
         self.writer = BatchWriter(self.cfg.db)
         host, port = self.cfg.listen
-        srv = await asyncio.start_server(self._agent, host, port, ssl=self.cfg.ssl_context,
-                                         limit=wire.STREAM_LIMIT)
+        srv = await _listen(self._agent, host, port, "--listen", ssl=self.cfg.ssl_context,
+                            limit=wire.STREAM_LIMIT)
         self._servers.append(srv)
         self.agent_port = srv.sockets[0].getsockname()[1]
+        if self.cfg.http is not None:  # both bound before either is said: a failure is one line
+            h = await _listen(self._http, *self.cfg.http, "--http")
+            self._servers.append(h)
+            self.http_port = h.sockets[0].getsockname()[1]
         log.info("event=listen what=agents addr=%s:%d tls=%s db=%s", host, self.agent_port,
                  "yes" if self.cfg.ssl_context else "no", self.cfg.db)
         if self.cfg.http is not None:
-            h = await asyncio.start_server(self._http, *self.cfg.http)
-            self._servers.append(h)
-            self.http_port = h.sockets[0].getsockname()[1]
             log.info("event=listen what=http addr=%s:%d", self.cfg.http[0], self.http_port)
         if self.exporter is not None:
             self.exporter.start()
         self._tasks.append(asyncio.create_task(self._drain_loop()))
 
-    async def stop(self) -> None:
-        """Stop listening, drop the agents' connections, store what is finished, close."""
+    async def stop(self, started: bool = True) -> None:
+        """Stop listening, drop the agents' connections, store what is finished, close
+        (``started`` false: after a start that failed, whose error says it all)."""
         self._stopping = True  # acks waiting for room go out: their batches are durable
         if self._room is not None:
             self._room.set()
@@ -449,11 +458,17 @@ class Collector:
             self.store.close()
             if self.exporter is not None:  # what is queued gets a few seconds to go out
                 await asyncio.to_thread(self.exporter.close, 5.0)
-        log.info("event=stopped requests=%d batches=%d", self.stored_requests, self.batches)
+        if started:
+            log.info("event=stopped requests=%d batches=%d", self.stored_requests,
+                     self.batches)
 
     async def serve_forever(self) -> None:
         """Start; run until SIGTERM or SIGINT; stop cleanly (what is finished is stored)."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(started=False)  # a port taken: what start() began goes
+            raise
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -464,6 +479,28 @@ class Collector:
             log.info("event=signal action=stop")
         finally:
             await self.stop()
+
+
+async def _http_line(reader: asyncio.StreamReader) -> bytes:
+    """One line of an HTTP request head (10 s at most; longer than the stream's 64 KiB
+    limit: a client error)."""
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    except ValueError:  # asyncio's LimitOverrunError, as readline() raises it
+        raise HopscopeError("request line or header too long") from None
+
+
+async def _listen(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                   Awaitable[None]],
+                  host: str, port: int, opt: str, **kw: Any) -> asyncio.Server:
+    """``asyncio.start_server``; a port in use or a name that does not resolve is one line."""
+    try:
+        return await asyncio.start_server(handler, host, port, **kw)
+    except OSError as exc:  # socket.gaierror included
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = "address already in use (another collector?)"
+        raise HopscopeError(f"{opt} {host}:{port}: cannot listen: {why}") from None
 
 
 def api_get(s: SqliteStore, target: str) -> tuple[int, dict[str, Any]]:
@@ -482,7 +519,7 @@ def api_get(s: SqliteStore, target: str) -> tuple[int, dict[str, Any]]:
             return None
         if not v.lstrip("-").isdigit():
             raise UsageError(f"{key}={v!r}: expected an integer")
-        return int(v)
+        return in_range(int(v), f"{key}={v}")
 
     if path == "/health":
         return 200, {"ok": True, "requests": s.count_requests()}

@@ -338,6 +338,18 @@ class Spool:
 
     # -- reading and acking ---------------------------------------------------
 
+    def refused(self, seq: int) -> bool:
+        """The collector refused batch ``seq`` for good: drop it, counted as the drops of a
+        full spool are (the batches' ``lost`` map reports them to the collector)."""
+        size = self._index.pop(seq, None)
+        if size is None:
+            return False
+        self._bytes -= size
+        self._unlink(seq)
+        self._count_drop(1, max(0, size - HEADER_SIZE), f"batch {seq} refused by the "
+                         "collector: dropped")
+        return True
+
     def ack(self, seq: int) -> int:
         """Delete every batch up to and including ``seq`` (delivered); how many went."""
         n = 0

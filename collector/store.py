@@ -119,6 +119,17 @@ _UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_00
           "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
 
 
+#: SQLite's integers: what a time, a duration or a limit may be
+INT64_MAX = (1 << 63) - 1
+
+
+def in_range(value: int, what: str) -> int:
+    """``value`` if SQLite can hold it, else a usage error naming ``what``."""
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise UsageError(f"{what}: out of range (at most {INT64_MAX} ns or items)")
+    return value
+
+
 def parse_duration(text: str, *, default_unit: str = "s") -> int:
     """``300ms``, ``1.5s``, ``250us``, ``10m``, ``1h`` -> integer nanoseconds."""
     m = _DUR.match(str(text))
@@ -131,7 +142,7 @@ def parse_duration(text: str, *, default_unit: str = "s") -> int:
     ns = int(whole) * scale
     if frac:
         ns += int(frac) * scale // (10 ** len(frac))
-    return ns
+    return in_range(ns, f"duration {text!r}")
 
 
 class Store(Protocol):
@@ -167,6 +178,24 @@ def _rank(incomplete: bool, no_upstream: bool, ingress: str | None, pod: str | N
           hops: int) -> tuple[int, int, int]:
     return ((not incomplete) + (not no_upstream), (ingress is not None) + (pod is not None),
             hops)
+
+
+#: a request's path without its query string, in SQL (what ``path=`` and ``--by path`` use)
+_PATH_SQL = "CASE WHEN instr({col}, '?') > 0 THEN substr({col}, 1, instr({col}, '?') - 1) " \
+    "ELSE {col} END"
+
+
+def _better(r: dict[str, Any], old: list[Any]) -> bool:
+    """Does stitch ``r`` replace the stored one (``old``: ``_rank``'s arguments)? Only when
+    it ranks higher and knows every end the stored one knows: of two halves of a request
+    (one node's part each, its late-window past or off), neither replaces the other, so
+    that no node's hops are lost to another's."""
+    _inc, _nou, ingress, pod, _hops = old
+    if ingress is not None and r.get("ingress_node") is None:
+        return False
+    if pod is not None and r.get("pod_node") is None:
+        return False
+    return completeness(r) > _rank(*old)
 
 
 #: a stored request's completeness, from its row (SQLite reads the JSON, not Python)
@@ -345,7 +374,7 @@ class SqliteStore:
                     rowid = cur.lastrowid
                 else:
                     (rowid, *old), = self.db.execute(_RANK_SQL, (r["request_id"],))
-                    if completeness(r) <= _rank(*old):
+                    if not _better(r, old):
                         continue
                     self.db.execute(
                         "UPDATE requests SET start_ns=?, total_ns=?, status=?, path=?, "
@@ -430,7 +459,8 @@ class SqliteStore:
                        limit: int | None = None) -> list[dict[str, Any]]:
         """Requests in start order; with ``limit``, the newest ``limit`` of those matching.
 
-        ``path`` is exact, or a prefix when it ends with ``*``; ``status_class``
+        ``path`` is exact (the query string aside: ``/api/tasks/`` matches
+        ``/api/tasks/?residence=42``), or a prefix when it ends with ``*``; ``status_class``
         is ``5xx``-style or an exact code; ``node`` matches the ingress or the
         pod node; ``slower_than_ns`` keeps ``total_ns > slower_than_ns``.
         """
@@ -450,7 +480,7 @@ class SqliteStore:
                 where.append("substr(path, 1, ?) = ?")
                 args += [len(path) - 1, path[:-1]]
             else:
-                where.append("path = ?")
+                where.append(f"{_PATH_SQL.format(col='path')} = ?")
                 args.append(path)
         if status_class:
             w, a = _status_filter(status_class)
@@ -492,12 +522,13 @@ class SqliteStore:
         """Per (group,) hop name and dir: count, p50, p90, p99, max (integer ns, nearest rank).
 
         ``by``: ``None`` (one group), ``"node"`` (the hop's node) or ``"path"``
-        (the request's path). A ``total`` row per group covers whole requests.
+        (the request's path, without its query string). A ``total`` row per group covers
+        whole requests.
         """
         if by not in (None, "", "node", "path"):
             raise UsageError(f"bad --by {by!r}: use node or path")
         since = -(1 << 62) if since_ns is None else int(since_ns)
-        gcol = {"node": "h.node", "path": "r.path"}.get(by or "", "''")
+        gcol = {"node": "h.node", "path": _PATH_SQL.format(col="r.path")}.get(by or "", "''")
         vals: dict[tuple[str, str, str], list[int]] = defaultdict(list)
         order: list[tuple[str, str, str]] = []
         for g, name, dir_, dur in self.db.execute(
@@ -507,7 +538,7 @@ class SqliteStore:
             if k not in vals:
                 order.append(k)
             vals[k].append(dur)
-        tcol = {"node": "ingress_node", "path": "path"}.get(by or "", "''")
+        tcol = {"node": "ingress_node", "path": _PATH_SQL.format(col="path")}.get(by or "", "''")
         for g, tot in self.db.execute(
                 f"SELECT {tcol}, total_ns FROM requests WHERE start_ns >= ? AND total_ns IS NOT NULL"
                 " ORDER BY start_ns", (since,)):
@@ -538,21 +569,35 @@ class SqliteStore:
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
         return int((pc - fl) * ps) + self.batch_log.size()
 
+    def _referenced_segments(self) -> set[int]:
+        return {seg for (seg,) in self.db.execute(
+            "SELECT DISTINCT seg FROM batches WHERE seg IS NOT NULL")}
+
     def _remove_segments(self) -> None:
         """The segment files no stored batch points into any more."""
-        used = {seg for (seg,) in self.db.execute(
-            "SELECT DISTINCT seg FROM batches WHERE seg IS NOT NULL")}
-        self.batch_log.remove_unreferenced(used)
+        self.batch_log.remove_unreferenced(self._referenced_segments())
+
+    def _held_bytes(self) -> int:
+        """What ``--max-db-bytes`` weighs: the database's pages in use and the segments that
+        stored batches point into. Not the segment being written once no row points into
+        it: deleting rows cannot shrink it (it goes when the writer moves on), so counting
+        it would prune every request for nothing."""
+        pc = self.db.execute("PRAGMA page_count").fetchone()[0]
+        fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        ps = self.db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pc - fl) * ps) + self.batch_log.size(self._referenced_segments())
 
     def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None,
               raw_max_age_ns: int | None = None) -> int:
         """Delete what is older than ``max_age_ns`` (by the time it was stored), then the
         oldest requests (by start) until the database uses at most ``max_bytes``;
-        raw batches older than ``raw_max_age_ns`` (default: ``max_age_ns``).
+        raw batches older than ``raw_max_age_ns`` (default, and at most: ``max_age_ns``,
+        so that a restart does not stitch again requests that retention deleted).
         Returns the requests deleted."""
         now = time.time_ns()
-        deleted = 0
-        raw_age = raw_max_age_ns if raw_max_age_ns is not None else max_age_ns
+        deleted = batches = 0
+        ages = [a for a in (raw_max_age_ns, max_age_ns) if a is not None]
+        raw_age = min(ages) if ages else None
         with self._tx():
             if max_age_ns is not None:
                 cut = now - max_age_ns
@@ -560,11 +605,13 @@ class SqliteStore:
                                            (cut,)).rowcount
                 self.db.execute("DELETE FROM drops WHERE stored_ns < ?", (cut,))
             if raw_age is not None:
-                self.db.execute("DELETE FROM batches WHERE received_ns < ?", (now - raw_age,))
+                batches += self.db.execute("DELETE FROM batches WHERE received_ns < ?",
+                                           (now - raw_age,)).rowcount
         self._remove_segments()
+        by_size = 0
         if max_bytes is not None:
             for _ in range(64):
-                if self.used_bytes() <= max_bytes:
+                if self._held_bytes() <= max_bytes:
                     break
                 n = self.count_requests()
                 nb = self.db.execute("SELECT count(*) FROM batches").fetchone()[0]
@@ -572,18 +619,19 @@ class SqliteStore:
                     break
                 with self._tx():
                     if nb:
-                        self.db.execute(
+                        batches += self.db.execute(
                             "DELETE FROM batches WHERE rowid IN (SELECT rowid FROM batches "
-                            "ORDER BY received_ns LIMIT ?)", (max(1, nb // 4),))
+                            "ORDER BY received_ns LIMIT ?)", (max(1, nb // 4),)).rowcount
                     if n:
-                        deleted += self.db.execute(
+                        by_size += self.db.execute(
                             "DELETE FROM requests WHERE id IN (SELECT id FROM requests "
                             "ORDER BY start_ns LIMIT ?)", (max(1, n // 10),)).rowcount
                 if nb:
                     self._remove_segments()
-        if deleted:
-            log.info("event=pruned requests=%d db=%s", deleted, self.path)
-        return deleted
+        if deleted or by_size or batches:
+            log.info("event=pruned requests=%d by_size=%d raw_batches=%d db=%s",
+                     deleted + by_size, by_size, batches, self.path)
+        return deleted + by_size
 
 
 def resolve_since(store: SqliteStore, since: str | int | None, anchor: str = "auto",
@@ -597,7 +645,7 @@ def resolve_since(store: SqliteStore, since: str | int | None, anchor: str = "au
     if since is None or since == "":
         return None
     if isinstance(since, int) or (str(since).isdigit() and len(str(since)) > 12):
-        return int(since)
+        return in_range(int(since), f"since {since}")
     back = parse_duration(str(since), default_unit="s")
     now = time.time_ns() if now_ns is None else now_ns
     if anchor == "now":

@@ -353,6 +353,19 @@ def _int(d: dict[Any, Any], key: str, t: str, lo: int = -(1 << 63), hi: int = (1
     return x
 
 
+def is_name(x: str) -> bool:
+    """A node name or agent id the wire takes: 1 to MAX_NAME printable characters."""
+    return 0 < len(x) <= MAX_NAME and x.isprintable()
+
+
+def check_name(x: str, opt: str) -> str:
+    """``x`` as a command-line option that ends up in the hello frame (a usage error here,
+    not a refusal the agent would retry until its deadline)."""
+    if not is_name(x):
+        raise UsageError(f"{opt} {_show(x)}: must be 1 to {MAX_NAME} printable characters")
+    return x
+
+
 def _str(d: dict[Any, Any], key: str, t: str, default: str | None = None,
          name: bool = False) -> str:
     x = d.get(key, default)
@@ -360,7 +373,7 @@ def _str(d: dict[Any, Any], key: str, t: str, default: str | None = None,
         raise BadFrame(f"{t} frame: field {key!r} is missing")
     if type(x) is not str:
         raise BadFrame(f"{t} frame: field {key!r} must be a str, got {_tname(x)}")
-    if name and not (0 < len(x) <= MAX_NAME and x.isprintable()):
+    if name and not is_name(x):
         raise BadFrame(f"{t} frame: field {key!r} must be 1 to {MAX_NAME} printable"
                        f" characters, got {_show(x)}")
     return x
@@ -758,17 +771,11 @@ def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -
                          f" {max(SUPPORTED_VERSIONS)}); upgrade the older side")
     if t == "batch":
         seq = _int(d, "seq", "batch", lo=0)
-        what = f"batch {seq}"
-        node = _str(d, "node", "batch", name=True)
-        obs: Sequence[Observation]
-        if v == RAW_VERSION:
-            raw, spans = _raw(d, what)
-            obs = RawObs(_obs_columns(d, what), raw, node, spans)
-        else:
-            obs = _obs_columns(d, what) if v == 2 else _observations(d, what)
-        return Batch(_str(d, "agent", "batch", name=True), seq, node,
-                     _int(d, "ts_real_ns", "batch"), obs, _clock(d, what), _lost(d, what),
-                     bytes(body))
+        try:
+            return _decode_batch(d, v, seq, body)
+        except BadFrame as exc:
+            exc.seq = seq  # refused for good: the agent drops it (docs/wire.md)
+            raise
     if t == "ack":
         return Ack(_int(d, "seq", "ack", lo=-1))
     if t == "hello":
@@ -785,6 +792,21 @@ def _decode_map(d: dict[Any, Any], body: bytes | bytearray | memoryview = b"") -
     if t is None:
         raise BadFrame("frame has no type 't'")
     raise BadFrame(f"unknown frame type {_show(t)}")
+
+
+def _decode_batch(d: dict[Any, Any], v: int, seq: int,
+                  body: bytes | bytearray | memoryview) -> Batch:
+    what = f"batch {seq}"
+    node = _str(d, "node", "batch", name=True)
+    obs: Sequence[Observation]
+    if v == RAW_VERSION:
+        raw, spans = _raw(d, what)
+        obs = RawObs(_obs_columns(d, what), raw, node, spans)
+    else:
+        obs = _obs_columns(d, what) if v == 2 else _observations(d, what)
+    return Batch(_str(d, "agent", "batch", name=True), seq, node,
+                 _int(d, "ts_real_ns", "batch"), obs, _clock(d, what), _lost(d, what),
+                 bytes(body))
 
 
 def decode_body(body: bytes | bytearray | memoryview) -> Frame:
@@ -1294,6 +1316,8 @@ async def serve_agent(
         log.info("%s: %s", who, exc)
     except WireError as exc:
         refusal = exc  # logged by refuse(); what came before the bad frame is stored
+        if seq < 0 and isinstance(exc, BadFrame):
+            seq = exc.seq  # a batch that did not decode: named, so that the agent drops it
     except OSError as exc:  # ssl.SSLError included
         log.info("%s: connection lost: %s", who, exc)
     except HopscopeError as exc:  # the store's own errors say what failed

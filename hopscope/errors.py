@@ -76,7 +76,12 @@ class FrameTooLarge(WireError):
 
 
 class BadFrame(WireError):
-    """Not a valid frame: garbage, truncated, not msgpack, a missing or mistyped field."""
+    """Not a valid frame: garbage, truncated, not msgpack, a missing or mistyped field.
+
+    ``seq``: the batch's sequence number when the frame was a batch that far (the refusal
+    names it, and the agent drops that batch instead of sending it again), else -1."""
+
+    seq = -1
 
 
 class BadVersion(WireError):

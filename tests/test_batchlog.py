@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,42 @@ def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> 
     assert deleted == 200 - len(ids) and ids == sorted(ids)
     assert ids[-1] == "r0199"  # the oldest went first
     assert s.agent_seqs() == {"a1": 11}
+    s.close()
+
+
+def test_a_dead_segment_being_written_does_not_prune_requests(tmp_path: Path) -> None:
+    """The segment being written stays until the writer moves on, even when no row points
+    into it any more: the size cap must not delete requests to make up for it."""
+    s = SqliteStore(tmp_path / "c.db")
+    for i in range(12):
+        s.put_batches([rows(batch(i, n=200))], received_ns=T0 + i)
+    s.put_requests([_request(i) for i in range(200)])
+    s.prune(raw_max_age_ns=1)  # every batch goes; its segment, the one being written, stays
+    assert s.db.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
+    (seg,) = s.batch_log.segments()
+    dead = s.batch_log.size()
+    assert dead > 0
+    cap = s.used_bytes() - dead // 2  # over the cap only because of the dead segment
+    assert s.prune(max_bytes=cap) == 0
+    assert s.count_requests() == 200
+    # the writer moves on: a new segment, and the dead one goes
+    s.batch_log.segment_max = 1
+    s.put_batches([rows(batch(12, n=2))], received_ns=T0 + 12)
+    s.put_batches([rows(batch(13, n=2))], received_ns=T0 + 13)
+    s.prune()
+    assert seg not in s.batch_log.segments()
+    s.close()
+
+
+def test_raw_batches_go_with_the_retention_when_it_is_shorter(tmp_path: Path) -> None:
+    """Else a restart would stitch again, count and export again the requests that
+    retention deleted."""
+    s = SqliteStore(tmp_path / "c.db")
+    now = time.time_ns()
+    s.put_batches([rows(batch(0, n=2))], received_ns=now - 120 * 10**9)
+    s.put_batches([rows(batch(1, n=2))], received_ns=now)
+    s.prune(max_age_ns=60 * 10**9, raw_max_age_ns=900 * 10**9)
+    assert [q for _a, q, _n, _o in s.iter_batches()] == [1]
     s.close()
 
 

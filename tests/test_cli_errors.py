@@ -124,8 +124,9 @@ def not_http() -> Iterator[int]:
 
 
 def test_the_agents_port_given_as_the_collectors_api(not_http: int) -> None:
-    one_line(hs("requests", "--collector", f"127.0.0.1:{not_http}"),
-             "not the collector's HTTP API", "--http address")
+    line = one_line(hs("requests", "--collector", f"127.0.0.1:{not_http}"),
+                    "not the collector's HTTP API", "--http address")
+    assert line.isprintable(), line  # the other protocol's bytes, quoted: none reach the tty
     one_line(hs("requests", "--collector", "ftp://127.0.0.1:1"), "the collector's API is HTTP")
 
 
@@ -235,3 +236,39 @@ def test_options_of_doctor_and_the_testbed_checked_first(tmp_path: Path) -> None
     one_line(hs("agent", "run", "--local", "--slower-than", "fast"), "--slower-than",
              "bad duration 'fast'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collector_serve_refusals_before_serving(tmp_path: Path) -> None:
+    tok = tmp_path / "token"
+    tok.write_text("x" * 32)
+    tok.chmod(0o600)
+    base = ["collector", "serve", "--token-file", str(tok), "--db", str(tmp_path / "c.db")]
+    # mutual TLS asked for without TLS: it would have listened in plain TCP
+    cp = hs(*base, "--listen", "127.0.0.1:0", "--tls-client-ca", str(tok))
+    one_line(cp, "--tls-client-ca needs --tls-cert and --tls-key")
+    assert cp.returncode == 2
+    # ports taken, a name that does not resolve: one line each, nothing left running
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        one_line(hs(*base, "--listen", f"127.0.0.1:{port}"),
+                 f"--listen 127.0.0.1:{port}: cannot listen: address already in use")
+        one_line(hs(*base, "--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{port}"),
+                 f"--http 127.0.0.1:{port}: cannot listen")
+    one_line(hs(*base, "--listen", "256.1.1.1:7000"), "--listen 256.1.1.1:7000: cannot listen")
+
+
+def test_agent_ship_names_the_wire_would_refuse(tmp_path: Path) -> None:
+    """Checked on the command line: the collector's refusal of the hello would be retried
+    until --wait ran out (300 s)."""
+    tok = tmp_path / "token"
+    tok.write_text("x" * 32)
+    tok.chmod(0o600)
+    base = ["agent", "ship", "--from-pcap", FILES[0], "--collector", "127.0.0.1:9",
+            "--token-file", str(tok)]
+    for extra, want in ((["--node", ""], "--node '': must be 1 to 255 printable"),
+                        (["--node", "n\tx"], "--node 'n\\tx': must be"),
+                        (["--node", "a" * 250], "--node (in the agent id)"),
+                        (["--node", "n", "--agent-id", "x" * 256], "--agent-id")):
+        cp = hs(*base, *extra)
+        one_line(cp, want)
+        assert cp.returncode == 2

@@ -28,7 +28,7 @@ from hopscope.collector.server import Collector, CollectorConfig
 from hopscope.collector.store import SqliteStore, parse_duration, resolve_since
 
 from hopscope.cli import main
-from hopscope.errors import AuthFailed, UsageError
+from hopscope.errors import AuthFailed, HopscopeError, UsageError
 from hopscope.render import fmt_ns
 from hopscope.replay import replay
 
@@ -241,6 +241,30 @@ def test_requests_filters_stats_counts(tmp_path: Path) -> None:
     assert "p99" in text and "ingress" in text
     human = _cli("requests", "--db", db, "--since", "1h", "--slower-than", "1ms")
     assert "Per-hop latency" in human or "No HTTP requests" in human
+
+
+def test_path_filter_and_grouping_leave_the_query_string_out(tmp_path: Path) -> None:
+    def req(i: int, path: str) -> dict[str, Any]:
+        return {"request_id": f"r{i}", "start_ns": 1_764_000_000_000_000_000 + i,
+                "total_ns": 1000 + i, "status": 200, "path": path, "ingress_node": "node1",
+                "pod_node": "node1", "hops": [{"name": "ingress", "dir": "request",
+                                               "node": "node1", "duration_ns": 10 + i}]}
+
+    st = SqliteStore(tmp_path / "s.db")
+    try:
+        st.put_requests([req(0, "/api/tasks/"), req(1, "/api/tasks/?residence=42"),
+                         req(2, "/api/tasks/7/"), req(3, "/api/tasks/?residence=7")])
+        got = [r["request_id"] for r in st.query_requests(path="/api/tasks/")]
+        assert got == ["r0", "r1", "r3"]  # the stored path keeps its query string
+        assert st.get_request("r1")["path"] == "/api/tasks/?residence=42"
+        assert len(st.query_requests(path="/api/tasks/*")) == 4
+        assert [r["request_id"] for r in st.query_requests(path="/api/tasks/7/")] == ["r2"]
+        rows = st.hop_stats(by="path")
+        assert {(r["path"], r["name"]): r["count"] for r in rows} == {
+            ("/api/tasks/", "ingress"): 3, ("/api/tasks/", "total"): 3,
+            ("/api/tasks/7/", "ingress"): 1, ("/api/tasks/7/", "total"): 1}
+    finally:
+        st.close()
 
 
 def test_drops(tmp_path: Path) -> None:
@@ -463,6 +487,115 @@ def test_garbage_refused_with_a_log_line(tmp_path: Path,
     assert len(refused) == 1 and "not a hopscope peer" in refused[0]
 
 
+def test_a_batch_that_does_not_decode_is_dropped_not_replayed(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    """The refusal names the batch (docs/wire.md): the agent drops it from its spool and
+    the batches behind it go through, on the same few connections."""
+    from hopscope.collector.spool import Spool
+
+    caplog.set_level(logging.INFO, logger="hopscope")
+    capture = PCAPS / "cross-node-public" / "node1.pcapng"
+    spool = tmp_path / "spool"
+    from hopscope.capture import CaptureReader
+
+    rows = [list(ob) for ob in next(iter(CaptureReader(str(capture), "nodeB",
+                                                      directions=False)))[:3]]
+    rows[1][10] = "oops"  # sport: an older or broken agent's batch, spooled before
+    body = msgpack.packb({"v": 1, "t": "batch", "agent": "hopscope-agent@nodeB", "seq": 0,
+                          "node": "nodeB", "ts_real_ns": 0, "obs": rows}, use_bin_type=True)
+    with Spool(spool) as sp:
+        sp.append(0, len(body).to_bytes(4, "big") + body)
+
+    async def go() -> Any:
+        c = Collector(_cfg(tmp_path))
+        await c.start()
+        try:
+            return await ship(_ship_cfg(c, "nodeB", capture, spool_dir=str(spool), batch=10,
+                                        wait=10.0))
+        finally:
+            await c.stop()
+
+    res = _run(go)
+    assert res.spooled_left == 0 and res.acked == res.batches  # seqs 1..batches, 0 dropped
+    assert res.connects == 2  # the refusal, then everything else
+    dropped = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("batch 0 refused for good")]
+    assert len(dropped) == 1 and "field 'sport' must be int" in dropped[0]
+    # counted as a spool drop (what later batches' `lost` maps report to the collector)
+    assert any("batch 0 refused by the collector: dropped; 1 batches" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_collector_that_refuses_after_the_welcome_is_dialled_with_backoff(
+        tmp_path: Path) -> None:
+    """The backoff starts again from its minimum once a batch is acked, not at each welcome:
+    else a collector that welcomes, then refuses, is dialled ten times a second."""
+    capture = PCAPS / "cross-node-public" / "node1.pcapng"
+    conns = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        try:
+            await wire.read_frame(reader, wire.HELLO_MAX_FRAME)
+            await wire.write_frame(writer, wire.Welcome("c", -1, wire.MAX_FRAME))
+            await wire.read_frame(reader, wire.MAX_FRAME)
+            await wire.write_frame(writer, wire.ErrorFrame("internal", "writer failed", -1))
+        finally:
+            await wire.close_writer(writer)
+
+    async def go() -> None:
+        srv = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        cfg = ShipConfig(capture=str(capture), node="n1", host="127.0.0.1", port=port,
+                         token=TOKEN, batch=1000, backoff_min=0.05, backoff_max=0.4, wait=2.0)
+        try:
+            with pytest.raises(HopscopeError, match="did not take"):
+                await ship(cfg)
+        finally:
+            srv.close()
+
+    _run(go)
+    # 0.05, 0.1, 0.2, 0.4, 0.4 ... s apart: about 7 in 2 s (40 with the backoff reset)
+    assert 4 <= conns <= 10, conns
+
+
+def test_http_out_of_range_and_overlong_is_400(tmp_path: Path) -> None:
+    big = "9" * 23
+
+    async def go() -> list[tuple[int, str]]:
+        c = Collector(_cfg(tmp_path))
+        await c.start()
+        out = []
+        try:
+            for q in (f"/requests?limit={big}", f"/requests?since={big}",
+                      f"/requests?until={big}", f"/requests?slower_than={big}",
+                      f"/stats?since={big}", f"/drops?since={big}"):
+                out.append(await _raw_get(c.http_port, f"GET {q} HTTP/1.1\r\n\r\n".encode()))
+            for head in (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                         b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"):
+                out.append(await _raw_get(c.http_port, head))
+        finally:
+            await c.stop()
+        return out
+
+    for status, body in _run(go):
+        assert status == 400, body
+        err = json.loads(body)["error"]
+        assert "out of range" in err or err == "request line or header too long", err
+
+
+async def _raw_get(port: int, data: bytes) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    resp = await reader.read()
+    writer.close()
+    head, _, body = resp.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
 def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
     whole = next(r for r in _replayed("cross-node-public")["requests"]
                  if r["ingress_node"] != r["pod_node"])
@@ -479,6 +612,29 @@ def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
         assert hops == [(h["name"], h["node"], h["duration_ns"]) for h in whole["hops"]]
     finally:
         st.close()
+
+
+def test_one_half_of_a_request_never_replaces_the_other(tmp_path: Path) -> None:
+    """With the late window off (or past), each node's part comes stitched alone: the
+    second part, with more hops but not the first's end, must not replace it."""
+    whole = next(r for r in _replayed("cross-node-public")["requests"]
+                 if r["ingress_node"] != r["pod_node"])
+    halves = []
+    for pair in _pairs("cross-node-public"):
+        reqs = replay([pair], jobs=1).envelope["requests"]
+        halves.append(next(r for r in reqs if r["request_id"] == whole["request_id"]))
+    ends = {(h["ingress_node"], h["pod_node"]) for h in halves}
+    assert ends == {(whole["ingress_node"], None), (None, whole["pod_node"])}, ends
+    for first, second in (halves, halves[::-1]):
+        st = SqliteStore(tmp_path / f"{first['ingress_node']}.db")
+        try:
+            assert st.put_requests([first]) == 1
+            assert st.put_requests([second]) == 0 and st.replaced == 0
+            assert st.get_request(whole["request_id"]) == first
+            assert st.put_requests([whole]) == 0 and st.replaced == 1  # this one completes it
+            assert st.get_request(whole["request_id"]) == whole
+        finally:
+            st.close()
 
 
 def test_trace_from_a_store_without_per_request_offsets(tmp_path: Path) -> None:

@@ -88,6 +88,18 @@ def _check_histogram(fams: dict[str, list[Sample]], family: str, labels: dict[st
 # --------------------------------------------------------------------------
 
 
+def test_an_unknown_clock_offset_is_left_out() -> None:
+    """error_ns -1 (no cross-node traffic with the reference yet) is not an error bound."""
+    m = CollectorMetrics(process=False)
+    m.set_offsets({"reference": "node1", "clock_offsets": {"node2": {"offset_ns": 1_500_000, "error_ns": 20_000},
+                                     "node3": {"offset_ns": 0, "error_ns": -1}}})
+    fams = samples(m.exposition()[0].decode())
+    for name, want in (("hopscope_clock_offset_seconds", 0.0015),
+                       ("hopscope_clock_offset_error_seconds", 2e-05)):
+        got = {s.labels["node"]: s.value for s in fams[name]}
+        assert got == {"node2": pytest.approx(want)}, (name, got)
+
+
 def test_bucket_edges() -> None:
     assert BUCKETS_NS[0] == 1_000 and BUCKETS_NS[-1] == 10_000_000_000
     assert len(BUCKETS_NS) == 22  # 1, 2.5, 5 per decade over 7 decades, then 10 s
