@@ -461,7 +461,9 @@ class CaptureReader:
         if len(rest) < 20:
             raise NotACaptureError(f"{self.path}: pcap header cut short ({4 + len(rest)} of 24 bytes)")
         _vmaj, _vmin, _tz, _sig, snaplen, linktype = struct.unpack(endian + "HHiIII", rest)
-        linktype &= 0x0FFFFFFF  # upper bits carry the FCS length
+        # the link type is the low 16 bits; bit 26 says an FCS ends each frame and bits 28-31
+        # give its length (the IP header's total length keeps it out of the payload)
+        linktype &= 0xFFFF
         self.stats.format = "pcap-" + ("us" if mul == 1000 else "ns")
         ifname = {LT_SLL: "any", LT_SLL2: "any"}.get(linktype, "")
         link = _Link(linktype, ifname, (mul, 1), snaplen=snaplen)

@@ -1027,15 +1027,13 @@ def _parse_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, str]:
             if i >= 0:
                 seen |= 16
                 xr = line[i:].strip()
-    chunked = False
+    chunked = seen & 2 != 0 and b"chunked" in te
     clen = -1
-    if seen & 1:
+    if seen & 1 and not chunked:  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
         try:
             clen = int(cl)
         except ValueError:
             clen = 0
-    elif seen & 2:
-        chunked = b"chunked" in te
     if first.startswith(b"HTTP/"):
         parts = first.split(b" ", 2)
         try:

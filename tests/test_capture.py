@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
@@ -131,6 +132,54 @@ def test_non_tcp_and_fragments_are_passed_over(tmp_path: Path) -> None:
     obs, st = read_all(pcap(tmp_path / "n.pcap", 1, recs), "node1")
     assert len(obs) == 1 and st.packets == 5 and st.skipped == 4
     check_tcp(obs[0], TS + 4)
+
+
+def test_classic_pcap_with_a_frame_check_sequence(tmp_path: Path) -> None:
+    """Link type 0x24000001: Ethernet, FCS present (bit 26), 4 bytes long (bits 28-31)."""
+    p = pcap(tmp_path / "fcs.pcap", 0x24000001, [(TS, eth(tcp_pkt()) + b"\xde\xad\xbe\xef")])
+    obs, st = read_all(p, "node1")
+    assert len(obs) == 1 and not st.warnings, st.warnings
+    check_tcp(obs[0])  # the FCS is not payload
+
+
+def test_ipv4_total_length_zero_and_ipv6_extension_headers(tmp_path: Path) -> None:
+    # TSO / BIG TCP: a sender's capture can hold an IPv4 packet whose total length is 0
+    tso = bytes(IP(src="162.158.90.17", dst="178.104.247.152", id=4242, flags="DF", len=0) /
+                TCP(sport=40123, dport=80, seq=1000, ack=2000, flags="PA") / PAYLOAD)
+    obs, _ = read_all(pcap(tmp_path / "tso.pcap", 1, [(TS, eth(tso))]), "node1")
+    check_tcp(obs[0])
+    for ext in (IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting()):
+        v6 = bytes(IPv6(src="2a01:4f8::1", dst="2a01:4f8::2") / ext /
+                   TCP(sport=1, dport=80, seq=5, flags="PA") / PAYLOAD)
+        obs, _ = read_all(pcap(tmp_path / "6x.pcap", 101, [(TS, v6)]), "node1")
+        assert len(obs) == 1, ext.summary()
+        assert (obs[0].sport, obs[0].dport, obs[0].seq) == (1, 80, 5), ext.summary()
+        assert obs[0].payload == PAYLOAD and obs[0].plen == len(PAYLOAD)
+
+
+def test_ipv4_mapped_ipv6_addresses_read_as_ipv4() -> None:
+    mapped = ipaddress.IPv6Address("::ffff:162.158.90.17").packed
+    assert addr_str(mapped) == "162.158.90.17"
+    assert addr_str(ipaddress.IPv6Address("2a01:4f8::1").packed) == "2a01:4f8::1"
+
+
+def test_pcapng_tsoffset_and_flags_after_other_options(tmp_path: Path) -> None:
+    e = "<"
+    shb = struct.pack(e + "IHHq", 0x1A2B3C4D, 1, 0, -1) + _opt(e, 0, b"")
+    idb = struct.pack(e + "HHI", 1, 0, 0) + _opt(e, 2, b"eth0") + _opt(e, 9, bytes([9])) + \
+        _opt(e, 14, struct.pack(e + "q", 100)) + _opt(e, 0, b"")  # if_tsoffset: +100 s
+    blocks = [_block(e, 0x0A0D0D0A, shb), _block(e, 1, idb)]
+    for fl in (1, 2):  # inbound, outbound; after an opt_comment, not first
+        data = eth(tcp_pkt())
+        body = struct.pack(e + "IIIII", 0, TS >> 32, TS & 0xFFFFFFFF, len(data), len(data))
+        body += data + b"\0" * (-len(data) % 4)
+        body += _opt(e, 1, b"a comment") + _opt(e, 2, struct.pack(e + "I", fl)) + _opt(e, 0, b"")
+        blocks.append(_block(e, 6, body))
+    p = tmp_path / "o.pcapng"
+    p.write_bytes(b"".join(blocks))
+    obs, _ = read_all(p, "node1")
+    assert [o.direction for o in obs] == [IN, OUT]
+    check_tcp(obs[0], TS + 100 * 1_000_000_000)
 
 
 def test_linux_cooked_v1_and_v2_directions_and_ifindex(tmp_path: Path) -> None:

@@ -669,14 +669,13 @@ def _reference_head(head: bytes) -> tuple[bool, bool, int, int, str, str, str, s
         key = name.rstrip(b" \t").lower()
         if sep and key in _WANTED and key not in vals and key[-1:] not in (b" ", b"\t"):
             vals[key] = value
-    clen, chunked = -1, False
-    if b"content-length" in vals:
+    clen = -1
+    chunked = b"chunked" in vals.get(b"transfer-encoding", b"").lower()
+    if b"content-length" in vals and not chunked:  # RFC 9112 6.3: chunked wins
         try:
             clen = int(vals[b"content-length"])
         except ValueError:
             clen = 0
-    else:
-        chunked = b"chunked" in vals.get(b"transfer-encoding", b"").lower()
     words = lines[0].split(b" ")
     if lines[0].startswith(b"HTTP/"):
         status = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
@@ -719,3 +718,161 @@ def test_parse_head_examples() -> None:
                        b"\r\n\r\n") == (True, True, 0, 0, "POST", "/b", "", "r2")
     assert _parse_head(b"HTTP/1.1 204 No Content\r\nContent-Lengthy: 3\r\n\r\n") == (
         False, False, -1, 204, "", "", "", "")
+
+
+# -- edges of the message tracking (one node, the client's connection at the nic) ------------
+
+NIC = NODE_IP["node1"]
+M32 = (1 << 32) - 1
+
+
+def _client(tl: Timeline, port: int, isn: int, t: int = 0) -> tuple[int, int]:
+    """A handshake at eth0; (client's next seq, server's next seq)."""
+    tl.add("node1", "eth0", t, CLIENT, port, NIC, 80, isn, 0, SYN)
+    tl.add("node1", "eth0", t + 10_000, NIC, 80, CLIENT, port, 100, (isn + 1) & M32, SYN | ACK)
+    tl.add("node1", "eth0", t + 50_000, CLIENT, port, NIC, 80, (isn + 1) & M32, 101, ACK)
+    return (isn + 1) & M32, 101
+
+
+def _later(tl: Timeline, t: int = 3_000_000_000) -> None:
+    """Other traffic, later: time passes for the stitcher."""
+    tl.add("node1", "eth0", t, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)
+
+
+def _statuses(env: dict[str, Any]) -> list[tuple[str, int | None]]:
+    return [(r["path"], r["status"]) for r in sorted(env["requests"], key=lambda r: r["start_ns"])]
+
+
+def test_sequence_numbers_that_wrap_with_the_halves_out_of_order() -> None:
+    tl = Timeline()
+    c, s = _client(tl, 45000, 0xFFFFFF00)
+    req = http_request("GET", "/o", "00000000000000aa-DFW", extra="X-Pad: " + "p" * 300)
+    cut = 300  # the second half starts past 2^32
+    assert c + cut > M32
+    tl.add("node1", "eth0", 70_000, CLIENT, 45000, NIC, 80, (c + cut) & M32, s, ACK | PSH, req[cut:])
+    tl.add("node1", "eth0", 80_000, CLIENT, 45000, NIC, 80, c, s, ACK | PSH, req[:cut])
+    tl.add("node1", "eth0", 2_000_000, NIC, 80, CLIENT, 45000, s, (c + len(req)) & M32, ACK | PSH,
+           http_response(201))
+    _later(tl)
+    [r] = stitch(tl, nodes=("node1",))["requests"]
+    assert (r["path"], r["status"]) == ("/o", 201)
+    assert "out_of_order" in r["flags"]
+
+
+@pytest.mark.parametrize("second_id", [7, 8])
+def test_a_second_copy_is_no_retransmission_but_a_resend_is(second_id: int) -> None:
+    """The same packet seen twice (same seq, same IP id: `-i any`, merged captures) is one
+    packet; the same bytes with another IP id were sent again."""
+    tl = Timeline()
+    c, s = _client(tl, 45001, 5000)
+    req = http_request("GET", "/r", "00000000000000bb-DFW")
+    tl.add("node1", "eth0", 60_000, CLIENT, 45001, NIC, 80, c, s, ACK | PSH, req, ip_id=7)
+    tl.add("node1", "eth0", 65_000, CLIENT, 45001, NIC, 80, c, s, ACK | PSH, req, ip_id=second_id)
+    tl.add("node1", "eth0", 2_000_000, NIC, 80, CLIENT, 45001, s, c + len(req), ACK | PSH,
+           http_response(200))
+    _later(tl)
+    [r] = stitch(tl, nodes=("node1",))["requests"]
+    assert r["status"] == 200
+    assert ("retransmit" in r["flags"]) == (second_id != 7), r["flags"]
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    tl = Timeline()
+    c, s = _client(tl, 45002, 9000)
+    t = 60_000
+    for k, path in enumerate(("/a", "/b", "/c")):
+        req = http_request("GET", path, f"00000000000000c{k}-DFW")
+        tl.add("node1", "eth0", t, CLIENT, 45002, NIC, 80, c, s, ACK | PSH, req)
+        c += len(req)
+        t += 10_000
+    t = 1_000_000
+    for status in (200, 201, 202):
+        resp = http_response(status)
+        tl.add("node1", "eth0", t, NIC, 80, CLIENT, 45002, s, c, ACK | PSH, resp)
+        s += len(resp)
+        t += 100_000
+    _later(tl)
+    env = stitch(tl, nodes=("node1",))
+    assert _statuses(env) == [("/a", 200), ("/b", 201), ("/c", 202)]
+    totals = [r["total_ns"] for r in sorted(env["requests"], key=lambda r: r["start_ns"])]
+    assert totals == sorted(totals) and all(x is not None for x in totals)
+
+
+def test_a_head_response_has_no_body_whatever_its_length_says() -> None:
+    tl = Timeline()
+    c, s = _client(tl, 45003, 1)
+    t = 60_000
+    for method, path, resp in (
+            ("HEAD", "/h", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
+            ("GET", "/g", b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")):
+        req = http_request(method, path, f"00000000000000d{len(path)}{method[0]}-DFW")
+        tl.add("node1", "eth0", t, CLIENT, 45003, NIC, 80, c, s, ACK | PSH, req)
+        c += len(req)
+        tl.add("node1", "eth0", t + 500_000, NIC, 80, CLIENT, 45003, s, c, ACK | PSH, resp)
+        s += len(resp)
+        t += 1_000_000
+    _later(tl)
+    assert _statuses(stitch(tl, nodes=("node1",))) == [("/h", 200), ("/g", 404)]
+
+
+def test_chunked_framing_is_followed_to_the_next_response() -> None:
+    """Chunk sizes are hex, each chunk's data ends in CRLF, data may hold a blank line: the
+    next response starts inside the segment where the chunked body ends."""
+    tl = Timeline()
+    c, s = _client(tl, 45004, 77)
+    body = b"5\r\nhello\r\n1e\r\n" + b"x" * 16 + b"\r\n\r\n" + b"y" * 10 + b"\r\n0\r\n\r\n"
+    first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    second = b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nz"
+    stream = first + second
+    cut = len(first) - 7  # the second segment: the body's end, then the next response
+    t = 60_000
+    for path in ("/one", "/two"):
+        req = http_request("GET", path, f"00000000000000e{len(path)}-DFW")
+        tl.add("node1", "eth0", t, CLIENT, 45004, NIC, 80, c, s, ACK | PSH, req)
+        c += len(req)
+        t += 10_000
+    tl.add("node1", "eth0", 1_000_000, NIC, 80, CLIENT, 45004, s, c, ACK | PSH, stream[:cut])
+    tl.add("node1", "eth0", 1_200_000, NIC, 80, CLIENT, 45004, s + cut, c, ACK | PSH,
+           stream[cut:])
+    _later(tl)
+    env = stitch(tl, nodes=("node1",))
+    assert _statuses(env) == [("/one", 200), ("/two", 201)]
+
+
+def test_a_reset_connection_is_flagged_and_its_request_has_no_status() -> None:
+    tl = Timeline()
+    c, s = _client(tl, 45005, 3)
+    req = http_request("GET", "/x", "00000000000000ff-DFW")
+    tl.add("node1", "eth0", 60_000, CLIENT, 45005, NIC, 80, c, s, ACK | PSH, req)
+    tl.add("node1", "eth0", 500_000, NIC, 80, CLIENT, 45005, s, c + len(req), RST | ACK)
+    _later(tl)
+    env = stitch(tl, nodes=("node1",))
+    [r] = env["requests"]
+    assert "reset" in r["flags"] and r["status"] is None and r["total_ns"] is None
+    assert [d["kind"] for d in env["drops"]] == ["reset"]
+
+
+def test_the_envelope_keeps_the_contracts_key_order() -> None:
+    """docs/hop-model.md's example: scripts may read the JSON in order."""
+    tl = Timeline()
+    cross_node_request(tl)
+    env = stitch(tl)
+    assert list(env)[:3] == ["requests", "drops", "clock_offsets"]
+    [r] = env["requests"]
+    order = ["request_id", "method", "path", "host", "status", "ingress_node", "pod_node",
+             "start_ns", "total_ns", "hops", "flags"]
+    assert [k for k in r if k in order] == order
+    assert list(r["hops"][0])[:6] == ["name", "dir", "node", "start_ns", "duration_ns",
+                                      "children"]
+    assert list(env["clock_offsets"]["node2"]) == ["offset_ns", "error_ns"]
+
+
+def test_transfer_encoding_chunked_overrides_content_length() -> None:
+    """RFC 9112 6.3: a message with both is read as chunked (else its body's framing, and
+    every later message on the connection, would be off)."""
+    from hopscope.tcpflow import _parse_head
+    for head in (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n"):
+        assert _parse_head(head)[1:3] == (True, -1), head
+    assert _parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n"
+                       b"\r\n")[1:3] == (False, 5)
