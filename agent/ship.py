@@ -26,7 +26,7 @@ from hopscope.collector import wire
 from hopscope.collector.spool import Spool
 
 from hopscope.capture import CaptureReader
-from hopscope.errors import AuthFailed, BadVersion, HopscopeError, WireError
+from hopscope.errors import AuthFailed, BadVersion, HopscopeError, PeerClosed, WireError
 from hopscope.model import Observation
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Shipper:
             raise
         except (OSError, TimeoutError, WireError) as exc:
             self._failed(f"cannot reach the collector at {self.cfg.host}:{self.cfg.port}: "
-                         f"{exc or type(exc).__name__}")
+                         f"{exc or type(exc).__name__}{self._tls_hint(exc)}")
             return False
         self.reader, self.writer = r, w
         self.res.connects += 1
@@ -123,6 +123,20 @@ class Shipper:
         log.info("connected to %s:%d as %s (acked %d, %d batches spooled)", self.cfg.host,
                  self.cfg.port, self.agent, welcome.acked, len(self.spool))
         return True
+
+    def _tls_hint(self, exc: BaseException) -> str:
+        """A connection cut before the welcome is most often TLS on one end only, or a
+        collector that wants a client certificate (its handshake failures happen before
+        it sees the connection, so its log says nothing)."""
+        if isinstance(exc, ssl.SSLError):
+            return ""  # says what failed already
+        cut = isinstance(exc, (PeerClosed, ConnectionError))
+        if cut and self.cfg.ssl_context is not None:
+            return (" (does the collector speak TLS on this port, and want a client "
+                    "certificate: --tls-cert/--tls-key?)")
+        if cut:
+            return " (does the collector want TLS on this port: --tls-ca?)"
+        return ""
 
     def _failed(self, why: str) -> None:
         log.warning("%s; retrying in %.1f s (%d batches spooled)", why, self.backoff,

@@ -561,6 +561,33 @@ def test_a_collector_that_refuses_after_the_welcome_is_dialled_with_backoff(
     assert 4 <= conns <= 10, conns
 
 
+def test_a_connection_cut_before_the_welcome_asks_about_tls(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What a TLS collector does to a plain agent (its handshake fails before the collector
+    sees the connection): the connection ends, nothing said. The agent's warning asks."""
+    caplog.set_level(logging.WARNING, logger="hopscope")
+    capture = PCAPS / "cross-node-public" / "node1.pcapng"
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def go() -> None:
+        srv = await asyncio.start_server(cut, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        cfg = ShipConfig(capture=str(capture), node="n1", host="127.0.0.1", port=port,
+                         token=TOKEN, backoff_min=0.05, backoff_max=0.1, wait=0.3)
+        try:
+            with pytest.raises(HopscopeError):
+                await ship(cfg)
+        finally:
+            srv.close()
+
+    _run(go)
+    warned = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert warned and all("does the collector want TLS on this port: --tls-ca?" in w
+                          for w in warned), warned
+
+
 def test_http_out_of_range_and_overlong_is_400(tmp_path: Path) -> None:
     big = "9" * 23
 

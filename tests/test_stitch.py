@@ -876,3 +876,45 @@ def test_transfer_encoding_chunked_overrides_content_length() -> None:
         assert _parse_head(head)[1:3] == (True, -1), head
     assert _parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n"
                        b"\r\n")[1:3] == (False, 5)
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 1), (-7, 4), (10, 10), (-3, 0)])
+def test_offset_error_covers_both_ends_of_an_odd_interval(lo: int, hi: int) -> None:
+    """Every offset the bounds allow lies within offset ± error_ns (rounded up, not down)."""
+    from hopscope.stitch import _Bounds
+
+    s = Stitcher(("node1", "node2"), reference="node1")
+    off = s._offsets({("node1", "node2"): _Bounds(lo=lo, hi=hi, samples=2)}, strict=True)
+    assert off is not None
+    o = off["node2"]
+    assert o.offset_ns - o.error_ns <= lo and hi <= o.offset_ns + o.error_ns, (o, lo, hi)
+    assert o.error_ns == (hi - lo + 1) // 2
+
+
+def test_an_upgrade_is_answered_by_its_101() -> None:
+    tl = Timeline()
+    c, s = _client(tl, 45006, 11)
+    req = http_request("GET", "/ws", "0000000000000101-DFW",
+                       extra="Upgrade: websocket\r\nConnection: Upgrade")
+    tl.add("node1", "eth0", 60_000, CLIENT, 45006, NIC, 80, c, s, ACK | PSH, req)
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            b"\r\n\r\n")
+    tl.add("node1", "eth0", 400_000, NIC, 80, CLIENT, 45006, s, c + len(req), ACK | PSH, resp)
+    tl.add("node1", "eth0", 900_000, NIC, 80, CLIENT, 45006, s + len(resp), c + len(req),
+           ACK | PSH, b"\x81\x05hello")  # a WebSocket frame, not HTTP
+    _later(tl)
+    [r] = stitch(tl, nodes=("node1",))["requests"]
+    assert (r["path"], r["status"]) == ("/ws", 101)
+    assert r["total_ns"] == 400_000 - 60_000
+
+
+def test_a_lone_syn_just_before_the_capture_ends_is_no_drop() -> None:
+    """A client's SYN in the capture's last second may well have been answered after it."""
+    tl = Timeline()
+    tl.add("node1", "eth0", 0, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)
+    tl.add("node1", "eth0", 1_000_000_000, CLIENT, 46000, NIC, 80, 5, 0, SYN)
+    tl.add("node1", "eth0", 1_500_000_000, "198.51.100.1", 1, "198.51.100.2", 2, 1, 1, ACK)
+    assert stitch(tl, nodes=("node1",))["drops"] == []
+    _later(tl, 4_000_000_000)  # the same SYN, then seconds of traffic: unanswered
+    [d] = stitch(tl, nodes=("node1",))["drops"]
+    assert (d["kind"], d["packets"]) == ("syn_unanswered", 1)
