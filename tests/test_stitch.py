@@ -918,3 +918,34 @@ def test_a_lone_syn_just_before_the_capture_ends_is_no_drop() -> None:
     _later(tl, 4_000_000_000)  # the same SYN, then seconds of traffic: unanswered
     [d] = stitch(tl, nodes=("node1",))["drops"]
     assert (d["kind"], d["packets"]) == ("syn_unanswered", 1)
+
+
+def test_kernel_in_ends_when_the_completing_segment_is_queued() -> None:
+    """Headers in two segments, each queued on the proxy's socket in turn: kernel_in ends at
+    the second's queuing (the one that completes the head), not the first's, even when the
+    second is the head's last byte alone."""
+    from hopscope.model import KERNEL, KIND_QUEUED, Observation
+
+    tl = Timeline()
+    cross_node_request(tl)
+    obs = tl.obs["node1"]
+    req = next(o for o in obs if o.ifname == "eth0" and o.dport == 80 and o.plen)
+    cut = req.payload.index(b"\r\n\r\n") + 3  # the head's last byte alone completes it
+    t = req.ts_real_ns
+    first = req._replace(ts_real_ns=t - 10_000, payload=req.payload[:cut], plen=cut)
+    last = req._replace(seq=(req.seq + cut) & M32, payload=req.payload[cut:cut + 1], plen=1,
+                        ip_id=req.ip_id + 50_000)
+    obs[obs.index(req)] = last
+    obs.append(first)
+    if req.plen > cut + 1:  # the body, after
+        obs.append(req._replace(ts_real_ns=t + 1_000, seq=(req.seq + cut + 1) & M32,
+                                payload=req.payload[cut + 1:], plen=req.plen - cut - 1,
+                                ip_id=req.ip_id + 50_001))
+
+    def queued(ts: int, o: Observation) -> Observation:
+        return o._replace(ts_real_ns=ts, kind=KIND_QUEUED, point=KERNEL, ifname="", payload=b"")
+
+    obs += [queued(t - 7_000, first), queued(t + 15_000, last)]
+    r = stitch(tl)["requests"][0]
+    kin = r["hops"][0]["children"][0]
+    assert kin["name"] == "kernel_in" and kin["start_ns"] + kin["duration_ns"] == t + 15_000
