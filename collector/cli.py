@@ -490,7 +490,8 @@ def trace(request_id: str, collector_url: str | None, db: str | None, as_json: b
 @_where
 @_since("10m")
 @click.option("--slower-than", default=None, type=DURATION, help="Only requests slower than this (300ms, 1.5s).")
-@click.option("--path", default=None, help="Only this path (a prefix when it ends with *).")
+@click.option("--path", default=None, help="Only this path (whatever its query string, unless "
+              "it has one; a prefix when it ends with *).")
 @click.option("--status", default=None, help="Only this status class or code (5xx, 503).")
 @click.option("--node", default=None, help="Only requests through this node.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(0, None),

@@ -459,8 +459,9 @@ class SqliteStore:
                        limit: int | None = None) -> list[dict[str, Any]]:
         """Requests in start order; with ``limit``, the newest ``limit`` of those matching.
 
-        ``path`` is exact (the query string aside: ``/api/tasks/`` matches
-        ``/api/tasks/?residence=42``), or a prefix when it ends with ``*``; ``status_class``
+        ``path`` is exact (the query string aside, unless it has one: ``/api/tasks/``
+        matches ``/api/tasks/?residence=42``), or a prefix when it ends with ``*``;
+        ``status_class``
         is ``5xx``-style or an exact code; ``node`` matches the ingress or the
         pod node; ``slower_than_ns`` keeps ``total_ns > slower_than_ns``.
         """
@@ -479,6 +480,9 @@ class SqliteStore:
             if path.endswith("*"):
                 where.append("substr(path, 1, ?) = ?")
                 args += [len(path) - 1, path[:-1]]
+            elif "?" in path:  # with its query string: that one
+                where.append("path = ?")
+                args.append(path)
             else:
                 where.append(f"{_PATH_SQL.format(col='path')} = ?")
                 args.append(path)

@@ -259,6 +259,8 @@ def test_path_filter_and_grouping_leave_the_query_string_out(tmp_path: Path) -> 
         assert st.get_request("r1")["path"] == "/api/tasks/?residence=42"
         assert len(st.query_requests(path="/api/tasks/*")) == 4
         assert [r["request_id"] for r in st.query_requests(path="/api/tasks/7/")] == ["r2"]
+        got = [r["request_id"] for r in st.query_requests(path="/api/tasks/?residence=7")]
+        assert got == ["r3"]  # a query string given: that one
         rows = st.hop_stats(by="path")
         assert {(r["path"], r["name"]): r["count"] for r in rows} == {
             ("/api/tasks/", "ingress"): 3, ("/api/tasks/", "total"): 3,
