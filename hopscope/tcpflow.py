@@ -777,8 +777,10 @@ class NodeTracker:
         log.debug("%s/%s: skipping a %d-byte gap", self.node, st.ifname, gap)
         if h.state == BODY and gap < h.body_left:
             h.body_left -= gap
-        else:
+        elif h.state != HEAD:
             h.state = SYNC
+        # in a head, read on past the hole: the message keeps its first line (and what
+        # headers survive), flagged, rather than vanishing without a request or a drop
         m = h.msg if h.client == 1 else (st.unanswered[0] if st.unanswered else None)
         if m is not None:
             m.flag("capture_gap")

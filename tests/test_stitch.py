@@ -949,3 +949,25 @@ def test_kernel_in_ends_when_the_completing_segment_is_queued() -> None:
     r = stitch(tl)["requests"][0]
     kin = r["hops"][0]["children"][0]
     assert kin["name"] == "kernel_in" and kin["start_ns"] + kin["duration_ns"] == t + 15_000
+
+
+def test_a_hole_in_a_head_the_capture_never_fills_is_flagged_not_lost() -> None:
+    """More segments held behind a hole than the tracker keeps: it skips the hole, reads the
+    head on, and the request comes out flagged `capture_gap` (it vanished before)."""
+    tl = Timeline()
+    c, s = _client(tl, 45007, 20)
+    req = http_request("GET", "/big", "00000000000000ab-DFW",
+                       extra="\r\n".join(f"X-H{k}: v" for k in range(700)))
+    t = 60_000
+    for k, off in enumerate(range(0, len(req), 10)):
+        if k == 30:
+            continue  # never captured: inside the X-H headers
+        tl.add("node1", "eth0", t, CLIENT, 45007, NIC, 80, c + off, s, ACK | PSH,
+               req[off:off + 10])
+        t += 1_000
+    tl.add("node1", "eth0", t + 500_000, NIC, 80, CLIENT, 45007, s, c + len(req), ACK | PSH,
+           http_response(200))
+    _later(tl)
+    [r] = stitch(tl, nodes=("node1",))["requests"]
+    assert (r["request_id"], r["path"], r["status"]) == ("00000000000000ab-DFW", "/big", 200)
+    assert "capture_gap" in r["flags"]
