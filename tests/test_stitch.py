@@ -971,3 +971,48 @@ def test_a_hole_in_a_head_the_capture_never_fills_is_flagged_not_lost() -> None:
     [r] = stitch(tl, nodes=("node1",))["requests"]
     assert (r["request_id"], r["path"], r["status"]) == ("00000000000000ab-DFW", "/big", 200)
     assert "capture_gap" in r["flags"]
+
+
+def test_an_upstream_request_sent_before_the_client_request_is_not_its_own() -> None:
+    """Without an id, a client request links to the first upstream request of its method and
+    path that starts after it is complete: one sent before (its client side not captured)
+    is another request's."""
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    ureq = http_request("GET", "/x", None, extra="X-Forwarded-Server: node1")
+    resp = http_response(200)
+    tl.add(a, "cni0", 0, "10.42.0.1", 52000, POD_IP[a], 8000, 5, 5, ACK | PSH, ureq)
+    tl.add(a, "cni0", 200_000, POD_IP[a], 8000, "10.42.0.1", 52000, 5, 5 + len(ureq), ACK | PSH,
+           resp)
+    req = http_request("GET", "/x", None)
+    tl.add(a, "eth0", 1_000_000, CLIENT, 46002, nic, 80, 1, 1, ACK | PSH, req)
+    tl.add(a, "cni0", 1_300_000, "10.42.0.1", 52001, POD_IP[a], 8000, 5, 5, ACK | PSH, ureq)
+    tl.add(a, "cni0", 1_900_000, POD_IP[a], 8000, "10.42.0.1", 52001, 5, 5 + len(ureq),
+           ACK | PSH, resp)
+    tl.add(a, "eth0", 2_100_000, nic, 80, CLIENT, 46002, 1, 1 + len(req), ACK | PSH, resp)
+    env = stitch(tl, nodes=("node1",))
+    [r] = [r for r in env["requests"] if r["ingress_node"] == "node1"]
+    assert (r["hops"][0]["name"], r["hops"][0]["duration_ns"]) == ("ingress", 300_000)
+
+
+def test_of_two_upstream_attempts_with_the_id_the_first_is_linked() -> None:
+    """Traefik's first attempt (reset by the pod) and its retry carry the same CF-Ray: the
+    client request links to the first that starts after it, and ingress ends there."""
+    tl = Timeline()
+    a, nic = "node1", NODE_IP["node1"]
+    ray = "0000000000000aaa-DFW"
+    req = http_request("GET", "/y", ray)
+    ureq = http_request("GET", "/y", ray, extra="X-Forwarded-Server: node1")
+    resp = http_response(200)
+    tl.add(a, "eth0", 0, CLIENT, 46003, nic, 80, 1, 1, ACK | PSH, req)
+    tl.add(a, "cni0", 300_000, "10.42.0.1", 52002, POD_IP[a], 8000, 5, 5, ACK | PSH, ureq)
+    tl.add(a, "cni0", 350_000, POD_IP[a], 8000, "10.42.0.1", 52002, 5, 5 + len(ureq), RST | ACK)
+    tl.add(a, "cni0", 5_000_000, "10.42.0.1", 52003, POD_IP[a], 8000, 9, 9, ACK | PSH, ureq)
+    tl.add(a, "cni0", 5_600_000, POD_IP[a], 8000, "10.42.0.1", 52003, 9, 9 + len(ureq),
+           ACK | PSH, resp)
+    tl.add(a, "eth0", 5_800_000, nic, 80, CLIENT, 46003, 1, 1 + len(req), ACK | PSH, resp)
+    _later(tl)
+    env = stitch(tl, nodes=("node1",))
+    [r] = [r for r in env["requests"] if r["ingress_node"] == "node1"]
+    assert r["status"] == 200
+    assert (r["hops"][0]["name"], r["hops"][0]["duration_ns"]) == ("ingress", 300_000)
