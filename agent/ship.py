@@ -81,7 +81,7 @@ class Shipper:
     def __init__(self, cfg: ShipConfig, spool: Spool) -> None:
         self.cfg = cfg
         self.spool = spool
-        self.agent = cfg.agent or f"hopscope-agent@{cfg.node}"
+        self.agent = cfg.agent or default_agent_id(cfg.node)
         self.started_ns = time.time_ns()
         self.res = ShipResult()
         self.reader: asyncio.StreamReader | None = None

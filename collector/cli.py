@@ -175,11 +175,7 @@ def ship(capture: str, node: str, collector_addr: str, token_file: str, agent_id
     from hopscope.agent.ship import ship as run_ship
 
     host, port = parse_hostport(collector_addr, "--collector")
-    wire.check_name(node, "--node")
-    if agent_id is not None:
-        wire.check_name(agent_id, "--agent-id")
-    else:
-        wire.check_name(f"hopscope-agent@{node}", "--node (in the agent id)")
+    _check_names(node, agent_id)
     ctx = wire.client_ssl_context(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
     cfg = ShipConfig(capture=capture, node=node, host=host, port=port,
                      token=wire.read_token(token_file), agent=agent_id or "",
@@ -279,8 +275,8 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
     for path, opt in ((out, "--out"), (record, "--record")):
         if path:
             _check_writable(path, opt)
-    node = wire.check_name(node or _socket.gethostname(), "--node")
-    wire.check_name(f"hopscope-agent@{node}", "--node (in the agent id)")
+    node = node or _socket.gethostname()
+    _check_names(node, None)
     calls = tuple(dict.fromkeys(c.strip() for c in proxy_calls.split(",") if c.strip()))
     bad = [c for c in calls if c not in PROXY_CALLS]
     if bad or not calls:
@@ -328,6 +324,18 @@ def run_cmd(node: str | None, local: bool, out: str | None, collector_addr: str 
                 + (f"kept in {agent.ship.kept_in}" if agent.ship.kept_in else "lost"))
     click.echo(f"agent {node}: {agent.observations} observations{raw}, "
                f"{agent.nrequests} requests; events sent/lost: {per}{pcaps}{left}", err=True)
+
+
+def _check_names(node: str, agent_id: str | None) -> None:
+    """The names the hello frame carries, checked here: the collector's refusal of them
+    would be retried until the agent's deadline."""
+    from hopscope.agent.ship import default_agent_id
+
+    wire.check_name(node, "--node")
+    if agent_id is None:
+        wire.check_name(default_agent_id(node), "--node (in the agent id)")
+    else:
+        wire.check_name(agent_id, "--agent-id")
 
 
 def _check_writable(path: str, opt: str) -> None:
@@ -510,7 +518,6 @@ def requests(collector_url: str | None, db: str | None, as_json: bool, since: st
         return
     click.echo(src.render(lambda: render_envelope({**env, "clock_offsets": {}},
                                                   max_requests=None)))
-
 
 
 def _where_stats(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -567,11 +567,16 @@ class SqliteStore:
             "SELECT json FROM drops WHERE first_ns >= ? ORDER BY first_ns, key", (since,))]
 
     # -- retention ----------------------------------------------------------------
-    def used_bytes(self) -> int:
+    def _page_bytes(self) -> int:
+        """The database's pages in use (freed pages are reused, not returned)."""
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pc - fl) * ps) + self.batch_log.size()
+        return int((pc - fl) * ps)
+
+    def used_bytes(self) -> int:
+        """The database's pages in use and every segment file on disk."""
+        return self._page_bytes() + self.batch_log.size()
 
     def _referenced_segments(self) -> set[int]:
         return {seg for (seg,) in self.db.execute(
@@ -586,10 +591,7 @@ class SqliteStore:
         stored batches point into. Not the segment being written once no row points into
         it: deleting rows cannot shrink it (it goes when the writer moves on), so counting
         it would prune every request for nothing."""
-        pc = self.db.execute("PRAGMA page_count").fetchone()[0]
-        fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        ps = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pc - fl) * ps) + self.batch_log.size(self._referenced_segments())
+        return self._page_bytes() + self.batch_log.size(self._referenced_segments())
 
     def prune(self, max_age_ns: int | None = None, max_bytes: int | None = None,
               raw_max_age_ns: int | None = None) -> int:

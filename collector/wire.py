@@ -358,12 +358,11 @@ def is_name(x: str) -> bool:
     return 0 < len(x) <= MAX_NAME and x.isprintable()
 
 
-def check_name(x: str, opt: str) -> str:
+def check_name(x: str, opt: str) -> None:
     """``x`` as a command-line option that ends up in the hello frame (a usage error here,
     not a refusal the agent would retry until its deadline)."""
     if not is_name(x):
         raise UsageError(f"{opt} {_show(x)}: must be 1 to {MAX_NAME} printable characters")
-    return x
 
 
 def _str(d: dict[Any, Any], key: str, t: str, default: str | None = None,

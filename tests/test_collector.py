@@ -496,11 +496,11 @@ def test_a_batch_that_does_not_decode_is_dropped_not_replayed(tmp_path: Path,
     the batches behind it go through, on the same few connections."""
     from hopscope.collector.spool import Spool
 
+    from hopscope.capture import CaptureReader
+
     caplog.set_level(logging.INFO, logger="hopscope")
     capture = PCAPS / "cross-node-public" / "node1.pcapng"
     spool = tmp_path / "spool"
-    from hopscope.capture import CaptureReader
-
     rows = [list(ob) for ob in next(iter(CaptureReader(str(capture), "nodeB",
                                                       directions=False)))[:3]]
     rows[1][10] = "oops"  # sport: an older or broken agent's batch, spooled before
