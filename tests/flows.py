@@ -96,8 +96,12 @@ def upstream_segment(tl: Timeline, a: str, b: str, times: dict[str, int], src: s
 def cross_node_request(tl: Timeline, *, a: str = "node1", b: str = "node2", t: int = 0,
                        ray: str | None = "8c1f2e3d4b5a6978-DFW", cport: int = 40123,
                        uport: int = 51000, skew_b: int = 0, status: int = 201,
-                       lose_upstream_first: bool = False) -> dict[str, int]:
-    """A new client connection, a new upstream connection, one POST; returns the true hops."""
+                       lose_upstream_first: bool = False, split_upstream: int = 0) -> dict[str, int]:
+    """A new client connection, a new upstream connection, one POST; returns the true hops.
+
+    ``split_upstream``: the upstream request in two segments, cut inside its head (so that
+    the second completes the head: the request's "complete"), the second that many ns after
+    the first at every point."""
     c_isn, s_isn, u_isn, p_isn = 1000, 900000, 5000, 7000000
     nic_ip = NODE_IP[a]
     # client handshake at the nic
@@ -129,8 +133,16 @@ def cross_node_request(tl: Timeline, *, a: str = "node1", b: str = "node2", t: i
              "b_ov": t_u + 70_000 + skew_b, "b_cni": t_u + 80_000 + skew_b,
              "b_veth": t_u + 85_000 + skew_b}
     skip = frozenset({"b_ul", "b_ov", "b_cni", "b_veth"}) if lose_upstream_first else frozenset()
-    upstream_segment(tl, a, b, times, src, uport, dst, 8000, u_isn + 1, p_isn + 1, ACK | PSH, ureq,
-                     skip=skip)
+    if split_upstream:
+        cut = ureq.index(b"\r\n") + 2  # after the request line
+        upstream_segment(tl, a, b, times, src, uport, dst, 8000, u_isn + 1, p_isn + 1, ACK, ureq[:cut],
+                         skip=skip)
+        later = {k: v + split_upstream for k, v in times.items()}
+        upstream_segment(tl, a, b, later, src, uport, dst, 8000, u_isn + 1 + cut, p_isn + 1, ACK | PSH,
+                         ureq[cut:], skip=skip)
+    else:
+        upstream_segment(tl, a, b, times, src, uport, dst, 8000, u_isn + 1, p_isn + 1, ACK | PSH, ureq,
+                         skip=skip)
     retrans = 0
     if lose_upstream_first:
         retrans = 204_000_000
@@ -138,7 +150,7 @@ def cross_node_request(tl: Timeline, *, a: str = "node1", b: str = "node2", t: i
         upstream_segment(tl, a, b, rt, src, uport, dst, 8000, u_isn + 1, p_isn + 1, ACK | PSH, ureq)
     app = 2_000_000
     resp = http_response(status)
-    t_p = t_u + 85_000 + retrans + app + skew_b  # response leaves the pod (veth in)
+    t_p = t_u + 85_000 + split_upstream + retrans + app + skew_b  # response leaves the pod (veth in)
     rtimes = {"b_veth": t_p, "b_cni": t_p + 5_000, "b_ov": t_p + 15_000, "b_ul": t_p + 45_000,
               "a_ul": t_p - skew_b + 60_000, "a_ov": t_p - skew_b + 80_000}
     upstream_segment(tl, a, b, rtimes, dst, 8000, src, uport, p_isn + 1, u_isn + 1 + len(ureq),
@@ -154,8 +166,9 @@ def cross_node_request(tl: Timeline, *, a: str = "node1", b: str = "node2", t: i
         "encap_req": 35_000,
         "wire_req": 15_000 + retrans,
         "decap_req": 20_000,
-        "deliver": 10_000,  # overlay in -> cni0 (the first pod copy)
-        "app": (t_p - skew_b) - (t_u + 80_000 + retrans),
+        # overlay in (the first byte) -> cni0 (the first pod copy of the head's last byte)
+        "deliver": 10_000 + split_upstream,
+        "app": (t_p - skew_b) - (t_u + 80_000 + split_upstream + retrans),
         "route": 15_000,
         "encap_resp": 30_000,
         "wire_resp": 15_000,

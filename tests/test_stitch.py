@@ -70,6 +70,21 @@ def test_cross_node_hops_exact_and_tile_total() -> None:
         assert h1["start_ns"] + h1["duration_ns"] == h2["start_ns"]
 
 
+def test_cross_node_deliver_ends_when_the_request_is_complete_at_the_pod() -> None:
+    """The upstream request's head in two segments 20 µs apart at every point: `deliver` runs
+    from the first byte at the overlay to the segment that completes the head at the pod,
+    where `app` starts (the contract); the transit hops are the first byte's."""
+    tl = Timeline()
+    truth = cross_node_request(tl, split_upstream=20_000)
+    [r] = stitch(tl)["requests"]
+    assert truth["deliver"] == 30_000
+    assert hops(r) == expected_cross(truth)
+    tiling = [h for h in r["hops"] if h["name"] != "edge_rtt"]
+    assert sum(h["duration_ns"] for h in tiling) == r["total_ns"] == truth["total"]
+    app = next(h for h in r["hops"] if h["name"] == "app")
+    assert app["start_ns"] == T0 + 510_000 + 200_000 + 80_000 + 20_000
+
+
 def test_clock_skew_is_estimated_and_corrected() -> None:
     tl = Timeline()
     truth = cross_node_request(tl, skew_b=3_700_000)
