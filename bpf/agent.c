@@ -167,10 +167,26 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     return 0;
 }
 
-/* Socket states of this node's TCP sockets on the entry port, and upstream connects. */
+/* Is the IPv6 address ::ffff:a.b.c.d (an IPv4 peer of a dual-stack socket)? */
+static __always_inline int hs_v4mapped(const __u8 *a6)
+{
+    __u32 w0 = 0, w1 = 0, w2 = 0;
+    __builtin_memcpy(&w0, a6, 4);
+    __builtin_memcpy(&w1, a6 + 4, 4);
+    __builtin_memcpy(&w2, a6 + 8, 4);
+    return w0 == 0 && w1 == 0 && w2 == 0xffff0000;
+}
+
+/* Socket states of this node's TCP sockets on the entry port, and upstream connects: IPv4
+ * sockets, and IPv6 ones whose both ends are v4-mapped (Traefik listens dual-stack on
+ * [::]:80, so its client connections are AF_INET6; the tracepoint stores their IPv4
+ * addresses in saddr/daddr too). */
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-    if (args->protocol != 6 || args->family != 2)
+    if (args->protocol != 6)
+        return 0;
+    if (args->family != 2 &&
+        !(args->family == 10 && hs_v4mapped(args->saddr_v6) && hs_v4mapped(args->daddr_v6)))
         return 0;
     int entry = args->sport == HS_ENTRY_PORT;
     if (!entry && args->newstate != 2 /* TCP_SYN_SENT */)

@@ -25,7 +25,7 @@ import click
 from hopscope.collector import wire
 from hopscope.collector.otlp import otlp_config
 from hopscope.collector.server import Collector, CollectorConfig, api_get, parse_hostport
-from hopscope.collector.store import SqliteStore, parse_duration
+from hopscope.collector.store import SqliteStore, in_range, parse_duration
 
 from hopscope.config import config_option
 from hopscope.errors import HopscopeError, UsageError
@@ -36,21 +36,31 @@ log = logging.getLogger(__name__)
 
 
 class Duration(click.ParamType):
-    """A duration option (``300ms``, ``10m``, ...): checked when given (on the command line
-    or in a config file, which then names the file and the key), kept as its text."""
+    """A duration option (``300ms``, ``10m``, ...; a bare number is seconds): checked when
+    given (on the command line or in a config file, which then names the file and the
+    key), kept as its text. ``absolute``: more than 12 digits alone are a wall-clock time
+    in ns instead (``--since``, as the HTTP API's ``since``)."""
 
     name = "duration"
 
+    def __init__(self, absolute: bool = False) -> None:
+        self.absolute = absolute
+
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
+        text = str(value)
         try:
-            parse_duration(value)
+            if self.absolute and text.isdigit() and len(text) > 12:
+                in_range(int(text), f"since {text}")
+            else:
+                parse_duration(text)
         except UsageError as exc:
             self.fail(str(exc), param, ctx)
-        return str(value)
+        return text
 
 
 DURATION = Duration()
+SINCE = Duration(absolute=True)
 
 
 # --------------------------------------------------------------------------
@@ -114,7 +124,7 @@ def serve(listen: str, token_file: str, db: str, http: str | None, tls_cert: str
 
     \b
         hopscope collector serve --listen 0.0.0.0:7000 --token-file token \\
-            --db /var/lib/hopscope/collector.db --http 127.0.0.1:7001
+            --db /var/lib/hopscope-collector/collector.db --http 127.0.0.1:7001
     """
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
@@ -412,7 +422,9 @@ class _Source:
             raise HopscopeError(f"database {self.where}: {exc}: a store of another hopscope "
                                 "version?") from None
         if status != 200:
-            raise HopscopeError(f"{self.where}: {body.get('error', f'HTTP {status}')}")
+            # a bad parameter is bad usage (exit 2), as the same answer over HTTP is
+            err = UsageError if status == 400 else HopscopeError
+            raise err(f"{self.where}: {body.get('error', f'HTTP {status}')}")
         return body
 
     def _remote(self, target: str) -> Any:
@@ -425,7 +437,9 @@ class _Source:
                 msg = json.loads(exc.read()).get("error", "")
             except (ValueError, AttributeError):
                 msg = ""
-            raise HopscopeError(f"{url}: HTTP {exc.code}{': ' + msg if msg else ''}") from None
+            # 400: a parameter the collector refused, bad usage (exit 2) as with --db
+            err = UsageError if exc.code == 400 else HopscopeError
+            raise err(f"{url}: HTTP {exc.code}{': ' + msg if msg else ''}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise HopscopeError(f"cannot reach the collector at {self.where}: {reason} (is it "
@@ -433,7 +447,7 @@ class _Source:
         except (http.client.HTTPException, ValueError) as exc:
             # BadStatusLine: something that is not HTTP answered (the agents' port?)
             said = ascii(" ".join(str(exc).split())[:60])  # bytes of another protocol
-            raise HopscopeError(
+            raise UsageError(  # the wrong address given, as a --db that is no store
                 f"{self.where}: not the collector's HTTP API ({type(exc).__name__}: "
                 f"{said}): give its --http address, not the agents' --listen port") from None
 
@@ -467,8 +481,9 @@ def _since_opts(f: Callable[..., Any], default: str) -> Callable[..., Any]:
     f = click.option("--anchor", type=click.Choice(["auto", "now", "newest"]), default="auto",
                      show_default=True, help="What --since counts back from: now, the newest "
                      "stored request, or auto (now, unless nothing stored is that recent).")(f)
-    return click.option("--since", default=default, show_default=True, type=DURATION,
-                        help="How far back: 10m, 1h, 2d.")(f)
+    return click.option("--since", default=default, show_default=True, type=SINCE,
+                        help="How far back: 10m, 1h, 2d (a bare number: seconds); or from "
+                        "when: a wall-clock time in ns (more than 12 digits).")(f)
 
 
 def _qs(**kw: Any) -> str:
@@ -497,7 +512,8 @@ def trace(request_id: str, collector_url: str | None, db: str | None, as_json: b
 @click.command()
 @_where
 @_since("10m")
-@click.option("--slower-than", default=None, type=DURATION, help="Only requests slower than this (300ms, 1.5s).")
+@click.option("--slower-than", default=None, type=DURATION,
+              help="Only requests slower than this (300ms, 1.5s; a bare number: seconds).")
 @click.option("--path", default=None, help="Only this path (whatever its query string, unless "
               "it has one; a prefix when it ends with *).")
 @click.option("--status", default=None, help="Only this status class or code (5xx, 503).")
@@ -522,7 +538,8 @@ def requests(collector_url: str | None, db: str | None, as_json: bool, since: st
 
 def _where_stats(f: Callable[..., Any]) -> Callable[..., Any]:
     return _where(f, 'Print the table as JSON: {"by", "since_ns", "hops": [{"name", "dir", '
-                     '"count", "p50", "p90", "p99", "max"}]} (ns).')
+                     '"count", "p50", "p90", "p99", "max"}]} (ns; a sub-hop\'s row also has '
+                     '"parent", the hops above it: "ingress").')
 
 
 @click.command()
@@ -545,6 +562,11 @@ def stats(collector_url: str | None, db: str | None, as_json: bool, since: str, 
     click.echo(src.render(lambda: _stats_text(rows, by)))
 
 
+def _indent(parent: str) -> str:
+    """Two spaces a level: a sub-hop of ``ingress`` one, of ``ingress/kernel_in`` two."""
+    return "  " * (parent.count("/") + 1) if parent else ""
+
+
 def _stats_text(rows: list[dict[str, Any]], by: str | None) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -552,8 +574,10 @@ def _stats_text(rows: list[dict[str, Any]], by: str | None) -> str:
     out = []
     for g, rs in groups.items():
         table = [("hop", "dir", "count", "p50", "p90", "p99", "max")]
-        table += [(r["name"], r["dir"], str(r["count"]), fmt_ns(r["p50"]), fmt_ns(r["p90"]),
-                   fmt_ns(r["p99"]), fmt_ns(r["max"])) for r in rs]
+        # sub-hops indented under their hop, as replay's and requests' tables have them
+        table += [(_indent(r.get("parent", "")) + r["name"], r["dir"], str(r["count"]),
+                   fmt_ns(r["p50"]), fmt_ns(r["p90"]), fmt_ns(r["p99"]), fmt_ns(r["max"]))
+                  for r in rs]
         widths = [max(len(t[i]) for t in table) for i in range(7)]
         lines = [f"{by} {g}:"] if by else []
         for j, t in enumerate(table):

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS hops (
     name TEXT NOT NULL,
     dir TEXT NOT NULL,
     node TEXT NOT NULL,
-    duration_ns INTEGER NOT NULL
+    duration_ns INTEGER NOT NULL,
+    parent TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS hops_req ON hops(req);
 CREATE TABLE IF NOT EXISTS drops (
@@ -142,7 +143,10 @@ def parse_duration(text: str, *, default_unit: str = "s") -> int:
     ns = int(whole) * scale
     if frac:
         ns += int(frac) * scale // (10 ** len(frac))
-    return in_range(ns, f"duration {text!r}")
+    if ns > INT64_MAX:
+        bare = "" if m.group(2) else f" (a number without a unit is in {default_unit})"
+        raise UsageError(f"bad duration {text!r}: longer than 292 years{bare}")
+    return ns
 
 
 class Store(Protocol):
@@ -236,6 +240,21 @@ def _batch_observations(blob: bytes) -> Sequence[Observation]:
     return [tuple.__new__(Observation, r) for r in rows]
 
 
+def _hop_rows(r: dict[str, Any]) -> list[tuple[str, str, str, int, str]]:
+    """(name, dir, node, duration_ns, parent) of every hop of a request, each sub-hop right
+    after its hop, ``parent`` the path of names above it ("ingress", "ingress/kernel_in")."""
+    out: list[tuple[str, str, str, int, str]] = []
+
+    def walk(hops: list[dict[str, Any]], parent: str) -> None:
+        for h in hops:
+            out.append((h["name"], h["dir"], h["node"], int(h["duration_ns"]), parent))
+            if h.get("children"):
+                walk(h["children"], f"{parent}/{h['name']}" if parent else h["name"])
+
+    walk(r.get("hops") or [], "")
+    return out
+
+
 class SqliteStore:
     """:class:`Store` on SQLite (WAL). One instance per thread; integer ns everywhere."""
 
@@ -265,6 +284,9 @@ class SqliteStore:
                         self.db.execute(f"ALTER TABLE batches ADD COLUMN {c} INTEGER")
                 if "clock" not in {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}:
                     self.db.execute("ALTER TABLE requests ADD COLUMN clock TEXT")
+                if "parent" not in {r[1] for r in self.db.execute("PRAGMA table_info(hops)")}:
+                    # a store from before the sub-hops had rows (its requests' have none)
+                    self.db.execute("ALTER TABLE hops ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise UsageError(f"database {self.path}: {exc}") from None
@@ -276,6 +298,8 @@ class SqliteStore:
         # a store from before requests kept their clock offsets (read-only: not added)
         self._clock_col = "clock" if "clock" in {
             r[1] for r in self.db.execute("PRAGMA table_info(requests)")} else "NULL"
+        self._parent_col = "h.parent" if "parent" in {
+            r[1] for r in self.db.execute("PRAGMA table_info(hops)")} else "''"
 
     def close(self) -> None:
         self.batch_log.close()
@@ -383,9 +407,8 @@ class SqliteStore:
                     self.db.execute("DELETE FROM hops WHERE req = ?", (rowid,))
                     self.replaced += 1
                 self.db.executemany(
-                    "INSERT INTO hops(req, name, dir, node, duration_ns) VALUES (?,?,?,?,?)",
-                    [(rowid, h["name"], h["dir"], h["node"], int(h["duration_ns"]))
-                     for h in r.get("hops") or []])
+                    "INSERT INTO hops(req, name, dir, node, duration_ns, parent) "
+                    "VALUES (?,?,?,?,?,?)", [(rowid, *h) for h in _hop_rows(r)])
         return n
 
     _KEY_COLUMNS = {"requests": "request_id", "drops": "key"}
@@ -527,38 +550,50 @@ class SqliteStore:
 
         ``by``: ``None`` (one group), ``"node"`` (the hop's node) or ``"path"``
         (the request's path, without its query string). A ``total`` row per group covers
-        whole requests.
+        whole requests. Sub-hops (eBPF's split of ``ingress``) follow their hop, with
+        ``parent``: the names above them ("ingress", "ingress/kernel_in").
         """
         if by not in (None, "", "node", "path"):
             raise UsageError(f"bad --by {by!r}: use node or path")
         since = -(1 << 62) if since_ns is None else int(since_ns)
         gcol = {"node": "h.node", "path": _PATH_SQL.format(col="r.path")}.get(by or "", "''")
-        vals: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-        order: list[tuple[str, str, str]] = []
-        for g, name, dir_, dur in self.db.execute(
-                f"SELECT {gcol}, h.name, h.dir, h.duration_ns FROM hops h JOIN requests r "
-                "ON r.id = h.req WHERE r.start_ns >= ? ORDER BY r.start_ns, h.rowid", (since,)):
-            k = (g or "", name, dir_)
+        vals: dict[tuple[str, str, str, str], list[int]] = defaultdict(list)
+        order: list[tuple[str, str, str, str]] = []
+        subs: dict[tuple[str, str], list[tuple[str, str, str, str]]] = defaultdict(list)
+        for g, name, dir_, dur, parent in self.db.execute(
+                f"SELECT {gcol}, h.name, h.dir, h.duration_ns, {self._parent_col} FROM hops h "
+                "JOIN requests r ON r.id = h.req WHERE r.start_ns >= ? ORDER BY r.start_ns, h.rowid",
+                (since,)):
+            k = (g or "", parent, name, dir_)
             if k not in vals:
-                order.append(k)
+                # a sub-hop is listed under its hop, wherever it was first seen
+                (subs[(k[0], parent)] if parent else order).append(k)
             vals[k].append(dur)
         tcol = {"node": "ingress_node", "path": _PATH_SQL.format(col="path")}.get(by or "", "''")
         for g, tot in self.db.execute(
                 f"SELECT {tcol}, total_ns FROM requests WHERE start_ns >= ? AND total_ns IS NOT NULL"
                 " ORDER BY start_ns", (since,)):
-            k = (g or "", "total", "")
+            k = (g or "", "", "total", "")
             if k not in vals:
                 order.append(k)
             vals[k].append(tot)
+
+        def tree(k: tuple[str, str, str, str]) -> list[tuple[str, str, str, str]]:
+            path = f"{k[1]}/{k[2]}" if k[1] else k[2]
+            return [k] + [x for ck in subs.get((k[0], path), ()) for x in tree(ck)]
+
         out: list[dict[str, Any]] = []
-        for k in sorted(order, key=lambda k: (k[0], k[1] == "total")):
-            v = sorted(vals[k])
-            row: dict[str, Any] = {"name": k[1], "dir": k[2], "count": len(v),
-                                   "p50": percentile(v, 0.5), "p90": percentile(v, 0.9),
-                                   "p99": percentile(v, 0.99), "max": v[-1]}
-            if by:
-                row = {by: k[0], **row}
-            out.append(row)
+        for k in sorted(order, key=lambda k: (k[0], k[2] == "total")):
+            for t in tree(k):
+                v = sorted(vals[t])
+                row: dict[str, Any] = {"name": t[2], "dir": t[3], "count": len(v),
+                                       "p50": percentile(v, 0.5), "p90": percentile(v, 0.9),
+                                       "p99": percentile(v, 0.99), "max": v[-1]}
+                if t[1]:
+                    row["parent"] = t[1]
+                if by:
+                    row = {by: t[0], **row}
+                out.append(row)
         return out
 
     def query_drops(self, since_ns: int | None = None) -> list[dict[str, Any]]:

@@ -217,7 +217,7 @@ def _largest_other_shift(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> in
 @click.option("--json", "as_json", is_flag=True, help='Print {"agents": envelope, "replay": envelope, "agents_error": ""} '
                    "as JSON instead.")
 def demo(requests: int, keep_dir: Path | None, prefix: str, as_json: bool) -> None:
-    """Build the replica, run the agents, send traffic with two faults, explain (root, ~30 s)."""
+    """Build the replica, run the agents, send traffic with two faults, explain (root, ~20 s)."""
     import json
 
     from hopscope.testbed.topology import normalize_prefix

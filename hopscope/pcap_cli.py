@@ -116,7 +116,7 @@ def pcap(request_id: str, captures: tuple[str, ...], out: str, named: tuple[str,
 
     \b
         hopscope pcap 8ccc9856a34ef348-DFW node1.pcapng node2.pcapng -o req.pcapng
-        hopscope pcap 8ccc9856a34ef348-DFW --db /var/lib/hopscope/hs.db -o req.pcapng
+        hopscope pcap 8ccc9856a34ef348-DFW --db /var/lib/hopscope-collector/collector.db -o req.pcapng
     """
     import json
 
@@ -141,7 +141,7 @@ def pcap(request_id: str, captures: tuple[str, ...], out: str, named: tuple[str,
     pkts = request_packets(request_id, obs)
     if not pkts:
         where = "the store's kept batches" if db else "these captures"
-        raise UsageError(f"no packets of request {request_id} in {where}: is the id right "
+        raise HopscopeError(f"no packets of request {request_id} in {where}: is the id right "
                          "(hopscope requests lists them)?")
     info = req or {"request_id": request_id}
     try:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hopscope.agent.run import read_record
 
 from hopscope.capture import read_all
+from hopscope.model import KIND_STATE, addr_str
 from hopscope.replay import replay
 from hopscope.testbed import faults
 from hopscope.testbed.agents import (
@@ -142,8 +144,18 @@ def test_agents_agree_with_replay_and_add_sub_hops(testbed: Instance, tmp_path: 
     for node, a in agents.agents.items():
         env = json.loads(a.out.read_text())
         ev = env["agent"]["events"]
-        assert ev["tc_lost"] == ev["kernel_lost"] == ev["drop_lost"] == 0, node
+        assert ev["tc_lost"] == ev["kernel_lost"] == ev["drop_lost"] == ev["state_lost"] == 0, node
         assert ev["tc_sent"] > 0 and env["agent"]["decode_errors"] == 0
+    # every client connection's socket reaching ESTABLISHED on the entry port, from Traefik's
+    # dual-stack listener (AF_INET6 sockets, v4-mapped ends), in its node's agent
+    established = {
+        (n, addr_str(o.src), o.sport, addr_str(o.dst), o.dport)
+        for n in NODES for o in read_record(str(agents.agents[n].record))
+        if o.kind == KIND_STATE and o.sport == testbed.topology.http_port and o.seq == 1}
+    opened = {(r["node"], *r["dst"].rsplit(":", 1), *r["src"].rsplit(":", 1))
+              for r in recs if r["new_conn"]}
+    assert len(opened) >= 3 and {
+        (n, ip, int(port), cip, int(cport)) for n, ip, port, cip, cport in opened} <= established
 
 
 def test_capture_source_gives_the_same_hops_as_tc(testbed: Instance, tmp_path: Path) -> None:

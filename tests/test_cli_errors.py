@@ -272,3 +272,95 @@ def test_agent_ship_names_the_wire_would_refuse(tmp_path: Path) -> None:
         cp = hs(*base, *extra)
         one_line(cp, want)
         assert cp.returncode == 2
+
+
+def _store(path: Path) -> Path:
+    """A collector store with three requests, 1, 2 and 3 ms long, 1 s apart."""
+    from hopscope.collector.store import SqliteStore
+
+    st = SqliteStore(path)
+    try:
+        st.put_requests([{"request_id": f"r{i}", "start_ns": 1_764_000_000_000_000_000 + i * 10**9,
+                          "total_ns": i * 1_000_000, "status": 200, "path": "/",
+                          "ingress_node": "node1", "pod_node": "node1", "hops": [], "flags": []}
+                         for i in (1, 2, 3)])
+    finally:
+        st.close()
+    return path
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[str]:
+    """The collector's HTTP API answers (``api_get``) on a store, over HTTP."""
+    from hopscope.collector.server import api_get
+    from hopscope.collector.store import SqliteStore
+
+    from hopscope.errors import HopscopeError
+
+    db = _store(tmp_path / "api.db")
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            st = SqliteStore(db, readonly=True)
+            try:
+                status, body = api_get(st, self.path)
+            except HopscopeError as exc:  # as the collector's handler answers
+                status, body = 400, {"error": str(exc)}
+            finally:
+                st.close()
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_query_exit_codes_the_same_from_the_store_and_the_api(tmp_path: Path, api: str,
+                                                              not_http: int) -> None:
+    """Bad usage exits 2, a request not found 1, whichever way the query reads."""
+    db = str(_store(tmp_path / "c.db"))
+    for where in (["--db", db], ["--collector", api]):
+        cp = hs("requests", "--status", "9zz", *where)
+        one_line(cp, "bad status '9zz'")
+        assert cp.returncode == 2, (where, cp.stderr)
+        cp = hs("trace", "nope", *where)
+        one_line(cp, "nope")
+        assert cp.returncode == 1, (where, cp.stderr)
+        cp = hs("requests", "--json", "--since", "1h", "--anchor", "newest", *where)
+        assert cp.returncode == 0 and len(json.loads(cp.stdout)["requests"]) == 3, cp.stderr
+    cp = hs("requests", "--collector", f"127.0.0.1:{not_http}")
+    one_line(cp, "not the collector's HTTP API")
+    assert cp.returncode == 2  # the wrong address, as a --db that is not a store
+    cp = hs("pcap", "nope", "--db", db, "-o", str(tmp_path / "x.pcapng"))
+    one_line(cp, "no packets of request nope")
+    assert cp.returncode == 1 and not (tmp_path / "x.pcapng").exists()
+
+
+def test_query_durations_bare_seconds_and_an_absolute_since(tmp_path: Path, api: str) -> None:
+    """On the command line a bare number is seconds (`--slower-than 0.0015` is 1.5 ms), and
+    `--since` of more than 12 digits is a wall-clock time in ns, as the API's `since`."""
+    db = str(_store(tmp_path / "c.db"))
+    for where in (["--db", db], ["--collector", api]):
+        def ids(*args: str, where: list[str] = where) -> list[str]:
+            cp = hs("requests", "--json", *args, *where)
+            assert cp.returncode == 0, cp.stderr
+            return sorted(r["request_id"] for r in json.loads(cp.stdout)["requests"])
+
+        assert ids("--since", "1h", "--anchor", "newest", "--slower-than", "0.0015") == ["r2", "r3"]
+        assert ids("--since", "1h", "--anchor", "newest", "--slower-than", "2ms") == ["r3"]
+        assert ids("--since", str(1_764_000_000_000_000_000 + 2 * 10**9)) == ["r2", "r3"]
+        assert ids("--since", "1.5", "--anchor", "newest") == ["r2", "r3"]
+    cp = hs("requests", "--db", db, "--slower-than", "99999999999")
+    one_line(cp, "longer than 292 years", "a number without a unit is in s")
+    assert cp.returncode == 2
