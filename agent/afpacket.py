@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from hopscope.agent.events import Iface
 
 from hopscope.capture import _decode_ip
-from hopscope.errors import HopscopeError
+from hopscope.errors import HopscopeError, PrivilegeError
 from hopscope.model import IN, NIC, OUT, UNDERLAY, Observation
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,9 @@ class CaptureSource:
         self._next = 0
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        except PermissionError as exc:  # 77: a restart does not grant the capability
+            raise PrivilegeError(f"cannot open an AF_PACKET socket: {exc.strerror} (needs "
+                                 "CAP_NET_RAW: run as root or as the hopscope-agent unit)") from exc
         except OSError as exc:
             raise CaptureError(f"cannot open an AF_PACKET socket: {exc.strerror} "
                                "(needs CAP_NET_RAW)") from exc

@@ -265,7 +265,13 @@ class AgentProgram:
             self.kprobes = {k: list(v) for k, v in handed.get("kprobes", {}).items()}
             self.tracepoints = len(self._fds.get("tracepoints", []))
         else:
-            from bcc import BPF  # after prepare_kernel_env
+            try:
+                from bcc import BPF  # after prepare_kernel_env
+            except ImportError as exc:  # no python3-bpfcc, a venv without it, PyPI's "bcc"
+                raise AgentError(
+                    f"bcc cannot be imported ({exc}): install Debian/Ubuntu's python3-bpfcc "
+                    "and run hopscope from a venv made with --system-site-packages (PyPI's "
+                    "package named bcc is another project: pip uninstall it)") from None
 
             self._BPF = BPF
             btf = btf or ft.Btf.load()

@@ -138,7 +138,8 @@ class LossWatch:
             return None
         what = ", ".join(f"{k.removesuffix('_lost')} {n}" for k, n in sorted(self.pending.items()))
         total = sum(v for k, v in self.seen.items() if k in self.pending)
-        msg = (f"event=lost {what} (total {total}): events the ring buffer refused; this"
+        msg = (f"event=lost {what} (total {total}): events the BPF ring buffer refused (or, "
+               "capture, packets the AF_PACKET ring had no room for); this"
                f" agent's loop was up to {self.max_lag * 1000:.0f} ms late meanwhile")
         self.pending = {}
         self.max_lag = 0.0
@@ -316,6 +317,7 @@ class Agent:
         self._proxy: list[int] = []
         self.rules: RuleNamer | None = None  # names the rules behind NETFILTER_DROP drops
         self.sources: dict[str, str] = {}
+        self._pkt_source = ""  # the packet source, named once chosen (sources["packets"])
         self.ifaces: dict[int, ev.Iface] = {}
         self.offset = 0
         self.clock: list[tuple[int, int]] = []
@@ -338,6 +340,7 @@ class Agent:
         self.final_stats: dict[str, int] = {}
         self.decode_errors = 0
         self._lost_cache: dict[str, int] = {}
+        self._lost_sent: dict[str, int] = {}  # the loss counters the last batch shipped carried
         self._lost_at = 0.0  # when the cached loss counters are read again
         self.observations = 0
         self.ship: LiveShip | None = None
@@ -406,7 +409,7 @@ class Agent:
 
         self.ring = RingReader(self.prog.ring_fd(), self.prog.ring_size)
         self.sources = {
-            "packets": "tc clsact (bpf/tc.c) on " + self._iface_list(),
+            "packets": "",  # below
             "kernel_in": ("tracepoint tcp:tcp_probe on entry-port sockets"
                           if cfg.settings.tp_probe_skb else
                           "kprobe tcp_rcv_established on entry-port sockets (tcp:tcp_probe "
@@ -418,6 +421,7 @@ class Agent:
             "drops": "tracepoint skb:kfree_skb (reasons from its format file); the rule behind "
                      "NETFILTER_DROP from iptables-save -c counters",
         }
+        self._watching("tc clsact (bpf/tc.c)", first=True)
         self._attach_kprobes()
 
     def _attach_kprobes(self) -> None:
@@ -442,11 +446,26 @@ class Agent:
         self.cap = CaptureSource(self.cfg.node, lambda: self.offset)
         self.reorder_ns = CAPTURE_REORDER_NS
         self._rescan(first=True)
-        self.sources = {"packets": "AF_PACKET capture (TPACKET_V3, socket filter) on "
-                        + self._iface_list()}
+        self.sources = {}
+        self._watching("AF_PACKET capture (TPACKET_V3, socket filter)", first=True)
 
     def _iface_list(self) -> str:
         return ", ".join(f"{f.name}={f.point}" for f in self.ifaces.values()) or "(none yet)"
+
+    def _watching(self, source: str | None = None, first: bool = False) -> None:
+        """The packet source's description, with the interfaces watched now (kept in step
+        by each rescan: ``--out``'s ``agent.sources``); at start, a warning when there are
+        none: an agent in the wrong namespace would otherwise run on, seeing nothing."""
+        if source is not None:
+            self._pkt_source = source
+        if not self._pkt_source:
+            return  # the first scan, before the source is named
+        self.sources["packets"] = f"{self._pkt_source} on {self._iface_list()}"
+        if first and not self.ifaces:
+            log.warning("no interface to watch in this network namespace (no default-route "
+                        "NIC, flannel.1, VXLAN underlay or pod veth found): is this the "
+                        "node's namespace? Name them with --iface NAME=POINT; interfaces "
+                        "that appear later are watched then")
 
     def _close_bpf(self) -> None:
         if self.ring is not None:
@@ -476,6 +495,7 @@ class Agent:
                 self.ifaces.update(want)
                 self.cap.set_interfaces(want)
                 log.info("capturing on %s", self._iface_list())
+                self._watching()
             return
         assert self.prog is not None
         for idx in list(self.prog.attached):
@@ -490,6 +510,7 @@ class Agent:
                     self.ifaces[idx] = itf
                 except bpfprog.AgentError as exc:
                     log.warning("%s", exc)
+        self._watching()
         self._pods_netns(listing.links)
         if not first:
             self._attach_kprobes()
@@ -572,6 +593,7 @@ class Agent:
                     warn = losses.update(self._lost_recent(fresh=True), now)
                     if warn:
                         log.warning("%s", warn)
+                    self._ship_losses()
                     next_loss = now + LOSS_CHECK_S
                 if now >= next_scan or (links is not None and links.changed()):
                     self._rescan()
@@ -643,8 +665,28 @@ class Agent:
         if self.pktbuf is not None:
             self.pktbuf.add(ready)
         if self.ship is not None:
-            clock, self.clock = self.clock, []
-            self.ship.put(ready, clock, self._lost_recent(final))
+            self._put(ready, self._lost_recent(final))
+
+    def _put(self, obs: list[Observation], lost: dict[str, int], raw: ev.RawEvents | None = None,
+             records: int = 0) -> None:
+        assert self.ship is not None
+        clock, self.clock = self.clock, []
+        self._lost_sent = lost
+        self.ship.put(obs, clock, lost, raw, records)
+
+    def _ship_losses(self) -> None:
+        """Ship the loss counters as last read when no batch has carried them yet: a batch of
+        no observations (raw: no records, holding the collector's cut where it is). Else a
+        loss after the last batch with observations, or between two reads of the counters,
+        would never reach the collector."""
+        lost = self._lost_cache
+        if self.ship is None or lost == self._lost_sent:
+            return
+        raw = None
+        if self.raw:
+            raw = ev.RawEvents(b"", tuple((i, f.name, f.point) for i, f in self.ifaces.items()),
+                               self.offset, -1)
+        self._put([], lost, raw)
 
     def _ship_raw(self, cut: int) -> None:
         """Hand the records taken since the last call (and the drops decoded from them) to
@@ -685,8 +727,7 @@ class Agent:
                     max_frame=RECORD_MAX_FRAME))
                 self._record_seq += 1
             if self.ship is not None:
-                clock, self.clock = self.clock, []
-                self.ship.put(obs, clock, self._lost_recent(cut == _FAR), raw, n)
+                self._put(obs, self._lost_recent(cut == _FAR), raw, n)
 
     def _name_rules(self, obs: list[Observation]) -> None:
         """Add the iptables rule to NETFILTER_DROP drops (payload ``REASON<TAB>rule``)."""
@@ -771,6 +812,9 @@ class Agent:
             self._drain(0, final=True)
             self._feed(final=True)
             self._take(final=True)
+            if self.prog is not None or self.cap is not None:
+                self._lost_recent(fresh=True)
+                self._ship_losses()  # what the last batch did not carry
         finally:
             if self.prog is not None or self.cap is not None:
                 self.final_stats = self.stats()

@@ -276,3 +276,42 @@ def test_ring_layout_matches_the_uapi_header(tmp_path: Path) -> None:
         af.TP_STATUS_USER, af.PACKET_OUTGOING, af.SO_ATTACH_FILTER, af.SKF_AD_OFF,
         af.SKF_AD_IFINDEX, af.SKF_AD_PKTTYPE)
     assert got["tpacket_req3"] == 7 * 4 and got["tpacket_stats_v3"] == af._STATS.size
+
+
+@pytest.mark.privileged
+def test_without_bcc_auto_captures_and_tc_says_why(tmp_path: Path) -> None:
+    """bcc not importable (no python3-bpfcc, a venv without system site-packages, PyPI's
+    unrelated "bcc"): `--source auto` warns and takes packets from AF_PACKET, `--source tc`
+    fails in one line; in a namespace with nothing to watch the agent says so. Without
+    CAP_NET_RAW the capture source exits 77 (the unit's "do not restart")."""
+    fake = tmp_path / "nobcc" / "bcc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no BPF here (the test hides bcc)')\n")
+    ns = f"hsnb{secrets.token_hex(3)}"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(fake.parent)}
+
+    def agent(*args: str, pre: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, *pre, sys.executable, "-m",
+                               "hopscope", "agent", "run", "--node", "n1", "--local",
+                               "--duration", "1s", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=30)
+        cp = agent("--source", "tc")
+        lines = cp.stderr.splitlines()
+        assert cp.returncode == 1 and "Traceback" not in cp.stderr, cp.stderr
+        assert len(lines) == 1 and "bcc cannot be imported" in lines[0], lines
+        assert "no BPF here" in lines[0] and "--system-site-packages" in lines[0]
+        cp = agent("--source", "auto")
+        assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+        assert "packets come from AF_PACKET capture instead" in cp.stderr, cp.stderr
+        assert "no interface to watch in this network namespace" in cp.stderr, cp.stderr
+        assert "events sent/lost: capture 0/0" in cp.stderr, cp.stderr
+        cp = agent("--source", "capture", pre=("setpriv", "--bounding-set=-net_raw",
+                                               "--inh-caps=-net_raw"))
+        lines = cp.stderr.splitlines()
+        assert cp.returncode == 77 and len(lines) == 1, cp.stderr
+        assert "needs CAP_NET_RAW" in lines[0], lines
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)

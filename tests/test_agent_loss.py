@@ -30,3 +30,57 @@ def test_the_loop_drains_sooner_after_a_burst() -> None:
     assert next_tick_s(ring // 4, ring) == LOOP_S
     assert next_tick_s(ring // 4 + 8, ring) == LOOP_BUSY_S
     assert next_tick_s(ring, ring) == LOOP_BUSY_S
+
+
+class _Cap:
+    """A capture source that only counts: what ``Agent`` asks of one at its loss checks
+    and its close."""
+
+    def __init__(self) -> None:
+        self.counts = {"capture_sent": 10, "capture_lost": 0}
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def flush(self, _pending: list[object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Ship:
+    def __init__(self) -> None:
+        self.put_lost: list[dict[str, int]] = []
+        self.obs: list[int] = []
+
+    def put(self, obs: list[object], _clock: object, lost: dict[str, int], _raw: object = None,
+            _n: int = 0) -> None:
+        self.obs.append(len(obs))
+        self.put_lost.append(dict(lost))
+
+    def close(self) -> None:
+        pass
+
+
+def test_losses_reach_the_collector_without_observations_to_carry_them() -> None:
+    """A loss counted after the last batch of observations is shipped on its own, at the
+    loss check and at the stop: the collector's figure is the agent's."""
+    from hopscope.agent.run import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(node="node1"))
+    cap, ship = _Cap(), _Ship()
+    agent.cap, agent.ship = cap, ship  # type: ignore[assignment]
+    agent._lost_recent(fresh=True)
+    agent._ship_losses()
+    assert ship.put_lost == [{"capture_lost": 0, "decode_errors": 0}] and ship.obs == [0]
+    agent._ship_losses()  # nothing new: nothing sent
+    assert len(ship.put_lost) == 1
+    cap.counts["capture_lost"] = 5  # a burst the ring had no room for, then silence
+    agent._lost_recent(fresh=True)
+    agent._ship_losses()
+    assert ship.put_lost[-1]["capture_lost"] == 5
+    cap.counts["capture_lost"] = 7  # lost after the last check: the stop ships it
+    agent.close()
+    assert ship.put_lost[-1]["capture_lost"] == 7 and ship.obs[-1] == 0
+    assert agent.final_stats["capture_lost"] == 7
