@@ -1,17 +1,20 @@
 """``hopscope doctor``: what the eBPF agent could use on this node, and why.
 
 Read-only: it reads ``/proc``, ``/sys``, tracefs and ``ip``/``tc`` listings;
-the kernel is only asked to create a ring buffer and to load two-instruction
-programs whose descriptors are closed at once. When tracefs is not mounted it
+the kernel is only asked to create a ring buffer and to load two- or
+three-instruction programs whose descriptors are closed at once. When tracefs is not mounted it
 is read through a private mount namespace (the host's mounts do not change).
 ``--compile-test`` additionally runs bcc in a child process that attaches one
 tracepoint program and detaches it.
 
 The probing lives in :mod:`hopscope.agent.features`; this module assembles the
 findings into sections and prints them (text, or one JSON document with
-``--json``). Exit code: 0 when the agent can run at all (tracepoints, and tc
-clsact or AF_PACKET), 1 when it cannot, 77 when not run as root (the sections
-that can be read without root are still printed).
+``--json``). The ``probe_plan`` section is :func:`features.plan_probes` fed
+with the facts the agent's start-up decides on, read with the agent's own
+functions (:func:`agent_facts`). Exit code: 0 when the agent can run at all
+(the BPF programs with tc, or else AF_PACKET capture: packets only), 1 when
+it cannot, 77 when not run as root (the sections that can be read without
+root are still printed).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import platform
 import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
 
 from hopscope.errors import HopscopeError
 
+from . import bpfprog
 from . import features as ft
 from .features import DEGRADED, MISSING, OK, Finding
 
@@ -43,8 +48,18 @@ SECTIONS = (
     "capabilities", "sysctls", "interfaces", "proxy", "probe_plan", "build", "agent",
 )
 
-#: Tracepoints without which the agent's programs do not load.
-CORE_TRACEPOINTS = ft.AGENT_CORE_TRACEPOINTS
+#: Tracepoints without which the agent's programs do not load (with the default
+#: ``--proxy-calls``; tcp:tcp_probe is used only where it has the socket and skb fields).
+CORE_TRACEPOINTS = ft.bpf_tracepoints_needed(bpfprog.PROXY_CALLS_DEFAULT)
+
+#: The capabilities the hopscope-agent unit gives its uid 0 (systemd/hopscope-agent.service,
+#: CapabilityBoundingSet; tests/test_doctor.py holds the two together).
+UNIT_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE")
+#: Where the agent can run: ``agent run`` refuses any uid but 0.
+RUN_AS_ROOT = ("run the agent as root (sudo hopscope agent run) or as the hopscope-agent unit "
+               f"(uid 0 with {', '.join(UNIT_CAPS)}); `agent run` refuses any other uid")
+#: ``agent run --entry-port``'s default
+ENTRY_PORT = 80
 
 #: Raw tracepoints as BTF names them (``btf_trace_<event>``), for when tracefs is unreadable.
 _BTF_TRACE = {"net:netif_receive_skb": "btf_trace_netif_receive_skb",
@@ -141,7 +156,8 @@ def kprobes_section(ctx: Context) -> Finding:
             why += f" (the functions exist, e.g. {present[0]}, but cannot be probed)"
         return Finding(MISSING, f"kprobes unavailable: {why}", details,
                        "none on this kernel (needs CONFIG_KPROBES=y, CONFIG_KPROBE_EVENTS=y); "
-                       "the agent uses tracepoints instead (see probe_plan)")
+                       "the agent goes without them: no netfilter child, no IPVS real server, "
+                       "and no kernel_in where tcp:tcp_probe has no skb (see probe_plan)")
     if absent:
         return Finding(DEGRADED, f"kprobes available; not in this kernel: {', '.join(absent)}",
                        details)
@@ -266,7 +282,8 @@ def ringbuf_section(ctx: Context) -> Finding:
     if r.ok:
         return Finding(OK, "BPF_MAP_TYPE_RINGBUF created and closed", details)
     return Finding(MISSING, f"BPF_MAP_TYPE_RINGBUF not creatable ({r.error})", details,
-                   "the agent falls back to a perf buffer (slower)")
+                   "a kernel >= 5.8; the agent's BPF programs need the ring buffer (it has no "
+                   "perf-buffer fallback): meanwhile packets come from AF_PACKET capture")
 
 
 def btf_section(ctx: Context) -> Finding:
@@ -309,7 +326,8 @@ def tracepoints_section(ctx: Context) -> Finding:
     if absent:
         lines.append("absent: " + ", ".join(absent))
     if not tps.get("tcp:tcp_probe", True):
-        lines.append("tcp:tcp_probe absent: the agent cannot time kernel_in (see probe_plan)")
+        lines.append("tcp:tcp_probe absent: the kernel point (end of kernel_in) needs the "
+                     "tcp_rcv_established kprobe (see probe_plan)")
     load = None
     if ctx.root:
         load = ft.bpf_load_trivial(ft.BPF_PROG_TYPE_TRACEPOINT)
@@ -318,6 +336,7 @@ def tracepoints_section(ctx: Context) -> Finding:
     details["_lines"] = lines
     core_ok = all(tps.get(n) for n in CORE_TRACEPOINTS)
     ctx.results["tracepoints"] = core_ok and load is not None and load.ok
+    ctx.results["tracepoint_load"] = None if load is None else load.ok
     if not tps:
         return Finding(MISSING, "tracepoints could not be listed (no tracefs, no BTF)", details,
                        "mount tracefs and run as root")
@@ -327,7 +346,8 @@ def tracepoints_section(ctx: Context) -> Finding:
     if not core_ok:
         return Finding(MISSING, "needed tracepoints absent: "
                        + ", ".join(n for n in CORE_TRACEPOINTS if not tps.get(n)), details,
-                       "a kernel with CONFIG_FTRACE_SYSCALLS and the net/sock tracepoints")
+                       "a kernel with CONFIG_FTRACE_SYSCALLS and the skb/sock tracepoints; "
+                       "meanwhile the agent takes packets from AF_PACKET capture (no sub-hops)")
     if absent:
         return Finding(DEGRADED, f"{len(tps) - len(absent)}/{len(tps)} present; absent: "
                        + ", ".join(absent), details)
@@ -407,11 +427,34 @@ def headers_section(ctx: Context) -> Finding:
         return Finding(DEGRADED, f"{info.build} is for {info.version}, running {ctx.release}: "
                        "usable for UAPI headers and tracepoint formats only (hopscope's "
                        "design), not kernel struct layouts", details, fix)
-    if info.present:
-        return Finding(MISSING, f"{info.build} exists but has no include/linux/kconfig.h "
-                       "(incomplete tree, or its source link is missing)", details, fix)
-    return Finding(MISSING, f"no kernel headers for {ctx.release}: bcc cannot compile", details,
-                   fix)
+    what = (f"{info.build} exists but has no include/linux/kconfig.h (incomplete tree, or its "
+            "source link is missing)" if info.present
+            else f"no kernel headers for {ctx.release}")
+    stage = ft.headers_stage(info)
+    if stage is None:
+        return Finding(MISSING, f"{what}: bcc cannot compile, and there are no other headers "
+                       "to link: the agent takes packets from AF_PACKET capture", details, fix)
+    dropin = unit_headers_dropin()
+    details["stage"] = asdict(stage)
+    details["unit_dropin"] = {"path": str(dropin), "exists": dropin.exists()}
+    lines.append(f"the agent links {stage.version}'s ({stage.build}) in its own mount "
+                 f"namespace; the unit's drop-in {dropin}: "
+                 + ("present" if dropin.exists() else "absent"))
+    return Finding(
+        DEGRADED, f"{what}: the agent run as root links {stage.version}'s in its own mount "
+        "namespace (UAPI headers suffice); the hopscope-agent unit gets them from its headers "
+        "drop-in", details,
+        "nothing to do for `sudo hopscope agent run` (it links them itself, with "
+        "CAP_SYS_ADMIN); for the hopscope-agent unit (no CAP_SYS_ADMIN) `hopscope install "
+        f"agent` writes {dropin}" + (f"; or, host-wide instead: {fix}" if fix else ""))
+
+
+def unit_headers_dropin() -> Path:
+    """The drop-in with which ``hopscope install agent`` gives the hopscope-agent unit
+    another version's headers (systemd binds them in the unit's own mount namespace)."""
+    from hopscope import install
+
+    return install.UNIT_DIR / f"{install.unit_name('agent')}.d" / install.HEADERS_DROPIN
 
 
 def compile_test_section(ctx: Context) -> Finding:
@@ -447,9 +490,11 @@ def compile_test_section(ctx: Context) -> Finding:
         lines.append(_compile_line(staged))
     details["_lines"] = lines
     if staged is not None and staged.ok:
-        return Finding(DEGRADED, "not usable as the system is; works with the fixes applied in "
-                       f"a private mount namespace ({staged.seconds} s)", details,
-                       "apply the fix lines of tracefs and kernel_headers")
+        return Finding(DEGRADED, "not usable as the system is; works in a private mount "
+                       "namespace with tracefs and headers as the agent sets them up "
+                       f"({staged.seconds} s)", details,
+                       "nothing to do for `sudo hopscope agent run`; for the hopscope-agent "
+                       "unit see kernel_headers and tracefs")
     return Finding(MISSING, f"bcc cannot compile+attach ({asis.error})", details,
                    "see kernel_headers and tracefs")
 
@@ -479,12 +524,18 @@ def capabilities_section(ctx: Context) -> Finding:
     if not have["CAP_NET_RAW"]:
         notes.append("no CAP_NET_RAW: no AF_PACKET fallback")
     if not admin:
-        notes.append("no CAP_SYS_ADMIN: cannot mount tracefs or enter other namespaces")
+        notes.append("no CAP_SYS_ADMIN: no private mount namespace (tracefs, other headers), "
+                     "no entering other namespaces")
     details["_lines"] = [" ".join(f"{c.removeprefix('CAP_')}={_yn(v)}" for c, v in have.items()),
                          *notes]
+    details["unit_caps"] = list(UNIT_CAPS)
+    euid = os.geteuid()
+    if euid != 0:
+        return Finding(MISSING, f"uid {euid}: `hopscope agent run` runs only as uid 0"
+                       + (f" (and missing {', '.join(missing_req)})" if missing_req else
+                          ", whatever its capabilities"), details, RUN_AS_ROOT)
     if missing_req:
-        return Finding(MISSING, "missing " + ", ".join(missing_req), details,
-                       "run the agent as root (or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)")
+        return Finding(MISSING, "missing " + ", ".join(missing_req), details, RUN_AS_ROOT)
     if not have["CAP_SYS_RESOURCE"] and ctx.version < (5, 11, 0):
         return Finding(DEGRADED, "no CAP_SYS_RESOURCE on a kernel < 5.11", details,
                        "run as full root")
@@ -539,6 +590,10 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
             extra.append("watched")
         elif i.role == ft.ROLE_POD_BRIDGE:
             extra.append("not watched: its pod veths are (the same packets, next to the pods)")
+        elif i.point == "-":
+            extra.append("not watched: no point of the hop model (--iface NAME=POINT names one)")
+        elif i.state.upper() == "DOWN":
+            extra.append("not watched: down")
         if i.vxlan:
             extra.append(f"vni {i.vxlan['id']} port {i.vxlan['port']} "
                          f"local {i.vxlan['local'] or '-'} "
@@ -575,24 +630,31 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
     return Finding(OK, "; ".join(parts), details)
 
 
-def proxy_section(ctx: Context, proxy_name: str, netns: str | None) -> Finding:
+def proxy_section(ctx: Context, proxy_name: str, netns: str | None,
+                  entry_port: int = ENTRY_PORT) -> Finding:
     try:
         procs = ft.find_processes(proxy_name)
+        if entry_port != ENTRY_PORT:  # find_processes reads the :80 listeners
+            for p in procs:
+                p.listeners = ft.proxy_listeners(p.pid, entry_port)
     except Exception as exc:  # psutil missing or /proc unreadable
         return Finding(DEGRADED, f"cannot list processes: {exc}", {}, "pip install psutil")
     want_ino = ft.netns_inode_of_name(netns)
     where = f"namespace {netns}" if netns else "this network namespace"
     here = [p for p in procs if p.netns_inode == want_ino]
     details: dict[str, Any] = {"name": proxy_name, "netns_inode": want_ino,
+                               "entry_port": entry_port,
                                "processes": [asdict(p) for p in procs],
                                "in_this_netns": [p.pid for p in here]}
     if not procs:
         return Finding(MISSING, f"no process named {proxy_name!r}", details,
-                       f"start {proxy_name}, or name the proxy with --proxy-name")
+                       f"start {proxy_name}, or name the proxy: `hopscope doctor --proxy-name "
+                       "NAME` here, `hopscope agent run --proxy NAME` for the agent")
     lines = []
     for p in here:
         ls = ", ".join(f"[{s.address}]:{s.port}" if s.family == socket.AF_INET6
-                       else f"{s.address}:{s.port}" for s in p.listeners) or "no :80 listener"
+                       else f"{s.address}:{s.port}" for s in p.listeners) or (
+                           f"no :{entry_port} listener")
         lines.append(f"pid {p.pid} netns inode {p.netns_inode}: {ls}")
     elsewhere = [p for p in procs if p not in here]
     if elsewhere:
@@ -600,26 +662,44 @@ def proxy_section(ctx: Context, proxy_name: str, netns: str | None) -> Finding:
                      + ", ".join(f"{p.pid} (netns {p.netns_inode})" for p in elsewhere[:8])
                      + (" ..." if len(elsewhere) > 8 else ""))
     if any(s.dual_stack_candidate for p in here for s in p.listeners):
-        lines.append("dual-stack [::]:80: IPv4 clients appear as family 10 with ::ffff:a.b.c.d "
-                     "addresses in sock tracepoints; key sockets by address")
+        lines.append(f"dual-stack [::]:{entry_port}: IPv4 clients appear as family 10 with "
+                     "::ffff:a.b.c.d addresses in sock tracepoints; key sockets by address")
     details["_lines"] = lines
     if not here:
         return Finding(MISSING, f"{len(procs)} {proxy_name} process(es), none in {where}",
                        details, "pass the proxy's namespace with --netns (Traefik on the host "
                        "network shares the node's namespace)")
-    with80 = [p for p in here if p.listeners]
-    if not with80:
+    listening = [p for p in here if p.listeners]
+    if not listening:
         return Finding(DEGRADED, f"{proxy_name} pid {', '.join(str(p.pid) for p in here)} in "
-                       f"{where}, none listening on :80", details,
-                       "check the entry point's port (Traefik's web entrypoint, :80)")
-    return Finding(OK, f"{proxy_name} pid {', '.join(str(p.pid) for p in with80)} listening "
-                   f"on :80 in {where}", details)
+                       f"{where}, none listening on :{entry_port}", details,
+                       "check the entry point's port (Traefik's web entrypoint is :80) and give "
+                       "it with --entry-port, here and to `hopscope agent run --entry-port`")
+    return Finding(OK, f"{proxy_name} pid {', '.join(str(p.pid) for p in listening)} listening "
+                   f"on :{entry_port} in {where}", details)
 
 
-def plan_section(ctx: Context) -> Finding:
+def agent_facts(tracefs: str | None, root: bool, version: tuple[int, int, int]
+                ) -> dict[str, Any]:
+    """What ``run.load_program`` reads to build ``bpf/agent.c`` for this kernel, read with
+    its own functions: whether kprobes can be attached, tcp:tcp_probe's fields, and whether
+    tc programs may call bpf_get_current_pid_tgid (probed as root; else the kernel version
+    says it: 6.10+)."""
+    from . import run  # the agent's start-up; imported only here (the doctor needs no more)
+
+    return {"kprobes": run.kprobes_available(tracefs),
+            "tcp_probe_fields": frozenset(run.tracepoint_fields(tracefs, "tcp:tcp_probe")),
+            "tc_pid_tgid": ft.tc_helper_pid_tgid() if root else version >= (6, 10, 0)}
+
+
+def plan_inputs(ctx: Context) -> ft.PlanInputs:
+    """The plan's facts: the sections' results, and what the agent's start-up checks."""
     r = ctx.results
-    inputs = ft.PlanInputs(
-        kprobes=bool(r.get("kprobes")),
+    headers: ft.HeadersInfo | None = r.get("headers")
+    caps = ft.read_caps() or set()
+    facts = agent_facts(ctx.tracefs, ctx.root, ctx.version)
+    return ft.PlanInputs(
+        kprobes=facts["kprobes"],
         kprobe_symbols=ctx.kallsyms,
         fentry=bool(r.get("fentry")),
         ipvs_config=bool(r.get("ipvs_config")),
@@ -629,26 +709,60 @@ def plan_section(ctx: Context) -> Finding:
         tracepoints=ctx.tracepoints,
         drop_reasons=bool(r.get("drop_reasons")),
         ringbuf=bool(r.get("ringbuf")),
+        bcc=bool(r.get("bcc")),
+        headers=headers if headers is not None else ft.probe_headers(ctx.release),
+        tracefs_mounted=ctx.tracefs_mounted is not None,
+        sys_admin="CAP_SYS_ADMIN" in caps,
+        tracepoint_progs=r.get("tracepoint_load") is not False,  # None: not root, not tried
+        tcp_probe_fields=facts["tcp_probe_fields"],
+        tc_pid_tgid=facts["tc_pid_tgid"],
+        proxy_calls=bpfprog.PROXY_CALLS_DEFAULT,
     )
+
+
+_PACKETS = {ft.PACKETS_TC: "tc clsact (BPF)", ft.PACKETS_CAPTURE: "AF_PACKET capture",
+            ft.PACKETS_NONE: "nowhere"}
+
+
+def plan_section(ctx: Context) -> Finding:
+    inputs = plan_inputs(ctx)
     items = ft.plan_probes(inputs)
-    details: dict[str, Any] = {"items": ft.plan_to_dicts(items)}
-    merged: list[tuple[list[str], ft.PlanItem]] = []  # same source and reason: one line
+    src, why = ft.packet_source(inputs)
+    ctx.results["packet_source"] = src
+    ctx.results["packet_source_why"] = why
+    details: dict[str, Any] = {
+        "items": ft.plan_to_dicts(items), "packet_source": src, "packet_source_why": why,
+        "agent_facts": {"kprobes": inputs.kprobes, "tcp_probe_fields": sorted(
+            inputs.tcp_probe_fields), "tcp_probe_has_skb": ft.tcp_probe_has_skb(
+            inputs.tcp_probe_fields), "tc_pid_tgid": inputs.tc_pid_tgid,
+            "sys_admin": inputs.sys_admin, "proxy_calls": list(inputs.proxy_calls)}}
+    # same source, reason and unbuilt alternative: one line for several hops
+    merged: list[tuple[list[str], ft.PlanItem]] = []
     for i in items:
-        if merged and (merged[-1][1].source, merged[-1][1].reason) == (i.source, i.reason):
+        last = merged[-1][1] if merged else None
+        if last is not None and (last.source, last.reason, last.not_built) == (
+                i.source, i.reason, i.not_built):
             merged[-1][0].append(i.hop.removesuffix(" packets"))
         else:
             merged.append(([i.hop.removesuffix(" packets") if i.hop.endswith(" packets")
                             else i.hop], i))
-    lines = []
+    lines = [f"as `hopscope agent run` would start here (uid {os.geteuid()}, CAP_SYS_ADMIN "
+             f"{_yn(inputs.sys_admin)}; kprobes {_yn(inputs.kprobes)}, unless --no-kprobes)"]
+    if not ctx.root:
+        lines.append("not root: BPF loads not tried; tc's bpf_get_current_pid_tgid judged by "
+                     "the kernel version")
     for hops, i in merged:
         hop = "/".join(hops) + (" packets" if i.hop.endswith(" packets") else "")
         lines.append(f"{hop}: {i.source}" + ("" if i.usable else "  [UNUSABLE]"))
         lines.append(f"    why: {i.reason}")
+        if i.not_built:
+            lines.append(f"    not built, never used: {i.not_built}")
     details["_lines"] = lines
     bad = [i.hop for i in items if not i.usable]
+    head = f"packets from {_PACKETS[src]}"
     if bad:
-        return Finding(DEGRADED, "no source for " + ", ".join(bad), details)
-    return Finding(OK, "a source for every hop", details)
+        return Finding(DEGRADED, f"{head}; no source for " + ", ".join(bad), details)
+    return Finding(OK, f"{head}; a source for every hop", details)
 
 
 def build_section() -> Finding:
@@ -670,29 +784,46 @@ def build_section() -> Finding:
 
 
 def agent_section(ctx: Context, sections: dict[str, Finding]) -> tuple[Finding, int]:
+    """The verdict: the packet source the plan found (tc with the BPF programs, else
+    AF_PACKET capture, which needs no BPF and no tracepoints), and the exit code."""
     r = ctx.results
     tp, tc, pkt = bool(r.get("tracepoints")), bool(r.get("tc")), bool(r.get("af_packet"))
-    can_run = tp and (tc or pkt)
+    bcc = bool(r.get("bcc"))
+    src = r.get("packet_source")
+    why: dict[str, str] = dict(r.get("packet_source_why") or {})
+    if src is None:  # the plan did not come out: judge from the sections
+        why = {name: f"no usable {name}" for name, ok in (
+            ("tracepoints", tp), ("tc_clsact", tc), ("bcc", bcc)) if not ok}
+        src = (ft.PACKETS_TC if not why else ft.PACKETS_CAPTURE if pkt else ft.PACKETS_NONE)
+    can_run = src != ft.PACKETS_NONE
+    # the fixes of what keeps the BPF programs from loading
     todo = [f"{name}: {f.fix}" for name, f in sections.items()
-            if name in ("tracefs", "bcc", "kernel_headers") and f.status != OK and f.fix]
-    details: dict[str, Any] = {"can_run": can_run, "tracepoints": tp, "tc_clsact": tc,
-                               "af_packet": pkt, "root": ctx.root, "before_starting": todo}
+            if f.fix and f.status != OK and (name in why or (
+                name in ("tracefs", "bcc", "kernel_headers") and f.status == MISSING))]
+    details: dict[str, Any] = {"can_run": can_run, "packet_source": src, "tracepoints": tp,
+                               "tc_clsact": tc, "af_packet": pkt, "bcc": bcc,
+                               "root": ctx.root, "before_starting": todo}
     if not ctx.root:
         details["exit_code"] = EXIT_NOT_ROOT
         return Finding(DEGRADED, "not root: BPF loads, tracefs and tc were not (all) probed",
                        details, "run `sudo hopscope doctor`"), EXIT_NOT_ROOT
     if not can_run:
         details["exit_code"] = EXIT_CANNOT_RUN
-        why = [w for w, ok in (("tracepoints", tp), ("tc clsact or AF_PACKET", tc or pkt))
-               if not ok]
-        return Finding(MISSING, "the agent cannot run: no usable " + " and no usable ".join(why),
-                       details, "see the sections above"), EXIT_CANNOT_RUN
+        return Finding(MISSING, "the agent cannot run: no packet source (BPF programs: "
+                       + "; ".join(why.values() or ["?"]) + "; AF_PACKET: refused)", details,
+                       "see the sections above"), EXIT_CANNOT_RUN
     details["exit_code"] = EXIT_OK
+    fixes = " ; ".join(t.split(": ", 1)[1] for t in todo) or None
+    if src == ft.PACKETS_CAPTURE:
+        return Finding(DEGRADED, "the agent can run, packets only (AF_PACKET capture): no "
+                       "kernel_in/proxy/service_nat sub-hops, no kernel drops; the BPF programs "
+                       "cannot be used: " + "; ".join(why.values()), details,
+                       fixes or "see probe_plan"), EXIT_OK
     if todo:
         return Finding(DEGRADED, "the kernel can run the agent; first fix: "
-                       + ", ".join(t.split(":", 1)[0] for t in todo), details,
-                       " ; ".join(t.split(": ", 1)[1] for t in todo)), EXIT_OK
-    return Finding(OK, "the agent can run on this node", details), EXIT_OK
+                       + ", ".join(t.split(":", 1)[0] for t in todo), details, fixes), EXIT_OK
+    return Finding(OK, "the agent can run on this node (tc clsact and the BPF programs)",
+                   details), EXIT_OK
 
 
 # -- assembling --------------------------------------------------------------------------
@@ -747,7 +878,8 @@ def _tracepoints_from(ctx: Context) -> None:
 
 
 def collect(*, proxy_name: str = "traefik", netns: str | None = None,
-            compile_test: bool = False) -> tuple[dict[str, Finding], int]:
+            compile_test: bool = False, entry_port: int = ENTRY_PORT
+            ) -> tuple[dict[str, Finding], int]:
     """Every section, in print order, and the exit code."""
     ft.check_netns(netns)
     release = ft.kernel_release()
@@ -758,7 +890,8 @@ def collect(*, proxy_name: str = "traefik", netns: str | None = None,
         btf_error = None
     except ft.BtfError as exc:
         btf, btf_error = None, str(exc)
-    kallsyms = ft.kallsyms_find((*ft.KPROBE_TARGETS, "bpf_trampoline_link_prog"))
+    kallsyms = ft.kallsyms_find((*ft.KPROBE_TARGETS, *(fn for _p, fn, _r in bpfprog.KPROBES),
+                                 "bpf_trampoline_link_prog"))
     mounted = ft.find_tracefs()
     sections: dict[str, Finding] = {}
     with _tracefs_view(mounted) as (tracefs, private):
@@ -792,7 +925,7 @@ def collect(*, proxy_name: str = "traefik", netns: str | None = None,
         ("capabilities", lambda: capabilities_section(ctx)),
         ("sysctls", lambda: sysctls_section(ctx)),
         ("interfaces", lambda: interfaces_section(ctx, netns)),
-        ("proxy", lambda: proxy_section(ctx, proxy_name, netns)),
+        ("proxy", lambda: proxy_section(ctx, proxy_name, netns, entry_port)),
         ("probe_plan", lambda: plan_section(ctx)),
         ("build", build_section),
     ]
@@ -861,19 +994,24 @@ def render_text(sections: dict[str, Finding]) -> str:
               "sections, each with status, summary, details, fix).")
 @click.option("--proxy-name", default="traefik", show_default=True,
               help="Process name of the entry proxy.")
+@click.option("--entry-port", default=ENTRY_PORT, show_default=True,
+              type=click.IntRange(1, 65535),
+              help="The port the proxy listens on for clients (as `agent run --entry-port`).")
 @click.option("--netns", default=None, metavar="NAME",
               help="Report the interfaces of this named network namespace (ip netns list).")
 @click.option("--compile-test", is_flag=True, help="Also compile, load and attach a tiny "
               "tracepoint program with bcc, and detach it at once (a few seconds).")
 @click.pass_context
-def doctor(ctx: click.Context, as_json: bool, proxy_name: str, netns: str | None,
-           compile_test: bool) -> None:
+def doctor(ctx: click.Context, as_json: bool, proxy_name: str, entry_port: int,
+           netns: str | None, compile_test: bool) -> None:
     """What the eBPF agent could use on this node, and why (read-only).
 
-    Exit code 0 when the agent can run (tracepoints, and tc clsact or
-    AF_PACKET), 1 when it cannot, 77 when not run as root.
+    Exit code 0 when the agent can run (tc and the BPF programs, or else
+    AF_PACKET capture: packets only), 1 when it cannot, 77 when not run as
+    root.
     """
-    sections, code = collect(proxy_name=proxy_name, netns=netns, compile_test=compile_test)
+    sections, code = collect(proxy_name=proxy_name, netns=netns, compile_test=compile_test,
+                             entry_port=entry_port)
     if as_json:
         click.echo(json.dumps(to_json(sections), indent=2, default=str))
     else:

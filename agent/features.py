@@ -20,8 +20,11 @@ The few that touch the kernel do so without leaving anything behind:
 
 Parsers take text and file-readers take paths (with the real ones as
 defaults) so the tests can point them at fixtures. The agent reuses
-:func:`plan_probes`, :func:`node_listing`, :func:`find_processes`
-and :func:`private_mounts`.
+:func:`node_listing`, :func:`process_pids`, :func:`private_mounts` and the
+predicates its probe choices rest on (:func:`tcp_probe_has_skb`,
+:func:`tc_helper_pid_tgid`); :func:`plan_probes` (``hopscope doctor``) makes the
+same choices from the same facts (``tests/test_doctor.py`` runs the agent's
+``load_program`` and ``prepare_kernel_env`` against it).
 """
 
 from __future__ import annotations
@@ -1367,8 +1370,8 @@ def classify_interfaces(links: Sequence[Mapping[str, Any]], default_devs: Sequen
     The public NIC is the default route's device; the underlay is what
     :func:`vxlan_underlays` finds (it may be the public NIC too);
     ``cni0``-like bridges and the veths enslaved to them carry pod traffic.
-    ``point`` is what hopscope's capture model calls the interface
-    (:func:`hopscope.tcpflow.point_for_ifname`, refined by the role).
+    ``point`` is the observation point of the role (``-`` for ``other``: not watched,
+    whatever its name says; ``--iface NAME=POINT`` names one).
     """
     per_vxlan = vxlan_underlays(links, addrs, route_devs)
     underlays = {d for devs in per_vxlan.values() for d in devs}
@@ -1401,11 +1404,12 @@ def classify_interfaces(links: Sequence[Mapping[str, Any]], default_devs: Sequen
             role = ROLE_POD_VETH
         else:
             role = ROLE_OTHER
-        point = point_for_ifname(name)
-        if role in (ROLE_PUBLIC_NIC,):
-            point = "nic"
-        elif role in (ROLE_UNDERLAY, ROLE_PUBLIC_UNDERLAY):
-            point = "underlay" if role == ROLE_UNDERLAY else "nic+underlay"
+        # the point is the role's, whatever the name (a pod veth named ab12 is a pod
+        # veth; a bond's slave eth0, a second NIC ens19 are no point of the model)
+        point = {ROLE_PUBLIC_NIC: "nic", ROLE_UNDERLAY: "underlay",
+                 ROLE_PUBLIC_UNDERLAY: "nic+underlay", ROLE_OVERLAY: "overlay",
+                 ROLE_POD_BRIDGE: "pod", ROLE_POD_VETH: "pod",
+                 ROLE_LOOPBACK: point_for_ifname("lo")}.get(role, "")
         out.append(Interface(name, kind, role, point or "-", str(link.get("operstate", "")),
                              str(master) if master else None, vx))
     return out
@@ -1555,13 +1559,54 @@ def process_pids(name: str, netns: int | None = None, proc: str = "/proc") -> li
 
 # -- the probe plan -----------------------------------------------------------------------
 
+#: tcp:tcp_probe's fields without which bpf/agent.c does not take the kernel point from it
+#: (6.1's has neither): ``bpfprog.Settings.tp_probe_skb`` as ``run.load_program`` sets it
+TCP_PROBE_SKB_FIELDS = frozenset({"skaddr", "skbaddr"})
+#: the agent's packet sources (``agent run --source auto`` picks one of the first two)
+PACKETS_TC, PACKETS_CAPTURE, PACKETS_NONE = "tc", "capture", "none"
+
+
+def tcp_probe_has_skb(fields: Iterable[str]) -> bool:
+    """Does tcp:tcp_probe carry the socket and the skb? Then ``bpf/agent.c`` takes the
+    kernel point (the end of ``kernel_in``) from it; else from a kprobe on
+    tcp_rcv_established (``bpf/kprobes.c``), or nowhere without kprobes."""
+    return set(fields) >= TCP_PROBE_SKB_FIELDS
+
+
+def headers_usable(info: HeadersInfo) -> bool:
+    """This kernel's own header tree is there and complete (``kconfig.h``, what bcc checks):
+    ``bpfprog.prepare_kernel_env`` links nothing."""
+    return info.present and info.has_kconfig_h
+
+
+def headers_stage(info: HeadersInfo) -> HeaderTree | None:
+    """Another version's header tree that ``bpfprog.prepare_kernel_env`` links as this
+    kernel's in the agent's private mount namespace (one with a ``source`` tree first, as
+    Debian splits them); None when this kernel's own are usable, or when there is none."""
+    if headers_usable(info):
+        return None
+    return next((c for c in info.candidates if c.source), None) or (
+        info.candidates[0] if info.candidates else None)
+
+
+def bpf_tracepoints_needed(proxy_calls: Iterable[str]) -> tuple[str, ...]:
+    """The tracepoints ``bpf/agent.c`` does not load without: ``skb:kfree_skb``,
+    ``sock:inet_sock_set_state`` and the enter/exit of the proxy's syscalls it is built
+    with (``--proxy-calls``). ``tcp:tcp_probe`` is not among them: it is compiled in only
+    where it has the socket and skb fields."""
+    return ("skb:kfree_skb", "sock:inet_sock_set_state",
+            *(f"syscalls:sys_{edge}_{call}" for call in proxy_calls for edge in ("enter", "exit")))
+
 
 @dataclass
 class PlanInputs:
-    """What :func:`plan_probes` needs to know about the node."""
+    """What :func:`plan_probes` needs to know about the node: the facts the agent's start-up
+    (``run.run_agent``, ``bpfprog.prepare_kernel_env``, ``run.load_program``) decides on,
+    read the way it reads them."""
 
+    #: kprobes the agent would use (``run.kprobes_available``; ``agent run --no-kprobes``: False)
     kprobes: bool
-    kprobe_symbols: Mapping[str, bool]
+    kprobe_symbols: Mapping[str, bool]  # kallsyms: the kprobe targets, tcp_rcv_established
     fentry: bool
     ipvs_config: bool
     ipvs_active: bool
@@ -1570,6 +1615,21 @@ class PlanInputs:
     tracepoints: Mapping[str, bool]
     drop_reasons: bool
     ringbuf: bool
+    #: iovisor's bcc importable (not PyPI's unrelated ``bcc``)
+    bcc: bool
+    #: ``probe_headers``: this kernel's headers, else the candidates to link
+    headers: HeadersInfo
+    tracefs_mounted: bool
+    #: CAP_SYS_ADMIN: the agent can make its private mount namespace (tracefs, headers)
+    sys_admin: bool
+    #: tracepoint programs load (the trivial one of ``hopscope doctor``)
+    tracepoint_progs: bool
+    #: the field names of tcp:tcp_probe's format file (empty: absent or unreadable)
+    tcp_probe_fields: frozenset[str]
+    #: tc programs may call bpf_get_current_pid_tgid (``tc_helper_pid_tgid``, 6.10+)
+    tc_pid_tgid: bool
+    #: the proxy's syscalls the programs trace (``agent run --proxy-calls``)
+    proxy_calls: tuple[str, ...]
 
 
 @dataclass
@@ -1578,59 +1638,137 @@ class PlanItem:
     source: str
     reason: str
     usable: bool = True
+    #: a way this could be measured that the agent does NOT have (named, never built or
+    #: used): said so that nobody takes it for a fallback
+    not_built: str = ""
+
+
+def packet_source(f: PlanInputs) -> tuple[str, dict[str, str]]:
+    """The packet source ``agent run --source auto`` ends up with (PACKETS_*), and why the
+    BPF programs cannot be used here, by what it is about (``hopscope doctor``'s section
+    names; empty when they can): ``run.run_agent`` falls back to AF_PACKET capture when
+    ``bpfprog.prepare_kernel_env`` or loading the programs fails."""
+    why: dict[str, str] = {}
+    if not f.bcc:
+        why["bcc"] = "bcc not importable"
+    if not headers_usable(f.headers):
+        stage = headers_stage(f.headers)
+        if stage is None:
+            why["kernel_headers"] = (f"no kernel headers for {f.headers.release} and none of "
+                                     "another version")
+        elif not f.sys_admin:
+            why["kernel_headers"] = (f"linking {stage.version}'s headers needs a private mount "
+                                     "namespace (CAP_SYS_ADMIN)")
+    if not f.tracefs_mounted and not f.sys_admin:
+        why["tracefs"] = "mounting tracefs needs a private mount namespace (CAP_SYS_ADMIN)"
+    if not f.tc_clsact:
+        why["tc_clsact"] = "no tc clsact/cls_bpf"
+    if not f.ringbuf:
+        why["ringbuf"] = "no BPF ring buffer (kernel < 5.8?)"
+    missing = [n for n in bpf_tracepoints_needed(f.proxy_calls) if not f.tracepoints.get(n)]
+    if missing or not f.tracepoint_progs:
+        why["tracepoints"] = "; ".join(
+            ([f"tracepoints absent: {', '.join(missing)}"] if missing else [])
+            + ([] if f.tracepoint_progs else ["tracepoint programs do not load"]))
+    if not why:
+        return PACKETS_TC, {}
+    return (PACKETS_CAPTURE if f.af_packet else PACKETS_NONE), why
 
 
 def plan_probes(f: PlanInputs) -> list[PlanItem]:
-    """Which source the agent uses for each measurement on this kernel, and why."""
+    """Which source the agent uses for each measurement on this kernel, and why: the choices
+    of ``run.run_agent`` (tc or AF_PACKET capture) and ``run.load_program`` (the kernel
+    point, the proxy point, kprobes), from the same facts."""
     tp = f.tracepoints
+    src, blocked = packet_source(f)
+    blockers = "; ".join(blocked.values())
     items: list[PlanItem] = []
-    if f.tc_clsact:
-        pkt, why = ("tc clsact (BPF sched_cls, ingress+egress)",
-                    "clsact and cls_bpf present; sees every packet with its ifindex, "
-                    "before/after the stack, one clock with the tracepoints")
-    elif f.af_packet:
-        pkt, why = ("AF_PACKET socket", "no tc clsact/cls_bpf: packet sockets instead "
-                    "(copies to user space, more overhead)")
+    if src == PACKETS_TC:
+        pkt = "tc clsact (BPF sched_cls, ingress+egress)"
+        why = ("the BPF programs load here (bcc, headers, tracefs, tc clsact/cls_bpf, the BPF "
+               "ring buffer, the tracepoints they need); sees every packet with its ifindex, "
+               "before/after the stack, one clock with the tracepoints")
+        stage = headers_stage(f.headers)
+        if stage is not None:
+            why += (f"; no headers for {f.headers.release}: bcc compiles against "
+                    f"{stage.version}'s, linked in the agent's private mount namespace (root; "
+                    "under the hopscope-agent unit, `hopscope install agent`'s headers drop-in "
+                    "does it)")
+        if not f.tracefs_mounted:
+            why += "; tracefs mounted in the agent's private mount namespace"
+    elif src == PACKETS_CAPTURE:
+        pkt = "AF_PACKET capture (TPACKET_V3, socket filter)"
+        why = (f"the BPF programs cannot be used here ({blockers}): --source auto falls back "
+               "to capture (--source tc fails)")
     else:
-        pkt, why = "none", "neither tc clsact nor AF_PACKET usable"
+        pkt = "none"
+        why = f"the BPF programs cannot be used here ({blockers}) and AF_PACKET is refused"
     for hop in ("nic", "pod", "overlay", "underlay"):
-        items.append(PlanItem(f"{hop} packets", pkt, why, pkt != "none"))
+        items.append(PlanItem(f"{hop} packets", pkt, why, src != PACKETS_NONE))
 
-    if tp.get("tcp:tcp_probe"):
-        why = ("tc ingress at the nic to the segment reaching the entry-port socket: UFW and "
-               "the stack in between")
-        if f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
-            why += ("; kprobe+kretprobe on nf_hook_slow split out netfilter's INPUT hook "
-                    "(UFW's own time) and its verdict, as a child of kernel_in")
-        items.append(PlanItem("kernel_in", "tc ingress (nic) -> tracepoint tcp:tcp_probe", why))
-    elif f.kprobes and f.kprobe_symbols.get("nf_hook_slow"):
-        items.append(PlanItem("kernel_in", "kprobe nf_hook_slow (+ nft_do_chain/ipt_do_table)",
-                              "kprobes available: time spent in each netfilter hook", False))
-    elif tp.get("net:netif_receive_skb"):
-        sock = ("sock:sk_data_ready" if tp.get("sock:sk_data_ready")
-                else "sock:inet_sock_set_state")
-        why = "no kprobes: stack entry to socket delivery bounds netfilter+UFW time"
-        if not tp.get("sock:sk_data_ready"):
-            why += "; sock:sk_data_ready absent, using inet_sock_set_state (handshakes only)"
-        items.append(PlanItem("kernel_in", f"net:netif_receive_skb + {sock}", why))
+    sys_tps = [f"syscalls:sys_{edge}_{call}" for call in f.proxy_calls
+               for edge in ("enter", "exit")]
+    if src != PACKETS_TC:
+        none_why = ("no BPF programs (" + ("AF_PACKET capture" if src == PACKETS_CAPTURE
+                                           else "no packet source")
+                    + "): no kernel or proxy point, so no sub-hops of ingress")
+        items.append(PlanItem("kernel_in", "none", none_why, False,
+                              "net:netif_receive_skb + sock:sk_data_ready"))
+        items.append(PlanItem(
+            "proxy", "none", none_why, False,
+            "raw_syscalls:sys_enter filtered by syscall number"
+            if not all(tp.get(n) for n in sys_tps) else ""))
+        items.append(PlanItem("service_nat", "none", none_why, False))
+        items.append(PlanItem("drops", "none", "no BPF programs: no skb:kfree_skb, no kernel "
+                              "drop reasons", False))
+        items.append(PlanItem("transport", "AF_PACKET TPACKET_V3 ring" if src == PACKETS_CAPTURE
+                              else "none", "no BPF ring buffer in use", src == PACKETS_CAPTURE,
+                              "" if f.ringbuf else "perf buffer"))
+        return items
+
+    nf = f.kprobes and f.kprobe_symbols.get("nf_hook_slow")
+    nf_why = ("; kprobe+kretprobe on nf_hook_slow split out netfilter's INPUT hook (UFW's own "
+              "time) and its verdict, as a child of kernel_in" if nf else "")
+    no_kprobes = "no kprobes" if not f.kprobes else "tcp_rcv_established not in kallsyms"
+    if tcp_probe_has_skb(f.tcp_probe_fields):
+        items.append(PlanItem(
+            "kernel_in", "tc ingress (nic) -> tracepoint tcp:tcp_probe",
+            "tcp:tcp_probe has the socket and skb (skaddr, skbaddr): tc ingress at the nic to "
+            "the segment reaching the entry-port socket, UFW and the stack in between" + nf_why))
     else:
-        items.append(PlanItem("kernel_in", "tc ingress -> proxy accept/read",
-                              "no kprobes and no net:netif_receive_skb", f.tc_clsact))
+        lacks = ("tcp:tcp_probe has no socket/skb fields (skaddr, skbaddr) here"
+                 if f.tcp_probe_fields else "tcp:tcp_probe is absent")
+        if f.kprobes and f.kprobe_symbols.get("tcp_rcv_established"):
+            items.append(PlanItem(
+                "kernel_in", "tc ingress (nic) -> kprobe tcp_rcv_established",
+                f"{lacks}: the kernel point comes from a kprobe on tcp_rcv_established, on "
+                "entry-port sockets (with `agent run --no-kprobes`: no kernel_in)" + nf_why))
+        else:
+            alt = "net:netif_receive_skb + sock:sk_data_ready"
+            if f.fentry:
+                alt += "; fentry/fexit (BPF trampoline) on tcp_rcv_established"
+            items.append(PlanItem(
+                "kernel_in", "none", f"{lacks} and {no_kprobes}: no kernel point, so kernel_in "
+                "and proxy come merged (kernel_in+proxy)" + nf_why, False, alt))
 
-    sys_tps = [n for n in AGENT_TRACEPOINTS if n.startswith("syscalls:")]
-    if all(tp.get(n) for n in sys_tps):
-        items.append(PlanItem("proxy", "syscalls:sys_enter_write/connect of the proxy + tc "
-                              "egress in the same thread",
-                              "sys_enter = left user space (exits come after the peer already "
-                              "has the packet); the upstream packet is sent inside the write"))
+    calls = ",".join(f.proxy_calls)
+    if f.tc_pid_tgid:
+        items.append(PlanItem(
+            "proxy", f"syscalls:sys_enter_{{{calls}}} of the proxy + tc egress in its thread",
+            "tc programs may call bpf_get_current_pid_tgid here (6.10+): the upstream packet, "
+            "sent inside the proxy's write, carries that write's start (sys_enter: it left "
+            "user space; exits come after the peer already has the packet)"))
     else:
-        missing = [n for n in sys_tps if not tp.get(n)]
-        items.append(PlanItem("proxy", "raw_syscalls:sys_enter filtered by syscall number",
-                              f"missing {', '.join(missing)}", True))
+        items.append(PlanItem(
+            "proxy", "none: tc cannot tell the thread here (proxy+service_nat merged)",
+            "tc programs cannot call bpf_get_current_pid_tgid on this kernel (before 6.10): "
+            "the proxy's write is not tied to its upstream packet, so proxy and service_nat "
+            "come merged (proxy+service_nat)", False))
 
+    merged = "" if f.tc_pid_tgid else " (inside proxy+service_nat: no proxy point here)"
     ipvs_syms = f.kprobe_symbols.get("ip_vs_schedule") and f.kprobe_symbols.get("ip_vs_conn_new")
     if f.ipvs_config and f.kprobes and (ipvs_syms or not f.ipvs_active):
-        items.append(PlanItem("service_nat", "kprobes ip_vs_schedule + ip_vs_conn_new",
+        items.append(PlanItem("service_nat", "kprobes ip_vs_schedule + ip_vs_conn_new" + merged,
                               "IPVS and kprobes present: the real server IPVS chose for each "
                               "upstream connection (matched by its SYN's sequence number) is "
                               "named on service_nat; attached once ip_vs is loaded"
@@ -1643,26 +1781,22 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
             reasons.append("IPVS present but no kprobes")
         if f.ipvs_active and not f.kprobes:
             reasons.append("IPVS in use: its time is inside the same interval")
-        items.append(PlanItem(
-            "service_nat",
-            "iptables DNAT: the proxy's write -> its first upstream byte at tc egress on "
-            "flannel.1 or the pod's veth (pod IP, after DNAT and masquerade)",
-            "; ".join(reasons) or "no IPVS symbols"))
+        source = ("iptables DNAT: the proxy's write -> its first upstream byte at tc egress on "
+                  "flannel.1 or the pod's veth (pod IP, after DNAT and masquerade)"
+                  if f.tc_pid_tgid else
+                  "iptables DNAT: the endpoint from the upstream packets at tc egress on "
+                  "flannel.1 or the pod's veth (pod IP, after DNAT and masquerade)" + merged)
+        items.append(PlanItem("service_nat", source, "; ".join(reasons) or "no IPVS symbols"))
 
     if tp.get("skb:kfree_skb"):
         items.append(PlanItem("drops", "skb:kfree_skb with reasons" if f.drop_reasons
                               else "skb:kfree_skb (location only)",
                               "reason names read from the tracepoint's format at run time"
                               if f.drop_reasons else "no reason field on this kernel"))
-    else:
+    else:  # not reached: the programs do not load without it (packet_source)
         items.append(PlanItem("drops", "none", "skb:kfree_skb absent", False))
-    items.append(PlanItem("transport", "BPF ring buffer" if f.ringbuf else "perf buffer",
-                          "BPF_MAP_TYPE_RINGBUF available" if f.ringbuf
-                          else "BPF_MAP_TYPE_RINGBUF not creatable (kernel < 5.8?)"))
-    if f.fentry and not f.kprobes:
-        items.append(PlanItem("kernel functions", "fentry/fexit (BPF trampoline)",
-                              "no kprobes, but fentry programs load: an alternative for "
-                              "nf_hook_slow and friends"))
+    items.append(PlanItem("transport", "BPF ring buffer", "BPF_MAP_TYPE_RINGBUF available "
+                          "(without it the programs do not load: AF_PACKET capture)"))
     return items
 
 

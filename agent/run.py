@@ -951,7 +951,7 @@ def load_program(cfg: AgentConfig, reasons: Mapping[int, str]) -> bpfprog.AgentP
     fmt = ft.find_tracefs()
     cfg.settings.kprobes = cfg.kprobes and kprobes_available(fmt)
     probe, kfree = (tracepoint_fields(fmt, tp) for tp in ("tcp:tcp_probe", "skb:kfree_skb"))
-    cfg.settings.tp_probe_skb = {"skaddr", "skbaddr"} <= probe
+    cfg.settings.tp_probe_skb = ft.tcp_probe_has_skb(probe)  # as doctor's probe plan says
     cfg.settings.tp_kfree_rx_sk = "rx_sk" in kfree
     cfg.settings.tc_pid_tgid = ft.tc_helper_pid_tgid()
     if not cfg.settings.tc_pid_tgid:

@@ -30,6 +30,7 @@ import pytest
 from click.testing import CliRunner
 from hopscope.agent import doctor
 from hopscope.agent import features as ft
+from hopscope.agent.features import DEGRADED, MISSING, OK, Finding
 
 from hopscope.cli import main
 from hopscope.errors import UsageError
@@ -208,6 +209,32 @@ def test_pod_point_watched_once_at_the_veths() -> None:
     assert {"enp1s0", "flannel.1", "cni0"} <= names and "veth1a2b3c4d" not in names
 
 
+def test_points_come_from_roles_not_names() -> None:
+    """A pod veth whose name says nothing is watched at `pod`; a bond's slaves and a second
+    NIC named like NICs are no point of the model and are not watched (each packet at the
+    nic taken twice, or another network's taken as the nic's)."""
+    links = [
+        {"ifindex": 2, "ifname": "bond0", "operstate": "UP", "link_type": "ether",
+         "linkinfo": {"info_kind": "bond"}},
+        {"ifindex": 3, "ifname": "eth0", "master": "bond0", "operstate": "UP",
+         "link_type": "ether", "linkinfo": {"info_slave_kind": "bond"}},
+        {"ifindex": 4, "ifname": "eth1", "master": "bond0", "operstate": "UP",
+         "link_type": "ether", "linkinfo": {"info_slave_kind": "bond"}},
+        {"ifindex": 5, "ifname": "ens19", "operstate": "UP", "link_type": "ether"},
+        {"ifindex": 6, "ifname": "cni0", "operstate": "UP", "link_type": "ether",
+         "linkinfo": {"info_kind": "bridge"}},
+        {"ifindex": 7, "ifname": "ab12", "master": "cni0", "operstate": "UP",
+         "link_type": "ether", "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge"}},
+        {"ifindex": 8, "ifname": "pod-b", "master": "cni0", "operstate": "UP",
+         "link_type": "ether", "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge"}},
+    ]
+    ifaces = ft.classify_interfaces(links, ["bond0"], [])
+    points = {i.name: i.point for i in ifaces}
+    assert points == {"bond0": "nic", "eth0": "-", "eth1": "-", "ens19": "-", "cni0": "pod",
+                      "ab12": "pod", "pod-b": "pod"}
+    assert sorted(i.name for i in ft.attached_interfaces(ifaces)) == ["ab12", "bond0", "pod-b"]
+
+
 def test_underlay_found_by_local_address() -> None:
     links = [dict(x) for x in IP_LINK]
     links[3] = {"ifname": "flannel.1", "linkinfo": {"info_kind": "vxlan", "info_data": {
@@ -381,30 +408,45 @@ def test_headers_fix_links_debian_headers(tmp_path: Path) -> None:
         "apt-get install linux-headers-6.18.44-x"
 
 
-def _plan(**kw: Any) -> dict[str, ft.PlanItem]:
-    base: dict[str, Any] = dict(
-        kprobes=False, kprobe_symbols={"nf_hook_slow": True}, fentry=False, ipvs_config=False,
-        ipvs_active=False, tc_clsact=True, af_packet=True,
-        tracepoints={n: True for n in ft.AGENT_TRACEPOINTS}, drop_reasons=True, ringbuf=True)
+def _headers(release: str = "6.18.44-x", **kw: Any) -> ft.HeadersInfo:
+    """This kernel's own complete headers (what ``probe_headers`` finds), unless told."""
+    base: dict[str, Any] = dict(present=True, has_kconfig_h=True, matches=True,
+                                version=release)
     base.update(kw)
-    return {i.hop: i for i in ft.plan_probes(ft.PlanInputs(**base))}
+    return ft.HeadersInfo(release, f"/lib/modules/{release}/build", **base)
+
+
+#: tcp:tcp_probe's fields on 6.18 (socket and skb) and on Debian 12's 6.1 (neither)
+TCP_PROBE_6_18 = frozenset({"family", "sport", "dport", "saddr", "daddr", "mark", "data_len",
+                            "snd_nxt", "snd_una", "snd_cwnd", "ssthresh", "snd_wnd", "srtt",
+                            "rcv_wnd", "sock_cookie", "skaddr", "skbaddr"})
+TCP_PROBE_6_1 = TCP_PROBE_6_18 - {"skaddr", "skbaddr"}
+
+
+def _inputs(**kw: Any) -> ft.PlanInputs:
+    base: dict[str, Any] = dict(
+        kprobes=False, kprobe_symbols={"nf_hook_slow": True, "tcp_rcv_established": True},
+        fentry=False, ipvs_config=False, ipvs_active=False, tc_clsact=True, af_packet=True,
+        tracepoints={n: True for n in ft.AGENT_TRACEPOINTS}, drop_reasons=True, ringbuf=True,
+        bcc=True, headers=_headers(), tracefs_mounted=True, sys_admin=True,
+        tracepoint_progs=True, tcp_probe_fields=TCP_PROBE_6_18, tc_pid_tgid=True,
+        proxy_calls=("write", "writev", "connect"))
+    base.update(kw)
+    return ft.PlanInputs(**base)
+
+
+def _plan(**kw: Any) -> dict[str, ft.PlanItem]:
+    return {i.hop: i for i in ft.plan_probes(_inputs(**kw))}
 
 
 def test_probe_plan_choices() -> None:
     p = _plan()
-    assert p["kernel_in"].source == "tc ingress (nic) -> tracepoint tcp:tcp_probe"
-    assert p["proxy"].source.startswith("syscalls:sys_enter_write")
-
-    p = _plan(tracepoints={n: n != "tcp:tcp_probe" for n in ft.AGENT_TRACEPOINTS})
-    assert p["kernel_in"].source == "net:netif_receive_skb + sock:sk_data_ready"
     assert p["nic packets"].source.startswith("tc clsact")
+    assert p["kernel_in"].source == "tc ingress (nic) -> tracepoint tcp:tcp_probe"
+    assert p["proxy"].source.startswith("syscalls:sys_enter_{write,writev,connect} ")
     assert p["service_nat"].source.startswith("iptables DNAT")
     assert p["drops"].source == "skb:kfree_skb with reasons"
-
-    tps = {n: n not in ("sock:sk_data_ready", "tcp:tcp_probe") for n in ft.AGENT_TRACEPOINTS}
-    p = _plan(tracepoints=tps)
-    assert p["kernel_in"].source.endswith("sock:inet_sock_set_state")
-    assert "sk_data_ready absent" in p["kernel_in"].reason
+    assert all(i.usable and not i.not_built for i in p.values())
 
     syms = {"nf_hook_slow": True, "ip_vs_schedule": True, "ip_vs_conn_new": True}
     p = _plan(kprobes=True, kprobe_symbols=syms, ipvs_config=True, ipvs_active=True)
@@ -416,9 +458,329 @@ def test_probe_plan_choices() -> None:
     assert p["service_nat"].source.startswith("iptables DNAT")
 
     p = _plan(tc_clsact=False)
-    assert p["pod packets"].source == "AF_PACKET socket"
+    assert p["pod packets"].source == "AF_PACKET capture (TPACKET_V3, socket filter)"
+    assert "no tc clsact" in p["pod packets"].reason
     p = _plan(tc_clsact=False, af_packet=False)
-    assert not p["overlay packets"].usable
+    assert not p["overlay packets"].usable and p["overlay packets"].source == "none"
+
+
+def test_probe_plan_kernel_in_and_proxy_as_the_agent_builds_them() -> None:
+    """Audit 20, finding 3: on Debian 12's 6.1 tcp:tcp_probe has no skaddr/skbaddr and tc
+    programs cannot call bpf_get_current_pid_tgid: the agent takes the kernel point from a
+    kprobe on tcp_rcv_established (none without kprobes) and merges proxy+service_nat."""
+    p = _plan(tcp_probe_fields=TCP_PROBE_6_1, tc_pid_tgid=False, kprobes=True)
+    assert p["kernel_in"].source == "tc ingress (nic) -> kprobe tcp_rcv_established"
+    assert "no socket/skb fields" in p["kernel_in"].reason and p["kernel_in"].usable
+    assert p["proxy"].source == "none: tc cannot tell the thread here (proxy+service_nat merged)"
+    assert not p["proxy"].usable and "before 6.10" in p["proxy"].reason
+    assert "proxy+service_nat" in p["service_nat"].source
+    # no kprobes (or `agent run --no-kprobes`): no kernel point at all
+    p = _plan(tcp_probe_fields=TCP_PROBE_6_1, kprobes=False)
+    assert p["kernel_in"].source == "none" and not p["kernel_in"].usable
+    assert "kernel_in+proxy" in p["kernel_in"].reason
+    assert p["kernel_in"].not_built.startswith("net:netif_receive_skb")  # named, not used
+    # tcp:tcp_probe absent altogether: the same (the programs build without it)
+    p = _plan(tcp_probe_fields=frozenset(), kprobes=True,
+              tracepoints={n: n != "tcp:tcp_probe" for n in ft.AGENT_TRACEPOINTS})
+    assert p["nic packets"].source.startswith("tc clsact")
+    assert p["kernel_in"].source == "tc ingress (nic) -> kprobe tcp_rcv_established"
+    assert "tcp:tcp_probe is absent" in p["kernel_in"].reason
+    p = _plan(tcp_probe_fields=TCP_PROBE_6_1, kprobes=True,
+              kprobe_symbols={"tcp_rcv_established": False})
+    assert p["kernel_in"].source == "none"
+    assert "tcp_rcv_established not in kallsyms" in p["kernel_in"].reason
+
+
+def _candidate(version: str = "6.1.0-56-amd64", source: bool = True) -> ft.HeaderTree:
+    return ft.HeaderTree(version, f"/usr/src/linux-headers-{version}",
+                         f"/usr/src/linux-headers-{version}-common" if source else None)
+
+
+def test_probe_plan_packet_source_as_the_agent_falls_back() -> None:
+    """Audit 20, finding 3: where the BPF programs cannot be used (bcc, headers neither
+    present nor stageable, no CAP_SYS_ADMIN to stage them, ...) `--source auto` takes
+    packets from AF_PACKET capture, with no kernel_in, proxy, service_nat or drops."""
+    def capture(**kw: Any) -> dict[str, ft.PlanItem]:
+        p = _plan(**kw)
+        assert p["nic packets"].source.startswith("AF_PACKET capture"), kw
+        for hop in ("kernel_in", "proxy", "service_nat", "drops"):
+            assert p[hop].source == "none" and not p[hop].usable, (kw, hop)
+        return p
+
+    assert "bcc not importable" in capture(bcc=False)["nic packets"].reason
+    no_headers = _headers(present=False, has_kconfig_h=False, matches=False, version=None)
+    assert "none of another version" in capture(headers=no_headers)["nic packets"].reason
+    stageable = _headers(present=False, has_kconfig_h=False, matches=False, version=None,
+                         candidates=[_candidate()])
+    p = capture(headers=stageable, sys_admin=False)
+    assert "linking 6.1.0-56-amd64's headers" in p["nic packets"].reason
+    assert "CAP_SYS_ADMIN" in p["nic packets"].reason
+    p = _plan(headers=stageable, sys_admin=True)  # root: linked in its own mount namespace
+    assert p["nic packets"].source.startswith("tc clsact")
+    assert "6.1.0-56-amd64's, linked in the agent's private mount namespace" in \
+        p["nic packets"].reason
+    assert "mounting tracefs" in capture(tracefs_mounted=False, sys_admin=False)[
+        "nic packets"].reason
+    assert _plan(tracefs_mounted=False)["nic packets"].source.startswith("tc clsact")
+    p = capture(tracepoints={n: not n.startswith("syscalls:") for n in ft.AGENT_TRACEPOINTS})
+    assert p["proxy"].not_built.startswith("raw_syscalls:sys_enter")
+    # only the proxy calls the programs are built with are needed
+    tps = {n: "sendto" not in n and "sendmsg" not in n for n in ft.AGENT_TRACEPOINTS}
+    assert _plan(tracepoints=tps)["nic packets"].source.startswith("tc clsact")
+    p = capture(ringbuf=False)
+    assert p["transport"].not_built == "perf buffer"
+    capture(tracepoint_progs=False)
+    p = _plan(bcc=False, af_packet=False)
+    assert p["nic packets"].source == "none" and not p["nic packets"].usable
+    assert ft.packet_source(_inputs(bcc=False, tc_clsact=False)) == (
+        ft.PACKETS_CAPTURE, {"bcc": "bcc not importable", "tc_clsact": "no tc clsact/cls_bpf"})
+
+
+class _FakeProgram:
+    """Stands for bpfprog.AgentProgram in load_program: keeps the settings it was built with."""
+
+    built: list[Any] = []
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        _FakeProgram.built.append(settings)
+
+    def attach_kprobes(self, have: Any) -> list[str]:
+        return []
+
+
+def test_probe_plan_agrees_with_load_program(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The doctor reads the facts with the agent's own functions (doctor.agent_facts), and
+    the plan says what run.load_program then builds: the kernel point's source, the proxy
+    point, kprobes. Every combination, against load_program itself (bcc stubbed out)."""
+    from hopscope.agent import bpfprog, run
+
+    monkeypatch.setattr(bpfprog, "remove_stale", lambda: 0)
+    monkeypatch.setattr(bpfprog, "AgentProgram", _FakeProgram)
+    tracefs = tmp_path / "tracing"
+    fmt = Path(ft.tracepoint_dir(str(tracefs), "tcp:tcp_probe")) / "format"
+    fmt.parent.mkdir(parents=True)
+    monkeypatch.setattr(ft, "find_tracefs", lambda *a: str(tracefs))
+    cases = 0
+    for fields in (TCP_PROBE_6_18, TCP_PROBE_6_1, None):
+        for pid_tgid in (True, False):
+            for kprobe_events in (True, False):
+                if fields is None:
+                    fmt.unlink(missing_ok=True)
+                else:
+                    fmt.write_text("name: tcp_probe\nID: 1\nformat:\n" + "".join(
+                        f"\tfield:int {n};\toffset:0;\tsize:4;\tsigned:1;\n"
+                        for n in sorted(fields)))
+                (tracefs / "kprobe_events").unlink(missing_ok=True)
+                if kprobe_events:
+                    (tracefs / "kprobe_events").touch()
+                monkeypatch.setattr(ft, "tc_helper_pid_tgid", lambda v=pid_tgid: v)
+                cfg = run.AgentConfig(node="n1")
+                run.load_program(cfg, {})
+                st = _FakeProgram.built[-1]
+                facts = doctor.agent_facts(str(tracefs), True, (6, 1, 0))
+                p = {i.hop: i for i in ft.plan_probes(_inputs(
+                    kprobes=facts["kprobes"], tcp_probe_fields=facts["tcp_probe_fields"],
+                    tc_pid_tgid=facts["tc_pid_tgid"]))}
+                case = (fields is not None and "skaddr" in fields, pid_tgid, kprobe_events)
+                assert facts["kprobes"] == st.kprobes, case
+                assert p["kernel_in"].source.endswith("tracepoint tcp:tcp_probe") == \
+                    st.tp_probe_skb, case
+                assert p["kernel_in"].source.endswith("kprobe tcp_rcv_established") == (
+                    not st.tp_probe_skb and st.kprobes), case
+                assert p["proxy"].usable == st.tc_pid_tgid, case
+                cases += 1
+    assert cases == 12
+
+
+def test_probe_plan_agrees_with_prepare_kernel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers and tracefs as bpfprog.prepare_kernel_env handles them: the plan says tc
+    exactly when it gets through (else run_agent falls back to capture), and names the
+    header tree it links."""
+    from hopscope.agent import bpfprog
+
+    from hopscope.errors import HopscopeError
+
+    staged: list[ft.HeaderTree | None] = []
+    trees = {
+        "own": _headers(),
+        "incomplete, a candidate": _headers(has_kconfig_h=False, candidates=[_candidate()]),
+        "none, candidates": _headers(present=False, has_kconfig_h=False, matches=False,
+                                     version=None, candidates=[_candidate("6.2.0-1", False),
+                                                               _candidate()]),
+        "none, one without source": _headers(present=False, has_kconfig_h=False,
+                                             matches=False, version=None,
+                                             candidates=[_candidate(source=False)]),
+        "none at all": _headers(present=False, has_kconfig_h=False, matches=False,
+                                version=None),
+    }
+    for name, info in trees.items():
+        for mounted in (True, False):
+            for admin in (True, False):
+                def mounts(*, tracefs: str | None, stage: ft.HeaderTree | None, release: str,
+                           admin: bool = admin) -> None:
+                    if not admin:
+                        raise ft.PrivateMountError("cannot make a private mount namespace: "
+                                                   "Operation not permitted (needs "
+                                                   "CAP_SYS_ADMIN)")
+                    staged.append(stage)
+
+                monkeypatch.setattr(ft, "probe_headers", lambda *a, i=info: i)
+                monkeypatch.setattr(ft, "find_tracefs",
+                                    lambda *a, m=mounted: "/sys/kernel/tracing" if m else None)
+                monkeypatch.setattr(ft, "private_mounts", mounts)
+                staged.clear()
+                try:
+                    bpfprog.prepare_kernel_env("6.18.44-x")
+                    through = True
+                except HopscopeError:
+                    through = False
+                inputs = _inputs(headers=info, tracefs_mounted=mounted, sys_admin=admin)
+                case = (name, mounted, admin)
+                assert (ft.packet_source(inputs)[0] == ft.PACKETS_TC) == through, case
+                if through and staged:
+                    assert staged[0] == ft.headers_stage(info), case
+                elif through:
+                    assert ft.headers_stage(info) is None, case
+
+
+def _ctx(**kw: Any) -> doctor.Context:
+    base: dict[str, Any] = dict(
+        root=True, release="6.18.44-x", version=(6, 18, 44),
+        config=ft.KernelConfig("/proc/config.gz", {"CONFIG_IKHEADERS": "n"}),
+        tracefs_mounted="/sys/kernel/tracing", tracefs="/sys/kernel/tracing",
+        tracefs_private=False, btf=None, btf_error=None, kallsyms={}, filter_functions=None,
+        filter_functions_error=None)
+    base.update(kw)
+    return doctor.Context(**base)
+
+
+def test_headers_section_when_the_agent_links_them_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit 20, finding 5: no headers for this kernel but another version's tree: the agent
+    as root links it in its own mount namespace, the unit gets it from the install's
+    drop-in; the host-wide links are only an alternative."""
+    mods = tmp_path / "modules"
+    build = tmp_path / "src/linux-headers-6.1.0-56-amd64"
+    common = tmp_path / "src/linux-headers-6.1.0-56-common"
+    (build / "include/generated").mkdir(parents=True)
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("\n")
+    (mods / "6.1.0-56-amd64").mkdir(parents=True)
+    (mods / "6.1.0-56-amd64/build").symlink_to(build)
+    (mods / "6.1.0-56-amd64/source").symlink_to(common)
+    real = ft.probe_headers
+    monkeypatch.setattr(ft, "probe_headers", lambda release: real(release, str(mods)))
+    monkeypatch.setattr(ft, "apt_headers_package", lambda release: None)
+
+    f = doctor.headers_section(_ctx())
+    assert f.status == DEGRADED, f
+    assert "bcc cannot compile" not in f.summary
+    assert "links 6.1.0-56-amd64's in its own mount namespace" in f.summary
+    fix = f.fix or ""
+    assert "nothing to do for `sudo hopscope agent run`" in fix
+    assert ("`hopscope install agent` writes "
+            "/etc/systemd/system/hopscope-agent.service.d/headers.conf") in fix
+    assert fix.index("hopscope install agent") < fix.index("or, host-wide instead: ")
+    assert f"ln -sfn {build} /lib/modules/6.18.44-x/build" in fix
+    assert f.details["stage"]["version"] == "6.1.0-56-amd64"
+
+    # nothing to link: bcc cannot compile, the agent captures packets
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(ft, "probe_headers", lambda release: real(release, str(empty)))
+    f = doctor.headers_section(_ctx())
+    assert f.status == MISSING and "AF_PACKET" in f.summary
+
+
+def test_agent_verdict_packets_only_without_tracepoints() -> None:
+    """Audit 20, finding 6: AF_PACKET capture needs no tracepoints (nor bcc): the agent can
+    run, packets only (exit 0, degraded), not "cannot run" (exit 1)."""
+    ctx = _ctx(root=True)
+    ctx.results.update({"tracepoints": False, "tc": True, "af_packet": True})
+    f, code = doctor.agent_section(ctx, {})
+    assert (code, f.status) == (doctor.EXIT_OK, DEGRADED), f
+    assert "packets only (AF_PACKET capture)" in f.summary and f.details["can_run"]
+    # from the plan: its reasons, and the fixes of the sections they are about
+    ctx = _ctx(root=True)
+    ctx.results.update({"tracepoints": True, "tc": True, "af_packet": True, "bcc": False,
+                        "packet_source": ft.PACKETS_CAPTURE,
+                        "packet_source_why": {"bcc": "bcc not importable"}})
+    sections = {"bcc": Finding(MISSING, "bcc not importable", {}, "apt-get install python3-bpfcc"),
+                "kernel_headers": Finding(DEGRADED, "linked by the agent", {}, "nothing to do")}
+    f, code = doctor.agent_section(ctx, sections)
+    assert (code, f.status) == (doctor.EXIT_OK, DEGRADED)
+    assert f.summary.endswith("the BPF programs cannot be used: bcc not importable")
+    assert f.fix == "apt-get install python3-bpfcc"
+    ctx.results.update({"af_packet": False, "packet_source": ft.PACKETS_NONE})
+    f, code = doctor.agent_section(ctx, sections)
+    assert (code, f.status) == (doctor.EXIT_CANNOT_RUN, MISSING)
+    ctx = _ctx(root=True)
+    ctx.results.update({"tracepoints": False, "tc": True, "af_packet": False})
+    assert doctor.agent_section(ctx, {})[1] == doctor.EXIT_CANNOT_RUN
+
+
+def test_capabilities_fix_names_root_or_the_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit 20, finding 7: `agent run` refuses any uid but 0, so granting capabilities to
+    another user is no fix: root, or the unit (uid 0 with its capabilities)."""
+    monkeypatch.setattr(ft, "read_caps", lambda: {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN",
+                                                  "CAP_NET_RAW"})
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 65534)
+    f = doctor.capabilities_section(_ctx(root=False))
+    assert f.status == MISSING and "uid 65534" in f.summary
+    fix = f.fix or ""
+    assert "grant" not in fix
+    assert "as root" in fix and "hopscope-agent unit" in fix
+    for cap in ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE"):
+        assert cap in fix
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(ft, "read_caps", lambda: {"CAP_NET_RAW"})
+    f = doctor.capabilities_section(_ctx())
+    assert f.status == MISSING and f.fix == doctor.RUN_AS_ROOT
+
+
+def test_unit_caps_are_the_units() -> None:
+    unit = (Path(__file__).parent.parent / "systemd/hopscope-agent.service").read_text()
+    line = next(x for x in unit.splitlines() if x.startswith("CapabilityBoundingSet="))
+    assert tuple(line.split("=", 1)[1].split()) == doctor.UNIT_CAPS
+
+
+def test_proxy_section_on_another_entry_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit 20, finding 9: the proxy's listener is looked for on --entry-port, not :80."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        ino = ft.netns_inode_of_name(None)
+        monkeypatch.setattr(ft, "find_processes", lambda name: [ft.ProxyProcess(
+            os.getpid(), name, name, ino, [])])  # as find_processes gives it: no :80 listener
+        f = doctor.proxy_section(_ctx(), "traefik", None, port)
+        assert f.status == OK, f
+        assert f.summary.endswith(f"listening on :{port} in this network namespace")
+        assert f.details["entry_port"] == port
+        f = doctor.proxy_section(_ctx(), "traefik", None)
+        assert f.status == DEGRADED and "none listening on :80" in f.summary
+        assert "--entry-port" in (f.fix or "")
+    monkeypatch.setattr(ft, "find_processes", lambda name: [])
+    f = doctor.proxy_section(_ctx(), "nginx", None)
+    assert "`hopscope agent run --proxy NAME`" in (f.fix or "")
+
+
+def test_cli_entry_port_reaches_the_proxy_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def collect(**kw: Any) -> tuple[dict[str, Finding], int]:
+        seen.append(kw)
+        return {}, 0
+
+    monkeypatch.setattr(doctor, "collect", collect)
+    runner = CliRunner()
+    assert runner.invoke(main, ["doctor", "--json", "--entry-port", "8080"]).exit_code == 0
+    assert runner.invoke(main, ["doctor", "--json"]).exit_code == 0
+    assert [kw["entry_port"] for kw in seen] == [8080, 80]
+    res = runner.invoke(main, ["doctor", "--entry-port", "0"])
+    assert res.exit_code == 2
 
 
 def test_unknown_netns_is_a_usage_error() -> None:
