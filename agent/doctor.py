@@ -633,10 +633,7 @@ def interfaces_section(ctx: Context, netns: str | None) -> Finding:
 def proxy_section(ctx: Context, proxy_name: str, netns: str | None,
                   entry_port: int = ENTRY_PORT) -> Finding:
     try:
-        procs = ft.find_processes(proxy_name)
-        if entry_port != ENTRY_PORT:  # find_processes reads the :80 listeners
-            for p in procs:
-                p.listeners = ft.proxy_listeners(p.pid, entry_port)
+        procs = ft.find_processes(proxy_name, entry_port)
     except Exception as exc:  # psutil missing or /proc unreadable
         return Finding(DEGRADED, f"cannot list processes: {exc}", {}, "pip install psutil")
     want_ino = ft.netns_inode_of_name(netns)

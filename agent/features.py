@@ -64,16 +64,20 @@ NETNS_DIR = "/run/netns"
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 HOPSCOPE_PREFIX = "hopscope"
 
-#: Tracepoints ``bpf/agent.c`` attaches to, as ``category:event`` (all of them, or it
-#: does not load).
-AGENT_CORE_TRACEPOINTS = (
-    "tcp:tcp_probe",
-    "skb:kfree_skb",
-    "sock:inet_sock_set_state",
-    *(f"syscalls:sys_{edge}_{call}" for call in ("write", "writev", "sendto", "sendmsg",
-                                                 "connect")
-      for edge in ("enter", "exit")),
-)
+def bpf_tracepoints_needed(proxy_calls: Iterable[str]) -> tuple[str, ...]:
+    """The tracepoints ``bpf/agent.c`` does not load without: ``skb:kfree_skb``,
+    ``sock:inet_sock_set_state`` and the enter/exit of the proxy's syscalls it is built
+    with (``--proxy-calls``). ``tcp:tcp_probe`` is not among them: it is compiled in only
+    where it has the socket and skb fields."""
+    return ("skb:kfree_skb", "sock:inet_sock_set_state",
+            *(f"syscalls:sys_{edge}_{call}" for call in proxy_calls for edge in ("enter", "exit")))
+
+
+#: Tracepoints ``bpf/agent.c`` can attach to, as ``category:event``: ``tcp:tcp_probe``
+#: and, for every proxy syscall it can trace (``bpfprog.PROXY_CALLS``), what
+#: :func:`bpf_tracepoints_needed` names.
+AGENT_CORE_TRACEPOINTS = ("tcp:tcp_probe", *bpf_tracepoints_needed(
+    ("write", "writev", "sendto", "sendmsg", "connect")))
 #: Probed too, to name the plan's fallbacks on kernels without ``tcp:tcp_probe``.
 AGENT_TRACEPOINTS = (*AGENT_CORE_TRACEPOINTS, "net:netif_receive_skb", "sock:sk_data_ready")
 
@@ -1504,9 +1508,10 @@ class ProxyProcess:
     listeners: list[ListenSocket]
 
 
-def find_processes(name: str) -> list[ProxyProcess]:
+def find_processes(name: str, port: int = 80) -> list[ProxyProcess]:
     """Processes named ``name`` (matched as :func:`process_pids` matches them, the agent's
-    rule), with their name, command line and :80 listeners (psutil reads the first two)."""
+    rule), with their name, command line and listeners on ``port`` (the entry port; psutil
+    reads the first two)."""
     import psutil
 
     out = []
@@ -1517,7 +1522,7 @@ def find_processes(name: str) -> list[ProxyProcess]:
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
         out.append(ProxyProcess(pid, pname, " ".join(cmd)[:200], netns_inode_of_pid(pid),
-                                proxy_listeners(pid)))
+                                proxy_listeners(pid, port)))
     return out
 
 
@@ -1587,15 +1592,6 @@ def headers_stage(info: HeadersInfo) -> HeaderTree | None:
         return None
     return next((c for c in info.candidates if c.source), None) or (
         info.candidates[0] if info.candidates else None)
-
-
-def bpf_tracepoints_needed(proxy_calls: Iterable[str]) -> tuple[str, ...]:
-    """The tracepoints ``bpf/agent.c`` does not load without: ``skb:kfree_skb``,
-    ``sock:inet_sock_set_state`` and the enter/exit of the proxy's syscalls it is built
-    with (``--proxy-calls``). ``tcp:tcp_probe`` is not among them: it is compiled in only
-    where it has the socket and skb fields."""
-    return ("skb:kfree_skb", "sock:inet_sock_set_state",
-            *(f"syscalls:sys_{edge}_{call}" for call in proxy_calls for edge in ("enter", "exit")))
 
 
 @dataclass

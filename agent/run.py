@@ -590,10 +590,11 @@ class Agent:
                     self._take()
                     next_take = now + 0.2
                 if now >= next_loss:
-                    warn = losses.update(self._lost_recent(fresh=True), now)
+                    lost = self._lost_recent(fresh=True)
+                    warn = losses.update(lost, now)
                     if warn:
                         log.warning("%s", warn)
-                    self._ship_losses()
+                    self._ship_losses(lost)
                     next_loss = now + LOSS_CHECK_S
                 if now >= next_scan or (links is not None and links.changed()):
                     self._rescan()
@@ -674,19 +675,19 @@ class Agent:
         self._lost_sent = lost
         self.ship.put(obs, clock, lost, raw, records)
 
-    def _ship_losses(self) -> None:
-        """Ship the loss counters as last read when no batch has carried them yet: a batch of
-        no observations (raw: no records, holding the collector's cut where it is). Else a
-        loss after the last batch with observations, or between two reads of the counters,
-        would never reach the collector."""
-        lost = self._lost_cache
+    def _ship_losses(self, lost: dict[str, int]) -> None:
+        """Ship loss counters that no batch has carried yet: a batch of no observations (raw:
+        no records, holding the collector's cut where it is). Else a loss after the last
+        batch with observations, or between two reads of the counters, would never reach
+        the collector."""
         if self.ship is None or lost == self._lost_sent:
             return
-        raw = None
-        if self.raw:
-            raw = ev.RawEvents(b"", tuple((i, f.name, f.point) for i, f in self.ifaces.items()),
-                               self.offset, -1)
-        self._put([], lost, raw)
+        self._put([], lost, ev.RawEvents(b"", self._raw_ifaces(), self.offset, -1)
+                  if self.raw else None)
+
+    def _raw_ifaces(self) -> tuple[tuple[int, str, str], ...]:
+        """The interface table a raw batch carries (ifindex, name, point)."""
+        return tuple((i, f.name, f.point) for i, f in self.ifaces.items())
 
     def _ship_raw(self, cut: int) -> None:
         """Hand the records taken since the last call (and the drops decoded from them) to
@@ -702,7 +703,7 @@ class Agent:
         self._raw_tail = bool(self._raw[-1][1]) if self._raw else bool(drops)
         if self.rules is not None and drops:
             self._name_rules(drops)
-        ifaces = tuple((i, f.name, f.point) for i, f in self.ifaces.items())
+        ifaces = self._raw_ifaces()
         chunks: list[list[tuple[bytes, int]]] = [[]]
         size = 0
         for item in self._raw:
@@ -813,8 +814,7 @@ class Agent:
             self._feed(final=True)
             self._take(final=True)
             if self.prog is not None or self.cap is not None:
-                self._lost_recent(fresh=True)
-                self._ship_losses()  # what the last batch did not carry
+                self._ship_losses(self._lost_recent(fresh=True))  # what no batch carried
         finally:
             if self.prog is not None or self.cap is not None:
                 self.final_stats = self.stats()

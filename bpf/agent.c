@@ -39,6 +39,16 @@ static __always_inline int hs_skb_ipv4(void *skb, __u8 *ip, __u8 *l4)
     return bpf_probe_read_kernel(l4, 14, (char *)head + nh + (ip[0] & 0xf) * 4) == 0;
 }
 
+/* Is the IPv6 address ::ffff:a.b.c.d (an IPv4 peer of a dual-stack socket)? */
+static __always_inline int hs_v4mapped(const __u8 *a6)
+{
+    __u32 w0 = 0, w1 = 0, w2 = 0;
+    __builtin_memcpy(&w0, a6, 4);
+    __builtin_memcpy(&w1, a6 + 4, 4);
+    __builtin_memcpy(&w2, a6 + 8, 4);
+    return w0 == 0 && w1 == 0 && w2 == 0xffff0000;
+}
+
 /* An IPv4 address from a sockaddr_in / sockaddr_in6 (v4-mapped) as tracepoints store them. */
 static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
 {
@@ -47,21 +57,13 @@ static __always_inline __u32 hs_sockaddr_v4(const __u8 *sa, int *ok)
     if (family == 2) {
         __builtin_memcpy(&a, sa + 4, 4);
         *ok = 1;
-    } else if (family == 10) {
-        /* ::ffff:a.b.c.d */
-        __u32 w0 = 0, w1 = 0, w2 = 0;
-        __builtin_memcpy(&w0, sa + 8, 4);
-        __builtin_memcpy(&w1, sa + 12, 4);
-        __builtin_memcpy(&w2, sa + 16, 4);
-        if (w0 == 0 && w1 == 0 && w2 == 0xffff0000) {
-            __builtin_memcpy(&a, sa + 20, 4);
-            *ok = 1;
-        }
+    } else if (family == 10 && hs_v4mapped(sa + 8)) {
+        __builtin_memcpy(&a, sa + 20, 4);
+        *ok = 1;
     }
     return a;
 }
 
-/* A data segment reached a socket on the entry port: "queued on the proxy's socket". */
 /* The segment (skb->data: its TCP header) reached a socket on the entry port: the
  * kernel event of "queued on the proxy's socket". */
 static __always_inline void hs_kernel_emit(__u32 inum, __u32 local, __u32 remote, __u16 lport,
@@ -165,16 +167,6 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     }
     hs_submit(e, 0, HS_STAT_DROP_SENT, HS_STAT_DROP_LOST);
     return 0;
-}
-
-/* Is the IPv6 address ::ffff:a.b.c.d (an IPv4 peer of a dual-stack socket)? */
-static __always_inline int hs_v4mapped(const __u8 *a6)
-{
-    __u32 w0 = 0, w1 = 0, w2 = 0;
-    __builtin_memcpy(&w0, a6, 4);
-    __builtin_memcpy(&w1, a6 + 4, 4);
-    __builtin_memcpy(&w2, a6 + 8, 4);
-    return w0 == 0 && w1 == 0 && w2 == 0xffff0000;
 }
 
 /* Socket states of this node's TCP sockets on the entry port, and upstream connects: IPv4

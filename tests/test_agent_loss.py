@@ -71,14 +71,12 @@ def test_losses_reach_the_collector_without_observations_to_carry_them() -> None
     agent = Agent(AgentConfig(node="node1"))
     cap, ship = _Cap(), _Ship()
     agent.cap, agent.ship = cap, ship  # type: ignore[assignment]
-    agent._lost_recent(fresh=True)
-    agent._ship_losses()
+    agent._ship_losses(agent._lost_recent(fresh=True))
     assert ship.put_lost == [{"capture_lost": 0, "decode_errors": 0}] and ship.obs == [0]
-    agent._ship_losses()  # nothing new: nothing sent
+    agent._ship_losses(agent._lost_recent(fresh=True))  # nothing new: nothing sent
     assert len(ship.put_lost) == 1
     cap.counts["capture_lost"] = 5  # a burst the ring had no room for, then silence
-    agent._lost_recent(fresh=True)
-    agent._ship_losses()
+    agent._ship_losses(agent._lost_recent(fresh=True))
     assert ship.put_lost[-1]["capture_lost"] == 5
     cap.counts["capture_lost"] = 7  # lost after the last check: the stop ships it
     agent.close()

@@ -753,8 +753,8 @@ def test_proxy_section_on_another_entry_port(monkeypatch: pytest.MonkeyPatch) ->
         s.listen()
         port = s.getsockname()[1]
         ino = ft.netns_inode_of_name(None)
-        monkeypatch.setattr(ft, "find_processes", lambda name: [ft.ProxyProcess(
-            os.getpid(), name, name, ino, [])])  # as find_processes gives it: no :80 listener
+        monkeypatch.setattr(ft, "find_processes", lambda name, port=80: [ft.ProxyProcess(
+            os.getpid(), name, name, ino, ft.proxy_listeners(os.getpid(), port))])
         f = doctor.proxy_section(_ctx(), "traefik", None, port)
         assert f.status == OK, f
         assert f.summary.endswith(f"listening on :{port} in this network namespace")
@@ -762,7 +762,7 @@ def test_proxy_section_on_another_entry_port(monkeypatch: pytest.MonkeyPatch) ->
         f = doctor.proxy_section(_ctx(), "traefik", None)
         assert f.status == DEGRADED and "none listening on :80" in f.summary
         assert "--entry-port" in (f.fix or "")
-    monkeypatch.setattr(ft, "find_processes", lambda name: [])
+    monkeypatch.setattr(ft, "find_processes", lambda name, port=80: [])
     f = doctor.proxy_section(_ctx(), "nginx", None)
     assert "`hopscope agent run --proxy NAME`" in (f.fix or "")
 
