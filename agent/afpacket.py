@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from hopscope.agent.events import Iface
+from hopscope.agent.events import PAYLOAD_MAX, Iface
 
 from hopscope.capture import _decode_ip
 from hopscope.errors import HopscopeError, PrivilegeError
@@ -51,8 +51,9 @@ TP_STATUS_USER = 1
 PACKET_OUTGOING = 4
 
 #: bytes kept of each packet: Ethernet + IPv4 + TCP headers at their largest,
-#: VXLAN's outer headers, and 1024 bytes of payload (as the tc classifier sends)
-SNAPLEN = 14 + 60 + 60 + 50 + 1024
+#: VXLAN's outer headers, and as much payload as the tc classifier sends at most (every
+#: segment of a 1,500-byte MTU whole, a head of 2 KB in it)
+SNAPLEN = 14 + 60 + 60 + 50 + PAYLOAD_MAX
 VXLAN_PORTS = (8472, 4789)
 #: 128 blocks of 64 KiB: a block is handed over when full or BLOCK_TIMEOUT_MS after its
 #: first packet, so a trickle of packets takes one block per timeout; many small blocks

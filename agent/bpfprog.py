@@ -141,7 +141,7 @@ class Settings:
     entry_port: int = 80
     vxlan_ports: tuple[int, int] = (8472, 4789)
     ringbuf_pages: int = 1024
-    follow: int = 2
+    follow: int = 8
     drop_reason_min: int = 2  # NOT_SPECIFIED and below are not drops worth reporting
     kprobes: bool = False  # compile bpf/kprobes.c in (the kernel has kprobes)
     #: tracepoint fields this kernel has (from their format files): tcp:tcp_probe's

@@ -85,7 +85,7 @@ FIELDS = (
 )
 EVENT = struct.Struct("<" + "".join(code for _, code in FIELDS))
 HDR_SIZE = EVENT.size  # == HS_EVENT_HDR
-PAYLOAD_MAX = 1024  # == HS_PAYLOAD_MAX
+PAYLOAD_MAX = 2048  # == HS_PAYLOAD_MAX
 #: where ``kind`` is in an event (what the agent looks at in records it ships raw)
 _KIND = next(i for i, (name, _) in enumerate(FIELDS) if name == "kind")
 KIND_AT = struct.calcsize("<" + "".join(code for _, code in FIELDS[:_KIND]))

@@ -30,8 +30,8 @@ Paths (what ``bpf/tc.c`` does with each frame):
 * ``response, head + body``: a response whose 110-byte head and 490 bytes of body share
   the segment (the replica's responses look so), on the way out: sent with its head (the
   blank line found by ``hs_head_len``'s scan from both ends, the body cut off);
-* ``response, body past cap``: the same with 1,301 bytes of body, more than an event's
-  1,023 bytes (the replica's task lists);
+* ``response, body past cap``: the same with 1,301 bytes of body, more than the 1,023
+  bytes of the classifier's first look (the replica's task lists);
 * ``POST, head + body``: a 580-byte request head and a 90-byte body (the replica's
   POSTs): the blank line near the end.
 

@@ -64,7 +64,7 @@
 /* the payload an event can carry: at most HS_PAYLOAD_MAX - 1 bytes (a power of two: the
  * programs bound lengths with a mask, which every kernel's verifier follows) */
 #ifndef HS_PAYLOAD_MAX
-#define HS_PAYLOAD_MAX 1024
+#define HS_PAYLOAD_MAX 2048
 #endif
 
 struct hs_event {

@@ -104,6 +104,15 @@ static __always_inline int hs_is_start(struct __sk_buff *skb, struct hs_pkt *p)
 #if HS_PAYLOAD_MAX > HS_HEAD_DONE
 #error "HS_PAYLOAD_MAX must stay below HS_HEAD_DONE"
 #endif
+/* the bytes of a first look (a power of two, at most HS_PAYLOAD_MAX): most heads end in
+ * them; a segment whose head runs on past them is copied again, up to HS_PAYLOAD_MAX - 1
+ * bytes (see hs_emit_pkt) */
+#ifndef HS_PAYLOAD_FIRST
+#define HS_PAYLOAD_FIRST 1024
+#endif
+#if HS_PAYLOAD_FIRST > HS_PAYLOAD_MAX
+#error "HS_PAYLOAD_FIRST must not exceed HS_PAYLOAD_MAX"
+#endif
 #define HS_CR8 0x0d0d0d0d0d0d0d0dULL
 #define HS_CRLF2 0x0a0d0a0d /* "\r\n\r\n" as a little-endian word */
 /* The high bit of every byte of w that is '\r' (a 0x0c right after a '\r' can be marked
@@ -114,12 +123,12 @@ static __always_inline __u64 hs_cr_bytes(__u64 w)
     return (w - 0x0101010101010101ULL) & ~w & 0x8080808080808080ULL;
 }
 
-static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
+static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n, const __u32 cap)
 {
-    /* kept from clang, which knows n < HS_PAYLOAD_MAX and would drop the mask: 6.1's
-     * verifier refuses pl + n without the range the mask gives n */
+    /* kept from clang, which knows n < cap and would drop the mask: 6.1's verifier
+     * refuses pl + n without the range the mask gives n */
     asm volatile("" : "+r"(n));
-    n &= HS_PAYLOAD_MAX - 1;
+    n &= cap - 1;
     *(__u64 *)(pl + n) = 0;
     *(__u64 *)(pl + n + 8) = 0;
     if (n < 8) { /* a segment that continues a head can be this short */
@@ -129,13 +138,13 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
                 return (k + 4) | HS_HEAD_DONE;
         return n;
     }
-    if (*(const __u32 *)(pl + ((n - 4) & (HS_PAYLOAD_MAX - 1))) == HS_CRLF2)
+    if (*(const __u32 *)(pl + ((n - 4) & (cap - 1))) == HS_CRLF2)
         return n | HS_HEAD_DONE;
     __u32 j = (n - 1) >> 4; /* the next block from the back: first the one with byte n-1 */
 #pragma clang loop unroll(disable)
-    for (int i = 0; i < HS_PAYLOAD_MAX / 32; i++) {
+    for (int i = 0; i < cap / 32; i++) {
         /* block i from the front: a pattern starting in it (read up to 3 bytes on) */
-        __u32 o = (i << 4) & (HS_PAYLOAD_MAX - 16);
+        __u32 o = (i << 4) & (cap - 16);
         if ((hs_cr_bytes(*(const __u64 *)(pl + o)) & hs_cr_bytes(*(const __u64 *)(pl + o + 2))) |
             (hs_cr_bytes(*(const __u64 *)(pl + o + 8)) &
              hs_cr_bytes(*(const __u64 *)(pl + o + 10)))) {
@@ -147,7 +156,7 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n)
         if (j <= i) /* that was the last block not looked at */
             break;
         /* block j from the back */
-        o = (j & (HS_PAYLOAD_MAX / 16 - 1)) << 4;
+        o = (j & (cap / 16 - 1)) << 4;
         if (hs_cr_bytes(*(const __u64 *)(pl + o)) | hs_cr_bytes(*(const __u64 *)(pl + o + 8))) {
 #pragma unroll
             for (int k = 15; k >= 0; k--)
@@ -169,6 +178,27 @@ static __always_inline void hs_key(struct hs_flowkey *k, struct hs_pkt *p, __u32
     k->dport = reverse ? p->sport : p->dport;
     k->ifindex = ifindex;
     k->vni = p->vni;
+}
+
+/* Copy the first cap - 1 bytes of the payload at most into the event and cut them
+ * (hs_head_len): how many to send, with HS_HEAD_DONE when a head ends in them. */
+static __always_inline __u32 hs_copy_head(struct __sk_buff *skb, struct hs_pkt *p,
+                                          struct hs_event *e, const __u32 cap)
+{
+    /* at most cap - 1 bytes, as 1 + a masked value: a bound every kernel's verifier keeps
+     * (6.1's loses one a comparison gave, once spilled); the empty asm keeps the mask from
+     * clang, which knows n < cap after the comparisons before it and would drop it */
+    __u32 n = p->plen < cap ? p->plen : cap - 1;
+    asm volatile("" : "+r"(n));
+    if (n > 0 && bpf_skb_load_bytes(skb, p->payoff, e->payload, ((n - 1) & (cap - 1)) + 1) < 0)
+        n = 0;
+    n = hs_head_len(e->payload, n, cap);
+    /* through memory: read back, n is a value the verifier does not know, so the paths
+     * of hs_head_len's hundreds of constant returns join again here (else each would be
+     * verified through the rest of the program: at cap 4096, past the verifier's
+     * million instructions, E2BIG) */
+    e->caplen = n;
+    return *(volatile __u16 *)&e->caplen;
 }
 
 /* Send the packet; for a start or a follow, with its payload cut by hs_head_len.
@@ -197,14 +227,13 @@ static __always_inline int hs_emit_pkt(struct __sk_buff *skb, struct hs_pkt *p, 
     e->why = why;
     __u32 n = 0;
     if (why == HS_WHY_START || why == HS_WHY_FOLLOW) {
-        /* at most HS_PAYLOAD_MAX - 1 bytes, as 1 + a masked value: a bound every kernel's
-         * verifier keeps (6.1's loses one a comparison gave, once spilled) */
-        n = p->plen < HS_PAYLOAD_MAX ? p->plen : HS_PAYLOAD_MAX - 1;
-        if (n > 0 &&
-            bpf_skb_load_bytes(skb, p->payoff, e->payload,
-                               ((n - 1) & (HS_PAYLOAD_MAX - 1)) + 1) < 0)
-            n = 0;
-        n = hs_head_len(e->payload, n);
+        n = hs_copy_head(skb, p, e, HS_PAYLOAD_FIRST);
+#if HS_PAYLOAD_MAX > HS_PAYLOAD_FIRST
+        /* a head longer than the first look: all of it, up to HS_PAYLOAD_MAX - 1 bytes
+         * (the bytes a large Cookie pushes the request's Cf-Ray to) */
+        if (!(n & HS_HEAD_DONE) && p->plen >= HS_PAYLOAD_FIRST)
+            n = hs_copy_head(skb, p, e, HS_PAYLOAD_MAX);
+#endif
     }
     hs_submit(e, n, HS_STAT_TC_SENT, HS_STAT_TC_LOST);
     return (n & HS_HEAD_DONE) != 0;

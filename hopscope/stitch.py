@@ -455,7 +455,16 @@ class Stitcher:
             # before Traefik answers it
             end = c.resp_first if c.resp_first >= 0 else c.complete + MATCH_WINDOW_NS
             best = -1
-            for x in self._no_id.get((c.method, c.path), ()):
+            pool: Iterable[_Group] = self._no_id.get((c.method, c.path), ())
+            if c.flags is not None and "truncated" in c.flags:
+                # its CF-Ray may be in the bytes the source left out, the upstream's not
+                # (Go writes header names in order: Cf-Ray before Cookie): any unclaimed
+                # upstream request of the same line that this node sent (not one that only
+                # passed through it to its pod), found the slow way (this is rare)
+                pool = [x for x in self._groups.values()
+                        if x.sightings[0].method == c.method and x.sightings[0].path == c.path
+                        and self._sent_by(x, c.node)]
+            for x in pool:
                 if x.claimed:
                     continue
                 t0 = min((s.first for s in x.sightings if s.node == c.node), default=-1)
@@ -769,6 +778,24 @@ class Stitcher:
             return False
         return abs(ob.offset_ns - oa.offset_ns) > oa.error_ns + ob.error_ns
 
+    @staticmethod
+    def _sent_by(g: _Group, node: str) -> bool:
+        """Could ``node`` have sent upstream request ``g``? Seen there at the overlay and
+        the underlay: if encapsulated there (the overlay first), not decapsulated; seen
+        there at pod points only: if no other node saw it. Unknown counts as yes."""
+        ov = ul = -1
+        other = False
+        for s in g.sightings:
+            if s.node != node:
+                other = True
+            elif s.point == OVERLAY and (ov < 0 or s.first < ov):
+                ov = s.first
+            elif s.point == UNDERLAY and (ul < 0 or s.first < ul):
+                ul = s.first
+        if ov >= 0 and ul >= 0:
+            return ov <= ul
+        return ov >= 0 or ul >= 0 or not other
+
     def _sender(self, g: _Group) -> str:
         """The node that sent an upstream request: a node seeing it, other than the pod's."""
         nodes = {n for (n, _p) in g.by if n != g.b}
@@ -795,7 +822,7 @@ class Stitcher:
             flags.add("incomplete")
         if c.kernel_ts >= 0 or g is not None:
             self._sub_hops(c, g, hops, sh)
-        rid = c.rid
+        rid = c.rid or (g.rid if g is not None else "")
         if not rid:
             rid = _derived_id(c)
             flags.add("derived_id")

@@ -228,8 +228,8 @@ class TrackerState:
 class _Half:
     """One direction of a connection at one interface."""
 
-    __slots__ = ("body_left", "buf", "chunk", "client", "dup", "fin", "msg", "nxt", "pending",
-                 "state", "tries")
+    __slots__ = ("body_left", "buf", "chunk", "client", "dup", "fin", "head_end", "head_ts",
+                 "hole", "msg", "nxt", "pending", "state", "tries")
 
     def __init__(self) -> None:
         self.nxt = -1  # next expected sequence number, -1 until known
@@ -243,6 +243,13 @@ class _Half:
         self.dup: deque[tuple[int, int]] = deque(maxlen=32)  # (seq, ip id) recently seen
         self.fin = False
         self.tries = 0
+        #: the head in ``buf`` misses bytes the source did not keep: the next bytes go on
+        #: from an unknown place in it (a blank line is not looked for across the join)
+        self.hole = False
+        #: a head not yet ended: when its first segment, or the latest one the source cut
+        #: short, was seen (where it ended, if its blank line was among the bytes left out)
+        self.head_ts = -1
+        self.head_end = -1  # the sequence number after that segment
 
 
 class _Chunked:
@@ -827,17 +834,31 @@ class NodeTracker:
                         pos = i + 4
                         continue
                 old = len(h.buf)
-                h.buf += data[pos:]
-                i = h.buf.find(b"\r\n\r\n", max(0, old - 3))
+                # after bytes left out (the buffer ends with a whole line): a line end that
+                # starts these bytes ends a line not seen, and is no blank line
+                skip = 2 if h.hole and data.startswith(b"\r\n", pos) else 0
+                h.buf += data[pos + skip :]
+                i = h.buf.find(b"\r\n\r\n", old if h.hole else max(0, old - 3))
+                h.hole = False
                 if i < 0:
-                    if short > 0:  # the snap length cut the headers
+                    if short > 0 or old == 0:
+                        h.head_ts = done_ts
+                        h.head_end = (seq + plen) & M32
+                    if short > 0:
+                        # the source kept only the first bytes of a segment in the head (a
+                        # snap length; a live source's 2,047 bytes a segment): read on past
+                        # the rest, as past a capture's gap, with the complete lines only (a
+                        # line cut short could hold a wrong CF-Ray), flagged
                         if h.msg is not None:
                             h.msg.flag("truncated")
-                        h.state = SYNC
+                        j = h.buf.rfind(b"\r\n")
+                        if j >= 0:
+                            h.buf = h.buf[: j + 2]
+                        h.hole = True
                     elif len(h.buf) > MAX_HEAD:
                         h.state = DEAD
                     return
-                used = i + 4 - old
+                used = i + 4 - old + skip
                 self._headers(st, d, h, done_ts, h.buf[: i + 4], (seq + plen) & M32)
                 h.buf = b""
                 pos += used
@@ -878,6 +899,10 @@ class NodeTracker:
                pos: int) -> None:
         """A message starts with this segment, at ``data[pos:]``."""
         kept = pos < len(data)  # False when the snap length cut it
+        if not kept and st.sparse:
+            # a live source sends a message's start with its bytes: these it cut, a body's
+            h.state = IDLE
+            return
         if h.client < 0:
             if data.startswith(_METHODS, pos):
                 h.client = 1
@@ -918,10 +943,28 @@ class NodeTracker:
                 return
             # the response answers the oldest unanswered request
             m = h.msg = st.unanswered[0] if st.unanswered else None
-            if m is not None and m.resp_first < 0:
-                m.resp_first = ts
+            if m is not None:
+                hc = st.halves[1 - d]
+                if hc.state == HEAD and hc.msg is m and m.flags is not None and (
+                        "truncated" in m.flags or "capture_gap" in m.flags):
+                    # its head lost bytes, its blank line among them (a server answers once
+                    # it has read the head): it ended in its first segment or the latest one
+                    # the source cut short (a live source keeps 2,047 bytes of a segment; a
+                    # head longer than that in one GRO or GSO segment ends in it); what its
+                    # lines say, and no line cut short
+                    cut = hc.buf.rfind(b"\r\n")
+                    head = hc.buf[: cut + 2] + b"\r\n" if cut >= 0 else hc.buf + b"\r\n\r\n"
+                    self._headers(st, 1 - d, hc, hc.head_ts, head, hc.head_end)
+                    # where its body ends is not known (some of it may be in the buffer):
+                    # the next message is found by its start
+                    hc.state = IDLE
+                    hc.chunk = None
+                    hc.body_left = 0
+                if m.resp_first < 0:
+                    m.resp_first = ts
         h.state = HEAD
         h.buf = b""
+        h.hole = False
 
     def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes, end: int) -> None:
         """The message's headers are complete (in the segment seen at ``ts``, ending at ``end``)."""

@@ -41,7 +41,8 @@ cases = {
     "request": ("in", "PA", b"POST /api/tasks/ HTTP/1.1\r\nHost: api.example.com\r\n"
                 b"Content-Length: 30\r\n\r\n" + b"{" * 30),
     "open_head": ("out", "PA", head[:-4] + b"\r\nX-Trace: " + b"t" * 300),
-    "long": ("in", "PA", b"GET /" + b"p" * 1500 + b" HTTP/1.1\r\n\r\n"),
+    "long": ("in", "PA", b"GET /" + b"p" * 1800 + b" HTTP/1.1\r\n"),
+    "longer": ("in", "PA", b"GET /" + b"p" * 3000 + b" HTTP/1.1\r\n"),
     "pure_ack": ("in", "A", b""),
     "body": ("in", "PA", b"{" * 1400),
 }
@@ -94,9 +95,12 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
     assert got == sent[:sent.index(b"\r\n\r\n") + 4] and e["plen"] == len(sent)
     got, sent, _e = one("open_head")
     assert got == sent
-    # a start longer than an event holds: its first HS_PAYLOAD_MAX - 1 bytes, its length
+    # a start whose head runs on past the first look (1,023 bytes): all of it; past what an
+    # event holds: its first HS_PAYLOAD_MAX - 1 bytes, its whole length
     got, sent, e = one("long")
-    assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 1518
+    assert got == sent and e["plen"] == len(sent) == 1816
+    got, sent, e = one("longer")
+    assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 3016
     # a body segment of a flow no start was seen on: nothing
     assert cases["body"]["events"] == []
 
@@ -118,36 +122,48 @@ print("RESULT " + json.dumps(out))
 
 
 def _cut_reference(payload: bytes) -> bytes:
-    """What a start segment should carry: its first HS_PAYLOAD_MAX - 1 bytes, all of them
-    when they end in ``\\r\\n\\r\\n`` or hold none; else up to and including the one
-    that ``hs_head_len``'s two-ended scan meets first: 16-byte blocks taken alternately
-    from the front (the first pattern starting in the block) and from the back (the last)."""
-    cap = payload[:ev.PAYLOAD_MAX - 1]
+    """What a start segment should carry: the cut of its first 1,023 bytes (the first
+    look), or when no blank line is among them and the payload is longer, the cut of its
+    first HS_PAYLOAD_MAX - 1 bytes."""
+    got, done = _cut(payload, FIRST_LOOK)
+    if done or len(payload) < FIRST_LOOK:
+        return got
+    return _cut(payload, ev.PAYLOAD_MAX)[0]
+
+
+FIRST_LOOK = 1024  # == HS_PAYLOAD_FIRST (bpf/tc.c)
+
+
+def _cut(payload: bytes, size: int) -> tuple[bytes, bool]:
+    """``hs_head_len`` on the first ``size - 1`` bytes, and whether a blank line is among
+    them: all of them when they end in ``\\r\\n\\r\\n`` or hold none; else up to and
+    including the one that the two-ended scan meets first: 16-byte blocks taken
+    alternately from the front (the first pattern starting in the block) and from the back
+    (the last)."""
+    cap = payload[:size - 1]
     n = len(cap)
     starts = [p for p in range(n - 3) if cap[p:p + 4] == b"\r\n\r\n"]
     if not starts or n < 8 or cap.endswith(b"\r\n\r\n"):
-        return cap if not starts else cap[:starts[-1] + 4]
+        return (cap if not starts else cap[:starts[-1] + 4]), bool(starts)
     front, back = 0, (n - 1) // 16
-    while True:
+    while front <= back:  # every block is looked at, from one end or the other
         found = [p for p in starts if p // 16 == front]
         if found:
-            return cap[:found[0] + 4]
-        if back <= front:
-            return cap
+            return cap[:found[0] + 4], True
         found = [p for p in starts if p // 16 == back]
         if found:
-            return cap[:found[-1] + 4]
-        if back <= front + 1:
-            return cap
+            return cap[:found[-1] + 4], True
         front, back = front + 1, back - 1
+    raise AssertionError("a blank line no block holds")
 
 
 def test_start_segments_carry_the_head_up_to_a_blank_line() -> None:
     """The in-kernel cut (``hs_head_len`` in bpf/tc.c, a scan from both ends 16 bytes at a
-    time) against a Python reference, on starts made to hit its edges: the pattern at every
-    offset of a 16-byte block and across blocks, at the very end, past the 1023 bytes an
-    event holds, absent, several in a body (met from the front or from the back), the end of
-    a chunked body, "\\r?\\r" that is no blank line; tiny and capped payloads;
+    time; a second, longer look when the first 1,023 bytes hold no blank line) against a
+    Python reference, on starts made to hit its edges: the pattern at every offset of a
+    16-byte block and across blocks, at the very end, past the first look's 1,023 bytes or
+    cut in two by them, absent, several in a body (met from the front or from the back), the
+    end of a chunked body, "\\r?\\r" that is no blank line; tiny and long payloads;
     and a start shorter than the one before it, whose stale bytes in the per-CPU scratch
     event would complete a pattern across the end of the payload if they were looked at."""
     import random
@@ -160,10 +176,14 @@ def test_start_segments_carry_the_head_up_to_a_blank_line() -> None:
         b"GET /a\r\n\r",  # a pattern the payload's end cuts short
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"POST /u HTTP/1.1\r\n\r\n--b\r\n\r\ndata\r\n\r\nmore",  # several: the last
-        b"GET /" + b"p" * 1100 + b" HTTP/1.1\r\n\r\n",  # the pattern past the cap
-        b"GET /" + b"p" * 1013 + b"\r\n\r\n" + b"q" * 40,  # cut at 1022, the body past the cap
-        b"GET /" + b"p" * 1014 + b"\r\n\r\n",  # 1023 bytes: the pattern in an event's last 4
-        b"GET /" + b"p" * 1016 + b"\r\n\r\n",  # the cap (1023) cuts the pattern in two
+        b"GET /" + b"p" * 1100 + b" HTTP/1.1\r\n\r\n",  # the pattern past the first look
+        b"GET /" + b"p" * 1013 + b"\r\n\r\n" + b"q" * 40,  # cut at 1022, the body past it
+        b"GET /" + b"p" * 1014 + b"\r\n\r\n",  # 1023 bytes: the pattern in the look's last 4
+        b"GET /" + b"p" * 1016 + b"\r\n\r\n",  # the first look (1023) cuts the pattern in two
+        b"GET /" + b"p" * 1016 + b"\r\n\r\n" + b"q" * 900,  # ... with a body after it
+        b"GET /" + b"p" * 2000 + b"\r\n\r\n" + b"q" * 1500,  # a 2 KB head, then a body
+        b"POST /" + b"h" * 3000 + b"\r\n\r\n" + b"{}\r\n\r\n" * 50,  # 3 KB, blank lines after
+        b"GET /" + b"a" * 3590,  # 3.6 KB without one: what an event holds
         b"GET /" + b"a" * 95 + b"\r\n\r\n" + b"b" * 100,  # then ...
         b"GET /" + b"a" * 95 + b"\r\n",  # ... this: its scratch bytes 102.. hold "\r\n"
         # a short head, a long body with blank lines: the front's pattern, the first
@@ -183,6 +203,12 @@ def test_start_segments_carry_the_head_up_to_a_blank_line() -> None:
             at = rnd.randrange(0, len(buf))
             buf[at:at + 4] = rnd.choice([b"\r\n\r\n", b"\r\n", b"\rx\r", b"\r\r\n"])
         payloads.append(b"GET " + bytes(buf))
+    for _ in range(30):  # and in up to 3,600 bytes, past the first look and the cap
+        buf = bytearray(b"y" * rnd.randrange(1000, 3600))
+        for _ in range(rnd.randrange(0, 3)):
+            at = rnd.randrange(0, len(buf))
+            buf[at:at + 4] = rnd.choice([b"\r\n\r\n", b"\r\n", b"\r\r\n"])
+        payloads.append(b"GET " + bytes(buf))
     got = _run_child(CUT_CHILD, json.dumps([p.hex() for p in payloads]))
     assert len(got) == len(payloads)
     for p, (rv, evs) in zip(payloads, got, strict=True):
@@ -190,7 +216,9 @@ def test_start_segments_carry_the_head_up_to_a_blank_line() -> None:
         assert bytes.fromhex(evs[0]) == _cut_reference(p), p
 
 
-FOLLOW_CHILD = NIC_PROLOGUE + r"""
+#: the mechanism with a count of 2 (the default, 8, in bpfprog.Settings)
+FOLLOW_CHILD = NIC_PROLOGUE.replace("Settings(ringbuf_pages=64)",
+                                    "Settings(ringbuf_pages=64, follow=2)") + r"""
 segs = {
     "open": ("PA", b"GET /a HTTP/1.1\r\nHost: api.example.com\r\nX-Long: " + b"x" * 200),
     "closed": ("PA", b"GET /b HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
@@ -221,7 +249,7 @@ print("RESULT " + json.dumps(out))
 
 def test_segments_after_an_open_head_follow_it() -> None:
     """A start whose head does not end in its segment (no blank line in it) sends the next
-    HS_FOLLOW (2) segments of its half-connection too, or fewer: up to one that ends the
+    HS_FOLLOW (here 2) segments of its half-connection too, or fewer: up to one that ends the
     head; a later start sets the count again (in place, the entry already there), a start
     whose head ends in it stops it, and so does a FIN; other flows are not affected. A
     start with its whole head and part of a body opens nothing (the body is not sent). The

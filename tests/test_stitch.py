@@ -21,6 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from hopscope.model import ACK, FIN, PSH, RST, SYN
+from hopscope.model import NIC as AT_NIC
+from hopscope.model import POD as AT_POD
 from hopscope.stitch import Stitcher
 
 TILING = ("ingress", "encap", "wire", "decap", "deliver", "app", "route", "encap", "wire", "decap",
@@ -1031,3 +1033,105 @@ def test_of_two_upstream_attempts_with_the_id_the_first_is_linked() -> None:
     [r] = [r for r in env["requests"] if r["ingress_node"] == "node1"]
     assert r["status"] == 200
     assert (r["hops"][0]["name"], r["hops"][0]["duration_ns"]) == ("ingress", 300_000)
+
+
+def _live(tl: Timeline, node: str, ifname: str, point: str, t: int, src: str, sport: int,
+          dst: str, dport: int, seq: int, ack: int, data: bytes, keep: int = 2047) -> None:
+    """A segment as an agent reports it: a live clock, the point named, and of its payload
+    only the first ``keep`` bytes (``plen`` is the whole)."""
+    from hopscope.model import make_packet
+
+    tl.obs.setdefault(node, []).append(make_packet(
+        T0 + t, node, ifname, src, sport, dst, dport, seq=seq & M32, ack=ack, flags=ACK | PSH,
+        payload=data[:keep], plen=len(data), point=point, ts_mono_ns=t))
+
+
+def _cookie_head(first: str, ray_line: str, upstream: bool, body: bytes) -> bytes:
+    """A head of ~7 KB: a browser's Cookie, and the CF-Ray where the client (after it, past
+    the first 2,047 bytes) or Traefik (Go writes names in order: before it) puts it; the
+    Content-Length after the Cookie either way."""
+    cookie = "Cookie: sid=" + "c" * 6000
+    lines = [first, "Host: api.myhoneydue.com"]
+    lines += [ray_line, cookie] if upstream else [cookie, ray_line]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_a_head_longer_than_an_agent_keeps_is_stitched_truncated() -> None:
+    """A live source keeps 2,047 bytes of a segment. The client's 7 KB head in one GSO
+    segment reaches the stitcher cut, its CF-Ray and blank line among the bytes left out,
+    its body in a segment of its own: the request still comes out, flagged `truncated`,
+    named by the upstream's Cf-Ray, its head complete when the segment that held it was
+    seen (not the body's). The upstream head comes in two segments, the first cut, the
+    second cut after the blank line (the body stays in the kernel) with the Content-Length
+    left out: the bytes cut are not taken for a message, and on both keep-alive connections
+    the next request is read whole. Beside it, a request that node2 sends to node1's pod
+    (decapsulated on node1 in the same window) is not taken for its upstream: node1 did not
+    send it."""
+    tl = Timeline()
+    a, nic, veth = "node1", NODE_IP["node1"], "vethab12cd34"
+    src, pod = "10.42.0.1", POD_IP["node1"]
+    # node2's request first reaches node1 at 1,310 us (its own client is complete later
+    # than ours, so ours is linked first)
+    cross_node_request(tl, a="node2", b="node1", t=550_000, cport=40200, uport=51200)
+    c, s, u, p = 1_000, 90_000, 5_000, 70_000
+    body = b'{"title": "x"}'
+    req = _cookie_head("POST /api/tasks/ HTTP/1.1", "CF-Ray: 1111111111111111-DFW", False, body)
+    ureq = _cookie_head("POST /api/tasks/ HTTP/1.1", "Cf-Ray: 1111111111111111-DFW", True, body)
+    head, uhead = len(req) - len(body), len(ureq) - len(body)
+    _live(tl, a, "eth0", AT_NIC, 700_000, CLIENT, 41000, nic, 80, c, s, req[:head])
+    _live(tl, a, "eth0", AT_NIC, 710_000, CLIENT, 41000, nic, 80, c + head, s, body)
+    cut = uhead - 6  # "14\r\n\r\n": the Content-Length's line begins in the bytes left out
+    _live(tl, a, veth, AT_POD, 1_400_000, src, 52000, pod, 8000, u, p, ureq[:cut])
+    _live(tl, a, veth, AT_POD, 1_410_000, src, 52000, pod, 8000, u + cut, p, ureq[cut:], keep=6)
+    resp = http_response(201)
+    _live(tl, a, veth, AT_POD, 2_400_000, pod, 8000, src, 52000, p, u + len(ureq), resp)
+    _live(tl, a, "eth0", AT_NIC, 2_600_000, nic, 80, CLIENT, 41000, s, c + len(req), resp)
+    # the next request on both connections, a small one
+    req2 = http_request("GET", "/api/tasks/", "2222222222222222-DFW")
+    _live(tl, a, "eth0", AT_NIC, 3_000_000, CLIENT, 41000, nic, 80, c + len(req), s + len(resp),
+          req2)
+    _live(tl, a, veth, AT_POD, 3_300_000, src, 52000, pod, 8000, u + len(ureq), p + len(resp),
+          req2)
+    _live(tl, a, veth, AT_POD, 3_800_000, pod, 8000, src, 52000, p + len(resp),
+          u + len(ureq) + len(req2), resp)
+    _live(tl, a, "eth0", AT_NIC, 3_900_000, nic, 80, CLIENT, 41000, s + len(resp),
+          c + len(req) + len(req2), resp)
+    _later(tl)
+    env = stitch(tl)
+    got = {r["request_id"]: r for r in env["requests"]}
+    assert set(got) == {"1111111111111111-DFW", "2222222222222222-DFW", "8c1f2e3d4b5a6978-DFW"}
+    r1, r2 = got["1111111111111111-DFW"], got["2222222222222222-DFW"]
+    assert r1["flags"] == ["truncated"] and (r1["method"], r1["status"]) == ("POST", 201)
+    assert [(h["name"], h["duration_ns"]) for h in r1["hops"]] == [
+        ("ingress", 700_000), ("deliver", 10_000), ("app", 990_000), ("egress", 200_000)]
+    assert r2["flags"] == [] and [(h["name"], h["duration_ns"]) for h in r2["hops"]] == [
+        ("ingress", 300_000), ("app", 500_000), ("egress", 100_000)]
+    decoy = got["8c1f2e3d4b5a6978-DFW"]
+    assert (decoy["ingress_node"], decoy["pod_node"], decoy["flags"]) == ("node2", "node1", [])
+
+
+def test_a_head_a_capture_cut_short_is_read_on_past_the_bytes_left_out() -> None:
+    """A capture whose snap length keeps 100 bytes of each segment (tcpdump -s): a head in
+    three segments loses bytes in the first two; it is read on past them, without the lines
+    they cut short, and the line end that starts the third segment is no blank line: the
+    CF-Ray after it is read, and the blank line after that completes the head."""
+    tl = Timeline()
+    c, s = _client(tl, 45100, 100)
+    req = (b"GET /long HTTP/1.1\r\nHost: api.myhoneydue.com\r\nX-A: " + b"a" * 150
+           + b"\r\nX-C: " + b"c" * 150 + b"\r\nCF-Ray: 00000000000000cd-DFW\r\n\r\n")
+    at = [0, 148, req.index(b"\r\nCF-Ray")]  # the third segment starts with a line end
+    assert at[1] > 100 and at[2] - at[1] > 100 and len(req) - at[2] < 100
+    for k, (lo, hi) in enumerate(zip(at, [*at[1:], len(req)], strict=True)):
+        tl.add("node1", "eth0", 60_000 + k * 10_000, CLIENT, 45100, NIC, 80, c + lo, s,
+               ACK | PSH, req[lo:hi][:100])
+        tl.obs["node1"][-1] = tl.obs["node1"][-1]._replace(plen=hi - lo)
+    resp = http_response(200, b"x" * 400)
+    tl.add("node1", "eth0", 1_000_000, NIC, 80, CLIENT, 45100, s, c + len(req), ACK | PSH,
+           resp[:100])
+    tl.obs["node1"][-1] = tl.obs["node1"][-1]._replace(plen=len(resp))
+    _later(tl)
+    [r] = stitch(tl, nodes=("node1",))["requests"]
+    assert (r["request_id"], r["path"], r["status"]) == ("00000000000000cd-DFW", "/long", 200)
+    assert r["flags"] == ["no_upstream", "truncated"]
+    assert r["start_ns"] == T0 + 80_000 and r["total_ns"] == 920_000

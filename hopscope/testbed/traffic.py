@@ -3,7 +3,9 @@
 Requests are plaintext HTTP/1.1 to a node's public address on port 80 with
 ``Host: api.myhoneydue.com``, a unique ``CF-Ray: <16 hex>-DFW``,
 ``CF-Connecting-IP``, ``X-Forwarded-For``, ``X-Forwarded-Proto: https``
-(SSL mode Flexible). ``concurrency`` workers each hold one connection;
+(SSL mode Flexible); with ``cookies``, a browser's ``Cookie`` header of one of those
+sizes (0: none) before the ``CF-Ray``, so that heads of several KB, whose
+``CF-Ray`` is past the 2 KB an agent keeps of a segment, are sent too. ``concurrency`` workers each hold one connection;
 before each request a worker opens a new one with probability
 ``new_conn_ratio`` (and always after an error or ``Connection: close``). A
 new connection goes to the next node in round-robin order, like
@@ -17,6 +19,7 @@ Every request gives one record (a JSON line with ``--out``):
 ``dst`` / ``src``      ``ip:port`` of the client connection (edge side)
 ``conn``               connection number (per run), ``new_conn`` true on its first request
 ``method``/``path``    ``POST``/``GET`` ``/api/tasks/``
+``head_bytes``         the request's head, bytes (its blank line included)
 ``status``             HTTP status, 0 when no response
 ``t_connect_ns``       wall clock when connect() started (new connections), else null
 ``t_start_real_ns``    wall clock just before the request was written
@@ -76,6 +79,8 @@ class TrafficConfig:
     connect_timeout: float = 3.0
     max_seconds: float = 600.0
     seed: int | None = None
+    #: sizes of a Cookie header, one picked at random per request (0: none); empty: none
+    cookies: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.count is not None and self.count < 1:
@@ -270,6 +275,11 @@ class _Run:
             "Accept: application/json",
             "Accept-Encoding: gzip, br",
             "Authorization: Token 3f6c2a9d1e8b7c4a5f0e9d8c7b6a5f4e3d2c1b0a",
+        ]
+        size = self.rng.choice(self.cfg.cookies) if self.cfg.cookies else 0
+        if size:
+            hdrs.append("Cookie: sid=" + "".join(self.rng.choices("0123456789abcdef", k=size)))
+        hdrs += [
             f"CF-Ray: {ray}",
             f"CF-Connecting-IP: {client}",
             "CF-IPCountry: US",
@@ -326,6 +336,7 @@ class _Run:
                 rec.update(node=node, dst=f"{host_ip}:{self.topo.http_port}", src=src,
                            conn=conn_id)
                 data = self.request_bytes(method, ray, host_ip)
+                rec["head_bytes"] = data.index(b"\r\n\r\n") + 4
 
                 def first(rec: dict[str, Any] = rec) -> None:
                     rec["t_first_byte_ns"] = time.time_ns()
