@@ -138,7 +138,12 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n, const __u32 cap)
                 return (k + 4) | HS_HEAD_DONE;
         return n;
     }
-    if (*(const __u32 *)(pl + ((n - 4) & (cap - 1))) == HS_CRLF2)
+    /* positions are masked for the verifier, and the empty asm keeps each mask from clang,
+     * which knows 8 <= n < cap here and drops a mask it finds redundant: 6.1's verifier,
+     * which may no longer know n >= 8 once n was spilled, then sees an unbounded offset */
+    __u32 last = n - 4;
+    asm volatile("" : "+r"(last));
+    if (*(const __u32 *)(pl + (last & (cap - 1))) == HS_CRLF2)
         return n | HS_HEAD_DONE;
     __u32 j = (n - 1) >> 4; /* the next block from the back: first the one with byte n-1 */
 #pragma clang loop unroll(disable)
@@ -156,7 +161,9 @@ static __always_inline __u32 hs_head_len(__u8 *pl, __u32 n, const __u32 cap)
         if (j <= i) /* that was the last block not looked at */
             break;
         /* block j from the back */
-        o = (j & (cap / 16 - 1)) << 4;
+        __u32 jb = j;
+        asm volatile("" : "+r"(jb));
+        o = (jb & (cap / 16 - 1)) << 4;
         if (hs_cr_bytes(*(const __u64 *)(pl + o)) | hs_cr_bytes(*(const __u64 *)(pl + o + 8))) {
 #pragma unroll
             for (int k = 15; k >= 0; k--)

@@ -180,6 +180,9 @@ class Stitcher:
         self._wm: dict[str, int] = {}  # per node: everything up to here has been handed over
         self._last: dict[str, int] = {}  # per node: the latest time seen
         self._clients: list[Sighting] = []
+        #: the ids of the client requests being linked or still to come: an upstream request
+        #: with one of them is theirs, not a truncated client's (set by _drain when needed)
+        self._awaited: set[str] = set()
         self._groups: dict[tuple[object, ...], _Group] = {}
         self._by_rid: dict[str, list[_Group]] = defaultdict(list)
         self._no_id: dict[tuple[str, str], list[_Group]] = defaultdict(list)
@@ -361,6 +364,9 @@ class Stitcher:
                 keep.append(c)
         self._clients = keep
         ready.sort(key=lambda c: c.complete)
+        self._awaited = set()
+        if any(not c.rid and c.flags is not None and "truncated" in c.flags for c in ready):
+            self._awaited = {c.rid for c in ready if c.rid} | {c.rid for c in keep if c.rid}
         linked: list[tuple[Sighting, _Group | None]] = [
             (c, self._link(c) or self._link_late(c)) for c in ready]
         revived = self._due(final, horizon)
@@ -460,10 +466,12 @@ class Stitcher:
                 # its CF-Ray may be in the bytes the source left out, the upstream's not
                 # (Go writes header names in order: Cf-Ray before Cookie): any unclaimed
                 # upstream request of the same line that this node sent (not one that only
-                # passed through it to its pod), found the slow way (this is rare)
+                # passed through it to its pod) and no client request with an id awaits,
+                # found the slow way (this is rare)
+                awaited = self._awaited
                 pool = [x for x in self._groups.values()
                         if x.sightings[0].method == c.method and x.sightings[0].path == c.path
-                        and self._sent_by(x, c.node)]
+                        and x.rid not in awaited and self._sent_by(x, c.node)]
             for x in pool:
                 if x.claimed:
                     continue

@@ -1067,7 +1067,8 @@ def test_a_head_longer_than_an_agent_keeps_is_stitched_truncated() -> None:
     left out: the bytes cut are not taken for a message, and on both keep-alive connections
     the next request is read whole. Beside it, a request that node2 sends to node1's pod
     (decapsulated on node1 in the same window) is not taken for its upstream: node1 did not
-    send it."""
+    send it; nor is the upstream request of another client of node1's whose id came whole
+    (it starts first in the window, but that client awaits it)."""
     tl = Timeline()
     a, nic, veth = "node1", NODE_IP["node1"], "vethab12cd34"
     src, pod = "10.42.0.1", POD_IP["node1"]
@@ -1087,6 +1088,12 @@ def test_a_head_longer_than_an_agent_keeps_is_stitched_truncated() -> None:
     resp = http_response(201)
     _live(tl, a, veth, AT_POD, 2_400_000, pod, 8000, src, 52000, p, u + len(ureq), resp)
     _live(tl, a, "eth0", AT_NIC, 2_600_000, nic, 80, CLIENT, 41000, s, c + len(req), resp)
+    # another client's POST meanwhile, its head whole, its upstream first in the window
+    req3 = http_request("POST", "/api/tasks/", "3333333333333333-DFW", body=body)
+    _live(tl, a, "eth0", AT_NIC, 800_000, CLIENT, 41001, nic, 80, 7, 9, req3)
+    _live(tl, a, veth, AT_POD, 1_350_000, src, 52001, pod, 8000, 3, 4, req3)
+    _live(tl, a, veth, AT_POD, 1_900_000, pod, 8000, src, 52001, 4, 3 + len(req3), resp)
+    _live(tl, a, "eth0", AT_NIC, 2_000_000, nic, 80, CLIENT, 41001, 9, 7 + len(req3), resp)
     # the next request on both connections, a small one
     req2 = http_request("GET", "/api/tasks/", "2222222222222222-DFW")
     _live(tl, a, "eth0", AT_NIC, 3_000_000, CLIENT, 41000, nic, 80, c + len(req), s + len(resp),
@@ -1100,13 +1107,16 @@ def test_a_head_longer_than_an_agent_keeps_is_stitched_truncated() -> None:
     _later(tl)
     env = stitch(tl)
     got = {r["request_id"]: r for r in env["requests"]}
-    assert set(got) == {"1111111111111111-DFW", "2222222222222222-DFW", "8c1f2e3d4b5a6978-DFW"}
-    r1, r2 = got["1111111111111111-DFW"], got["2222222222222222-DFW"]
+    assert set(got) == {"1111111111111111-DFW", "2222222222222222-DFW", "3333333333333333-DFW",
+                        "8c1f2e3d4b5a6978-DFW"}
+    r1, r2, r3 = (got[f"{k * 4}{k * 12}-DFW"] for k in "123")
     assert r1["flags"] == ["truncated"] and (r1["method"], r1["status"]) == ("POST", 201)
     assert [(h["name"], h["duration_ns"]) for h in r1["hops"]] == [
         ("ingress", 700_000), ("deliver", 10_000), ("app", 990_000), ("egress", 200_000)]
     assert r2["flags"] == [] and [(h["name"], h["duration_ns"]) for h in r2["hops"]] == [
         ("ingress", 300_000), ("app", 500_000), ("egress", 100_000)]
+    assert r3["flags"] == [] and [(h["name"], h["duration_ns"]) for h in r3["hops"]] == [
+        ("ingress", 550_000), ("app", 550_000), ("egress", 100_000)]
     decoy = got["8c1f2e3d4b5a6978-DFW"]
     assert (decoy["ingress_node"], decoy["pod_node"], decoy["flags"]) == ("node2", "node1", [])
 
