@@ -3,12 +3,13 @@
 Requests are plaintext HTTP/1.1 to a node's public address on port 80 with
 ``Host: api.myhoneydue.com``, a unique ``CF-Ray: <16 hex>-DFW``,
 ``CF-Connecting-IP``, ``X-Forwarded-For``, ``X-Forwarded-Proto: https``
-(SSL mode Flexible); with ``cookies``, a browser's ``Cookie`` header of one of those
-sizes (0: none) before the ``CF-Ray``, so that heads of several KB, whose
-``CF-Ray`` is past the 2 KB an agent keeps of a segment, are sent too. ``concurrency`` workers each hold one connection;
-before each request a worker opens a new one with probability
-``new_conn_ratio`` (and always after an error or ``Connection: close``). A
-new connection goes to the next node in round-robin order, like
+(SSL mode Flexible); with ``cookies``, a browser's ``Cookie`` header of one of
+those sizes (0: none) before the ``CF-Ray``, so that heads of several KB, whose
+``CF-Ray`` is past the 2 KB an agent keeps of a segment, are sent too.
+``concurrency`` workers each hold one connection; before each request a
+worker opens a new one with probability ``new_conn_ratio`` (and always after
+an error or ``Connection: close``). A new connection goes to the next node
+in round-robin order, like
 Cloudflare's per-connection DNS round robin over the origin addresses.
 
 Every request gives one record (a JSON line with ``--out``):
