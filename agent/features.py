@@ -1784,13 +1784,11 @@ def plan_probes(f: PlanInputs) -> list[PlanItem]:
                   "flannel.1 or the pod's veth (pod IP, after DNAT and masquerade)" + merged)
         items.append(PlanItem("service_nat", source, "; ".join(reasons) or "no IPVS symbols"))
 
-    if tp.get("skb:kfree_skb"):
-        items.append(PlanItem("drops", "skb:kfree_skb with reasons" if f.drop_reasons
-                              else "skb:kfree_skb (location only)",
-                              "reason names read from the tracepoint's format at run time"
-                              if f.drop_reasons else "no reason field on this kernel"))
-    else:  # not reached: the programs do not load without it (packet_source)
-        items.append(PlanItem("drops", "none", "skb:kfree_skb absent", False))
+    # skb:kfree_skb is there: the programs do not load without it (packet_source)
+    items.append(PlanItem("drops", "skb:kfree_skb with reasons" if f.drop_reasons
+                          else "skb:kfree_skb (location only)",
+                          "reason names read from the tracepoint's format at run time"
+                          if f.drop_reasons else "no reason field on this kernel"))
     items.append(PlanItem("transport", "BPF ring buffer", "BPF_MAP_TYPE_RINGBUF available "
                           "(without it the programs do not load: AF_PACKET capture)"))
     return items

@@ -180,9 +180,11 @@ class Stitcher:
         self._wm: dict[str, int] = {}  # per node: everything up to here has been handed over
         self._last: dict[str, int] = {}  # per node: the latest time seen
         self._clients: list[Sighting] = []
-        #: the ids of the client requests being linked or still to come: an upstream request
-        #: with one of them is theirs, not a truncated client's (set by _drain when needed)
-        self._awaited: set[str] = set()
+        #: the client requests being linked (_drain's), and the ids of those and of the ones
+        #: still to come: an upstream request with one of them is theirs, not a truncated
+        #: client's (made by _link when one needs it)
+        self._ready: list[Sighting] = []
+        self._awaited: set[str] | None = None
         self._groups: dict[tuple[object, ...], _Group] = {}
         self._by_rid: dict[str, list[_Group]] = defaultdict(list)
         self._no_id: dict[tuple[str, str], list[_Group]] = defaultdict(list)
@@ -364,11 +366,10 @@ class Stitcher:
                 keep.append(c)
         self._clients = keep
         ready.sort(key=lambda c: c.complete)
-        self._awaited = set()
-        if any(not c.rid and c.flags is not None and "truncated" in c.flags for c in ready):
-            self._awaited = {c.rid for c in ready if c.rid} | {c.rid for c in keep if c.rid}
+        self._ready, self._awaited = ready, None
         linked: list[tuple[Sighting, _Group | None]] = [
             (c, self._link(c) or self._link_late(c)) for c in ready]
+        self._ready, self._awaited = [], None
         revived = self._due(final, horizon)
         # orphans: upstream requests with an id that no client request claimed
         orphans: list[_Group] = []
@@ -469,6 +470,9 @@ class Stitcher:
                 # passed through it to its pod) and no client request with an id awaits,
                 # found the slow way (this is rare)
                 awaited = self._awaited
+                if awaited is None:
+                    awaited = self._awaited = {x.rid for x in (*self._ready, *self._clients)
+                                               if x.rid}
                 pool = [x for x in self._groups.values()
                         if x.sightings[0].method == c.method and x.sightings[0].path == c.path
                         and x.rid not in awaited and self._sent_by(x, c.node)]

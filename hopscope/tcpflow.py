@@ -851,9 +851,7 @@ class NodeTracker:
                         # line cut short could hold a wrong CF-Ray), flagged
                         if h.msg is not None:
                             h.msg.flag("truncated")
-                        j = h.buf.rfind(b"\r\n")
-                        if j >= 0:
-                            h.buf = h.buf[: j + 2]
+                        h.buf = _whole_lines(h.buf)
                         h.hole = True
                     elif len(h.buf) > MAX_HEAD:
                         h.state = DEAD
@@ -952,8 +950,8 @@ class NodeTracker:
                     # the source cut short (a live source keeps 2,047 bytes of a segment; a
                     # head longer than that in one GRO or GSO segment ends in it); what its
                     # lines say, and no line cut short
-                    cut = hc.buf.rfind(b"\r\n")
-                    head = hc.buf[: cut + 2] + b"\r\n" if cut >= 0 else hc.buf + b"\r\n\r\n"
+                    head = _whole_lines(hc.buf)
+                    head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
                     self._headers(st, 1 - d, hc, hc.head_ts, head, hc.head_end)
                     # where its body ends is not known (some of it may be in the buffer):
                     # the next message is found by its start
@@ -1022,6 +1020,12 @@ _TRANSFER_ENCODING: Final = b"transfer-encoding"
 _HOST: Final = b"host"
 _CF_RAY: Final = b"cf-ray"
 _X_REQUEST_ID: Final = b"x-request-id"
+
+
+def _whole_lines(buf: bytes) -> bytes:
+    """``buf`` up to its last line end (all of it when it has none: a first line cut)."""
+    j = buf.rfind(b"\r\n")
+    return buf[: j + 2] if j >= 0 else buf
 
 
 @lru_cache(maxsize=8192)
