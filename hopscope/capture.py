@@ -76,6 +76,11 @@ _new: Final = tuple.__new__
 MAX_WANTED_ACKS: Final = 1 << 14
 
 
+#: the bytes of an Ethernet frame's headers to a VXLAN-encapsulated TCP segment's payload
+#: (with the timestamps option): a snap length under it can cut the TCP header
+SNAP_HEADERS: Final = 14 + 20 + 8 + 8 + 14 + 20 + 32
+
+
 @dataclass
 class ReadStats:
     """What a reader saw in one file."""
@@ -87,6 +92,8 @@ class ReadStats:
     skipped: int = 0  # records passed over (not TCP, fragments, unknown link)
     bytes_read: int = 0
     truncated: bool = False
+    cut: int = 0  # records the snap length cut short (captured < original length)
+    cut_max: int = 0  # the most bytes kept of such a record
     interfaces: dict[str, str] = field(default_factory=dict)  # name -> link type
     warnings: list[str] = field(default_factory=list)
 
@@ -453,6 +460,15 @@ class CaptureReader:
                 raise NotACaptureError(
                     f"{self.path}: not a pcap or pcapng capture (starts with 0x{head.hex()}); "
                     "give a file written by `tcpdump -w` or `dumpcap -w`")
+        st = self.stats
+        if st.cut:
+            # a snap length (tcpdump -s N): say what it costs, once the file is read
+            lost = (", and a VXLAN packet (50 bytes of headers more) whose TCP header it cut is "
+                    "left out" if st.cut_max < SNAP_HEADERS else "")
+            self._warn("snap", f"{self.path}: {st.cut:,} of {st.packets:,} packets were cut short by "
+                       f"the capture's snap length (at most {st.cut_max:,} bytes kept): a request "
+                       "head longer than that is read in part, flagged truncated (an id past the "
+                       f"cut is lost){lost}; capture whole packets (tcpdump -s 0)")
 
     # -- classic pcap --------------------------------------------------------
     def _pcap(self, f: BinaryIO, magic: bytes) -> Iterator[list[Observation]]:
@@ -485,12 +501,15 @@ class CaptureReader:
         sec: int
         frac: int
         incl: int
+        orig: int
         while True:
             batch: list[Observation] = []
             n = len(data)
             npk = 0
+            cut = 0
+            cut_max = 0
             while pos + 16 <= n:
-                sec, frac, incl, _orig = rec.unpack_from(data, pos)
+                sec, frac, incl, orig = rec.unpack_from(data, pos)
                 end = pos + 16 + incl
                 if end > n:
                     if incl > MAX_RECORD:
@@ -500,6 +519,10 @@ class CaptureReader:
                         pos = n
                     break
                 npk += 1
+                if incl < orig:
+                    cut += 1
+                    if incl > cut_max:
+                        cut_max = incl
                 if nsh > 1:
                     h = _link_hash(lt, data, pos + 16, end)
                     if h == NOT_TCP or (h >= 0 and shares.owner(h, incl + PACKET_WEIGHT) != ksh):
@@ -522,6 +545,9 @@ class CaptureReader:
             stats.packets += npk
             stats.skipped += npk - len(batch)  # (other shards' packets included)
             stats.observations += len(batch)
+            stats.cut += cut
+            if cut_max > stats.cut_max:
+                stats.cut_max = cut_max
             if batch:
                 yield batch
             if eof:
@@ -550,7 +576,8 @@ class CaptureReader:
         eof = False
         endian = "<"
         hdr = struct.Struct("<II")
-        epb = struct.Struct("<IIIIII")  # type, length, interface, ts high, ts low, captured
+        # type, length, interface, ts high, ts low, captured, original
+        epb = struct.Struct("<IIIIIII")
         opt = struct.Struct("<HHI")
         want_dir = self.directions
         nifs = 0
@@ -570,13 +597,16 @@ class CaptureReader:
         hi: int
         lo: int
         cap: int
+        orig: int
         while True:
             batch: list[Observation] = []
             n = len(data)
             npk = 0
+            cut = 0
+            cut_max = 0
             while pos + 12 <= n:
-                if pos + 28 <= n:
-                    btype, blen, ifid, hi, lo, cap = epb.unpack_from(data, pos)
+                if pos + 32 <= n:
+                    btype, blen, ifid, hi, lo, cap, orig = epb.unpack_from(data, pos)
                 else:
                     btype, blen = hdr.unpack_from(data, pos)
                 end = pos + blen
@@ -584,6 +614,10 @@ class CaptureReader:
                     # Enhanced Packet Block: the hot path
                     first = False
                     npk += 1
+                    if cap < orig:
+                        cut += 1
+                        if cap > cut_max:
+                            cut_max = cap
                     info = ifs[ifid] if ifid < nifs else None
                     if info is not None:
                         lk, mul, div, tsoff, ifname = info
@@ -644,7 +678,7 @@ class CaptureReader:
                         eof, pos = True, n
                         break
                     hdr = struct.Struct(endian + "II")
-                    epb = struct.Struct(endian + "IIIIII")
+                    epb = struct.Struct(endian + "IIIIIII")
                     opt = struct.Struct(endian + "HHI")
                     ifs = []
                     nifs = 0
@@ -702,6 +736,9 @@ class CaptureReader:
             stats.packets += npk
             stats.skipped += npk - len(batch)
             stats.observations += len(batch)
+            stats.cut += cut
+            if cut_max > stats.cut_max:
+                stats.cut_max = cut_max
             if batch:
                 yield batch
             if eof:

@@ -554,6 +554,13 @@ class NodeTracker:
             for k in st.keys:
                 self._streams.pop(k, None)
             st.keys = None
+        for d in (0, 1):
+            h = st.halves[d]
+            if h.client == 1 and h.msg is not None:
+                # a request's head cut short on a connection that ends had ended (at cni0
+                # with br_netfilter, whose answer crosses on another 4-tuple; an answer's
+                # status came with its first segment)
+                self._end_cut_head(st, d, h, h.msg)
         for s in st.unanswered:
             s.settled = True
         if st.syn_count and st.synack < 0 and st.flow is not None:
@@ -739,7 +746,9 @@ class NodeTracker:
         if st.sparse and payload.startswith(_STARTS):
             # a live source left out the bytes in between (a body): not a loss
             if h.state == HEAD and h.msg is not None:
+                # a head cut short (its blank line among the bytes left out) had ended
                 h.msg.flag("truncated")
+                self._end_cut_head(st, d, h, h.msg)
             h.state = IDLE
             h.buf = b""
             h.nxt = seq
@@ -833,6 +842,15 @@ class NodeTracker:
                         self._headers(st, d, h, done_ts, data[pos : i + 4], (seq + plen) & M32)
                         pos = i + 4
                         continue
+                m = h.msg
+                if pos == 0 and (h.buf or h.hole) and m is not None and m.flags is not None \
+                        and data.startswith(_METHODS if h.client == 1 else b"HTTP/1."):
+                    # a head cut short, then a segment that starts the next message: the
+                    # cut head's blank line was among the bytes left out (seen where the
+                    # response that would have ended it is not: a request's copy at cni0)
+                    self._end_cut_head(st, d, h, m)
+                    if h.state == IDLE:
+                        continue
                 old = len(h.buf)
                 # after bytes left out (the buffer ends with a whole line): a line end that
                 # starts these bytes ends a line not seen, and is no blank line
@@ -849,9 +867,14 @@ class NodeTracker:
                         # snap length; a live source's 2,047 bytes a segment): read on past
                         # the rest, as past a capture's gap, with the complete lines only (a
                         # line cut short could hold a wrong CF-Ray), flagged
-                        if h.msg is not None:
-                            h.msg.flag("truncated")
                         h.buf = _whole_lines(h.buf)
+                        m = h.msg
+                        if m is not None:
+                            m.flag("truncated")
+                            if h.client == 0 and m.status == 0:
+                                # the status line came whole: the answer's status is known
+                                # now, should the connection idle on past the settling
+                                m.status = _parse_head(h.buf + b"\r\n")[3]
                         h.hole = True
                     elif len(h.buf) > MAX_HEAD:
                         h.state = DEAD
@@ -942,27 +965,36 @@ class NodeTracker:
             # the response answers the oldest unanswered request
             m = h.msg = st.unanswered[0] if st.unanswered else None
             if m is not None:
-                hc = st.halves[1 - d]
-                if hc.state == HEAD and hc.msg is m and m.flags is not None and (
-                        "truncated" in m.flags or "capture_gap" in m.flags):
-                    # its head lost bytes, its blank line among them (a server answers once
-                    # it has read the head): it ended in its first segment or the latest one
-                    # the source cut short (a live source keeps 2,047 bytes of a segment; a
-                    # head longer than that in one GRO or GSO segment ends in it); what its
-                    # lines say, and no line cut short
-                    head = _whole_lines(hc.buf)
-                    head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
-                    self._headers(st, 1 - d, hc, hc.head_ts, head, hc.head_end)
-                    # where its body ends is not known (some of it may be in the buffer):
-                    # the next message is found by its start
-                    hc.state = IDLE
-                    hc.chunk = None
-                    hc.body_left = 0
+                # a request whose head lost bytes, its blank line among them, has ended: a
+                # server answers once it has read the head
+                self._end_cut_head(st, 1 - d, st.halves[1 - d], m)
                 if m.resp_first < 0:
                     m.resp_first = ts
         h.state = HEAD
         h.buf = b""
         h.hole = False
+
+    def _end_cut_head(self, st: _Stream, d: int, h: _Half, m: Sighting) -> None:
+        """End the head ``h`` reads for ``m`` if the source cut bytes from it.
+
+        Called when something later shows that the head has ended, its blank line among
+        the bytes left out (a snap length, a live source's 2,047 bytes of a segment, a
+        capture's gap): the response to a request, the next message on the same side, the
+        connection's end. It ended in its first segment or the latest one the source cut
+        short (a head longer than that in one GRO or GSO segment ends in it); it says what
+        its whole lines say, and no line cut short.
+        """
+        if h.state != HEAD or h.msg is not m or m.flags is None or (
+                "truncated" not in m.flags and "capture_gap" not in m.flags):
+            return
+        head = _whole_lines(h.buf)
+        head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
+        self._headers(st, d, h, h.head_ts, head, h.head_end)
+        # where its body ends is not known (some of it may be in the buffer): the next
+        # message is found by its start
+        h.state = IDLE
+        h.chunk = None
+        h.body_left = 0
 
     def _headers(self, st: _Stream, d: int, h: _Half, ts: int, head: bytes, end: int) -> None:
         """The message's headers are complete (in the segment seen at ``ts``, ending at ``end``)."""

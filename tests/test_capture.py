@@ -37,13 +37,15 @@ def eth(l3: bytes, etype: int = 0x0800) -> bytes:
 
 def pcap(path: Path, linktype: int, records: list[tuple[int, bytes]], nano: bool = True,
          endian: str = "<", snaplen: int = 262144) -> Path:
+    """Records longer than ``snaplen`` are cut to it, their original length kept (tcpdump -s)."""
     magic = 0xA1B23C4D if nano else 0xA1B2C3D4
     out = [struct.pack(endian + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)]
     for ts, data in records:
         sec, frac = divmod(ts, 1_000_000_000)
         if not nano:
             frac //= 1000
-        out.append(struct.pack(endian + "IIII", sec, frac, len(data), len(data)) + data)
+        kept = data[:snaplen]
+        out.append(struct.pack(endian + "IIII", sec, frac, len(kept), len(data)) + kept)
     path.write_bytes(b"".join(out))
     return path
 
@@ -58,8 +60,11 @@ def _block(endian: str, btype: int, body: bytes) -> bytes:
 
 
 def pcapng(path: Path, ifaces: list[tuple[str, int, int]], packets: list[tuple[int, int, bytes, int | None]],
-           endian: str = "<", spb: list[bytes] | None = None, sections: int = 1) -> Path:
-    """ifaces: (name, linktype, tsresol byte); packets: (ifid, ts_in_units, data, epb_flags)."""
+           endian: str = "<", spb: list[bytes] | None = None, sections: int = 1,
+           snaplen: int = 262144) -> Path:
+    """ifaces: (name, linktype, tsresol byte); packets: (ifid, ts_in_units, data, epb_flags),
+    cut to ``snaplen`` bytes (the original length kept, as tcpdump -s writes them; the
+    interfaces' own snap length field stays 0, as editcap -s leaves it)."""
     out = []
     for _ in range(sections):
         shb = struct.pack(endian + "IHHq", 0x1A2B3C4D, 1, 0, -1) + _opt(endian, 0, b"")
@@ -67,8 +72,10 @@ def pcapng(path: Path, ifaces: list[tuple[str, int, int]], packets: list[tuple[i
         for name, lt, res in ifaces:
             opts = _opt(endian, 2, name.encode()) + _opt(endian, 9, bytes([res])) + _opt(endian, 0, b"")
             out.append(_block(endian, 1, struct.pack(endian + "HHI", lt, 0, 0) + opts))
-        for ifid, ts, data, fl in packets:
-            body = struct.pack(endian + "IIIII", ifid, ts >> 32, ts & 0xFFFFFFFF, len(data), len(data))
+        for ifid, ts, whole, fl in packets:
+            data = whole[:snaplen]
+            body = struct.pack(endian + "IIIII", ifid, ts >> 32, ts & 0xFFFFFFFF, len(data),
+                               len(whole))
             body += data + b"\0" * (-len(data) % 4)
             if fl is not None:
                 body += _opt(endian, 2, struct.pack(endian + "I", fl)) + _opt(endian, 0, b"")
@@ -244,6 +251,41 @@ def test_truncated_file_yields_what_it_holds_and_one_warning(tmp_path: Path, kin
     obs = [o for b in r for o in b]
     assert len(obs) == 9 and r.stats.truncated
     assert len(warnings) == 1 and "truncated" in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["pcap", "pcapng"])
+def test_a_snap_length_is_read_and_said_once(tmp_path: Path, kind: str) -> None:
+    """tcpdump -s N keeps N bytes of a packet and its original length: a segment keeps
+    its whole length (the stitcher reads on past the bytes left out), and a VXLAN packet
+    whose TCP header was cut is left out; the reader says so once, with what was kept."""
+    head = PAYLOAD[:-2] + b"X-Pad: " + b"p" * 200 + b"\r\n\r\n"
+    vx = bytes(IP(src="178.104.247.152", dst="178.105.32.198") / UDP(sport=40000, dport=8472)
+               / VXLAN(vni=1, flags=0x08)) + eth(tcp_pkt(src="10.42.0.1", dst="10.42.1.5"))
+    recs = [(TS, eth(tcp_pkt(payload=head))), (TS + 1, eth(tcp_pkt(flags="S", payload=b""))),
+            (TS + 2, eth(vx))]
+
+    def read(snap: int) -> tuple[list[capmod.Observation], CaptureReader, list[str]]:
+        p = pcap(tmp_path / "s.pcap", 1, recs, snaplen=snap) if kind == "pcap" else pcapng(
+            tmp_path / "s.pcapng", [("eth0", 1, 9)], [(0, t, d, None) for t, d in recs],
+            snaplen=snap)
+        warnings: list[str] = []
+        r = CaptureReader(p, "node1", warn=warnings.append)
+        return [o for b in r for o in b], r, warnings
+
+    obs, r, warnings = read(100)
+    assert (r.stats.cut, r.stats.cut_max) == (2, 100) and warnings == [
+        f"{r.path}: 2 of 3 packets were cut short by the capture's snap length (at most 100 "
+        "bytes kept): a request head longer than that is read in part, flagged truncated (an "
+        "id past the cut is lost), and a VXLAN packet (50 bytes of headers more) whose TCP "
+        "header it cut is left out; capture whole packets (tcpdump -s 0)"]
+    assert [(o.plen, bytes(o.payload)) for o in obs] == [(len(head), head[:100 - 54]), (0, b"")]
+    obs, r, warnings = read(130)  # the VXLAN packet keeps its TCP header, not all the payload
+    assert (r.stats.cut, r.stats.cut_max) == (2, 130) and len(warnings) == 1
+    assert "at most 130 bytes kept" in warnings[0] and "VXLAN" not in warnings[0]
+    assert [o.vni for o in obs] == [-1, -1, 1]
+    assert (obs[2].plen, bytes(obs[2].payload)) == (len(PAYLOAD), PAYLOAD[:130 - 104])
+    obs, r, warnings = read(262144)
+    assert r.stats.cut == 0 and warnings == [] and obs[0].payload == head
 
 
 @pytest.mark.parametrize("content", [b"", b"hello world, not a capture at all" * 10,

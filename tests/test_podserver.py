@@ -52,3 +52,44 @@ def test_close_every_ends_every_nth_response(tmp_path: Path) -> None:
     assert asyncio.run(_exchange(srv, 5)) == [True, True, False]
     log = [json.loads(ln) for ln in (tmp_path / "log").read_text().splitlines()]
     assert [r["cf_ray"] for r in log] == ["r0", "r1", "r2", "r3", "r4", "r0", "r0", "r1", "r2"]
+
+
+async def _heads(srv: PodServer, asks: list[str]) -> list[str]:
+    """One keep-alive GET per ``X-Set-Cookie-Bytes`` value; the answers' heads."""
+    a, b = socket.socketpair()
+    heads: list[str] = []
+    try:
+        sr, sw = await asyncio.open_connection(sock=b)
+        serving = asyncio.create_task(srv.handle(sr, sw))
+        cr, cw = await asyncio.open_connection(sock=a, limit=1 << 20)
+        for ask in asks:
+            cw.write(f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Set-Cookie-Bytes: {ask}\r\n\r\n"
+                     .encode())
+            await cw.drain()
+            head = (await cr.readuntil(b"\r\n\r\n")).decode("latin-1")
+            length = int(next(ln.split(":", 1)[1] for ln in head.split("\r\n")
+                              if ln.lower().startswith("content-length:")))
+            await cr.readexactly(length)
+            heads.append(head)
+        cw.close()
+        await asyncio.wait_for(serving, 5)
+    finally:
+        a.close()
+        b.close()
+    return heads
+
+
+def test_an_answer_sets_the_cookie_asked_for(tmp_path: Path) -> None:
+    """The traffic generator's `set_cookies`: a `Set-Cookie` of the bytes asked (at most
+    16 KiB), none for a bad or zero ask."""
+    ctl = tmp_path / "ctl.json"
+    ctl.write_text(json.dumps({"service_ms": 0}))
+    srv = PodServer("api-1", "node2", str(tmp_path / "log"), str(ctl), 0.0)
+    heads = asyncio.run(_heads(srv, ["3000", "0", "x", "99999"]))
+
+    def cookie(head: str) -> int:
+        got = [ln for ln in head.split("\r\n") if ln.startswith("Set-Cookie: sid=")]
+        return len(got[0].split("=", 1)[1].split(";")[0]) if got else 0
+
+    assert [cookie(h) for h in heads] == [3000, 0, 0, 16384]
+    assert len(heads[0]) > 3000 and heads[0].startswith("HTTP/1.1 200 ")

@@ -1145,3 +1145,63 @@ def test_a_head_a_capture_cut_short_is_read_on_past_the_bytes_left_out() -> None
     assert (r["request_id"], r["path"], r["status"]) == ("00000000000000cd-DFW", "/long", 200)
     assert r["flags"] == ["no_upstream", "truncated"]
     assert r["start_ns"] == T0 + 80_000 and r["total_ns"] == 920_000
+
+
+def _cut_keepalive(snap: int) -> Timeline:
+    """Four requests on one keep-alive connection at node1's NIC, as a capture that keeps
+    ``snap`` bytes of a segment saw them: each response is a 176-byte head (a Set-Cookie)
+    and a body, in two segments; the last answer ends the traffic on the connection."""
+    tl = Timeline()
+    c, s = _client(tl, 45100, 100)
+    t = 100_000
+    for k in range(4):
+        req = http_request("GET", f"/p{k}", f"00000000000000{k:02x}-DFW")
+        tl.add("node1", "eth0", t, CLIENT, 45100, NIC, 80, c, s, ACK | PSH, req[:snap])
+        tl.obs["node1"][-1] = tl.obs["node1"][-1]._replace(plen=len(req))
+        c = (c + len(req)) & M32
+        t += 500_000 + k * 100_000
+        body = b"y" * (300 + 50 * k)
+        resp = (b"HTTP/1.1 20%d OK\r\nContent-Type: application/json\r\nSet-Cookie: a=" % k
+                + b"z" * 120 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        for lo, hi in ((0, len(resp) - 100), (len(resp) - 100, len(resp))):
+            tl.add("node1", "eth0", t, NIC, 80, CLIENT, 45100, s, c, ACK | PSH, resp[lo:hi][:snap])
+            tl.obs["node1"][-1] = tl.obs["node1"][-1]._replace(plen=hi - lo)
+            s = (s + hi - lo) & M32
+            t += 10_000
+        t += 200_000
+    return tl
+
+
+@pytest.mark.parametrize("snap", [100, 30, 2000])
+def test_answers_whose_heads_a_capture_cut_short_on_a_keep_alive_connection(snap: int) -> None:
+    """A snap length that cuts the response heads before their blank lines: a client sends
+    its next request once it has the answer, so that request ends the answer's head (read
+    in its whole lines: the status); the last answer's head ends with the connection. Each
+    request comes out with its own status and time (before: the first answer's head read
+    on into the next answers, and only the first request came out, without a status).
+    At 30 bytes the CF-Ray is lost too (the id derived); 2,000 keep everything."""
+    tl = _cut_keepalive(snap)
+    _later(tl)
+    reqs = sorted(stitch(tl, nodes=("node1",))["requests"], key=lambda r: r["start_ns"])
+    assert [(r["path"], r["status"], r["total_ns"]) for r in reqs] == [
+        (f"/p{k}", 200 + k, 500_000 + k * 100_000) for k in range(4)]
+    want = {100: ["no_upstream", "truncated"], 30: ["derived_id", "no_upstream", "truncated"],
+            2000: ["no_upstream"]}[snap]
+    assert all(r["flags"] == want for r in reqs)
+    if snap == 100:
+        assert [r["request_id"] for r in reqs] == [f"00000000000000{k:02x}-DFW" for k in range(4)]
+
+
+def test_an_answer_cut_short_has_its_status_when_the_connection_idles_on() -> None:
+    """A live stitcher hands a request over once it has waited its settling time, the
+    connection still open (keep-alive): an answer whose head was cut short has its status
+    from its first segment."""
+    from hopscope.tcpflow import SETTLE_NS, NodeTracker
+
+    tl = _cut_keepalive(100)
+    _later(tl, SETTLE_NS + 10_000_000)
+    tr = NodeTracker("node1")
+    tr.feed(sorted(tl.obs["node1"], key=lambda o: o.ts_real_ns))
+    done = tr.take()
+    assert [(s.path, s.status, s.settled) for s in done.sightings] == [
+        (f"/p{k}", 200 + k, True) for k in range(4)]

@@ -187,7 +187,11 @@ class PodServer:
                    "path": path, "status": status, "peer": peer, "pod": self.name,
                    "node": self.node, "service_ms": self.service_ms}
             self.logf.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        await self._send(writer, status, payload, keep)
+        try:  # the traffic generator's ask for a long answer head (at most 16 KiB)
+            cookie = min(max(int(headers.get("x-set-cookie-bytes", "0")), 0), 16384)
+        except ValueError:
+            cookie = 0
+        await self._send(writer, status, payload, keep, cookie)
         return keep
 
     async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
@@ -206,13 +210,14 @@ class PodServer:
                 raise ConnectionError("chunked body too large")
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, payload: Any,
-                    keep: bool) -> None:
+                    keep: bool, cookie: int = 0) -> None:
         body = json.dumps(payload, separators=(",", ":")).encode()
         head = (
             f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n"
-            f"X-Served-By: {self.name}@{self.node}\r\n"
+            + (f"Set-Cookie: sid={'c' * cookie}; Path=/; HttpOnly\r\n" if cookie else "")
+            + f"X-Served-By: {self.name}@{self.node}\r\n"
             + ("" if keep else "Connection: close\r\n")
             + "\r\n"
         ).encode()

@@ -5,7 +5,10 @@ Requests are plaintext HTTP/1.1 to a node's public address on port 80 with
 ``CF-Connecting-IP``, ``X-Forwarded-For``, ``X-Forwarded-Proto: https``
 (SSL mode Flexible); with ``cookies``, a browser's ``Cookie`` header of one of
 those sizes (0: none) before the ``CF-Ray``, so that heads of several KB, whose
-``CF-Ray`` is past the 2 KB an agent keeps of a segment, are sent too.
+``CF-Ray`` is past the 2 KB an agent keeps of a segment, are sent too; with
+``set_cookies``, an ``X-Set-Cookie-Bytes`` header of one of those sizes, which
+the replica's pods answer with a ``Set-Cookie`` of that many bytes (answers
+whose heads are longer than an agent keeps of a segment).
 ``concurrency`` workers each hold one connection; before each request a
 worker opens a new one with probability ``new_conn_ratio`` (and always after
 an error or ``Connection: close``). A new connection goes to the next node
@@ -21,6 +24,7 @@ Every request gives one record (a JSON line with ``--out``):
 ``conn``               connection number (per run), ``new_conn`` true on its first request
 ``method``/``path``    ``POST``/``GET`` ``/api/tasks/``
 ``head_bytes``         the request's head, bytes (its blank line included)
+``resp_head_bytes``    the response's head, bytes (0 when no response)
 ``status``             HTTP status, 0 when no response
 ``t_connect_ns``       wall clock when connect() started (new connections), else null
 ``t_start_real_ns``    wall clock just before the request was written
@@ -82,6 +86,8 @@ class TrafficConfig:
     seed: int | None = None
     #: sizes of a Cookie header, one picked at random per request (0: none); empty: none
     cookies: tuple[int, ...] = ()
+    #: sizes of a Set-Cookie the pod is asked to answer with, one picked per request (0: none)
+    set_cookies: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.count is not None and self.count < 1:
@@ -146,10 +152,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class _Response:
-    __slots__ = ("body", "close", "headers", "status")
+    __slots__ = ("body", "close", "head_bytes", "headers", "status")
 
     def __init__(self) -> None:
         self.status = 0
+        self.head_bytes = 0
         self.headers: dict[str, str] = {}
         self.body = b""
         self.close = False
@@ -176,6 +183,7 @@ async def _read_response(reader: asyncio.StreamReader, on_first: Callable[[], No
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):
         raise ConnectionError(f"bad status line {lines[0]!r}")
     resp.status = int(parts[1])
+    resp.head_bytes = len(head) + 4
     for ln in lines[1:]:
         k, _, v = ln.partition(":")
         resp.headers[k.strip().lower()] = v.strip()
@@ -280,6 +288,9 @@ class _Run:
         size = self.rng.choice(self.cfg.cookies) if self.cfg.cookies else 0
         if size:
             hdrs.append("Cookie: sid=" + "".join(self.rng.choices("0123456789abcdef", k=size)))
+        size = self.rng.choice(self.cfg.set_cookies) if self.cfg.set_cookies else 0
+        if size:
+            hdrs.append(f"X-Set-Cookie-Bytes: {size}")
         hdrs += [
             f"CF-Ray: {ray}",
             f"CF-Connecting-IP: {client}",
@@ -315,7 +326,8 @@ class _Run:
                 method = "POST" if self.rng.random() < self.cfg.post_ratio else "GET"
                 ray = f"{self.rng.getrandbits(64):016x}-DFW"
                 rec: dict[str, Any] = {"cf_ray": ray, "method": method, "path": PATH,
-                                       "status": 0, "new_conn": False, "t_connect_ns": None,
+                                       "status": 0, "resp_head_bytes": 0, "new_conn": False,
+                                       "t_connect_ns": None,
                                        "t_first_byte_ns": None, "served_by": "", "error": None}
                 if writer is None:
                     node, host_ip = self.pick()
@@ -348,6 +360,7 @@ class _Run:
                     resp = await asyncio.wait_for(self._exchange(writer, reader, first),
                                                   self.cfg.timeout)
                     rec["status"] = resp.status
+                    rec["resp_head_bytes"] = resp.head_bytes
                     rec["served_by"] = resp.headers.get("x-served-by", "")
                     rec["t_end_ns"] = time.time_ns()
                     if resp.close:
