@@ -228,8 +228,8 @@ class TrackerState:
 class _Half:
     """One direction of a connection at one interface."""
 
-    __slots__ = ("body_left", "buf", "chunk", "client", "dup", "fin", "head_end", "head_ts",
-                 "hole", "msg", "nxt", "pending", "state", "tries")
+    __slots__ = ("body_left", "buf", "chunk", "client", "cut", "dup", "fin", "head_end",
+                 "head_ts", "hole", "msg", "nxt", "pending", "state", "tries")
 
     def __init__(self) -> None:
         self.nxt = -1  # next expected sequence number, -1 until known
@@ -246,6 +246,9 @@ class _Half:
         #: the head in ``buf`` misses bytes the source did not keep: the next bytes go on
         #: from an unknown place in it (a blank line is not looked for across the join)
         self.hole = False
+        #: the head being read lost bytes (the source's cut, a capture's gap): what it says
+        #: of its body's length may have been among them
+        self.cut = False
         #: a head not yet ended: when its first segment, or the latest one the source cut
         #: short, was seen (where it ended, if its blank line was among the bytes left out)
         self.head_ts = -1
@@ -800,6 +803,8 @@ class NodeTracker:
         m = h.msg if h.client == 1 else (st.unanswered[0] if st.unanswered else None)
         if m is not None:
             m.flag("capture_gap")
+        if h.state == HEAD:
+            h.cut = True
         h.nxt = nxt
         ts = pend[nxt][0]
         if h.state == SYNC:
@@ -868,6 +873,7 @@ class NodeTracker:
                         # the rest, as past a capture's gap, with the complete lines only (a
                         # line cut short could hold a wrong CF-Ray), flagged
                         h.buf = _whole_lines(h.buf)
+                        h.cut = True
                         m = h.msg
                         if m is not None:
                             m.flag("truncated")
@@ -907,6 +913,13 @@ class NodeTracker:
                     h.state = SYNC
                     return
                 if used < 0:
+                    if short > 0:
+                        # the bytes the capture did not keep: counted blindly in a chunk's
+                        # data, else (a size line cut) the framing is lost
+                        if ch.left >= short:
+                            ch.left -= short
+                        else:
+                            h.state = SYNC
                     return
                 pos += used
                 h.chunk = None
@@ -973,6 +986,7 @@ class NodeTracker:
         h.state = HEAD
         h.buf = b""
         h.hole = False
+        h.cut = False
 
     def _end_cut_head(self, st: _Stream, d: int, h: _Half, m: Sighting) -> None:
         """End the head ``h`` reads for ``m`` if the source cut bytes from it.
@@ -1031,7 +1045,9 @@ class NodeTracker:
             h.state = IDLE if status != 101 else DEAD
             return
         if not chunked and clen < 0:
-            h.state = UNTIL_CLOSE
+            # delimited by the connection's close; or, when the head lost lines, its
+            # length unknown: the next message is found by its start
+            h.state = IDLE if h.cut else UNTIL_CLOSE
             return
         self._body(h, chunked, clen)
 
