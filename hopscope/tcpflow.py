@@ -50,6 +50,8 @@ EVENT_KEEP_NS: Final = 2 * 1_000_000_000
 MAX_HEAD: Final = 64 * 1024
 MAX_PENDING: Final = 512
 SYNC_TRIES: Final = 8
+#: segments held while a direction waits for a message's start to find its place again
+SYNC_HELD: Final = 16
 
 #: Interface names that several interfaces share in a capture (SLL v1, merged Ethernet).
 SHARED_IFNAMES: Final = frozenset(("", "any"))
@@ -711,6 +713,12 @@ class NodeTracker:
                 h.tries += 1
                 if h.tries > SYNC_TRIES and st.nreq == 0:
                     h.state = DEAD
+                elif h.nxt >= 0:
+                    # held, a few: the next message's start may come after its own next
+                    # segments (reordered), which then continue it
+                    if h.pending is None or len(h.pending) >= SYNC_HELD:
+                        h.pending = {}
+                    h.pending[seq] = (ts, plen, payload, ipid)
                 return
             if st.flow is None:
                 st.flow = _flow_of(st, d if h.client == 1 else 1 - d)
@@ -874,16 +882,19 @@ class NodeTracker:
                         # line cut short could hold a wrong CF-Ray), flagged
                         h.buf = _whole_lines(h.buf)
                         h.cut = True
-                        m = h.msg
                         if m is not None:
                             m.flag("truncated")
-                            if h.client == 0 and m.status == 0:
-                                # the status line came whole: the answer's status is known
-                                # now, should the connection idle on past the settling
-                                m.status = _parse_head(h.buf + b"\r\n")[3]
                         h.hole = True
                     elif len(h.buf) > MAX_HEAD:
                         h.state = DEAD
+                    if h.client == 0 and m is not None and m.status == 0:
+                        # an answer's head that goes on past its first segment: its status
+                        # is known now (its line came whole), should the rest come late or
+                        # not at all (bytes a live source left out, a connection that idles
+                        # on past the settling time)
+                        j = h.buf.find(b"\r\n")
+                        if j > 0:
+                            m.status = _parse_head(h.buf[: j + 2] + b"\r\n")[3]
                     return
                 used = i + 4 - old + skip
                 self._headers(st, d, h, done_ts, h.buf[: i + 4], (seq + plen) & M32)
@@ -978,9 +989,14 @@ class NodeTracker:
             # the response answers the oldest unanswered request
             m = h.msg = st.unanswered[0] if st.unanswered else None
             if m is not None:
-                # a request whose head lost bytes, its blank line among them, has ended: a
-                # server answers once it has read the head
-                self._end_cut_head(st, 1 - d, st.halves[1 - d], m)
+                # a request whose head is still open has ended: a server answers once it
+                # has read the head; what ended it was left out (a live source that met
+                # its segments out of order follows none of them) or not captured
+                hc = st.halves[1 - d]
+                if hc.state == HEAD and hc.msg is m:
+                    if not hc.cut:
+                        m.flag("truncated" if st.sparse else "capture_gap")
+                    self._end_cut_head(st, 1 - d, hc, m)
                 if m.resp_first < 0:
                     m.resp_first = ts
         h.state = HEAD

@@ -14,7 +14,9 @@ to the stitcher three ways:
 
 Every request comes out of each with the status of the whole packets; the live view's
 times are exact; a capture's are within the request's own segments (a head whose blank
-line the snap length left out ends in its first segment or the last one cut short).
+line the snap length left out ends in its first segment or the last one cut short). The
+same holds, for the statuses, when some segments come out of order (a message's next
+segment before it: a live source then misses what it would have followed) or twice.
 """
 
 from __future__ import annotations
@@ -191,4 +193,43 @@ def test_cut_heads_give_every_request_its_status(first: int) -> None:
                                          w["status"], r and r["flags"]))
                 if set(got) - set(whole):
                     failures.append((seed, view, snap, gso, "extra", sorted(set(got) - set(whole))))
+    assert failures == [], failures[:5]
+
+
+def _reordered(pkts: list[Packet], rng: random.Random) -> list[Packet]:
+    """Up to three segments swapped with the next one of their flow, sent 5 us later."""
+    pkts = list(pkts)
+    data = [i for i, p in enumerate(pkts) if p[8]]
+    for _ in range(3):
+        i = rng.choice(data)
+        j = next((k for k in range(i + 1, len(pkts)) if pkts[k][1:3] == pkts[i][1:3]), -1)
+        if j > 0 and pkts[j][8] and pkts[j][0] - pkts[i][0] <= 5_000:
+            a, b = pkts[i], pkts[j]
+            pkts[i], pkts[j] = (a[0], *b[1:]), (b[0], *a[1:])
+    return pkts
+
+
+def _repeated(pkts: list[Packet], rng: random.Random) -> list[Packet]:
+    """Three segments seen twice (a retransmission, or a second copy), 1 ns apart."""
+    pkts = list(pkts)
+    for _ in range(3):
+        i = rng.choice([k for k, p in enumerate(pkts) if p[8]])
+        pkts.insert(i + 1, (pkts[i][0] + 1, *pkts[i][1:]))
+    return pkts
+
+
+@pytest.mark.parametrize("first", range(0, 300, 50))
+def test_segments_out_of_order_or_twice_change_no_status(first: int) -> None:
+    failures = []
+    for seed in range(first, first + 50):
+        for gso in (False, True):
+            pkts, _truth = _packets(seed, gso)
+            whole = {k: r["status"] for k, r in _stitch(pkts, "whole").items()}
+            for how, change in (("reordered", _reordered), ("repeated", _repeated)):
+                changed = change(pkts, random.Random(seed * 13 + gso))
+                for view, snap in (("whole", 0), ("snap", 600), ("snap", 1500), ("live", 0)):
+                    got = {k: r["status"] for k, r in _stitch(changed, view, snap).items()}
+                    if got != whole:
+                        failures.append((seed, gso, how, view, snap, sorted(
+                            (k, v, got.get(k)) for k, v in whole.items() if got.get(k) != v)[:2]))
     assert failures == [], failures[:5]
