@@ -725,6 +725,10 @@ class NodeTracker:
             h.nxt = seq
             h.state = IDLE
             h.buf = b""
+            if h.pending:
+                # of the segments held, those after this start continue it
+                h.pending = {k: v for k, v in h.pending.items()
+                             if 0 < (k - seq) & M32 < HALF32} or None
         diff = (seq - h.nxt) & M32
         if diff == 0:
             h.dup.append((seq, ipid))

@@ -176,6 +176,7 @@ def test_cut_heads_give_every_request_its_status(first: int) -> None:
             whole = _stitch(pkts, "whole")
             assert {k: r["status"] for k, r in whole.items()} == {
                 k: v[0] for k, v in truth.items()}, (seed, gso)
+            assert all(r["flags"] == ["no_upstream"] for r in whole.values()), (seed, gso)
             for view, snap, g in VIEWS:
                 if g != gso:
                     continue
@@ -188,6 +189,8 @@ def test_cut_heads_give_every_request_its_status(first: int) -> None:
                     elif ok:  # within the request's own segments
                         ok = abs(r["start_ns"] - w["start_ns"]) <= truth[rid][1]
                         ok = ok and r["start_ns"] + r["total_ns"] == w["start_ns"] + w["total_ns"]
+                    # nothing was lost, reordered or sent twice: the cut is all there is
+                    ok = ok and set(r["flags"]) <= {"no_upstream", "truncated"}
                     if not ok:
                         failures.append((seed, view, snap, gso, rid, r and r["status"],
                                          w["status"], r and r["flags"]))
