@@ -367,8 +367,17 @@ class Stitcher:
         self._clients = keep
         ready.sort(key=lambda c: c.complete)
         self._ready, self._awaited = ready, None
-        linked: list[tuple[Sighting, _Group | None]] = [
-            (c, self._link(c) or self._link_late(c)) for c in ready]
+        # clients with an id first (theirs is known), then those without, by the end of
+        # their window (Traefik's answer), each taking the first unclaimed upstream request
+        # in it: concurrent requests of one line can be forwarded out of the order they
+        # came in (one held in UFW or Traefik), and the first to come is not the first to
+        # claim (the earliest end first takes what only its window holds)
+        by: dict[int, _Group | None] = {}
+        for c in sorted(ready, key=lambda c: (0, c.complete) if c.rid else (
+                1, (c.resp_first if c.resp_first >= 0 else c.complete + MATCH_WINDOW_NS)
+                - sh.get(c.node, 0))):
+            by[id(c)] = self._link(c) or self._link_late(c)
+        linked: list[tuple[Sighting, _Group | None]] = [(c, by[id(c)]) for c in ready]
         self._ready, self._awaited = [], None
         revived = self._due(final, horizon)
         # orphans: upstream requests with an id that no client request claimed
