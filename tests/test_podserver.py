@@ -10,24 +10,24 @@ from pathlib import Path
 from hopscope.testbed.podserver import PodServer
 
 
-async def _exchange(srv: PodServer, n: int) -> list[bool]:
-    """``n`` keep-alive GETs on one connection; for each, whether the server kept it."""
+async def _heads(srv: PodServer, extra: list[str]) -> list[str]:
+    """Keep-alive GETs on one connection, one per header line in ``extra``: the answers'
+    heads, up to the one that closes it (and the server did close it)."""
     a, b = socket.socketpair()
-    kept: list[bool] = []
+    heads: list[str] = []
     try:
         sr, sw = await asyncio.open_connection(sock=b)
         serving = asyncio.create_task(srv.handle(sr, sw))
-        cr, cw = await asyncio.open_connection(sock=a)
-        for i in range(n):
-            cw.write(f"GET /healthz HTTP/1.1\r\nHost: x\r\nCf-Ray: r{i}\r\n\r\n".encode())
+        cr, cw = await asyncio.open_connection(sock=a, limit=1 << 20)
+        for line in extra:
+            cw.write(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode())
             await cw.drain()
             head = (await cr.readuntil(b"\r\n\r\n")).decode("latin-1")
             length = int(next(ln.split(":", 1)[1] for ln in head.split("\r\n")
                               if ln.lower().startswith("content-length:")))
             await cr.readexactly(length)
-            closing = "connection: close" in head.lower()
-            kept.append(not closing)
-            if closing:
+            heads.append(head)
+            if "connection: close" in head.lower():
                 assert await cr.read() == b""  # and the server did close it
                 break
         cw.close()
@@ -35,7 +35,13 @@ async def _exchange(srv: PodServer, n: int) -> list[bool]:
     finally:
         a.close()
         b.close()
-    return kept
+    return heads
+
+
+async def _exchange(srv: PodServer, n: int) -> list[bool]:
+    """``n`` keep-alive GETs on one connection; for each, whether the server kept it."""
+    heads = await _heads(srv, [f"Cf-Ray: r{i}" for i in range(n)])
+    return ["connection: close" not in h.lower() for h in heads]
 
 
 def test_close_every_ends_every_nth_response(tmp_path: Path) -> None:
@@ -54,38 +60,14 @@ def test_close_every_ends_every_nth_response(tmp_path: Path) -> None:
     assert [r["cf_ray"] for r in log] == ["r0", "r1", "r2", "r3", "r4", "r0", "r0", "r1", "r2"]
 
 
-async def _heads(srv: PodServer, asks: list[str]) -> list[str]:
-    """One keep-alive GET per ``X-Set-Cookie-Bytes`` value; the answers' heads."""
-    a, b = socket.socketpair()
-    heads: list[str] = []
-    try:
-        sr, sw = await asyncio.open_connection(sock=b)
-        serving = asyncio.create_task(srv.handle(sr, sw))
-        cr, cw = await asyncio.open_connection(sock=a, limit=1 << 20)
-        for ask in asks:
-            cw.write(f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Set-Cookie-Bytes: {ask}\r\n\r\n"
-                     .encode())
-            await cw.drain()
-            head = (await cr.readuntil(b"\r\n\r\n")).decode("latin-1")
-            length = int(next(ln.split(":", 1)[1] for ln in head.split("\r\n")
-                              if ln.lower().startswith("content-length:")))
-            await cr.readexactly(length)
-            heads.append(head)
-        cw.close()
-        await asyncio.wait_for(serving, 5)
-    finally:
-        a.close()
-        b.close()
-    return heads
-
-
 def test_an_answer_sets_the_cookie_asked_for(tmp_path: Path) -> None:
     """The traffic generator's `set_cookies`: a `Set-Cookie` of the bytes asked (at most
     16 KiB), none for a bad or zero ask."""
     ctl = tmp_path / "ctl.json"
     ctl.write_text(json.dumps({"service_ms": 0}))
     srv = PodServer("api-1", "node2", str(tmp_path / "log"), str(ctl), 0.0)
-    heads = asyncio.run(_heads(srv, ["3000", "0", "x", "99999"]))
+    heads = asyncio.run(_heads(srv, [f"X-Set-Cookie-Bytes: {ask}"
+                                     for ask in ("3000", "0", "x", "99999")]))
 
     def cookie(head: str) -> int:
         got = [ln for ln in head.split("\r\n") if ln.startswith("Set-Cookie: sid=")]
