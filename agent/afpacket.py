@@ -7,7 +7,8 @@ Python, truncated to their headers and the first bytes of payload:
 
 * IPv4 TCP on the interfaces the agent watches (chosen by ifindex in the
   filter; the filter is rebuilt when interfaces come and go), and on the
-  underlay the TCP inside VXLAN (UDP 8472/4789);
+  underlay the TCP inside VXLAN (UDP 8472/4789); at the public NIC only
+  the entry port's connections (not the agent's own to the collector);
 * with SYN, FIN or RST set, or carrying payload;
 * pure ACKs only where the stitcher uses them: arriving at the public NIC
   (the handshake's last packet; the tc classifier keeps per-flow state to
@@ -142,16 +143,22 @@ def assemble(prog: Iterable[Insn | Label]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _tcp_block(l3: int, pure_ack_in: bool, accept: str, drop: str
+def _tcp_block(l3: int, pure_ack_in: bool, accept: str, drop: str, port: int | None = None
                ) -> list[Insn | Label]:
     """IPv4 TCP at ``l3`` (the frame's bytes): accept with control flags or payload.
 
     The Ethernet type in front of ``l3`` has been checked already. ``pure_ack_in``
-    also accepts payload-less ACKs that arrive (not those sent)."""
+    also accepts payload-less ACKs that arrive (not those sent). ``port``: only
+    segments from or to it (the entry port, at the public NIC)."""
     p: list[Insn | Label] = [
         Insn(LD | B | ABS, k=l3 + 9), Insn(JMP | JEQ | K, 0, drop, 6),
         Insn(LD | H | ABS, k=l3 + 6), Insn(JMP | JSET | K, drop, 0, 0x1FFF),  # a later fragment
         Insn(LDX | B | MSH, k=l3),  # X = IHL * 4
+    ]
+    if port is not None:  # source port, else destination port
+        p += [Insn(LD | H | IND, k=l3), Insn(JMP | JEQ | K, 2, 0, port),
+              Insn(LD | H | IND, k=l3 + 2), Insn(JMP | JEQ | K, 0, drop, port)]
+    p += [
         Insn(LD | B | IND, k=l3 + 13), Insn(JMP | JSET | K, accept, 0, 0x07),  # SYN FIN RST
         Insn(LD | B | IND, k=l3 + 12), Insn(ALU | RSH | K, k=4), Insn(ALU | LSH | K, k=2),
         Insn(ALU | ADD | X), Insn(MISC | TAX),  # X = IP + TCP header length
@@ -166,9 +173,13 @@ def _tcp_block(l3: int, pure_ack_in: bool, accept: str, drop: str
     return p
 
 
-def socket_filter(roles: Mapping[int, str], snaplen: int = SNAPLEN
+def socket_filter(roles: Mapping[int, str], snaplen: int = SNAPLEN, entry_port: int = 80
                   ) -> list[tuple[int, int, int, int]]:
-    """The classic BPF program for interfaces ``roles`` (ifindex -> observation point)."""
+    """The classic BPF program for interfaces ``roles`` (ifindex -> observation point).
+
+    At the public NIC only the ``entry_port``'s connections pass (as the tc classifier
+    does): the node's other traffic there, the agent's own batches to the collector
+    among it, is not a request of the model."""
     groups: dict[str, list[int]] = {}
     for idx, point in sorted(roles.items()):
         groups.setdefault(point, []).append(idx)
@@ -194,10 +205,11 @@ def socket_filter(roles: Mapping[int, str], snaplen: int = SNAPLEN
                 *_tcp_block(inner, False, "accept", "drop"),
             ]
             if point == NIC_UNDERLAY:
-                p += [Label(f"{tag}-tcp"), *_tcp_block(14, True, "accept", "drop")]
+                p += [Label(f"{tag}-tcp"), *_tcp_block(14, True, "accept", "drop", entry_port)]
         else:
             p += [Insn(LD | H | ABS, k=12), Insn(JMP | JEQ | K, 0, "drop", 0x0800),
-                  *_tcp_block(14, point == NIC, "accept", "drop")]
+                  *_tcp_block(14, point == NIC, "accept", "drop",
+                              entry_port if point == NIC else None)]
     p += [Label("accept"), Insn(RET | K, k=snaplen), Label("drop"), Insn(RET | K, k=0)]
     return assemble(p)
 
@@ -223,8 +235,10 @@ class CaptureSource:
     """
 
     def __init__(self, node: str, mono_to_real: Callable[[], int],
-                 block_size: int = BLOCK_SIZE, block_nr: int = BLOCK_NR) -> None:
+                 block_size: int = BLOCK_SIZE, block_nr: int = BLOCK_NR,
+                 entry_port: int = 80) -> None:
         self.node = node
+        self.entry_port = entry_port
         self.mono_to_real = mono_to_real
         self.ifaces: dict[int, Iface] = {}
         self.block_size = block_size
@@ -265,7 +279,8 @@ class CaptureSource:
 
     def set_interfaces(self, ifaces: Mapping[int, Iface]) -> None:
         self.ifaces = dict(ifaces)
-        attach_filter(self.sock, socket_filter({i: f.point for i, f in self.ifaces.items()}))
+        attach_filter(self.sock, socket_filter({i: f.point for i, f in self.ifaces.items()},
+                                               entry_port=self.entry_port))
 
     def wait(self, timeout: float) -> bool:
         return bool(self._poll.poll(timeout))

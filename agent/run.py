@@ -331,7 +331,7 @@ class Agent:
         self._raw: list[tuple[bytes, int]] = []
         self._raw_tail = False  # records went out since the last batch with an empty ring
         self.raw_records = 0
-        self.stitcher = Stitcher([cfg.node])
+        self.stitcher = Stitcher([cfg.node], entry_ports=(cfg.entry_port,))
         self.tracker = self.stitcher.tracker(cfg.node)
         #: stitch here (for --local, --out, --slow-pcap); requests are kept only for --out
         self._stitching = cfg.local or bool(cfg.out) or bool(cfg.slow_pcap)
@@ -443,7 +443,8 @@ class Agent:
     def _start_capture(self) -> None:
         from hopscope.agent.afpacket import CaptureSource
 
-        self.cap = CaptureSource(self.cfg.node, lambda: self.offset)
+        self.cap = CaptureSource(self.cfg.node, lambda: self.offset,
+                                 entry_port=self.cfg.entry_port)
         self.reorder_ns = CAPTURE_REORDER_NS
         self._rescan(first=True)
         self.sources = {}

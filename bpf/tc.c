@@ -303,6 +303,11 @@ static __always_inline int hs_tc(struct __sk_buff *skb, __u8 dir)
     if (p.proto != HS_IPPROTO_TCP || hs_tcp(off, l4len, l4, &p) < 0)
         return TC_ACT_OK;
     int nic = role == HS_ROLE_NIC || (role == HS_ROLE_NIC_UNDERLAY && p.vni == HS_NO_VNI);
+    /* at the public NIC only the entry port's connections are requests of the model: not
+     * the node's other traffic (ssh, the API server, the agent's own batches to the
+     * collector, whose bytes hold request heads and would look like requests) */
+    if (nic && p.sport != HS_ENTRY_PORT && p.dport != HS_ENTRY_PORT)
+        return TC_ACT_OK;
     if (p.flags & 0x07) { /* SYN, FIN, RST */
         struct hs_flowkey k = {};
         if (nic && dir == HS_DIR_OUT && (p.flags & 0x12) == 0x12) {

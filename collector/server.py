@@ -155,7 +155,8 @@ class Collector:
     def _tracker(self, node: str) -> NodeTracker:
         t = self.trackers.get(node)
         if t is None:
-            t = self.trackers[node] = NodeTracker(node, self.stitcher.cidrs)
+            t = self.trackers[node] = NodeTracker(node, self.stitcher.cidrs,
+                                                   self.stitcher.entry_ports)
         return t
 
     def _feed(self, node: str, obs: Sequence[Observation]) -> None:

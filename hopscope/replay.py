@@ -137,11 +137,11 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any,
+def _worker(task: tuple[str, Path, int, int, Cidrs, frozenset[int]], out: Any, counter: Any,
             parent: int) -> None:
     """In a worker process: read shard k of n of one node's capture, handing over as it goes."""
     _die_with(parent)
-    node, path, k, n, cidrs = task
+    node, path, k, n, cidrs, entry_ports = task
     gc.disable()
 
     def progress(nbytes: int) -> None:
@@ -155,7 +155,7 @@ def _worker(task: tuple[str, Path, int, int, Cidrs], out: Any, counter: Any,
         # warnings: kept in the reader's stats, which the parent shows (shard 0's, once)
         reader = CaptureReader(path, node, warn=lambda _msg: None, shard=(k, n),
                                progress=progress, directions=False, pure_acks=False)
-        tracker = NodeTracker(node, cidrs)
+        tracker = NodeTracker(node, cidrs, entry_ports)
         since = 0
         for batch in reader:
             tracker.feed(batch)
@@ -248,7 +248,7 @@ def _run_serial(pairs: list[tuple[str, Path]], st: Stitcher, warn: Callable[[str
     readers = [CaptureReader(path, node, warn=warn, progress=prog, directions=False,
                              pure_acks=False) for node, path in pairs]
     its = [iter(r) for r in readers]
-    trackers = [NodeTracker(node, st.cidrs) for node, _ in pairs]
+    trackers = [NodeTracker(node, st.cidrs, st.entry_ports) for node, _ in pairs]
     # the next batch comes from the capture that is furthest behind
     heap: list[tuple[int, int]] = [(-(1 << 62), i) for i in range(len(pairs))]
     since = 0
@@ -286,7 +286,8 @@ def _run_pool(pairs: list[tuple[str, Path]], shards: list[int], cidrs: Cidrs, st
     """
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
-    tasks = [(node, path, k, n, cidrs) for (node, path), n in zip(pairs, shards, strict=True)
+    tasks = [(node, path, k, n, cidrs, st.entry_ports)
+             for (node, path), n in zip(pairs, shards, strict=True)
              for k in range(n)]
     keys = [(t[0], t[2]) for t in tasks]
     queues = {key: ctx.Queue(maxsize=QUEUE_DEPTH) for key in keys}

@@ -231,7 +231,7 @@ class Stitcher:
     def tracker(self, node: str) -> NodeTracker:
         t = self.trackers.get(node)
         if t is None:
-            t = self.trackers[node] = NodeTracker(node, self.cidrs)
+            t = self.trackers[node] = NodeTracker(node, self.cidrs, self.entry_ports)
             self._node(node)
         return t
 

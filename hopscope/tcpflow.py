@@ -327,9 +327,16 @@ class _Stream:
 class NodeTracker:
     """Turn one node's observations (in time order) into request sightings."""
 
-    def __init__(self, node: str, cidrs: Cidrs | None = None) -> None:
+    def __init__(self, node: str, cidrs: Cidrs | None = None,
+                 entry_ports: Iterable[int] | None = None) -> None:
         self.node = node
         self.cidrs = cidrs or Cidrs()
+        #: at the public NIC only connections from or to these ports make sightings (None:
+        #: every port): the node's other TCP there (an agent's batches to its collector hold
+        #: request heads) would make requests that are never answered, each holding the
+        #: watermark back for SETTLE_NS
+        self.entry_ports: frozenset[int] | None = (
+            frozenset(entry_ports) if entry_ports is not None else None)
         self.sightings: list[Sighting] = []
         self.syns: list[SynRecord] = []
         self._streams: dict[tuple[object, ...], tuple[_Stream, int]] = {}
@@ -543,6 +550,10 @@ class NodeTracker:
                     else:
                         point = NIC
         if point == SKIP:
+            return None
+        ports = self.entry_ports
+        if point == NIC and ports is not None and ob.sport not in ports \
+                and ob.dport not in ports:
             return None
         st = _Stream(ifname, point)
         st.sparse = ob.ts_mono_ns >= 0

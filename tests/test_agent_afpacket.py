@@ -154,6 +154,37 @@ def test_vxlan_on_the_underlay() -> None:
     assert not verdict(vxlan(inner_get), POD_IF)
 
 
+def test_only_the_entry_ports_connections_at_the_nic() -> None:
+    """At the public NIC the node's other TCP (ssh, the agent's own batches to the
+    collector, which hold request heads) is dropped, both ways; elsewhere every port
+    passes, and so does TCP inside VXLAN on a NIC that is also the underlay."""
+    def other(flags: str, payload: bytes = b"", sport: int = 51000, dport: int = 7000
+              ) -> bytes:
+        return bytes(Ether() / IP(src="203.0.113.12", dst="203.0.113.1")
+                     / TCP(sport=sport, dport=dport, flags=flags) / payload)
+
+    for ifindex in (NIC_IF, NU_IF):
+        for frame in (other("PA", GET), other("S"), other("A", b"x" * 100),
+                      other("PA", GET, sport=7000, dport=51000)):
+            assert not verdict(frame, ifindex) and not verdict(frame, ifindex, OUT)
+        assert verdict(other("PA", GET, dport=80), ifindex)  # to the entry port
+        assert verdict(other("PA", b"HTTP/1.1 200 OK", sport=80, dport=51000), ifindex, OUT)
+    assert verdict(vxlan(other("PA", GET, dport=8000)), NU_IF)
+    for ifindex in (POD_IF, OVERLAY_IF):
+        assert verdict(other("PA", GET, dport=8000), ifindex)
+    # another entry port
+    prog = af.socket_filter(ROLES, entry_port=8080)
+    assert run_cbpf(prog, other("PA", GET, dport=8080), NIC_IF, IN) == af.SNAPLEN
+    assert run_cbpf(prog, other("PA", GET, dport=80), NIC_IF, IN) == 0
+    # IP options move the TCP header: the ports are read behind them
+    opt = bytes(Ether() / IP(src="1.1.1.1", dst="2.2.2.2", options=[b"\x01\x01\x01\x00"])
+                / TCP(sport=51000, dport=80, flags="S"))
+    assert verdict(opt, NIC_IF)
+    assert not verdict(bytes(Ether() / IP(src="1.1.1.1", dst="2.2.2.2",
+                                          options=[b"\x01\x01\x01\x00"])
+                             / TCP(sport=51000, dport=7000, flags="S")), NIC_IF)
+
+
 def test_interfaces_not_watched_are_dropped() -> None:
     assert not verdict(tcp("S"), 99)
     assert run_cbpf(af.socket_filter({}), tcp("S"), NIC_IF, IN) == 0
@@ -193,7 +224,7 @@ _FLUSH_PROBE = """
 import socket, sys
 from hopscope.agent import afpacket as af
 from hopscope.agent.events import Iface
-cap = af.CaptureSource("n", lambda: 0)
+cap = af.CaptureSource("n", lambda: 0, entry_port=8080)
 cap.set_interfaces({socket.if_nametoindex(sys.argv[1]): Iface(sys.argv[1], "nic")})
 c = socket.socket()
 c.setblocking(False)

@@ -45,11 +45,18 @@ cases = {
     "longer": ("in", "PA", b"GET /" + b"p" * 3000 + b" HTTP/1.1\r\n"),
     "pure_ack": ("in", "A", b""),
     "body": ("in", "PA", b"{" * 1400),
+    # the node's other connections at the NIC (the agent's own to its collector: its
+    # batches hold request heads), both ways, and their handshakes: nothing
+    "other_port_in": ("in", "PA", b"GET /api/tasks/ HTTP/1.1\r\nHost: x\r\n\r\n", 7000),
+    "other_port_out": ("out", "PA", b"POST /api/tasks/ HTTP/1.1\r\nHost: x\r\n\r\n", 7000),
+    "other_port_syn": ("out", "S", b"", 7000),
+    "entry_port_syn": ("out", "S", b""),
 }
 out = {}
-for name, (d, flags, payload) in cases.items():
+for name, (d, flags, payload, *port) in cases.items():
     frame = bytes(Ether() / IP(src="162.158.1.2", dst="178.104.247.152")
-                  / TCP(sport=40000 + len(out), dport=80, flags=flags, seq=1000, ack=5)
+                  / TCP(sport=40000 + len(out), dport=port[0] if port else 80, flags=flags,
+                        seq=1000, ack=5)
                   / payload)
     rv, _ns = bpfsys.prog_test_run(tc_in if d == "in" else tc_out, frame)
     got = []
@@ -103,6 +110,10 @@ def test_classifiers_pass_frames_and_send_heads() -> None:
     assert got == sent[:ev.PAYLOAD_MAX - 1] and e["plen"] == len(sent) == 3016
     # a body segment of a flow no start was seen on: nothing
     assert cases["body"]["events"] == []
+    # at the NIC, nothing of another port's connections; the entry port's SYN is sent
+    for name in ("other_port_in", "other_port_out", "other_port_syn"):
+        assert cases[name]["events"] == [], name
+    assert len(cases["entry_port_syn"]["events"]) == 1
 
 
 CUT_CHILD = NIC_PROLOGUE + r"""

@@ -1266,3 +1266,35 @@ def test_concurrent_requests_forwarded_out_of_order_each_take_their_own_upstream
         ("ingress", 1_100_000), ("app", 100_000), ("egress", 76_000)]
     assert [(h["name"], h["duration_ns"]) for h in got["bbbbbbbbbbbbbbbb-DFW"]["hops"]] == [
         ("ingress", 300_000), ("app", 100_000), ("egress", 250_000)]
+
+
+def test_other_ports_at_the_nic_make_no_sighting_that_holds_the_watermark() -> None:
+    """At the public NIC only the entry port's connections are requests of the model. The
+    node's other TCP there (an agent's batches to its collector, whose bytes hold request
+    heads) made sightings that no answer ever settled: each held the node's watermark back
+    for SETTLE_NS, and a live collector stored nothing meanwhile (bench/soak.py)."""
+    from hopscope.agent.run import Agent, AgentConfig
+
+    from hopscope.tcpflow import NodeTracker
+
+    tl = Timeline()
+    # a segment of the agent's connection to its collector that starts with a request head
+    tl.add("node1", "eth0", 1_000, NIC, 40568, "203.0.113.1", 7000, 1, 1, ACK | PSH,
+           http_request("POST", "/api/tasks/", "1d4d11804c6e6fbb-DFW"))
+    c, s = _client(tl, 45010, 20, t=2_000_000)
+    req = http_request("GET", "/a", "00000000000000ae-DFW")
+    tl.add("node1", "eth0", 3_000_000, CLIENT, 45010, NIC, 80, c, s, ACK | PSH, req)
+    tl.add("node1", "eth0", 3_500_000, NIC, 80, CLIENT, 45010, s, c + len(req), ACK | PSH,
+           http_response(200))
+    obs = sorted(tl.obs["node1"], key=lambda o: o.ts_real_ns)
+    every_port, entry_only = NodeTracker("node1"), NodeTracker("node1", entry_ports=(80,))
+    every_port.feed(obs)
+    entry_only.feed(obs)
+    held, taken = every_port.take(), entry_only.take()
+    assert held.last_ts == obs[0].ts_real_ns  # the head on port 7000, never answered
+    assert taken.last_ts == obs[-1].ts_real_ns
+    assert [x.path for x in taken.sightings] == ["/a"] and taken.sightings[0].settled
+    # the stitchers' trackers have their entry ports, an agent's its own
+    st = Stitcher(["node1"], entry_ports=(8080,))
+    assert st.tracker("node1").entry_ports == {8080}
+    assert Agent(AgentConfig(node="node1", entry_port=8080)).tracker.entry_ports == {8080}
