@@ -41,6 +41,7 @@ from hopscope.agent.nfrules import RuleNamer
 from hopscope.agent.pktbuf import PacketBuffer
 from hopscope.agent.ringbuf import DISCARD
 
+from hopscope import memtrim
 from hopscope.errors import HopscopeError
 from hopscope.model import KIND_DROP, Observation, Reorder
 from hopscope.stitch import Stitcher
@@ -94,6 +95,8 @@ LOOP_S = 0.1
 LOOP_BUSY_S = 0.01
 #: interfaces are scanned again when netlink says a link changed, and at least this often
 RESCAN_S = 30.0
+#: freed memory is given back to the kernel this often (hopscope.memtrim)
+TRIM_S = 60.0
 #: the proxy's known processes are checked this often (a full process scan only when one
 #: is gone or none is known)
 PROXY_CHECK_S = 2.0
@@ -563,6 +566,7 @@ class Agent:
         t_end = time.monotonic() + cfg.duration if cfg.duration else None
         next_scan = next_clock = next_take = next_proxy = tick = time.monotonic()
         next_loss = tick + LOSS_CHECK_S
+        next_trim = tick + TRIM_S
         losses = LossWatch()
         links = _link_watch()
         step = LOOP_S
@@ -604,6 +608,9 @@ class Agent:
                 elif now >= next_proxy:
                     self._check_proxy()
                     next_proxy = now + PROXY_CHECK_S
+                if now >= next_trim:
+                    memtrim.trim()
+                    next_trim = now + TRIM_S
         finally:
             if links is not None:
                 links.close()

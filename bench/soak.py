@@ -120,8 +120,8 @@ _MAP_INFO = struct.Struct("<IIIIII16s")
 
 @dataclass
 class MapRef:
-    """One BPF map an agent holds, by id (opened for each sample: the agent may restart
-    its maps never, but the soak holds no fd of its own between samples)."""
+    """One BPF map of an agent's, by id: opened for each sample and closed after, so that
+    the soak holds none of the agent's maps between samples."""
 
     id: int
     name: str
@@ -166,12 +166,11 @@ def agent_maps(pid: int) -> dict[str, MapRef]:
                 struct.pack("<IIQ", fd, _MAP_INFO.size, ctypes.addressof(buf)), 16)
             if bpfsys._bpf(bpfsys.OBJ_GET_INFO_BY_FD, attr) < 0:
                 continue
-            _t, mid, ks, vs, _n, _fl, name = _MAP_INFO.unpack(buf.raw)
-            out[name.rstrip(b"\0").decode(errors="replace")] = MapRef(mid, "", ks, vs)
+            _t, mid, ks, vs, _n, _fl, raw = _MAP_INFO.unpack(buf.raw)
+            name = raw.rstrip(b"\0").decode(errors="replace")
+            out[name] = MapRef(mid, name, ks, vs)
         finally:
             os.close(fd)
-    for name, m in out.items():
-        m.name = name
     return out
 
 
@@ -382,6 +381,8 @@ def sample(t0: float, agents: AgentSet, maps: dict[str, dict[str, MapRef]],
            coll: Collector) -> dict[str, Any]:
     s: dict[str, Any] = {"t_s": round(time.monotonic() - t0, 1), "agents": {}}
     for node, a in agents.agents.items():
+        if a.proc.poll() is not None:
+            raise HopscopeError(f"the agent on {node} exited {a.proc.returncode}: see {a.log}")
         row = proc_sample(a.proc.pid)
         for name in FLOW_MAPS:
             if name in maps[node]:

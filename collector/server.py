@@ -53,6 +53,7 @@ from hopscope.collector.store import (
 )
 from hopscope.collector.writer import BatchWriter
 
+from hopscope import memtrim
 from hopscope.errors import HopscopeError, UsageError
 from hopscope.model import Observation, Reorder
 from hopscope.stitch import Stitcher
@@ -336,6 +337,7 @@ class Collector:
                 if time.monotonic() - last_prune >= self.cfg.prune_every:
                     last_prune = time.monotonic()
                     self.store.prune(self.cfg.max_age_ns, self.cfg.max_bytes, self.cfg.raw_keep_ns)
+                    memtrim.trim()  # what the stitcher and the prune freed
             except Exception:
                 log.exception("event=drain_failed")
 
