@@ -151,13 +151,14 @@ def total_ticks(pids: Iterable[int]) -> int:
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "voluntary_ctxt_switches")
 
 
-def process_status(pid: int) -> dict[str, int]:
-    """Memory (kB) and voluntary context switches (of the main thread) of a process."""
+def process_status(pid: int, keys: Sequence[str] = STATUS_KEYS) -> dict[str, int]:
+    """The ``keys`` of ``/proc/PID/status`` as numbers (kB for memory): by default memory
+    and voluntary context switches (of the main thread)."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in STATUS_KEYS:
+            if key in keys:
                 out[key] = int(rest.split()[0])
     return out
 

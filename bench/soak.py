@@ -103,12 +103,7 @@ log = logging.getLogger("soak")
 
 def proc_sample(pid: int) -> dict[str, int]:
     """VmRSS and RssAnon (kB), open fds and threads of a process."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "Threads"):
-                out[key] = int(rest.split()[0])
+    out = ao.process_status(pid, ("VmRSS", "RssAnon", "Threads"))
     return {"rss_kb": out.get("VmRSS", 0), "anon_kb": out.get("RssAnon", 0),
             "threads": out.get("Threads", 0), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
@@ -540,10 +535,6 @@ def report(res: dict[str, Any], out: TextIO) -> None:
     p(f"stitched every request sent: {'yes' if res['stitched'] >= ld['sent'] else 'NO'}")
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0,
@@ -566,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = sys.stderr if a.json else sys.stdout
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, ao._raise_interrupt)
     prefix = f"hssk{os.urandom(2).hex()}-"
     work_ctx = (contextlib.nullcontext(str(a.keep / prefix.rstrip("-"))) if a.keep
                 else tempfile.TemporaryDirectory(prefix="hopscope-soak-"))

@@ -12,27 +12,31 @@ returns the free pages of every heap, on glibc; elsewhere it does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-_trim_fn: object = None  # None: not looked up yet; False: none (not glibc)
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None where the libc has none, as musl)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        log.debug("no malloc_trim here: freed memory stays with the allocator")
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def trim() -> int:
     """``malloc_trim(0)``: the nanoseconds it took (0 where there is none)."""
-    global _trim_fn
-    if _trim_fn is None:
-        try:
-            fn = ctypes.CDLL(None).malloc_trim
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            _trim_fn = fn
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-            _trim_fn = False
-            log.debug("no malloc_trim here: freed memory stays with the allocator")
-    if _trim_fn is False:
+    fn = _malloc_trim()
+    if fn is None:
         return 0
     t0 = time.monotonic_ns()
-    _trim_fn(0)  # type: ignore[operator]
+    fn(0)
     return time.monotonic_ns() - t0
