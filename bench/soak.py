@@ -10,8 +10,8 @@ prefix, access logs off), always torn down, and in it what a cluster runs:
 * ``hopscope agent run --collector`` on every node, in the node's namespace,
   shipping to it with a spool on disk (as a node does);
 * load for ``--minutes``: ``hopscope testbed traffic`` generators, one after
-  the other (each at most 5 minutes), ``--concurrency`` connections (2: about
-  1,300 requests/s here), a tenth of the requests on a new connection:
+  the other (each at most 5 minutes), ``--concurrency`` connections (2: 1,000
+  to 1,500 requests/s here, by the hour), a tenth of the requests on a new connection:
   steady, and within what the collector stitches on this 2-CPU machine
   beside the replica (a backlog that grows because the collector is too
   slow would be a capacity figure, not a leak).

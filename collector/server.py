@@ -45,6 +45,7 @@ from hopscope.collector import wire
 from hopscope.collector.metrics import CollectorMetrics
 from hopscope.collector.otlp import OtlpConfig, OtlpExporter
 from hopscope.collector.store import (
+    PRUNE_CHUNK,
     SqliteStore,
     _drop_key,
     in_range,
@@ -82,6 +83,7 @@ class CollectorConfig:
     max_bytes: int | None = 1 << 30
     raw_keep_ns: int = 15 * 60_000_000_000
     prune_every: float = 60.0
+    prune_chunk: int = PRUNE_CHUNK  # rows deleted a step (a transaction) of a prune
     hello_timeout: float = 10.0
     otlp: OtlpConfig | None = None  # export stitched requests as OTLP traces (off: None)
     #: bytes of durable batches (their bodies) that may wait for their node's tracker;
@@ -329,17 +331,27 @@ class Collector:
         return _first_new(keys, drops, self.store.stored_keys("drops", keys))
 
     async def _drain_loop(self) -> None:
-        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.drain_every)
             try:
                 self.step()
-                if time.monotonic() - last_prune >= self.cfg.prune_every:
-                    last_prune = time.monotonic()
-                    self.store.prune(self.cfg.max_age_ns, self.cfg.max_bytes, self.cfg.raw_keep_ns)
-                    memtrim.trim()  # what the stitcher and the prune freed
             except Exception:
                 log.exception("event=drain_failed")
+
+    async def _prune_loop(self) -> None:
+        """Retention, every ``prune_every`` seconds, beside the drain loop: a prune at the
+        cap deletes tens of thousands of requests, a chunk a step (one transaction each,
+        ``SqliteStore.prune_steps``), and between two steps the event loop stores what
+        was stitched and serves the agents and queries."""
+        while True:
+            await asyncio.sleep(self.cfg.prune_every)
+            try:
+                for _ in self.store.prune_steps(self.cfg.max_age_ns, self.cfg.max_bytes,
+                                                self.cfg.raw_keep_ns, self.cfg.prune_chunk):
+                    await asyncio.sleep(0)
+                memtrim.trim()  # what the stitcher and the prune freed
+            except Exception:
+                log.exception("event=prune_failed")
 
     # -- agents ------------------------------------------------------------------
     async def _agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -428,6 +440,7 @@ class Collector:
         if self.exporter is not None:
             self.exporter.start()
         self._tasks.append(asyncio.create_task(self._drain_loop()))
+        self._tasks.append(asyncio.create_task(self._prune_loop()))
 
     async def stop(self, started: bool = True) -> None:
         """Stop listening, drop the agents' connections, store what is finished, close

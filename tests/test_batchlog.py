@@ -241,6 +241,59 @@ def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> 
     s.close()
 
 
+def _filled(path: Path) -> SqliteStore:
+    s = SqliteStore(path)
+    s.batch_log.segment_max = 1  # a segment per write: the oldest can go one by one
+    for i in range(12):
+        s.put_batches([rows(batch(i, n=200))], received_ns=T0 + i)
+    s.put_requests([_request(i) for i in range(200)])
+    return s
+
+
+def _counts(s: SqliteStore) -> tuple[int, int, int]:
+    return tuple(s.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
+                 for t in ("requests", "hops", "batches"))
+
+
+def test_a_prune_in_steps_holds_no_transaction_between_them(tmp_path: Path) -> None:
+    """The collector runs a prune a step at a time, storing between two steps: each step
+    deletes at most a chunk of a table's rows in its own transaction, another connection
+    can write between two steps, and the end is what one prune leaves."""
+    one = _filled(tmp_path / "one.db")
+    cap = one.used_bytes() // 2
+    deleted = one.prune(max_bytes=cap)
+    s = _filled(tmp_path / "steps.db")
+    other = SqliteStore(tmp_path / "steps.db")
+    other.db.execute("PRAGMA busy_timeout=200")  # a transaction left open: 'locked', fast
+    run = s.prune_steps(max_bytes=cap, chunk=7)
+    before, steps = _counts(s), 0
+    for _ in run:
+        steps += 1
+        now = _counts(s)
+        gone = [b - a for b, a in zip(before, now, strict=True)]
+        assert 0 <= gone[0] <= 7 and 0 <= gone[2] <= 7, gone  # requests, batches
+        assert gone[1] == gone[0]  # each request's hop row went with it, no other
+        other.put_offsets({"reference": "node1", "clock_offsets": {"node2": {
+            "offset_ns": steps, "error_ns": 0}}})  # BEGIN IMMEDIATE: needs the lock
+        before = now
+    assert run.deleted == deleted > 7 and steps > deleted // 7
+    assert s.used_bytes() <= cap
+    assert ([r["request_id"] for r in s.query_requests(limit=1000)]
+            == [r["request_id"] for r in one.query_requests(limit=1000)])
+    assert ([q for _a, q, _n, _o in s.iter_batches()]
+            == [q for _a, q, _n, _o in one.iter_batches()])
+    for st in (one, s, other):
+        st.close()
+    # by age too: 12 raw batches, 5 a step
+    s = _filled(tmp_path / "age.db")
+    run = s.prune_steps(raw_max_age_ns=1, chunk=5)
+    left = []
+    for _ in run:
+        left.append(_counts(s)[2])
+    assert left[:3] == [7, 2, 0] and run.batches == 12 and run.deleted == 0
+    s.close()
+
+
 def test_a_dead_segment_being_written_does_not_prune_requests(tmp_path: Path) -> None:
     """The segment being written stays until the writer moves on, even when no row points
     into it any more: the size cap must not delete requests to make up for it."""

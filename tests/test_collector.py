@@ -664,6 +664,55 @@ async def _raw_get(port: int, data: bytes) -> tuple[int, str]:
     return int(head.split()[1]), body.decode()
 
 
+def test_a_prune_at_the_cap_lets_the_drain_run_between_its_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune at the cap deletes a chunk a step, and the drain loop stores between two
+    steps: the collector keeps storing while it prunes (when the whole prune ran inside
+    the drain loop, nothing was stored for seconds at the replica's rates)."""
+    pre = SqliteStore(tmp_path / "collector.db")
+    pre.put_requests([{"request_id": f"r{i:05d}", "start_ns": 1_000 + i, "total_ns": 10,
+                       "hops": [{"name": "ingress", "dir": "request", "node": "node1",
+                                 "duration_ns": 5}]} for i in range(3000)])
+    pre.close()
+
+    async def go() -> list[tuple[int, int]]:
+        c = Collector(_cfg(tmp_path, prune_every=0.05, max_bytes=1, prune_chunk=10))
+        drains, runs, seen = 0, 0, []
+        step, steps, chunk = c.step, c.store.prune_steps, c.store._delete_chunk
+
+        def counted() -> int:
+            nonlocal drains
+            drains += 1
+            return step()
+
+        def run(*a: Any, **kw: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            return steps(*a, **kw)
+
+        def recorded(*a: Any, **kw: Any) -> int:
+            seen.append((runs, drains))
+            time.sleep(0.002)  # a slower disk: the run spans several drain intervals
+            return chunk(*a, **kw)
+
+        monkeypatch.setattr(c, "step", counted)
+        monkeypatch.setattr(c.store, "prune_steps", run)
+        monkeypatch.setattr(c.store, "_delete_chunk", recorded)
+        await c.start()
+        try:
+            t0 = time.monotonic()
+            while runs < 2 and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.05)
+        finally:
+            await c.stop()
+        return seen
+
+    seen = _run(go)
+    first = [d for r, d in seen if r == 1]
+    assert len(first) > 100, len(first)  # tenths of 3,000 requests, 10 a step
+    assert first[-1] - first[0] >= 3, first  # drains ran during the first prune
+
+
 def test_store_keeps_the_more_complete_stitch_of_an_id(tmp_path: Path) -> None:
     whole = next(r for r in _replayed("cross-node-public")["requests"]
                  if r["ingress_node"] != r["pod_node"])

@@ -24,7 +24,11 @@ from hopscope.testbed.topology import Instance
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 60.0
+#: from the start to the ready file: the programs' compile (clang, in bcc), their load, the
+#: exec without bcc and the attach. An agent that fails exits and is reported at once; this
+#: only bounds one that hangs. 60 s was too tight in the VM suite on a slow hour (a run's
+#: node1 agent was still in its exec after 60 s, 2026-11-29)
+READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 
 
