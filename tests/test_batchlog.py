@@ -220,12 +220,18 @@ def _request(i: int) -> dict[str, Any]:
                       "duration_ns": 500}], "pad": "x" * 2000}
 
 
-def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "c.db")
-    s.batch_log.segment_max = 1  # a segment per write: the oldest can go one by one
+def _filled(path: Path) -> SqliteStore:
+    """12 raw batches, a segment each (the oldest can go one by one), and 200 requests."""
+    s = SqliteStore(path)
+    s.batch_log.segment_max = 1
     for i in range(12):
         s.put_batches([rows(batch(i, n=200))], received_ns=T0 + i)
     s.put_requests([_request(i) for i in range(200)])
+    return s
+
+
+def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> None:
+    s = _filled(tmp_path / "c.db")
     before = s.used_bytes()
     assert 0 < s.batch_log.size() < before  # the segments count
     cap = before // 2
@@ -239,15 +245,6 @@ def test_prune_by_size_drops_the_oldest_batches_and_requests(tmp_path: Path) -> 
     assert ids[-1] == "r0199"  # the oldest went first
     assert s.agent_seqs() == {"a1": 11}
     s.close()
-
-
-def _filled(path: Path) -> SqliteStore:
-    s = SqliteStore(path)
-    s.batch_log.segment_max = 1  # a segment per write: the oldest can go one by one
-    for i in range(12):
-        s.put_batches([rows(batch(i, n=200))], received_ns=T0 + i)
-    s.put_requests([_request(i) for i in range(200)])
-    return s
 
 
 def _counts(s: SqliteStore) -> tuple[int, int, int]:
